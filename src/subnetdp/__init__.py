@@ -1,0 +1,30 @@
+"""subnetdp: Subnetwork Data Parallelism for PyTorch.
+
+Each worker trains a structured subnetwork of the model (a subset of residual blocks, or of each
+layer's inner width); parameters shared by several workers are averaged over exactly those workers.
+"""
+
+from subnetdp.assemble import assemble_state_dict
+from subnetdp.buckets import Bucket, build_buckets
+from subnetdp.evaluation import recalibrate_batchnorm, scale_residual_branches
+from subnetdp.init import materialize
+from subnetdp.plan import Plan, Unit, plan, valid_coverages
+from subnetdp.simulate import Simulation
+from subnetdp.subnet import build_subnetwork
+
+__all__ = [
+    "Bucket",
+    "Plan",
+    "Simulation",
+    "Unit",
+    "assemble_state_dict",
+    "build_buckets",
+    "build_subnetwork",
+    "materialize",
+    "plan",
+    "recalibrate_batchnorm",
+    "scale_residual_branches",
+    "valid_coverages",
+]
+
+__version__ = "0.1.0"

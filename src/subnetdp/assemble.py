@@ -1,0 +1,49 @@
+"""Assembling the full model from workers' subnetworks (DESIGN.md invariant 8)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from subnetdp.plan import Plan
+
+
+def assemble_state_dict(
+    pieces: Iterable[tuple[int, Mapping[str, torch.Tensor]]], plan: Plan, structure: nn.Module
+) -> dict[str, torch.Tensor]:
+    """A full-model state dict from ``(worker, subnetwork state dict)`` pieces.
+
+    Each element is taken from a worker that holds it; ``structure`` (the architecture, on meta is
+    fine) gives the state-dict names, tied aliases included. Raises if an element has no holder among
+    the pieces.
+    """
+    full = {n: torch.zeros(s) for n, s in plan.tensors}
+    filled = {n: torch.zeros(s, dtype=torch.bool) for n, s in plan.tensors}
+    dtypes: dict[str, torch.dtype] = {}
+    for worker, sd in pieces:
+        tmap = plan.tensor_map(worker)
+        for name, where in tmap.items():
+            if name not in sd:
+                continue
+            value = sd[name].detach().to("cpu")
+            if name not in dtypes:
+                dtypes[name] = value.dtype
+                full[name] = full[name].to(value.dtype)
+            if where is None:
+                full[name].copy_(value)
+                filled[name].fill_(True)
+            else:
+                dim, idx = where
+                index = torch.tensor(idx, dtype=torch.long)
+                full[name].index_copy_(dim, index, value)
+                filled[name].index_fill_(dim, index, True)
+    canonical = {id(t): n for n, t in list(structure.named_parameters()) + list(structure.named_buffers())}
+    out = {}
+    for key, t in structure.state_dict(keep_vars=True).items():
+        name = canonical[id(t)]
+        if not bool(filled[name].all()):
+            raise RuntimeError(f"no worker supplied every element of {name!r}: the pieces do not cover the model")
+        out[key] = full[name]
+    return out

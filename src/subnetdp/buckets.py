@@ -1,0 +1,107 @@
+"""Holder-set buckets: a worker's tensors grouped by the set of workers that hold each element.
+
+Every element of a worker's subnetwork has a holder set (DESIGN.md section 4). The elements that
+share a holder set ``H`` are laid out in one flat buffer, in full-model order (tensor order, then
+increasing full index), so every worker in ``H`` lays out exactly the same elements in the same
+order. Averaging over ``H`` is then a sum of those buffers divided by ``len(H)``: in one process
+(:class:`subnetdp.Simulation`) or as one ``all_reduce`` in ``H``'s process group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from subnetdp.plan import Plan
+
+Holders = tuple[int, ...]
+
+
+@dataclass
+class Entry:
+    """The part of one subnetwork tensor whose elements have the bucket's holder set."""
+
+    name: str  # full-model name
+    tensor: torch.Tensor
+    dim: int | None = None  # None: the whole tensor
+    index: torch.Tensor | None = None  # local positions along ``dim``
+
+    @property
+    def numel(self) -> int:
+        if self.dim is None:
+            return self.tensor.numel()
+        return self.tensor.numel() // self.tensor.shape[self.dim] * len(self.index)
+
+
+@dataclass
+class Bucket:
+    holders: Holders
+    entries: list[Entry] = field(default_factory=list)
+
+    @property
+    def numel(self) -> int:
+        return sum(e.numel for e in self.entries)
+
+    def gather(self, grads: bool) -> torch.Tensor:
+        """One flat buffer of the bucket's elements (gradients, or values when ``grads`` is False)."""
+        parts = []
+        for e in self.entries:
+            t = e.tensor.grad if grads else e.tensor.data
+            if t is None:
+                t = torch.zeros_like(e.tensor)
+            parts.append((t if e.dim is None else t.index_select(e.dim, e.index)).reshape(-1))
+        return torch.cat(parts) if len(parts) > 1 else parts[0].clone()
+
+    def scatter(self, flat: torch.Tensor, grads: bool) -> None:
+        """Write ``flat`` (laid out as :meth:`gather` does) back into the tensors."""
+        offset = 0
+        for e in self.entries:
+            n = e.numel
+            if grads and e.tensor.grad is None:
+                e.tensor.grad = torch.zeros_like(e.tensor)
+            dst = e.tensor.grad if grads else e.tensor.data
+            if e.dim is None:
+                dst.copy_(flat[offset:offset + n].view_as(dst))
+            else:
+                shape = list(dst.shape)
+                shape[e.dim] = len(e.index)
+                dst.index_copy_(e.dim, e.index, flat[offset:offset + n].view(shape))
+            offset += n
+
+
+def sync_tensors(module: nn.Module, kind: str) -> dict[str, torch.Tensor]:
+    """The tensors to average: ``"params"`` (trainable ones) or ``"buffers"`` (persistent float ones)."""
+    if kind == "params":
+        return {n: p for n, p in module.named_parameters() if p.requires_grad}
+    persistent = set(module.state_dict(keep_vars=True))
+    return {n: b for n, b in module.named_buffers() if n in persistent and b.is_floating_point()}
+
+
+def build_buckets(module: nn.Module, plan: Plan, worker: int, kind: str = "params") -> list[Bucket]:
+    """``worker``'s buckets, one per holder set it belongs to, in one global order (sorted holder sets)."""
+    tensors = sync_tensors(module, kind)
+    tmap = plan.tensor_map(worker)
+    buckets: dict[Holders, Bucket] = {}
+    for name, _ in plan.tensors:
+        if name not in tensors:
+            continue
+        t = tensors[name]
+        dim, holders = plan.element_holders(name)
+        if dim is None:
+            buckets.setdefault(holders[0], Bucket(holders[0])).entries.append(Entry(name, t))
+            continue
+        by_set: dict[Holders, list[int]] = {}
+        for local, full in enumerate(tmap[name][1]):
+            by_set.setdefault(holders[full], []).append(local)
+        for hs, locals_ in by_set.items():
+            idx = torch.tensor(locals_, dtype=torch.long, device=t.device)
+            buckets.setdefault(hs, Bucket(hs)).entries.append(Entry(name, t, dim, idx))
+    return [buckets[h] for h in sorted(buckets)]
+
+
+def bucket_numel(buckets: Iterable[Bucket], shared_only: bool = False) -> int:
+    """Elements in ``buckets``; with ``shared_only``, only those held by more than one worker."""
+    return sum(b.numel for b in buckets if not shared_only or len(b.holders) > 1)

@@ -1,0 +1,153 @@
+"""Seeded, module-by-module initialisation.
+
+SDP needs a worker's subnetwork to equal the matching slice of the full model initialised from the
+same seed (DESIGN.md invariant 3), without ever building the full model on the worker's device. So
+the initial value of every tensor must not depend on which other modules exist: each module is
+initialised from its own generator state, derived from ``(seed, module path)``.
+
+A module's own tensors (``recurse=False``) are initialised by, in order of preference:
+
+1. ``root.init_weights(module, name)`` when the root model defines it (the model zoo does, to give
+   standard initialisations such as Kaiming for convolutions), else
+2. ``module.reset_parameters()`` (PyTorch's defaults for built-in layers).
+
+Buffers that a module computes in ``__init__`` (rotary tables, masks) must be recomputed by one of
+the two, because construction happens on the meta device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+ModelFactory = Callable[[], nn.Module]
+
+
+def module_seed(seed: int, name: str) -> int:
+    """A stable 63-bit seed for the module at path ``name`` (same on every rank and run)."""
+    return (int(seed) * 0x9E3779B1 + zlib.crc32(name.encode("utf-8"))) % (2**63 - 1)
+
+
+def has_own_tensors(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters(recurse=False)) or any(
+        True for _ in module.buffers(recurse=False)
+    )
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run a block under a fixed CPU RNG state, restoring the caller's state afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def init_module_(root: nn.Module, module: nn.Module, name: str, seed: int) -> None:
+    """Initialise ``module``'s own tensors in place, from ``(seed, name)`` only."""
+    with seeded(module_seed(seed, name)), torch.no_grad():
+        hook = getattr(root, "init_weights", None)
+        if callable(hook):
+            hook(module, name)
+        elif hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+        elif has_own_tensors(module):
+            raise TypeError(
+                f"module {name!r} ({type(module).__name__}) owns tensors but has no "
+                "reset_parameters(), and the root model defines no init_weights(module, name); "
+                "add one of the two so subnetdp can initialise it from a seed"
+            )
+
+
+def build_meta(factory: ModelFactory) -> nn.Module:
+    """Construct the architecture on the meta device: shapes only, no memory, no RNG use."""
+    with torch.device("meta"):
+        model = factory()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"the model factory returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s structure on the meta device, without copying any tensor data."""
+    memo: dict[int, object] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(model, memo)
+
+
+def structure_of(model: nn.Module | ModelFactory) -> tuple[nn.Module, nn.Module | None]:
+    """``(meta structure, source of values or None)`` for a factory, a meta model or a real model."""
+    if not isinstance(model, nn.Module):
+        return build_meta(model), None
+    if all(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
+        return meta_copy(model), None
+    return meta_copy(model), model
+
+
+Transform = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+def materialize_(
+    model: nn.Module,
+    seed: int = 0,
+    *,
+    source: nn.Module | None = None,
+    transform: Transform | None = None,
+    skip: Sequence[str] = (),
+    device: torch.device | str = "cpu",
+) -> nn.Module:
+    """Give every tensor of the meta ``model`` its value, in place, one module at a time.
+
+    Values come from ``source`` (a real model of the same architecture) or from the seeded init;
+    ``transform(full_name, tensor)`` may narrow each before it moves to ``device``, so the full
+    model never exists on the device. Modules under a ``skip`` path stay on meta. Tied parameters
+    stay tied.
+    """
+    done: dict[int, torch.Tensor] = {}
+    src = {}
+    if source is not None:
+        src = dict(source.named_parameters(remove_duplicate=False))
+        src.update(dict(source.named_buffers(remove_duplicate=False)))
+    for mname, module in model.named_modules():
+        if any(mname == s or mname.startswith(s + ".") for s in skip):
+            continue
+        own = [(n, t, True) for n, t in module._parameters.items() if t is not None]
+        own += [(n, t, False) for n, t in module._buffers.items() if t is not None]
+        if not own:
+            continue
+        pending = [n for n, t, _ in own if id(t) not in done]
+        if pending and source is None:
+            module.to_empty(device="cpu", recurse=False)
+            init_module_(model, module, mname, seed)
+        for n, orig, is_param in own:
+            if id(orig) not in done:
+                full = f"{mname}.{n}" if mname else n
+                if source is not None:
+                    value = src[full].detach().to("cpu")
+                else:
+                    value = (module._parameters if is_param else module._buffers)[n].detach()
+                if transform is not None:
+                    value = transform(full, value)
+                value = value.to(device).clone()
+                done[id(orig)] = nn.Parameter(value, requires_grad=orig.requires_grad) if is_param else value
+            (module._parameters if is_param else module._buffers)[n] = done[id(orig)]
+    return model
+
+
+def materialize(
+    model: nn.Module | ModelFactory, seed: int = 0, device: torch.device | str = "cpu"
+) -> nn.Module:
+    """The full model with subnetdp's seeded initialisation: the reference for invariant 3.
+
+    ``model`` is a factory or a model on the meta device (a real model is copied as it is).
+    """
+    structure, source = structure_of(model)
+    return materialize_(structure, seed, source=source, device=device)

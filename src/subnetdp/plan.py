@@ -1,0 +1,428 @@
+"""Plans: which worker holds which unit. Pure data, no tensors.
+
+Assignment (DESIGN.md section 4): every unit gets a *slot* in ``0..K-1``; worker ``k`` holds the
+slots ``k, k+1, .., k+r-1 (mod K)``, so a unit in slot ``s`` is held by exactly ``r = C*K`` workers,
+``s-r+1 .. s (mod K)``, and there are at most ``K`` distinct holder sets besides the world.
+
+Slots are filled to balance parameters (or a user cost) per worker:
+- block level: longest-processing-time first into slots (ties broken by a seeded shuffle), then the
+  slots are arranged around the cycle to minimise the spread of the window sums;
+- neuron level: each width group is shuffled (seeded) and dealt round robin over the slots, starting
+  with the lightest, so every worker holds ``C * size`` units of each group when ``K`` divides it;
+  a group smaller than ``K`` is spread evenly, so each worker holds at least ``floor(r*size/K)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+
+from torch import nn
+
+from subnetdp.init import ModelFactory, build_meta
+from subnetdp.units import (
+    AttrSpec,
+    BlockInfo,
+    BlockSelector,
+    SliceSpec,
+    WidthGroup,
+    WidthPair,
+    candidate_paths,
+    find_blocks,
+    find_width_groups,
+)
+
+LEVELS = ("block", "neuron")
+TRANSITIONS = ("keep", "shortcut")
+OPTIMIZER_STATES = {"sgd": 0, "sgd-momentum": 1, "adamw": 2, "adam": 2}
+
+
+@dataclass(frozen=True)
+class Unit:
+    """The smallest thing a plan assigns: a block (``name`` = module path) or one width slice."""
+
+    index: int
+    name: str
+    numel: int  # parameter elements the unit owns
+    group: str | None = None  # neuron level: the width group
+    slice: int | None = None  # neuron level: position in the group (channel, head, kv group)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which of ``workers`` workers holds each unit. Build it with :func:`subnetdp.plan`."""
+
+    workers: int
+    coverage: float
+    level: str
+    seed: int
+    units: tuple[Unit, ...]
+    slots: tuple[int, ...]
+    tensors: tuple[tuple[str, tuple[int, ...]], ...]  # every full-model parameter and buffer
+    params: tuple[str, ...]  # the names among ``tensors`` that are parameters (tied ones once)
+    blocks: tuple[BlockInfo, ...] = ()  # block level: every block found (transitions included)
+    groups: tuple[WidthGroup, ...] = ()
+    transitions: str = "keep"
+    aliases: tuple[tuple[str, str], ...] = ()  # (alias, canonical) for tied parameters
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    # ---- holders ---------------------------------------------------------------------------------
+    @property
+    def holders_per_unit(self) -> int:
+        return round(self.coverage * self.workers)
+
+    def holders(self, unit: Unit | int) -> tuple[int, ...]:
+        """The workers holding ``unit``, ascending."""
+        s = self.slots[unit if isinstance(unit, int) else unit.index]
+        return tuple(sorted((s - j) % self.workers for j in range(self.holders_per_unit)))
+
+    def holds(self, worker: int, unit: Unit | int) -> bool:
+        s = self.slots[unit if isinstance(unit, int) else unit.index]
+        return (s - worker) % self.workers < self.holders_per_unit
+
+    def units_of(self, worker: int) -> tuple[Unit, ...]:
+        self._check_worker(worker)
+        return tuple(u for u in self.units if self.holds(worker, u))
+
+    def holder_sets(self) -> list[tuple[int, ...]]:
+        """Distinct holder sets of the units (the world set too when something is always kept)."""
+        sets = {self.holders(u) for u in self.units}
+        if self.always_kept:
+            sets.add(tuple(range(self.workers)))
+        return sorted(sets)
+
+    def _check_worker(self, worker: int) -> None:
+        if not isinstance(worker, int) or not 0 <= worker < self.workers:
+            raise ValueError(f"worker {worker!r} is out of range: this plan has workers 0..{self.workers - 1}")
+
+    # ---- tensors -----------------------------------------------------------------------------------
+    @cached_property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return dict(self.tensors)
+
+    @cached_property
+    def _block_units(self) -> dict[str, Unit]:
+        return {u.name: u for u in self.units} if self.level == "block" else {}
+
+    @cached_property
+    def _slicing(self) -> dict[str, tuple[WidthGroup, SliceSpec, dict[int, Unit]]]:
+        out = {}
+        by_group: dict[str, dict[int, Unit]] = {}
+        for u in self.units:
+            if u.group is not None:
+                by_group.setdefault(u.group, {})[u.slice] = u
+        for g in self.groups:
+            for s in g.slices:
+                out[s.tensor] = (g, s, by_group[g.name])
+        return out
+
+    def block_of(self, tensor: str) -> Unit | None:
+        """The block unit owning ``tensor`` (block level), or None when it is always kept."""
+        for info in self.blocks:
+            if tensor.startswith(info.name + "."):
+                unit = self._block_units.get(info.name)
+                if unit is None:
+                    return None
+                if info.shortcut and tensor.startswith(f"{info.name}.{info.shortcut}."):
+                    return None
+                return unit
+        return None
+
+    @cached_property
+    def always_kept(self) -> tuple[str, ...]:
+        """Parameters and buffers every worker holds whole."""
+        return tuple(n for n, _ in self.tensors if self.block_of(n) is None and n not in self._slicing)
+
+    def element_holders(self, tensor: str) -> tuple[int | None, list[tuple[int, ...]]]:
+        """Holder sets of ``tensor``'s elements: ``(None, [H])`` if whole, else ``(dim, [H per index])``."""
+        if tensor in self._slicing:
+            g, s, units = self._slicing[tensor]
+            n = self.shapes[tensor][s.dim]
+            return s.dim, [self.holders(units[g.unit_of(s, i)]) for i in range(n)]
+        unit = self.block_of(tensor)
+        return None, [self.holders(unit) if unit else tuple(range(self.workers))]
+
+    def tensor_map(self, worker: int) -> dict[str, tuple[int, list[int]] | None]:
+        """Where each of ``worker``'s tensors sits in the full model.
+
+        Keys are full-model names (a subnetwork keeps them); ``None`` means the whole tensor, else
+        ``(dim, indices)``: the subnetwork tensor is the full one's ``index_select(dim, indices)``.
+        Tensors the worker does not hold are absent.
+        """
+        self._check_worker(worker)
+        key = ("tensor_map", worker)
+        if key not in self._cache:
+            out: dict[str, tuple[int, list[int]] | None] = {}
+            for name, _ in self.tensors:
+                if name in self._slicing:
+                    g, s, units = self._slicing[name]
+                    held = [i for i, u in units.items() if self.holds(worker, u)]
+                    out[name] = (s.dim, g.indices(held, s))
+                else:
+                    unit = self.block_of(name)
+                    if unit is None or self.holds(worker, unit):
+                        out[name] = None
+            for alias, canonical in self.aliases:
+                if canonical in out:
+                    out[alias] = out[canonical]
+            self._cache[key] = out
+        return self._cache[key]
+
+    def dropped_blocks(self, worker: int) -> list[BlockInfo]:
+        """Blocks ``worker`` does not hold (block level): they are skipped or reduced to their shortcut."""
+        return [b for b in self.blocks if b.name in self._block_units
+                and not self.holds(worker, self._block_units[b.name])]
+
+    def attrs(self, worker: int) -> list[tuple[AttrSpec, int]]:
+        """Unit-counting attributes and their values in ``worker``'s subnetwork."""
+        out = []
+        for g in self.groups:
+            held = sum(1 for u in self.units if u.group == g.name and self.holds(worker, u))
+            out += [(a, a.per_unit * held) for a in g.attrs]
+        return out
+
+    def consumer_scales(self, worker: int) -> dict[str, float]:
+        """``size / held`` per consumer module of each width group: the inverted-scaling factors."""
+        out = {}
+        for g in self.groups:
+            held = sum(1 for u in self.units if u.group == g.name and self.holds(worker, u))
+            for c in g.consumers:
+                out[c] = g.size / held if held else 0.0
+        return out
+
+    # ---- counts ----------------------------------------------------------------------------------
+    @cached_property
+    def total_params(self) -> int:
+        return sum(_prod(self.shapes[n]) for n in self.params)
+
+    def param_count(self, worker: int) -> int:
+        """Exact parameter elements in ``worker``'s subnetwork."""
+        self._check_worker(worker)
+        kept = sum(_prod(self.shapes[n]) for n in self.params if n in self.always_kept)
+        return kept + sum(u.numel for u in self.units_of(worker))
+
+    def param_counts(self) -> list[int]:
+        return [self.param_count(k) for k in range(self.workers)]
+
+    def param_fractions(self) -> list[float]:
+        return [c / self.total_params for c in self.param_counts()]
+
+    def spread(self) -> float:
+        """(max - min) / mean of the per-worker parameter counts: 0 is perfect balance."""
+        counts = self.param_counts()
+        return (max(counts) - min(counts)) / (sum(counts) / len(counts))
+
+    def model_state_bytes(self, worker: int, optimizer: str = "adamw", bytes_per_element: int = 4) -> int:
+        """Predicted bytes of parameters + gradients + optimizer state on ``worker``."""
+        if optimizer not in OPTIMIZER_STATES:
+            raise ValueError(f"optimizer {optimizer!r} unknown; choose one of {sorted(OPTIMIZER_STATES)}")
+        return self.param_count(worker) * bytes_per_element * (2 + OPTIMIZER_STATES[optimizer])
+
+    def summary(self, optimizer: str = "adamw") -> str:
+        """A readable table: who holds what, holders per unit, parameters and model state per worker."""
+        full = self.total_params
+        lines = [
+            f"SDP plan: level={self.level} workers K={self.workers} coverage C={self.coverage:g} "
+            f"holders per unit r={self.holders_per_unit} seed={self.seed}",
+            f"units: {len(self.units)} ({'blocks' if self.level == 'block' else 'width slices'}), "
+            f"distinct holder sets: {len(self.holder_sets())}, full model: {full:,} parameters",
+            f"always kept: {len(self.always_kept)} tensors, "
+            f"{sum(_prod(self.shapes[n]) for n in self.params if n in self.always_kept):,} parameters",
+            "",
+            f"{'worker':>6}  {'units':>6}  {'params':>12}  {'fraction':>8}  {'state MiB (' + optimizer + ')':>18}  held",
+        ]
+        for k in range(self.workers):
+            held = self.units_of(k)
+            count = self.param_count(k)
+            state = self.model_state_bytes(k, optimizer) / 2**20
+            lines.append(f"{k:>6}  {len(held):>6}  {count:>12,}  {count / full:>8.3f}  {state:>18.2f}  "
+                         f"{_describe(held, self.level)}")
+        counts = self.param_counts()
+        lines += [
+            "",
+            f"params per worker: min {min(counts):,}  max {max(counts):,}  spread (max-min)/mean "
+            f"{self.spread():.3f}; mean fraction {sum(counts) / len(counts) / full:.3f}",
+            f"holders per unit: {sorted({len(self.holders(u)) for u in self.units})}",
+        ]
+        return "\n".join(lines)
+
+    # ---- serialisation ---------------------------------------------------------------------------
+    def to_json(self) -> str:
+        data = asdict(self)
+        data.pop("_cache")
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        d = json.loads(text)
+        return cls(
+            workers=d["workers"], coverage=d["coverage"], level=d["level"], seed=d["seed"],
+            units=tuple(Unit(**u) for u in d["units"]), slots=tuple(d["slots"]),
+            tensors=tuple((n, tuple(s)) for n, s in d["tensors"]), params=tuple(d["params"]),
+            blocks=tuple(BlockInfo(**b) for b in d["blocks"]),
+            groups=tuple(WidthGroup(g["name"], g["size"], tuple(SliceSpec(**s) for s in g["slices"]),
+                                    tuple(AttrSpec(**a) for a in g["attrs"]), tuple(g["consumers"]))
+                         for g in d["groups"]),
+            transitions=d["transitions"], aliases=tuple((a, c) for a, c in d["aliases"]),
+        )
+
+    def digest(self) -> str:
+        """A short hash of the plan, equal on ranks that agree on everything in it."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+
+def _prod(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _describe(units: Sequence[Unit], level: str) -> str:
+    if level == "block":
+        return ", ".join(u.name for u in units)
+    per: dict[str, int] = {}
+    for u in units:
+        per[u.group] = per.get(u.group, 0) + 1
+    text = ", ".join(f"{g} x{n}" for g, n in list(per.items())[:3])
+    return text + (f", ... ({len(per)} groups)" if len(per) > 3 else "")
+
+
+def valid_coverages(workers: int) -> list[float]:
+    return [j / workers for j in range(1, workers + 1)]
+
+
+def _check_args(workers: int, coverage: float, level: str, transitions: str) -> int:
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers={workers!r}: need a positive integer number of workers")
+    if level not in LEVELS:
+        raise ValueError(f"level={level!r}: choose one of {LEVELS}")
+    if transitions not in TRANSITIONS:
+        raise ValueError(f"transitions={transitions!r}: choose one of {TRANSITIONS}")
+    if not isinstance(coverage, (int, float)) or not 0 < coverage <= 1:
+        raise ValueError(f"coverage={coverage!r} is outside (0, 1]; coverages that work with "
+                         f"{workers} workers: {', '.join(f'{c:g}' for c in valid_coverages(workers))}")
+    r = coverage * workers
+    if abs(r - round(r)) > 1e-9:
+        raise ValueError(
+            f"coverage={coverage:g} with {workers} workers gives {r:g} holders per unit; it must be a whole "
+            f"number for uniform representation. Coverages that work: "
+            f"{', '.join(f'{c:g}' for c in valid_coverages(workers))}"
+        )
+    return round(r)
+
+
+def _arrange(loads: list[float], workers: int, r: int, rng: random.Random) -> list[int]:
+    """Place slot bins on the cycle so window sums (worker loads) spread least. Returns bin -> slot."""
+    if r == workers or len(set(loads)) == 1:
+        return list(range(workers))
+
+    def spread(order: Sequence[int]) -> float:
+        sums = [sum(loads[order[(k + j) % workers]] for j in range(r)) for k in range(workers)]
+        return max(sums) - min(sums)
+
+    if workers <= 8:
+        candidates = ((0, *p) for p in itertools.permutations(range(1, workers)))
+    else:
+        candidates = (tuple(rng.sample(range(workers), workers)) for _ in range(3000))
+    best = min(candidates, key=spread)
+    slot_of_bin = [0] * workers
+    for pos, b in enumerate(best):
+        slot_of_bin[b] = pos
+    return slot_of_bin
+
+
+def plan(
+    model: nn.Module | ModelFactory,
+    workers: int,
+    coverage: float,
+    level: str = "block",
+    seed: int = 0,
+    *,
+    blocks: BlockSelector = None,
+    width_pairs: Sequence[WidthPair] | None = None,
+    transitions: str = "keep",
+    cost: Callable[[Unit], float] | None = None,
+    example_input: object = None,
+) -> Plan:
+    """Assign ``model``'s units to ``workers`` workers, each holding a fraction ``coverage`` of them.
+
+    ``model`` is a module (real or on the meta device) or a factory (built on the meta device).
+    ``level`` is ``"block"`` (residual blocks) or ``"neuron"`` (inner widths). ``blocks`` names
+    the blocks instead of discovering them; ``width_pairs`` adds neuron-level ``(producer,
+    consumer)`` or ``(producer, norm, consumer)`` paths. ``transitions="shortcut"`` lets blocks
+    whose shapes change be reduced to their shortcut path instead of always kept. ``cost(unit)``
+    replaces the parameter count as the quantity balanced across workers.
+    """
+    r = _check_args(workers, coverage, level, transitions)
+    module = model if isinstance(model, nn.Module) else build_meta(model)
+    named_params = dict(module.named_parameters())
+    canonical = {id(t): n for n, t in named_params.items()}
+    aliases = tuple((n, canonical[id(t)]) for n, t in module.named_parameters(remove_duplicate=False)
+                    if canonical[id(t)] != n)
+    tensors = tuple((n, tuple(t.shape)) for n, t in list(named_params.items()) + list(module.named_buffers()))
+    found_blocks = find_blocks(module, blocks, example_input)
+    units: list[Unit] = []
+    groups: list[WidthGroup] = []
+    if level == "block":
+        for b in found_blocks:
+            if b.transition and (transitions == "keep" or b.shortcut is None):
+                continue
+            skip = f"{b.name}.{b.shortcut}." if b.transition else None
+            numel = sum(t.numel() for n, t in named_params.items()
+                        if n.startswith(b.name + ".") and not (skip and n.startswith(skip)))
+            units.append(Unit(len(units), b.name, numel))
+    else:
+        groups = find_width_groups(module, pairs=width_pairs)
+        for g in groups:
+            per_unit = 0
+            for s in g.slices:
+                if s.tensor in named_params:
+                    t = named_params[s.tensor]
+                    per_unit += t.numel() // t.shape[s.dim] * s.chunks * s.group
+            for i in range(g.size):
+                units.append(Unit(len(units), f"{g.name}#{i}", per_unit, g.name, i))
+    if not units:
+        what = "residual blocks with unchanged shapes" if level == "block" else "inner widths"
+        raise ValueError(
+            f"{type(module).__name__} has no maskable units at level {level!r} (no {what} found). "
+            f"Name them: blocks=[...] (module paths) or width_pairs=[(producer, consumer)]. "
+            f"Candidate module paths: {candidate_paths(module)[:30]}"
+        )
+
+    rng = random.Random(seed)
+    costs = [float(cost(u)) if cost else float(u.numel) for u in units]
+    rank = list(range(workers))
+    rng.shuffle(rank)  # seeded tie-break among equally loaded slots
+    loads = [0.0] * workers
+    slots = [0] * len(units)
+    if level == "block":
+        order = list(range(len(units)))
+        rng.shuffle(order)
+        order.sort(key=lambda i: -costs[i])
+        for i in order:
+            b = min(range(workers), key=lambda s: (loads[s], rank[s]))
+            slots[i] = b
+            loads[b] += costs[i]
+        slot_of_bin = _arrange(loads, workers, r, rng)
+        slots = [slot_of_bin[b] for b in slots]
+    else:
+        for g in groups:
+            ids = [u.index for u in units if u.group == g.name]
+            rng.shuffle(ids)
+            lightest = sorted(range(workers), key=lambda s: (loads[s], rank[s]))
+            for j, i in enumerate(ids):
+                # evenly spaced around the cycle, so a group smaller than K still reaches every window
+                s = (lightest[0] + j * workers // len(ids)) % workers if len(ids) < workers else lightest[j % workers]
+                slots[i] = s
+                loads[s] += costs[i]
+    return Plan(
+        workers=workers, coverage=float(coverage), level=level, seed=seed, units=tuple(units),
+        slots=tuple(slots), tensors=tensors, params=tuple(named_params), blocks=tuple(found_blocks),
+        groups=tuple(groups), transitions=transitions, aliases=aliases,
+    )

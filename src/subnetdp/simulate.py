@@ -1,0 +1,104 @@
+"""K workers in one process: SDP's math on one device, for research and as the distributed oracle."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from subnetdp.assemble import assemble_state_dict
+from subnetdp.buckets import Bucket, build_buckets
+from subnetdp.init import ModelFactory, structure_of
+from subnetdp.plan import Plan
+from subnetdp.subnet import build_subnetwork
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+LossFn = Callable[[nn.Module, object], torch.Tensor]
+
+
+def average_over_holders(buckets: Sequence[dict[tuple[int, ...], Bucket]], grads: bool) -> None:
+    """For every holder set ``H``: each holder's elements <- sum over ``H`` / ``len(H)`` (in place)."""
+    sets = sorted({h for per_worker in buckets for h in per_worker})
+    for h in sets:
+        flats = [buckets[k][h].gather(grads) for k in h]
+        mean = torch.stack(flats).sum(0) / len(h)
+        for k in h:
+            buckets[k][h].scatter(mean, grads)
+
+
+class Simulation:
+    """``plan.workers`` SDP workers in one process, each with its subnetwork, optimizer and data.
+
+    >>> sim = Simulation(factory, plan, lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))
+    >>> losses = sim.step(batches, lambda model, batch: F.cross_entropy(model(batch[0]), batch[1]))
+    >>> state = sim.full_state_dict()  # loads into factory()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | ModelFactory,
+        plan: Plan,
+        optimizer: OptimizerFactory,
+        *,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        neuron_scaling: str = "inverted",
+    ) -> None:
+        self.plan = plan
+        self.structure = structure_of(model)[0]
+        self.workers = [
+            build_subnetwork(model, plan, k, seed=seed, device=device, neuron_scaling=neuron_scaling)
+            for k in range(plan.workers)
+        ]
+        self.optimizers = [optimizer(w.parameters()) for w in self.workers]
+        self._grad_buckets = [{b.holders: b for b in build_buckets(w, plan, k)} for k, w in enumerate(self.workers)]
+        self._buffer_buckets = [
+            {b.holders: b for b in build_buckets(w, plan, k, "buffers")} for k, w in enumerate(self.workers)
+        ]
+        self.steps = 0
+
+    def train(self, mode: bool = True) -> Simulation:
+        for w in self.workers:
+            w.train(mode)
+        return self
+
+    def sync_gradients(self) -> None:
+        """Average every gradient element over the workers that hold it."""
+        average_over_holders(self._grad_buckets, grads=True)
+
+    def average_parameters(self) -> None:
+        """Average every parameter element over its holders (the ``sync="params"`` rule)."""
+        with torch.no_grad():
+            average_over_holders(self._grad_buckets, grads=False)
+
+    def average_buffers(self) -> None:
+        """Average BatchNorm running statistics (float buffers) over their holders."""
+        with torch.no_grad():
+            average_over_holders(self._buffer_buckets, grads=False)
+
+    def step(self, batches: Sequence[object], loss_fn: LossFn) -> list[float]:
+        """One SDP step: each worker's forward and backward on its batch, sync, optimizer step."""
+        if len(batches) != self.plan.workers:
+            raise ValueError(f"got {len(batches)} batches for {self.plan.workers} workers: give one per worker")
+        losses = []
+        for k, (model, opt, batch) in enumerate(zip(self.workers, self.optimizers, batches)):
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model, batch)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise FloatingPointError(f"worker {k} got a non-finite loss ({value}) at step {self.steps}")
+            loss.backward()
+            losses.append(value)
+        self.sync_gradients()
+        for opt in self.optimizers:
+            opt.step()
+        self.steps += 1
+        return losses
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The assembled full model's state dict (buffers averaged over holders first)."""
+        self.average_buffers()
+        return assemble_state_dict(((k, w.state_dict()) for k, w in enumerate(self.workers)),
+                                   self.plan, self.structure)

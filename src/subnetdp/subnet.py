@@ -1,0 +1,138 @@
+"""A worker's physical subnetwork, built from the architecture and the plan.
+
+Units the worker does not hold never exist on it: a skipped block is replaced by ``nn.Identity``
+(the skip connection carries the signal) or by its shortcut path, and a sliced layer holds only its
+rows or columns. Construction starts on the meta device and gives each module its value one at a
+time (seeded init, or a given model's values), narrowing before the move to the device.
+
+State-dict names stay those of the full model, so ``plan.tensor_map(worker)`` says where every
+subnetwork tensor sits in the full model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from subnetdp.init import ModelFactory, materialize_, structure_of
+from subnetdp.plan import Plan
+
+NEURON_SCALINGS = ("inverted", "none")
+
+
+class ShortcutOnly(nn.Module):
+    """A transition block reduced to its shortcut path (then the block's post-add ReLU, if it has one)."""
+
+    def __init__(self, shortcut_name: str, shortcut: nn.Module, relu: nn.Module | None) -> None:
+        super().__init__()
+        self.shortcut_name = shortcut_name
+        self.add_module(shortcut_name, shortcut)
+        self.relu = relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = getattr(self, self.shortcut_name)(x)
+        return self.relu(y) if self.relu is not None else y
+
+
+def _set_module(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    parent._modules[child] = new
+
+
+def _fix_standard_attrs(model: nn.Module) -> None:
+    """Keep ``in_features``/``out_channels``/``num_features`` truthful after narrowing."""
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if not isinstance(w, torch.Tensor):
+            continue
+        if isinstance(m, nn.Linear):
+            m.out_features, m.in_features = w.shape
+        elif isinstance(m, nn.modules.conv._ConvNd):
+            m.out_channels, m.in_channels = w.shape[0], w.shape[1] * m.groups
+        elif isinstance(m, nn.modules.batchnorm._NormBase):
+            m.num_features = w.shape[0]
+
+
+def _scale_input(factor: float):
+    def hook(_module: nn.Module, args: tuple) -> tuple:
+        return (args[0] * factor, *args[1:])
+
+    return hook
+
+
+def build_subnetwork(
+    model: nn.Module | ModelFactory,
+    plan: Plan,
+    worker: int,
+    *,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    neuron_scaling: str = "inverted",
+) -> nn.Module:
+    """Build ``worker``'s subnetwork of ``model`` under ``plan``.
+
+    ``model`` is a factory (called on the meta device; tensors initialised from ``seed`` module by
+    module, so the result equals the slice of :func:`subnetdp.materialize` with the same seed), a
+    model on the meta device (same), or a real model (its current values are sliced).
+
+    ``neuron_scaling="inverted"`` multiplies the input of each layer that sums over a sliced width
+    by ``size / held``, so activations keep the full model's scale and the assembled model needs
+    no rescaling at evaluation (as width-sliced federated methods do).
+    """
+    plan._check_worker(worker)
+    if neuron_scaling not in NEURON_SCALINGS:
+        raise ValueError(f"neuron_scaling={neuron_scaling!r}: choose one of {NEURON_SCALINGS}")
+    structure, source = structure_of(model)
+    check_architecture(structure, plan)
+    tmap = plan.tensor_map(worker)
+    dropped = plan.dropped_blocks(worker)
+    skip = [b.name for b in dropped if not b.transition]
+    # a transition reduced to its shortcut keeps the shortcut's tensors, so only its other parts are skipped
+    for b in dropped:
+        if b.transition:
+            block = structure.get_submodule(b.name)
+            skip += [f"{b.name}.{n}" for n, _ in block.named_children() if n != b.shortcut]
+
+    def narrow(name: str, value: torch.Tensor) -> torch.Tensor:
+        where = tmap[name]
+        if where is None:
+            return value
+        dim, idx = where
+        return value.index_select(dim, torch.tensor(idx, dtype=torch.long))
+
+    materialize_(structure, seed, source=source, transform=narrow, skip=skip, device=device)
+    for b in dropped:
+        if b.transition:
+            block = structure.get_submodule(b.name)
+            relu = getattr(block, "relu", None)
+            _set_module(structure, b.name, ShortcutOnly(b.shortcut, getattr(block, b.shortcut),
+                                                         relu if isinstance(relu, nn.Module) else None))
+        else:
+            _set_module(structure, b.name, nn.Identity())
+    for spec, value in plan.attrs(worker):
+        setattr(structure.get_submodule(spec.module), spec.attr, value)
+    _fix_standard_attrs(structure)
+    if neuron_scaling == "inverted":
+        for path, factor in plan.consumer_scales(worker).items():
+            if factor != 1.0:
+                structure.get_submodule(path).register_forward_pre_hook(_scale_input(factor))
+    leftover = [n for n, t in structure.named_parameters() if t.is_meta]
+    assert not leftover, f"internal error: tensors left on meta: {leftover[:5]}"
+    structure.subnetdp_worker = worker  # lets helpers find which slice this is
+    return structure
+
+
+def check_architecture(model: nn.Module, plan: Plan) -> None:
+    """Fail with a clear message when ``model``'s tensors differ from those the plan was made for."""
+    mine = {n: tuple(t.shape) for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+    theirs = plan.shapes
+    if mine != theirs:
+        extra = sorted(set(mine) - set(theirs))[:5]
+        missing = sorted(set(theirs) - set(mine))[:5]
+        shape = [n for n in set(mine) & set(theirs) if mine[n] != theirs[n]][:5]
+        raise ValueError(
+            "the model does not match the plan's architecture: "
+            f"tensors not in the plan {extra}, missing tensors {missing}, different shapes {shape}. "
+            "Build the plan from the same model (same constructor arguments)."
+        )

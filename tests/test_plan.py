@@ -1,0 +1,145 @@
+"""Plans: uniform representation, exact counts, balance, serialisation, clear errors."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from conftest import FACTORIES, ResidualMLP, resnet50
+from torch import nn
+
+import subnetdp as sd
+from subnetdp.models import resnet18
+
+
+@pytest.mark.parametrize("level", ["block", "neuron"])
+@pytest.mark.parametrize("workers,coverage", [(4, 0.5), (4, 0.75), (3, 1 / 3), (8, 0.25), (4, 1.0)])
+def test_every_unit_has_exactly_r_holders_and_every_element_a_holder(factory, level, workers, coverage):
+    p = sd.plan(factory, workers, coverage, level)
+    r = round(coverage * workers)
+    assert all(len(p.holders(u)) == r for u in p.units)
+    assert sum(len(p.units_of(k)) for k in range(workers)) == r * len(p.units)
+    assert len(p.holder_sets()) <= workers + 1
+    for name, shape in p.tensors:  # invariant 1: the union of tensor maps covers every element
+        covered = torch.zeros(shape, dtype=torch.bool)
+        for k in range(workers):
+            where = p.tensor_map(k).get(name, "absent")
+            if where is None:
+                covered[...] = True
+            elif where != "absent":
+                covered.index_fill_(where[0], torch.tensor(where[1], dtype=torch.long), True)
+        assert bool(covered.all()), name
+
+
+def test_resnet_units_follow_the_design():
+    f = functools.partial(resnet18, width=8)
+    block = sd.plan(f, 4, 0.5, "block")
+    # 8 BasicBlocks, of which the 3 strided transitions are always kept
+    assert [u.name for u in block.units] == ["layer1.0", "layer1.1", "layer2.1", "layer3.1", "layer4.1"]
+    assert "conv1.weight" in block.always_kept and "fc.weight" in block.always_kept
+    assert "layer2.0.conv1.weight" in block.always_kept
+    neuron = sd.plan(f, 4, 0.5, "neuron")
+    assert len(neuron.groups) == 8 and sum(g.size for g in neuron.groups) == 8 * (1 + 1 + 2 + 2 + 4 + 4 + 8 + 8) // 1
+    # residual stream (conv2 outputs) stays whole; inner width is sliced
+    assert "layer1.0.conv2.weight" not in neuron.always_kept and "layer1.0.bn2.weight" in neuron.always_kept
+    shortcut = sd.plan(f, 4, 0.5, "block", transitions="shortcut")
+    assert "layer2.0" in [u.name for u in shortcut.units]
+    assert "layer2.0.downsample.0.weight" in shortcut.always_kept
+
+
+def test_bottleneck_slices_one_inner_width_only():
+    p = sd.plan(functools.partial(resnet50, width=4), 4, 0.5, "neuron")
+    sliced = {s.tensor for g in p.groups for s in g.slices}
+    assert "layer1.0.conv3.weight" in sliced and "layer1.0.conv2.weight" in sliced
+    assert "layer1.0.conv1.weight" not in sliced
+
+
+@pytest.mark.parametrize("level", ["block", "neuron"])
+def test_param_counts_are_exact(factory, level):
+    p = sd.plan(factory, 4, 0.5, level)
+    for k in range(4):
+        sub = sd.build_subnetwork(factory, p, k)
+        assert sum(t.numel() for t in sub.parameters()) == p.param_count(k)
+    assert p.param_count(0) < p.total_params
+    full = sd.plan(factory, 4, 1.0, level)
+    assert full.param_counts() == [full.total_params] * 4
+
+
+def test_neuron_level_is_balanced_and_block_level_reports_spread():
+    f = functools.partial(resnet18, width=8)
+    assert sd.plan(f, 4, 0.5, "neuron").spread() == 0.0
+    block = sd.plan(f, 8, 0.5, "block")
+    counts = block.param_counts()
+    assert block.spread() == pytest.approx((max(counts) - min(counts)) / (sum(counts) / 8))
+    text = block.summary()
+    assert "spread" in text and "layer4.1" in text and "holders per unit: [4]" in text
+
+
+def test_block_balance_beats_a_naive_cyclic_assignment():
+    f = functools.partial(resnet18, width=8)
+    p = sd.plan(f, 4, 0.5, "block")
+    naive = sd.Plan(**{**{k: getattr(p, k) for k in p.__dataclass_fields__ if k != "_cache"},
+                       "slots": tuple(i % 4 for i in range(len(p.units)))})
+    assert p.spread() <= naive.spread()
+
+
+def test_cost_function_steers_the_balance():
+    f = functools.partial(resnet18, width=8)
+    by_params = sd.plan(f, 4, 0.5, "block")
+    uniform = sd.plan(f, 4, 0.5, "block", cost=lambda u: 1.0)
+    assert by_params.slots != uniform.slots
+    held = [len(uniform.units_of(k)) for k in range(4)]
+    assert max(held) - min(held) <= 1
+
+
+def test_plan_is_deterministic_serialisable_and_seeded(factory):
+    a = sd.plan(factory, 4, 0.5, "neuron", seed=1)
+    b = sd.plan(factory, 4, 0.5, "neuron", seed=1)
+    c = sd.plan(factory, 4, 0.5, "neuron", seed=2)
+    assert a == b and a.digest() == b.digest()
+    assert a.slots != c.slots and a.digest() != c.digest()
+    back = sd.Plan.from_json(a.to_json())
+    assert back == a and back.digest() == a.digest()
+    assert back.tensor_map(2) == a.tensor_map(2)
+
+
+@pytest.mark.parametrize("coverage", [0, -0.5, 1.5])
+def test_coverage_outside_unit_interval_is_rejected(coverage):
+    with pytest.raises(ValueError, match=r"outside \(0, 1\].*0.25, 0.5, 0.75, 1"):
+        sd.plan(FACTORIES["resnet"], 4, coverage)
+
+
+def test_non_whole_holder_count_is_rejected_with_valid_coverages():
+    with pytest.raises(ValueError, match=r"1.2 holders per unit.*Coverages that work: 0.25, 0.5, 0.75, 1"):
+        sd.plan(FACTORIES["resnet"], 4, 0.3)
+
+
+def test_bad_level_worker_and_unitless_model_are_rejected():
+    with pytest.raises(ValueError, match="level='layer'"):
+        sd.plan(FACTORIES["resnet"], 4, 0.5, "layer")
+    p = sd.plan(FACTORIES["resnet"], 4, 0.5)
+    with pytest.raises(ValueError, match="worker 4 is out of range.*0..3"):
+        sd.build_subnetwork(FACTORIES["resnet"], p, 4)
+    with pytest.raises(ValueError, match="no maskable units.*Candidate module paths: \\['1'\\]"):
+        sd.plan(lambda: nn.Sequential(nn.Linear(3, 4), nn.Sequential(nn.Linear(4, 4)), nn.Linear(4, 2)), 2, 0.5)
+    with pytest.raises(ValueError, match="not submodules"):
+        sd.plan(ResidualMLP, 2, 0.5, blocks=["blocks.7"])
+
+
+def test_architecture_mismatch_is_rejected():
+    p = sd.plan(functools.partial(resnet18, width=4), 2, 0.5)
+    with pytest.raises(ValueError, match="does not match the plan's architecture"):
+        sd.build_subnetwork(functools.partial(resnet18, width=8), p, 0)
+
+
+def test_user_named_blocks_and_width_pairs():
+    blocks = sd.plan(ResidualMLP, 2, 0.5, "block", blocks=["blocks.0", "blocks.1"])
+    assert [u.name for u in blocks.units] == ["blocks.0", "blocks.1"]
+    by_predicate = sd.plan(ResidualMLP, 2, 0.5, "block", blocks=lambda n, m: n == "blocks.1")
+    assert [u.name for u in by_predicate.units] == ["blocks.1"]
+    neuron = sd.plan(ResidualMLP, 2, 0.5, "neuron")  # fc1 -> fc2 is recognised
+    assert [g.name for g in neuron.groups] == ["blocks.0:width", "blocks.1:width"]
+    pairs = sd.plan(lambda: nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2)), 2, 0.5, "neuron",
+                    width_pairs=[("0", "2")])
+    assert pairs.groups[0].size == 8 and pairs.param_count(0) == 8 // 2 * (3 + 1) + 2 * 4 + 2
