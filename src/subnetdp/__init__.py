@@ -9,6 +9,7 @@ from subnetdp.buckets import Bucket, build_buckets
 from subnetdp.evaluation import recalibrate_batchnorm, scale_residual_branches
 from subnetdp.init import materialize
 from subnetdp.plan import Plan, Unit, plan, valid_coverages
+from subnetdp.engine import SubnetDataParallel
 from subnetdp.simulate import Simulation
 from subnetdp.subnet import build_subnetwork
 
@@ -16,6 +17,7 @@ __all__ = [
     "Bucket",
     "Plan",
     "Simulation",
+    "SubnetDataParallel",
     "Unit",
     "assemble_state_dict",
     "build_buckets",

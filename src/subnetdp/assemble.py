@@ -10,20 +10,23 @@ from torch import nn
 from subnetdp.plan import Plan
 
 
-def assemble_state_dict(
-    pieces: Iterable[tuple[int, Mapping[str, torch.Tensor]]], plan: Plan, structure: nn.Module
-) -> dict[str, torch.Tensor]:
-    """A full-model state dict from ``(worker, subnetwork state dict)`` pieces.
+Where = dict[str, "tuple[int, list[int]] | None"]
 
-    Each element is taken from a worker that holds it; ``structure`` (the architecture, on meta is
-    fine) gives the state-dict names, tied aliases included. Raises if an element has no holder among
-    the pieces.
+
+def assemble_state_dict(
+    pieces: Iterable[tuple[Where, Mapping[str, torch.Tensor]]], plan: Plan, structure: nn.Module
+) -> dict[str, torch.Tensor]:
+    """A full-model state dict from ``(where, tensors)`` pieces.
+
+    ``where`` says where each tensor sits in the full model, as :meth:`Plan.tensor_map` does (a
+    worker's whole subnetwork, or just the elements it is first holder of). ``structure`` (the
+    architecture, on meta is fine) gives the state-dict names, tied aliases included. Raises if an
+    element is in no piece.
     """
     full = {n: torch.zeros(s) for n, s in plan.tensors}
     filled = {n: torch.zeros(s, dtype=torch.bool) for n, s in plan.tensors}
     dtypes: dict[str, torch.dtype] = {}
-    for worker, sd in pieces:
-        tmap = plan.tensor_map(worker)
+    for tmap, sd in pieces:
         for name, where in tmap.items():
             if name not in sd:
                 continue

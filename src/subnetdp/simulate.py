@@ -31,6 +31,9 @@ def average_over_holders(buckets: Sequence[dict[tuple[int, ...], Bucket]], grads
 class Simulation:
     """``plan.workers`` SDP workers in one process, each with its subnetwork, optimizer and data.
 
+    Same math as :class:`subnetdp.SubnetDataParallel`, including ``sync="params"`` (average
+    parameters over holders every ``sync_every`` steps instead of gradients every step).
+
     >>> sim = Simulation(factory, plan, lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))
     >>> losses = sim.step(batches, lambda model, batch: F.cross_entropy(model(batch[0]), batch[1]))
     >>> state = sim.full_state_dict()  # loads into factory()
@@ -45,8 +48,12 @@ class Simulation:
         seed: int = 0,
         device: torch.device | str = "cpu",
         neuron_scaling: str = "inverted",
+        sync: str = "grads",
+        sync_every: int = 1,
     ) -> None:
-        self.plan = plan
+        if sync not in ("grads", "params"):
+            raise ValueError(f"sync={sync!r}: choose one of ('grads', 'params')")
+        self.plan, self.sync, self.sync_every = plan, sync, sync_every
         self.structure = structure_of(model)[0]
         self.workers = [
             build_subnetwork(model, plan, k, seed=seed, device=device, neuron_scaling=neuron_scaling)
@@ -91,14 +98,17 @@ class Simulation:
                 raise FloatingPointError(f"worker {k} got a non-finite loss ({value}) at step {self.steps}")
             loss.backward()
             losses.append(value)
-        self.sync_gradients()
+        if self.sync == "grads":
+            self.sync_gradients()
         for opt in self.optimizers:
             opt.step()
         self.steps += 1
+        if self.sync == "params" and self.steps % self.sync_every == 0:
+            self.average_parameters()
         return losses
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The assembled full model's state dict (buffers averaged over holders first)."""
         self.average_buffers()
-        return assemble_state_dict(((k, w.state_dict()) for k, w in enumerate(self.workers)),
+        return assemble_state_dict(((self.plan.tensor_map(k), w.state_dict()) for k, w in enumerate(self.workers)),
                                    self.plan, self.structure)

@@ -1,0 +1,193 @@
+"""Text for language-model training without downloads: char/byte tokenisation, token files, batches."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .paths import default_text_path
+
+TOKEN_FILE_FORMAT = "subnetdp-tokens-v1"
+
+
+class CharTokenizer:
+    """Character-level tokeniser: token ``i`` is the ``i``-th of the sorted characters.
+
+    ``byte_level=True`` (or :meth:`byte_level_tokenizer`) instead encodes the UTF-8 bytes
+    (vocabulary 256), for corpora with too many distinct characters or text with unseen ones.
+    ``encode`` returns an int64 numpy array, fast enough for whole corpora.
+    """
+
+    def __init__(self, chars: Sequence[str] = (), *, byte_level: bool = False) -> None:
+        self.byte_level = byte_level
+        self.chars: list[str] = [] if byte_level else sorted(set(chars))
+        if not byte_level and not self.chars:
+            raise ValueError("a character tokenizer needs at least one character")
+        if any(len(c) != 1 for c in self.chars):
+            raise ValueError("chars must be single characters")
+        self._codes = np.array([ord(c) for c in self.chars], dtype=np.uint32)
+
+    @classmethod
+    def from_text(cls, text: str) -> CharTokenizer:
+        return cls(sorted(set(text)))
+
+    @classmethod
+    def byte_level_tokenizer(cls) -> CharTokenizer:
+        return cls(byte_level=True)
+
+    @property
+    def vocab_size(self) -> int:
+        return 256 if self.byte_level else len(self.chars)
+
+    def encode(self, text: str) -> np.ndarray:
+        if self.byte_level:
+            return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
+        codepoints = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
+        ids = np.searchsorted(self._codes, codepoints)
+        known = ids < len(self._codes)
+        known[known] = self._codes[ids[known]] == codepoints[known]
+        if not known.all():
+            bad = chr(int(codepoints[np.argmin(known)]))
+            raise ValueError(f"character {bad!r} is not in the tokenizer's vocabulary; build it "
+                             "from this text or use the byte-level tokenizer")
+        return ids.astype(np.int64)
+
+    def decode(self, ids: Sequence[int] | np.ndarray | Tensor) -> str:
+        ids = np.asarray(ids.cpu() if isinstance(ids, Tensor) else ids, dtype=np.int64).ravel()
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise ValueError(f"token ids must lie in 0..{self.vocab_size - 1}")
+        if self.byte_level:
+            return ids.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+        return "".join(self.chars[i] for i in ids.tolist())
+
+    def save(self, path: str | Path) -> None:
+        data = {"type": "byte"} if self.byte_level else {"type": "char", "chars": "".join(self.chars)}
+        Path(path).write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> CharTokenizer:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        if data.get("type") == "byte":
+            return cls(byte_level=True)
+        if data.get("type") == "char":
+            return cls(list(data["chars"]))
+        raise ValueError(f"{path} is not a saved CharTokenizer")
+
+
+def load_text(path_or_dir: str | Path | None = None) -> str:
+    """A UTF-8 text file, or every ``*.txt`` under a folder (sorted, joined by newlines).
+
+    ``None`` gives the default corpus, Tiny Shakespeare from the shared data folder.
+    """
+    path = Path(path_or_dir) if path_or_dir is not None else default_text_path()
+    if path.is_dir():
+        files = sorted(path.rglob("*.txt"))
+        if not files:
+            raise FileNotFoundError(f"no *.txt files under {path}")
+        return "\n".join(f.read_text(encoding="utf-8") for f in files)
+    return path.read_text(encoding="utf-8")
+
+
+def train_val_split(tokens: np.ndarray | Tensor,
+                    val_fraction: float = 0.1) -> tuple[np.ndarray | Tensor, np.ndarray | Tensor]:
+    """Split a token sequence into (train, validation): the last ``val_fraction`` validates."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+    n_train = len(tokens) - int(round(len(tokens) * val_fraction))
+    return tokens[:n_train], tokens[n_train:]
+
+
+# --------------------------------------------------------------------------- token files
+
+def _header_path(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def write_token_file(tokens: Sequence[int] | np.ndarray | Tensor, path: str | Path) -> Path:
+    """Write tokens as a flat little-endian uint16 (or uint32 if needed) file plus a JSON header.
+
+    The header ``<path>.json`` records the dtype and length, so :func:`read_token_file` can
+    memory-map the file without reading it.
+    """
+    path = Path(path)
+    arr = np.asarray(tokens.cpu() if isinstance(tokens, Tensor) else tokens).ravel()
+    if arr.size and (arr.min() < 0 or arr.max() >= 2**32):
+        raise ValueError("token ids must lie in 0..2**32-1")
+    dtype = np.dtype("<u2") if not arr.size or arr.max() < 2**16 else np.dtype("<u4")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for target, payload in ((path, arr.astype(dtype).tobytes()),
+                            (_header_path(path), json.dumps({
+                                "format": TOKEN_FILE_FORMAT, "dtype": dtype.str,
+                                "length": int(arr.size)}).encode())):
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, target)
+    return path
+
+
+def read_token_file(path: str | Path) -> np.ndarray:
+    """Memory-map a file written by :func:`write_token_file` (read-only, nothing loaded)."""
+    path = Path(path)
+    header = json.loads(_header_path(path).read_text())
+    if header.get("format") != TOKEN_FILE_FORMAT:
+        raise ValueError(f"{_header_path(path)} is not a {TOKEN_FILE_FORMAT} header")
+    dtype, length = np.dtype(header["dtype"]), int(header["length"])
+    if path.stat().st_size != length * dtype.itemsize:
+        raise ValueError(f"{path} has {path.stat().st_size} bytes; its header says "
+                         f"{length} tokens of {dtype}")
+    if length == 0:
+        return np.empty(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", shape=(length,))
+
+
+# --------------------------------------------------------------------------- batches
+
+def _stable_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0])
+
+
+class TokenBatches:
+    """Random windows of a 1-D token sequence, for next-token prediction.
+
+    Batch ``step`` of rank ``rank`` draws ``batch_size`` window starts from a generator seeded by
+    ``(seed, rank, step)``: deterministic, resumable at any step, and different on every rank.
+    Works on memory-mapped files (only the windows are read). Yields ``(inputs, targets)``, int64
+    ``[batch_size, seq_len]`` on ``device``, targets shifted by one token.
+    """
+
+    def __init__(self, tokens: np.ndarray | Tensor, batch_size: int, seq_len: int, *,
+                 seed: int = 0, rank: int = 0, device: torch.device | str = "cpu",
+                 start_step: int = 0, num_steps: int | None = None) -> None:
+        self.tokens = tokens.cpu().numpy() if isinstance(tokens, Tensor) else tokens
+        if self.tokens.ndim != 1:
+            raise ValueError(f"tokens must be 1-D, got shape {tuple(self.tokens.shape)}")
+        if len(self.tokens) < seq_len + 1:
+            raise ValueError(f"{len(self.tokens)} tokens cannot fill a window of {seq_len + 1}")
+        self.batch_size, self.seq_len = batch_size, seq_len
+        self.seed, self.rank, self.device = seed, rank, torch.device(device)
+        self.start_step, self.num_steps = start_step, num_steps
+
+    def windows(self, step: int) -> Tensor:
+        """The ``[batch_size, seq_len + 1]`` windows of batch ``step`` (on the CPU)."""
+        rng = np.random.default_rng(_stable_seed(self.seed, self.rank, step))
+        starts = rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)
+        idx = starts[:, None] + np.arange(self.seq_len + 1)
+        return torch.from_numpy(np.asarray(self.tokens[idx]).astype(np.int64))
+
+    def batch(self, step: int) -> tuple[Tensor, Tensor]:
+        w = self.windows(step).to(self.device)
+        return w[:, :-1], w[:, 1:]
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        step = self.start_step
+        while self.num_steps is None or step < self.start_step + self.num_steps:
+            yield self.batch(step)
+            step += 1

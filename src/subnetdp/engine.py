@@ -1,0 +1,330 @@
+"""``SubnetDataParallel``: SDP on ``torch.distributed``, used like ``DistributedDataParallel``.
+
+One process per worker (rank = worker). Each rank builds only its subnetwork. After backward every
+gradient element is averaged over the ranks that hold it: gradients sharing a holder set are packed
+into flat buckets, and each bucket is all-reduced (``SUM``, then divided by the holder count) in the
+process group of its holder set, launched asynchronously as soon as its gradients are ready so that
+communication overlaps the rest of backward, as DDP does.
+
+Deadlock freedom: buckets carry a key computed from their content only (their holder set and the
+position of their first tensor), identical on every member, and each rank launches its buckets in
+increasing key order. Process groups are created once, at construction, in one order on all ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from subnetdp.assemble import assemble_state_dict
+from subnetdp.buckets import Bucket, Entry, build_buckets
+from subnetdp.init import ModelFactory, structure_of
+from subnetdp.plan import Plan
+from subnetdp.subnet import build_subnetwork
+
+SYNC_MODES = ("grads", "params")
+DEFAULT_BUCKET_ELEMENTS = 25 * 2**20 // 4  # DDP's default 25 MiB of fp32
+
+
+def architecture_digest(model: nn.Module) -> str:
+    """A hash of the model's class and every tensor name and shape (meta models are fine)."""
+    text = type(model).__qualname__ + ";" + ";".join(
+        f"{n}:{tuple(t.shape)}" for n, t in list(model.named_parameters()) + list(model.named_buffers()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def plan_architecture_digest(plan: Plan, class_name: str) -> str:
+    text = class_name + ";" + ";".join(f"{n}:{s}" for n, s in plan.tensors)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class CommStats:
+    """What this rank handed to collectives, and how long it waited for them (since the last reset)."""
+
+    bytes: int = 0
+    calls: int = 0
+    wait_s: float = 0.0
+    syncs: int = 0
+    per_step_bytes: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Chunk:
+    key: tuple
+    bucket: Bucket
+    group: object
+    params: list[nn.Parameter]
+    pending: int = 0
+    work: object = None
+    flat: torch.Tensor | None = None
+
+
+def _split(bucket: Bucket, cap: int, order: dict[str, int]) -> list[tuple[tuple, Bucket]]:
+    """Cut a holder-set bucket into chunks of at most ``cap`` elements, last-computed tensors first."""
+    entries = sorted(bucket.entries, key=lambda e: -order[e.name])
+    chunks: list[list[Entry]] = [[]]
+    size = 0
+    for e in entries:
+        if chunks[-1] and size + e.numel > cap:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(e)
+        size += e.numel
+    return [((-order[c[0].name], bucket.holders), Bucket(bucket.holders, c)) for c in chunks]
+
+
+class SubnetDataParallel(nn.Module):
+    """Wrap a model (or a factory) so that this rank trains its SDP subnetwork.
+
+    Call inside an initialised process group whose world size equals ``plan.workers``. Train with
+    the ordinary loop: ``loss = criterion(sdp(x), y); loss.backward(); optimizer.step()`` where the
+    optimizer is built over ``sdp.parameters()``.
+
+    ``sync="grads"`` (default) averages gradients over holders in every backward.
+    ``sync="params"`` instead averages parameters after every ``sync_every`` optimizer steps
+    (local-SGD style); attach the optimizer with :meth:`attach_optimizer`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | ModelFactory,
+        plan: Plan,
+        *,
+        seed: int = 0,
+        device: torch.device | str | None = None,
+        sync: str = "grads",
+        sync_every: int = 1,
+        neuron_scaling: str = "inverted",
+        bucket_elements: int = DEFAULT_BUCKET_ELEMENTS,
+        measure: bool = False,
+    ) -> None:
+        super().__init__()
+        if not dist.is_initialized():
+            raise RuntimeError("SubnetDataParallel needs torch.distributed: call dist.init_process_group first "
+                               "(torchrun sets the environment for it)")
+        if sync not in SYNC_MODES:
+            raise ValueError(f"sync={sync!r}: choose one of {SYNC_MODES}")
+        if sync_every < 1:
+            raise ValueError(f"sync_every={sync_every}: need a positive number of steps")
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        structure = structure_of(model)[0]
+        self._agree(plan, structure, seed, sync, sync_every, neuron_scaling)
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        self.plan, self.sync, self.sync_every, self.measure = plan, sync, sync_every, measure
+        self.device = torch.device(device)
+        self.structure = structure
+        self.module = build_subnetwork(model, plan, self.rank, seed=seed, device=device,
+                                       neuron_scaling=neuron_scaling)
+        self.stats = CommStats()
+        self._groups = self._make_groups(plan)
+        order = {n: i for i, (n, _) in enumerate(plan.tensors)}
+        params = dict(self.module.named_parameters())
+        self._chunks: list[_Chunk] = []
+        for b in build_buckets(self.module, plan, self.rank):
+            if len(b.holders) < 2:
+                continue  # held by this rank alone: nothing to average
+            for key, piece in _split(b, bucket_elements, order):
+                members = list({id(params[e.name]): params[e.name] for e in piece.entries}.values())
+                self._chunks.append(_Chunk(key, piece, self._groups[b.holders], members))
+        self._chunks.sort(key=lambda c: c.key)
+        self._buffer_buckets = [b for b in build_buckets(self.module, plan, self.rank, "buffers") if len(b.holders) > 1]
+        self._chunks_of: dict[int, list[_Chunk]] = {}
+        for c in self._chunks:
+            for p in c.params:
+                self._chunks_of.setdefault(id(p), []).append(c)
+        self._enabled = True
+        self._next = 0
+        self._callback_queued = False
+        self._step_bytes = 0
+        self._optimizer_steps = 0
+        if sync == "grads":
+            for p in params.values():
+                if id(p) in self._chunks_of:
+                    p.register_post_accumulate_grad_hook(self._on_grad_ready)
+
+    # ---- setup ------------------------------------------------------------------------------------
+    def _agree(self, plan: Plan, structure: nn.Module, seed: int, sync: str, every: int, scaling: str) -> None:
+        """Every rank checks the same facts and raises the same error, so nothing hangs."""
+        mine = {
+            "plan": plan.digest(),
+            "architecture": architecture_digest(structure),
+            "plan architecture": plan_architecture_digest(plan, type(structure).__qualname__),
+            "plan workers": plan.workers,
+            "options": (seed, sync, every, scaling),
+        }
+        everyone: list[dict] = [None] * self.world_size  # type: ignore[list-item]
+        dist.all_gather_object(everyone, mine)
+        problems = []
+        for key in ("plan", "architecture", "options"):
+            values = [d[key] for d in everyone]
+            if len(set(map(str, values))) > 1:
+                problems.append(f"ranks disagree on the {key}: " + ", ".join(f"rank {r}: {v}" for r, v in enumerate(values)))
+        if any(d["architecture"] != d["plan architecture"] for d in everyone):
+            bad = [r for r, d in enumerate(everyone) if d["architecture"] != d["plan architecture"]]
+            problems.append(f"the model does not match the plan's architecture on ranks {bad}")
+        if any(d["plan workers"] != self.world_size for d in everyone):
+            problems.append(f"the plan is for {everyone[0]['plan workers']} workers but the world size is "
+                            f"{self.world_size}; make the plan with workers={self.world_size}")
+        if problems:
+            raise ValueError("SubnetDataParallel setup failed on every rank: " + "; ".join(problems))
+
+    def _make_groups(self, plan: Plan) -> dict[tuple[int, ...], object]:
+        groups: dict[tuple[int, ...], object] = {}
+        for h in plan.holder_sets():  # same order on every rank; every rank takes part in every new_group
+            if len(h) == self.world_size:
+                groups[h] = dist.group.WORLD
+            elif len(h) > 1:
+                groups[h] = dist.new_group(ranks=list(h))
+        return groups
+
+    # ---- the usual nn.Module surface --------------------------------------------------------------
+    def forward(self, *args: object, **kwargs: object) -> object:
+        return self.module(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Accumulate gradients locally (no communication), as ``DistributedDataParallel.no_sync``."""
+        previous, self._enabled = self._enabled, False
+        try:
+            yield
+        finally:
+            self._enabled = previous
+
+    # ---- gradient sync ----------------------------------------------------------------------------
+    def _on_grad_ready(self, param: nn.Parameter) -> None:
+        if not self._enabled:
+            return
+        if not self._callback_queued:
+            self._callback_queued = True
+            for c in self._chunks:
+                c.pending = len(c.params)
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
+        for c in self._chunks_of[id(param)]:
+            c.pending -= 1
+        self._launch_ready()
+
+    def _launch(self, c: _Chunk) -> None:
+        c.flat = c.bucket.gather(grads=True)
+        c.work = dist.all_reduce(c.flat, op=dist.ReduceOp.SUM, group=c.group, async_op=True)
+        self._step_bytes += c.flat.numel() * c.flat.element_size()
+        self.stats.calls += 1
+
+    def _launch_ready(self) -> None:
+        while self._next < len(self._chunks) and self._chunks[self._next].pending == 0:
+            self._launch(self._chunks[self._next])
+            self._next += 1
+
+    def _finish_backward(self) -> None:
+        start = time.perf_counter()
+        if self.measure and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            start = time.perf_counter()
+        while self._next < len(self._chunks):  # unused parameters: their (zero) gradients still take part
+            self._launch(self._chunks[self._next])
+            self._next += 1
+        for c in self._chunks:
+            c.work.wait()
+            c.flat /= len(c.bucket.holders)  # sum over holders / holder count, never ReduceOp.AVG
+            c.bucket.scatter(c.flat, grads=True)
+            c.work, c.flat = None, None
+        if self.measure and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.stats.wait_s += time.perf_counter() - start
+        self._record_sync()
+
+    def _record_sync(self) -> None:
+        self.stats.bytes += self._step_bytes
+        self.stats.per_step_bytes.append(self._step_bytes)
+        self.stats.syncs += 1
+        self._step_bytes = 0
+        self._next = 0
+        self._callback_queued = False
+
+    def predicted_bytes_per_sync(self) -> int:
+        """Bytes this rank hands to collectives per sync: its elements held by more than one worker."""
+        return sum(c.bucket.numel for c in self._chunks) * 4
+
+    # ---- parameter averaging ----------------------------------------------------------------------
+    @torch.no_grad()
+    def average_parameters(self) -> None:
+        """Average every parameter element over its holders now (one collective per bucket)."""
+        start = time.perf_counter()
+        works = []
+        for c in self._chunks:
+            flat = c.bucket.gather(grads=False)
+            works.append((c, flat, dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=c.group, async_op=True)))
+            self._step_bytes += flat.numel() * flat.element_size()
+            self.stats.calls += 1
+        for c, flat, work in works:
+            work.wait()
+            c.bucket.scatter(flat / len(c.bucket.holders), grads=False)
+        self.stats.wait_s += time.perf_counter() - start
+        self._record_sync()
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """In ``sync="params"`` mode: average parameters after every ``sync_every`` optimizer steps."""
+        if self.sync != "params":
+            raise ValueError("attach_optimizer is for sync='params'; gradient sync needs no optimizer hook")
+
+        def after_step(_opt: torch.optim.Optimizer, _args: tuple, _kwargs: dict) -> None:
+            self._optimizer_steps += 1
+            if self._optimizer_steps % self.sync_every == 0:
+                self.average_parameters()
+
+        optimizer.register_step_post_hook(after_step)
+
+    @torch.no_grad()
+    def average_buffers(self) -> None:
+        """Average BatchNorm running statistics over their holders (before evaluation and checkpoints)."""
+        for b in self._buffer_buckets:
+            flat = b.gather(grads=False)
+            group = self._groups[b.holders]
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+            b.scatter(flat / len(b.holders), grads=False)
+
+    # ---- the full model -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Gather the full model onto rank 0 (other ranks get ``None``); buffers averaged first.
+
+        Each element travels once, from its lowest-numbered holder. Collective: call on every rank.
+        """
+        self.average_buffers()
+        tmap = self.plan.tensor_map(self.rank)
+        state = self.module.state_dict()
+        where: dict[str, tuple[int, list[int]] | None] = {}
+        piece: dict[str, torch.Tensor] = {}
+        for name, loc in tmap.items():
+            if name not in state:
+                continue
+            dim, holders = self.plan.element_holders(_canonical(self.plan, name))
+            if dim is None:
+                if holders[0][0] == self.rank:
+                    where[name], piece[name] = None, state[name].cpu()
+            else:
+                mine = [(p, i) for p, i in enumerate(loc[1]) if holders[i][0] == self.rank]
+                if mine:
+                    local = torch.tensor([p for p, _ in mine], dtype=torch.long, device=state[name].device)
+                    where[name] = (dim, [i for _, i in mine])
+                    piece[name] = state[name].index_select(dim, local).cpu()
+        pieces = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object((where, piece), pieces, dst=0)
+        if self.rank != 0:
+            return None
+        return assemble_state_dict(pieces, self.plan, self.structure)
+
+    def reset_stats(self) -> None:
+        self.stats = CommStats()
+
+
+def _canonical(plan: Plan, name: str) -> str:
+    return dict(plan.aliases).get(name, name)

@@ -1,0 +1,272 @@
+"""Data sets: the shared CIFAR-10 (JPEG) copy, IDX files, the tensor loader, text and tokens."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DistributedSampler
+
+import subnetdp.data.vision as vision
+from subnetdp.data import (
+    CharTokenizer,
+    TensorImageLoader,
+    TokenBatches,
+    get_vision_dataset,
+    load_cifar10_jpeg,
+    load_fashion_mnist,
+    load_text,
+    read_idx,
+    read_token_file,
+    train_val_split,
+    write_token_file,
+)
+
+SHARED = Path(os.environ.get("SUBNETDP_SHARED_DATA")
+              or Path(__file__).resolve().parents[2] / "shared" / "data")
+CIFAR_NPZ = SHARED / "cifar10-jpeg" / "cifar10_jpeg.npz"
+SHAKESPEARE = SHARED / "tinyshakespeare" / "input.txt"
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared data not found at {SHARED}")
+
+
+# --------------------------------------------------------------------------- CIFAR-10 (JPEG)
+
+@needs_shared
+def test_cifar10_jpeg_decodes_both_splits_and_caches(tmp_path: Path, monkeypatch) -> None:
+    (x_tr, y_tr), (x_te, y_te) = load_cifar10_jpeg(CIFAR_NPZ, cache_dir=tmp_path, limit=200,
+                                                   progress=False)
+    for x, y in ((x_tr, y_tr), (x_te, y_te)):
+        assert x.shape == (200, 32, 32, 3) and x.dtype == np.uint8
+        assert y.shape == (200,) and y.dtype == np.int64
+        assert set(y.tolist()) == set(range(10))  # the subset spans the class-sorted file
+        mean = x.reshape(-1, 3).mean(0) / 255
+        assert np.all(np.abs(mean - np.array([0.49, 0.48, 0.45])) < 0.08), mean
+        assert x.std() > 30  # real images, not a constant fill
+    assert not np.array_equal(x_tr, x_te)
+    assert len(list(tmp_path.glob("*.npz"))) == 1 and not list(tmp_path.glob("*.tmp"))
+
+    # A second call must come from the cache: decoding is made impossible.
+    import PIL.Image
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded again instead of reading the cache")
+
+    monkeypatch.setattr(PIL.Image, "open", no_decoding)
+    (x_tr2, y_tr2), (x_te2, y_te2) = load_cifar10_jpeg(CIFAR_NPZ, cache_dir=tmp_path, limit=200)
+    for a, b in ((x_tr, x_tr2), (y_tr, y_tr2), (x_te, x_te2), (y_te, y_te2)):
+        np.testing.assert_array_equal(a, b)
+    monkeypatch.setenv("SUBNETDP_CACHE", str(tmp_path))  # the environment variable finds it too
+    load_cifar10_jpeg(CIFAR_NPZ, limit=200)
+
+
+@needs_shared
+def test_get_vision_dataset_cifar10_jpeg_is_nchw(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(vision, "load_cifar10_jpeg",
+                        functools.partial(vision.load_cifar10_jpeg, limit=50, progress=False))
+    for data_dir in (SHARED, CIFAR_NPZ.parent, CIFAR_NPZ):
+        ds = get_vision_dataset("cifar10-jpeg", data_dir=data_dir, train=False, cache_dir=tmp_path)
+        assert ds.images.shape == (50, 3, 32, 32) and ds.images.dtype == torch.uint8
+        assert ds.labels.dtype == torch.int64 and len(ds) == 50
+        assert ds.num_classes == 10 and len(ds.mean) == len(ds.std) == 3
+
+
+def test_get_vision_dataset_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="cifar10-jpeg"):
+        get_vision_dataset("imagenet")
+    with pytest.raises(FileNotFoundError, match="download=True"):
+        get_vision_dataset("cifar10", data_dir=tmp_path, download=False)
+    with pytest.raises(FileNotFoundError, match="apt-get install -y dataset-fashion-mnist"):
+        get_vision_dataset("fashion-mnist", data_dir=tmp_path / "missing")
+
+
+# --------------------------------------------------------------------------- IDX / Fashion-MNIST
+
+def _write_idx(path: Path, array: np.ndarray, code: int) -> None:
+    header = bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+    if path.suffix == ".gz":
+        with gzip.open(path, "wb") as f:
+            f.write(payload)
+    else:
+        path.write_bytes(payload)
+
+
+def test_idx_parser_and_fashion_mnist_layout(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    labels = np.array([3, 1, 4, 1, 5], dtype=np.uint8)
+    folder = tmp_path / "fashion-mnist"
+    folder.mkdir()
+    _write_idx(folder / "t10k-images-idx3-ubyte.gz", images, 0x08)
+    _write_idx(folder / "t10k-labels-idx1-ubyte.gz", labels, 0x08)
+    x, y = load_fashion_mnist(tmp_path, train=False)
+    np.testing.assert_array_equal(x, images)
+    np.testing.assert_array_equal(y, labels)
+    assert y.dtype == np.int64
+    ds = get_vision_dataset("fashion-mnist", data_dir=folder, train=False)
+    assert ds.images.shape == (5, 1, 28, 28) and ds.num_classes == 10 and len(ds.mean) == 1
+    with pytest.raises(FileNotFoundError, match="train-images"):
+        load_fashion_mnist(folder, train=True)
+
+    ints = np.arange(-6, 6, dtype=np.int32).reshape(3, 4)  # big-endian, not gzipped
+    _write_idx(tmp_path / "ints.idx", ints, 0x0C)
+    np.testing.assert_array_equal(read_idx(tmp_path / "ints.idx"), ints)
+    (tmp_path / "bad.idx").write_bytes(b"\x01\x02\x03\x04")
+    with pytest.raises(ValueError, match="IDX"):
+        read_idx(tmp_path / "bad.idx")
+    (tmp_path / "short.idx").write_bytes((tmp_path / "ints.idx").read_bytes()[:-4])
+    with pytest.raises(ValueError, match="header says"):
+        read_idx(tmp_path / "short.idx")
+
+
+# --------------------------------------------------------------------------- TensorImageLoader
+
+def _images(n: int = 103, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8),
+            torch.arange(n) % 10)
+
+
+def test_loader_shards_match_distributed_sampler() -> None:
+    images, labels = _images()
+    n, world, batch = len(labels), 4, 8
+    for epoch in (0, 3):
+        seen = []
+        for rank in range(world):
+            loader = TensorImageLoader(images, labels, batch, (0.5,) * 3, (0.25,) * 3,
+                                       rank=rank, world_size=world, seed=7, augment=False)
+            loader.set_epoch(epoch)
+            sampler = DistributedSampler(range(n), world, rank, shuffle=True, seed=7,
+                                         drop_last=True)
+            sampler.set_epoch(epoch)
+            assert loader.indices().tolist() == list(sampler)
+            assert len(loader) == (n // world) // batch
+            ys = torch.cat([y for _, y in loader])
+            assert len(ys) == len(loader) * batch
+            seen.append(loader.indices())
+        everything = torch.cat(seen)
+        assert len(set(everything.tolist())) == len(everything) == (n // world) * world
+    a = TensorImageLoader(images, labels, batch, (0.5,) * 3, (0.25,) * 3)
+    b = TensorImageLoader(images, labels, batch, (0.5,) * 3, (0.25,) * 3)
+    b.set_epoch(1)
+    assert not torch.equal(a.indices(), b.indices())
+    last = TensorImageLoader(images, labels, batch, (0.5,) * 3, (0.25,) * 3, drop_last=False)
+    assert len(last) == 13 and len(list(last)[-1][1]) == 103 - 12 * 8
+
+
+def test_loader_is_deterministic_and_normalises() -> None:
+    images, labels = _images()
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+
+    def batches(**kw):
+        loader = TensorImageLoader(images, labels, 16, mean, std, world_size=2, seed=1, **kw)
+        loader.set_epoch(2)
+        return list(loader)
+
+    first, again, other_rank = batches(rank=0), batches(rank=0), batches(rank=1)
+    for (x1, y1), (x2, y2) in zip(first, again):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert not torch.equal(first[0][1], other_rank[0][1])
+
+    plain = batches(rank=0, augment=False, shuffle=False)
+    x, y = plain[0]
+    expected = (images[0:32:2].float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(
+        std).view(1, 3, 1, 1)
+    torch.testing.assert_close(x, expected)
+    assert torch.equal(y, labels[0:32:2]) and x.dtype == torch.float32
+
+
+def test_augmentation_is_a_padded_crop_and_flip() -> None:
+    images, labels = _images(n=64)
+    loader = TensorImageLoader(images, labels, 64, (0.5,) * 3, (0.5,) * 3)
+    out = loader._crop_flip(images, torch.Generator().manual_seed(5))
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    assert not torch.equal(out, images)
+    g = torch.Generator().manual_seed(5)
+    offsets = torch.randint(0, 9, (64, 2), generator=g)
+    flips = torch.rand(64, generator=g) < 0.5
+    assert 0 < flips.sum() < 64
+    padded = np.pad(images.numpy(), ((0, 0), (0, 0), (4, 4), (4, 4)))
+    for i in range(64):
+        oy, ox = offsets[i].tolist()
+        ref = padded[i, :, oy:oy + 32, ox:ox + 32]
+        if flips[i]:
+            ref = ref[:, :, ::-1]
+        np.testing.assert_array_equal(out[i].numpy(), ref)
+    x_aug, _ = next(iter(loader))
+    loader.augment = False
+    x_plain, _ = next(iter(loader))
+    assert x_aug.shape == x_plain.shape and not torch.equal(x_aug, x_plain)
+
+
+# --------------------------------------------------------------------------- text
+
+@needs_shared
+def test_char_tokenizer_round_trips_shakespeare(tmp_path: Path) -> None:
+    text = load_text(SHAKESPEARE)[:10_000]
+    tok = CharTokenizer.from_text(text)
+    assert tok.chars == sorted(set(text)) and tok.vocab_size == len(set(text))
+    ids = tok.encode(text)
+    assert ids.dtype == np.int64 and len(ids) == 10_000 and ids.max() < tok.vocab_size
+    assert tok.decode(ids) == text
+    assert tok.decode(torch.from_numpy(ids[:20])) == text[:20]
+    tok.save(tmp_path / "tok.json")
+    loaded = CharTokenizer.load(tmp_path / "tok.json")
+    assert loaded.chars == tok.chars and np.array_equal(loaded.encode(text), ids)
+    with pytest.raises(ValueError, match="not in the tokenizer"):
+        tok.encode("Ω")
+    assert len(load_text(SHAKESPEARE)) == 1_115_394
+
+
+def test_byte_tokenizer_and_text_folders(tmp_path: Path) -> None:
+    tok = CharTokenizer.byte_level_tokenizer()
+    text = "naïve ✓ text"
+    assert tok.vocab_size == 256 and tok.decode(tok.encode(text)) == text
+    tok.save(tmp_path / "bytes.json")
+    assert CharTokenizer.load(tmp_path / "bytes.json").byte_level
+    (tmp_path / "b.txt").write_text("second", encoding="utf-8")
+    (tmp_path / "a.txt").write_text("first", encoding="utf-8")
+    (tmp_path / "notes.md").write_text("ignored", encoding="utf-8")
+    assert load_text(tmp_path) == "first\nsecond"
+    train, val = train_val_split(np.arange(100))
+    assert list(val) == list(range(90, 100)) and len(train) == 90
+
+
+def test_token_file_round_trip_is_memory_mapped(tmp_path: Path) -> None:
+    tokens = np.random.default_rng(0).integers(0, 65, 5000)
+    path = write_token_file(tokens, tmp_path / "train.bin")
+    assert path.stat().st_size == 5000 * 2  # uint16
+    mm = read_token_file(path)
+    assert isinstance(mm, np.memmap) and mm.dtype == np.uint16
+    np.testing.assert_array_equal(mm, tokens)
+    big = torch.tensor([0, 70_000, 5])
+    mm_big = read_token_file(write_token_file(big, tmp_path / "big.bin"))
+    assert mm_big.dtype == np.uint32 and mm_big.tolist() == [0, 70_000, 5]
+    (tmp_path / "train.bin").write_bytes(b"\x00" * 10)
+    with pytest.raises(ValueError, match="header says"):
+        read_token_file(tmp_path / "train.bin")
+
+
+def test_token_batches_are_seeded_per_rank(tmp_path: Path) -> None:
+    tokens = read_token_file(write_token_file(np.arange(3000) % 60_000, tmp_path / "t.bin"))
+    a = TokenBatches(tokens, 4, 16, seed=3, rank=0)
+    b = TokenBatches(tokens, 4, 16, seed=3, rank=0)
+    c = TokenBatches(tokens, 4, 16, seed=3, rank=1)
+    d = TokenBatches(tokens, 4, 16, seed=4, rank=0)
+    x, y = a.batch(5)
+    assert x.shape == y.shape == (4, 16) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    assert torch.equal(x, x[:, :1] + torch.arange(16))  # contiguous windows of the stream
+    assert torch.equal(x, b.batch(5)[0])
+    assert not torch.equal(x, c.batch(5)[0]) and not torch.equal(x, d.batch(5)[0])
+    assert not torch.equal(x, a.batch(6)[0])
+    steps = list(TokenBatches(tokens, 4, 16, seed=3, start_step=5, num_steps=2))
+    assert len(steps) == 2 and torch.equal(steps[0][0], x) and torch.equal(steps[1][0], a.batch(6)[0])
+    with pytest.raises(ValueError, match="window"):
+        TokenBatches(tokens[:10], 1, 16)
