@@ -129,7 +129,8 @@ class SubnetDataParallel(nn.Module):
         order = {n: i for i, (n, _) in enumerate(plan.tensors)}
         params = dict(self.module.named_parameters())
         self._chunks: list[_Chunk] = []
-        for b in build_buckets(self.module, plan, self.rank):
+        self._all_buckets = build_buckets(self.module, plan, self.rank)
+        for b in self._all_buckets:
             if len(b.holders) < 2:
                 continue  # held by this rank alone: nothing to average
             for key, piece in _split(b, bucket_elements, order):
@@ -252,6 +253,25 @@ class SubnetDataParallel(nn.Module):
     def predicted_bytes_per_sync(self) -> int:
         """Bytes this rank hands to collectives per sync: its elements held by more than one worker."""
         return sum(c.bucket.numel for c in self._chunks) * 4
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """Clip by the norm of the full model's averaged gradient (call after backward). Collective.
+
+        Each rank sums its gradient elements squared, each weighted by ``1 / holder count``; the
+        sum over ranks is then exactly the full gradient's squared norm, the same on every rank, so
+        holders of a unit scale it by the same factor and stay identical. Returns the norm.
+        """
+        parts = [b.gather(grads=True).float().pow(2).sum() / len(b.holders) for b in self._all_buckets]
+        local = torch.stack(parts).sum() if parts else torch.zeros((), device=self.device)
+        dist.all_reduce(local, op=dist.ReduceOp.SUM)
+        norm = float(local.sqrt())
+        scale = max_norm / (norm + 1e-6)
+        if scale < 1:
+            for p in self.module.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+        return norm
 
     # ---- parameter averaging ----------------------------------------------------------------------
     @torch.no_grad()

@@ -85,6 +85,23 @@ class Simulation:
         with torch.no_grad():
             average_over_holders(self._buffer_buckets, grads=False)
 
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """Clip every worker's (synced) gradients by the norm of the full model's averaged gradient.
+
+        Each element is counted once: a worker weighs its elements by ``1 / holder count``, and the
+        workers' sums add up to the full gradient's squared norm. Returns the norm before clipping.
+        """
+        total = sum(float(b.gather(True).pow(2).sum()) / len(h) for per in self._grad_buckets for h, b in per.items())
+        norm = math.sqrt(total)
+        scale = max_norm / (norm + 1e-6)
+        if scale < 1:
+            for w in self.workers:
+                for p in w.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(scale)
+        return norm
+
     def step(self, batches: Sequence[object], loss_fn: LossFn) -> list[float]:
         """One SDP step: each worker's forward and backward on its batch, sync, optimizer step."""
         if len(batches) != self.plan.workers:

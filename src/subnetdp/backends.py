@@ -1,0 +1,245 @@
+"""One interface over the ways the main job can train: SDP (distributed or simulated), DDP, FSDP2,
+DDP with activation checkpointing. The training loop in :mod:`subnetdp.train` sees only this.
+
+A backend trains ``workers_here`` workers in this process (K when simulating, else 1), steps their
+optimizers and schedulers, reports memory and communication, and assembles the full model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from subnetdp.config import TrainConfig
+from subnetdp.engine import SubnetDataParallel
+from subnetdp.init import ModelFactory, materialize, structure_of
+from subnetdp.plan import Plan
+from subnetdp.simulate import Simulation
+from subnetdp.units import find_blocks
+
+LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]
+
+
+def make_optimizer(cfg: TrainConfig, params: Sequence[nn.Parameter] | Any) -> torch.optim.Optimizer:
+    params = list(params)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.peak_lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
+                               weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.peak_lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up then cosine decay to zero, a one-cycle schedule, or a constant rate."""
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.peak_lr, total_steps=max(total, 2),
+                                                   pct_start=max(cfg.warmup, 0.01))
+    warm = int(cfg.warmup * total)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - warm) / max(total - warm, 1)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def state_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes of parameters, gradients and optimizer state that exist on this worker now."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    opt_state = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+                    if isinstance(t, torch.Tensor) and t.dim() > 0)
+    return {"param_bytes": params, "grad_bytes": grads, "optimizer_bytes": opt_state}
+
+
+def _local_numel(model: nn.Module) -> int:
+    return sum(getattr(p, "_local_tensor", p).numel() for p in model.parameters())
+
+
+class SimulatedSDP:
+    """K SDP workers in this process (``--simulate K``)."""
+
+    def __init__(self, cfg: TrainConfig, factory: ModelFactory, plan: Plan, device: torch.device, total: int) -> None:
+        self.cfg, self.plan = cfg, plan
+        self.sim = Simulation(factory, plan, lambda ps: make_optimizer(cfg, ps), seed=cfg.seed, device=device,
+                              neuron_scaling=cfg.neuron_scaling, sync=cfg.sync, sync_every=cfg.sync_every)
+        self.schedulers = [make_scheduler(cfg, o, total) for o in self.sim.optimizers]
+        self.workers_here = plan.workers
+        self.models = self.sim.workers
+        self.optimizers = self.sim.optimizers
+
+    def train_step(self, batches: Sequence[Any], loss_fn: LossFn, autocast: Callable) -> list[dict[str, float]]:
+        metrics: list[dict[str, float]] = []
+
+        def run(model: nn.Module, batch: Any) -> torch.Tensor:
+            with autocast():
+                loss, m = loss_fn(model, batch)
+            metrics.append({"loss": float(loss.detach()), **m})
+            return loss
+
+        if self.cfg.grad_clip:
+            # clip on the norm of the full model's averaged gradient: the step is split to clip between sync and step
+            for k, (model, opt, batch) in enumerate(zip(self.sim.workers, self.sim.optimizers, batches)):
+                opt.zero_grad(set_to_none=True)
+                loss = run(model, batch)
+                _check_finite(loss, k)
+                loss.backward()
+            self.sim.sync_gradients()
+            self.sim.clip_grad_norm_(self.cfg.grad_clip)
+            for opt in self.sim.optimizers:
+                opt.step()
+            self.sim.steps += 1
+        else:
+            self.sim.step(batches, run)
+        for s in self.schedulers:
+            s.step()
+        return metrics
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.sim.full_state_dict()
+
+    def comm_bytes_per_step(self) -> list[int]:
+        """Per worker: bytes it would hand to collectives per sync (its elements held by others too)."""
+        out = []
+        for k in range(self.plan.workers):
+            shared = sum(b.numel for b in self.sim._grad_buckets[k].values() if len(b.holders) > 1)
+            out.append(shared * 4)
+        return out
+
+    def memory(self) -> list[dict[str, int]]:
+        return [state_bytes(m, o) for m, o in zip(self.sim.workers, self.sim.optimizers)]
+
+    def state(self) -> dict[str, Any]:
+        return {"optimizers": [o.state_dict() for o in self.sim.optimizers],
+                "schedulers": [s.state_dict() for s in self.schedulers], "sim_steps": self.sim.steps}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        for o, sd in zip(self.sim.optimizers, state["optimizers"]):
+            o.load_state_dict(sd)
+        for s, sd in zip(self.schedulers, state["schedulers"]):
+            s.load_state_dict(sd)
+        self.sim.steps = state["sim_steps"]
+
+    @property
+    def lr(self) -> float:
+        return self.optimizers[0].param_groups[0]["lr"]
+
+
+def _check_finite(loss: torch.Tensor, worker: int) -> None:
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise FloatingPointError(f"worker {worker} got a non-finite loss ({value}); lower --lr or check the data")
+
+
+class Distributed:
+    """One worker per process under torch.distributed: SDP, DDP, FSDP2 or DDP with checkpointing."""
+
+    def __init__(self, cfg: TrainConfig, factory: ModelFactory, plan: Plan | None, device: torch.device,
+                 total: int) -> None:
+        self.cfg, self.plan, self.device = cfg, plan, device
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.workers_here = 1
+        self.structure = structure_of(factory)[0]
+        self.sdp: SubnetDataParallel | None = None
+        if cfg.strategy == "sdp":
+            assert plan is not None
+            self.sdp = SubnetDataParallel(factory, plan, seed=cfg.seed, device=device, sync=cfg.sync,
+                                          sync_every=cfg.sync_every, neuron_scaling=cfg.neuron_scaling)
+            model: nn.Module = self.sdp
+        else:
+            base = materialize(factory, seed=cfg.seed, device=device)
+            if device.type == "cuda" and cfg.model in ("resnet18", "wide_resnet18", "resnet50"):
+                base = base.to(memory_format=torch.channels_last)
+            if cfg.strategy == "fsdp":
+                from torch.distributed.fsdp import fully_shard
+
+                for b in find_blocks(base):
+                    fully_shard(base.get_submodule(b.name))
+                model = fully_shard(base)
+            else:
+                if cfg.strategy == "ddp-ckpt":
+                    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+                        apply_activation_checkpointing,
+                    )
+
+                    blocks = {id(base.get_submodule(b.name)) for b in find_blocks(base)}
+                    apply_activation_checkpointing(base, check_fn=lambda m: id(m) in blocks)
+                ids = [device.index] if device.type == "cuda" else None
+                model = nn.parallel.DistributedDataParallel(base, device_ids=ids)
+        self.model = model
+        self.opt = make_optimizer(cfg, model.parameters())
+        if self.sdp is not None and cfg.sync == "params":
+            self.sdp.attach_optimizer(self.opt)
+        self.scheduler = make_scheduler(cfg, self.opt, total)
+        self.models = [model]
+        self.optimizers = [self.opt]
+
+    def train_step(self, batches: Sequence[Any], loss_fn: LossFn, autocast: Callable) -> list[dict[str, float]]:
+        self.opt.zero_grad(set_to_none=True)
+        with autocast():
+            loss, m = loss_fn(self.model, batches[0])
+        _check_finite(loss, self.rank)
+        loss.backward()
+        if self.cfg.grad_clip:
+            if self.sdp is not None:
+                self.sdp.clip_grad_norm_(self.cfg.grad_clip)
+            else:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        self.scheduler.step()
+        return [{"loss": float(loss.detach()), **m}]
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The assembled full model on rank 0 (None elsewhere). Collective."""
+        if self.sdp is not None:
+            return self.sdp.full_state_dict()
+        if self.cfg.strategy == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            return full if self.rank == 0 else None
+        module = self.model.module
+        sd = {k.replace("_checkpoint_wrapped_module.", ""): v.detach().cpu() for k, v in module.state_dict().items()}
+        return sd if self.rank == 0 else None
+
+    def comm_bytes_per_step(self) -> list[int | None]:
+        if self.sdp is not None:
+            return [self.sdp.predicted_bytes_per_sync() if self.cfg.sync == "grads" else None]
+        if self.cfg.strategy in ("ddp", "ddp-ckpt"):
+            return [sum(p.numel() * 4 for p in self.model.parameters() if p.requires_grad)]  # DDP all-reduces every gradient
+        return [None]  # FSDP2: all-gathers and reduce-scatters, not counted here
+
+    def memory(self) -> list[dict[str, int]]:
+        out = state_bytes(self.model, self.opt)
+        if self.cfg.strategy == "fsdp":  # sharded DTensors: count the local shard
+            out["param_bytes"] = _local_numel(self.model) * 4
+        return [out]
+
+    def state(self) -> dict[str, Any]:
+        steps = self.sdp._optimizer_steps if self.sdp is not None else 0
+        return {"scheduler": self.scheduler.state_dict(), "optimizer_steps": steps}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.sdp is not None:
+            self.sdp._optimizer_steps = state["optimizer_steps"]  # keeps the --sync-every cadence
+
+    @property
+    def lr(self) -> float:
+        return self.opt.param_groups[0]["lr"]
+
+
+def autocast_for(cfg: TrainConfig, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)

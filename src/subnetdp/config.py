@@ -1,0 +1,202 @@
+"""The main job's configuration: one dataclass, filled from a TOML/YAML file and then flags.
+
+Every field is a ``subnetdp train`` flag (``--field-name``). ``validate`` rejects bad values before
+any work starts, naming the flag and what it accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from subnetdp.data import VISION_DATASETS
+from subnetdp.models import MODELS
+
+STRATEGIES = ("sdp", "ddp", "fsdp", "ddp-ckpt")
+TEXT_DATASETS = ("tinyshakespeare",)
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the flag and what it accepts."""
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    model: str = field(default="resnet18", metadata={"help": f"zoo model ({', '.join(MODELS)}) or 'module:callable'"})
+    width: int | None = field(default=None, metadata={"help": "ResNet base width (resnet18 default 64)"})
+    dataset: str = field(default="cifar10-jpeg", metadata={
+        "help": f"{', '.join(VISION_DATASETS)}, tinyshakespeare, or a UTF-8 text file/folder"})
+    data_dir: str | None = field(default=None, metadata={"help": "where the data set lives (or goes, with --download)"})
+    download: bool = field(default=False, metadata={"help": "download torchvision data sets into --data-dir"})
+    train_subset: int | None = field(default=None, metadata={"help": "train on N examples drawn with --seed (quick runs)"})
+    test_subset: int | None = field(default=None, metadata={"help": "evaluate on N test examples drawn with --seed (quick runs)"})
+    # how to parallelise
+    strategy: str = field(default="sdp", metadata={"help": "sdp, ddp, fsdp (FSDP2) or ddp-ckpt (DDP + activation checkpointing)"})
+    level: str = field(default="block", metadata={"help": "SDP units: block (residual blocks) or neuron (inner widths)"})
+    coverage: float = field(default=0.5, metadata={"help": "SDP coverage C in (0, 1]: fraction of units per worker"})
+    simulate: int | None = field(default=None, metadata={"help": "run K SDP workers in this one process"})
+    workers: int | None = field(default=None, metadata={"help": "start K processes on this machine (torchrun's launcher)"})
+    sync: str = field(default="grads", metadata={"help": "SDP sync: grads (every step) or params (every --sync-every steps)"})
+    sync_every: int = field(default=1, metadata={"help": "steps between parameter averages with --sync params"})
+    neuron_scaling: str = field(default="inverted", metadata={"help": "neuron level: inverted (scale kept width by 1/C) or none"})
+    seed: int = field(default=0, metadata={"help": "seed for init, plan and data"})
+    # recipe
+    epochs: float = field(default=1.0, metadata={"help": "epochs (text: --steps-per-epoch steps each)"})
+    steps: int | None = field(default=None, metadata={"help": "total optimizer steps (overrides --epochs)"})
+    flop_matched: bool = field(default=False, metadata={"help": "SDP: train 1/C times as many steps (equal FLOPs to DDP)"})
+    batch_size: int = field(default=128, metadata={"help": "batch size per worker"})
+    optimizer: str = field(default="sgd", metadata={"help": "sgd (Nesterov momentum) or adamw"})
+    lr: float | None = field(default=None, metadata={"help": "peak learning rate (sgd 0.1, adamw 1e-3 by default)"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    weight_decay: float = field(default=5e-4, metadata={"help": "weight decay (only held parameters exist on a worker)"})
+    schedule: str = field(default="cosine", metadata={"help": "cosine (after warm-up), onecycle, or constant"})
+    warmup: float = field(default=0.05, metadata={"help": "warm-up as a fraction of all steps"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing for classification"})
+    grad_clip: float | None = field(default=None, metadata={"help": "clip the gradient norm (of the averaged gradient)"})
+    seq_len: int = field(default=128, metadata={"help": "text: tokens per sequence"})
+    steps_per_epoch: int = field(default=200, metadata={"help": "text: steps per epoch"})
+    # evaluation
+    eval_every: int = field(default=1, metadata={"help": "evaluate the assembled full model every N epochs (0: only at the end)"})
+    bn_recalibrate: int = field(default=0, metadata={"help": "re-estimate BatchNorm statistics of the full model on N batches before evaluation"})
+    residual_scaling: bool = field(default=False, metadata={"help": "block level: scale residual branches by the holder fraction at evaluation"})
+    # machine
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on GPU), fp32 or bf16"})
+    threads: int | None = field(default=None, metadata={"help": "CPU threads per process"})
+    # outputs
+    out: str | None = field(default=None, metadata={"help": "run directory (default runs/<strategy>-<level>-C<coverage>-s<seed>)"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in --out from its latest checkpoint"})
+    checkpoint_every: int = field(default=0, metadata={"help": "save a checkpoint every N steps (0: at epoch ends)"})
+    log_every: int = field(default=10, metadata={"help": "write step metrics every N steps"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
+    # ---- derived -----------------------------------------------------------------------------------
+    @property
+    def is_text(self) -> bool:
+        return self.dataset in TEXT_DATASETS or self.dataset not in VISION_DATASETS
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr if self.lr is not None else (0.1 if self.optimizer == "sgd" else 1e-3)
+
+    def run_dir(self) -> Path:
+        if self.out:
+            return Path(self.out)
+        tag = f"{self.strategy}-{self.level}-C{self.coverage:g}" if self.strategy == "sdp" else self.strategy
+        return Path("runs") / f"{tag}-{self.model.replace(':', '_')}-s{self.seed}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def _choice(flag: str, value: object, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"--{flag} {value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
+
+
+def _positive(flag: str, value: float | None, allow_none: bool = True, allow_zero: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"--{flag} {value!r}: must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def world_size_of(cfg: TrainConfig) -> int:
+    """How many workers the run has: --simulate, --workers, or torchrun's WORLD_SIZE."""
+    return cfg.simulate or cfg.workers or int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Raise :class:`ConfigError` naming the first bad flag; does no work."""
+    _choice("strategy", cfg.strategy, STRATEGIES)
+    _choice("level", cfg.level, ("block", "neuron"))
+    _choice("sync", cfg.sync, ("grads", "params"))
+    _choice("neuron-scaling", cfg.neuron_scaling, ("inverted", "none"))
+    _choice("optimizer", cfg.optimizer, ("sgd", "adamw"))
+    _choice("schedule", cfg.schedule, ("cosine", "onecycle", "constant"))
+    _choice("device", cfg.device, ("auto", "cpu", "cuda"))
+    _choice("precision", cfg.precision, ("auto", "fp32", "bf16"))
+    if cfg.model not in MODELS and ":" not in cfg.model:
+        raise ConfigError(f"--model {cfg.model!r} is unknown; choose one of: {', '.join(MODELS)}, "
+                          "or give your own as 'package.module:callable'")
+    if not isinstance(cfg.coverage, (int, float)) or not 0 < cfg.coverage <= 1:
+        raise ConfigError(f"--coverage {cfg.coverage!r} is outside (0, 1]")
+    for flag in ("epochs", "batch_size", "seq_len", "steps_per_epoch", "sync_every", "log_every"):
+        _positive(flag.replace("_", "-"), getattr(cfg, flag), allow_none=False)
+    for flag in ("steps", "lr", "grad_clip", "simulate", "workers", "train_subset", "test_subset", "width", "threads"):
+        _positive(flag.replace("_", "-"), getattr(cfg, flag))
+    for flag in ("weight_decay", "eval_every", "bn_recalibrate", "checkpoint_every", "momentum"):
+        _positive(flag.replace("_", "-"), getattr(cfg, flag), allow_zero=True)
+    if not 0 <= cfg.warmup < 1:
+        raise ConfigError(f"--warmup {cfg.warmup!r}: a fraction of the steps in [0, 1)")
+    if not 0 <= cfg.label_smoothing < 1:
+        raise ConfigError(f"--label-smoothing {cfg.label_smoothing!r}: must be in [0, 1)")
+    if cfg.simulate and cfg.workers:
+        raise ConfigError("--simulate and --workers exclude each other: simulate runs K workers in one process")
+    if cfg.simulate and cfg.strategy != "sdp":
+        raise ConfigError(f"--simulate runs SDP workers only, not --strategy {cfg.strategy}; "
+                          "SDP with --coverage 1 is data parallelism's math")
+    if cfg.simulate and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        raise ConfigError("--simulate runs in one process; do not launch it with torchrun")
+    k = world_size_of(cfg)
+    if cfg.strategy == "sdp":
+        r = cfg.coverage * k
+        if abs(r - round(r)) > 1e-9:
+            ok = ", ".join(f"{j / k:g}" for j in range(1, k + 1))
+            hint = (" (this is one worker: run K workers with --simulate K, --workers K or torchrun)"
+                    if k == 1 else "")
+            raise ConfigError(f"--coverage {cfg.coverage:g} with {k} workers gives {r:g} holders per unit; "
+                              f"it must be whole. Coverages that work with {k} workers: {ok}{hint}")
+    if cfg.is_text:
+        if cfg.dataset not in TEXT_DATASETS and not Path(cfg.dataset).exists():
+            raise ConfigError(f"--dataset {cfg.dataset!r} is neither a known data set "
+                              f"({', '.join(VISION_DATASETS + TEXT_DATASETS)}) nor an existing text file or folder")
+        if not cfg.model.startswith("llama") and ":" not in cfg.model:
+            raise ConfigError(f"--model {cfg.model} is an image model but --dataset {cfg.dataset} is text; "
+                              "use a language model (llama_tiny, llama_char_small, llama_125m)")
+    elif cfg.model.startswith("llama"):
+        raise ConfigError(f"--model {cfg.model} is a language model but --dataset {cfg.dataset} is images; "
+                          "use --dataset tinyshakespeare or a text file")
+    if cfg.width is not None and cfg.model not in ("resnet18", "resnet50"):
+        raise ConfigError(f"--width applies to resnet18 and resnet50, not {cfg.model}")
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML or YAML config file into a dict of field values (unknown keys are rejected)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    text = p.read_text()
+    if p.suffix == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib  # type: ignore[no-redef]
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"--config {path}: not valid TOML ({e})") from e
+    elif p.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ModuleNotFoundError as e:
+            raise ConfigError(f"--config {path}: YAML needs PyYAML (pip install pyyaml); or use TOML") from e
+        data = yaml.safe_load(text) or {}
+    else:
+        raise ConfigError(f"--config {path}: use a .toml, .yaml or .yml file")
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a table of settings at the top level")
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown settings {unknown}; known: {', '.join(sorted(known))}")
+    return data

@@ -1,0 +1,73 @@
+"""Metrics as JSON lines (one record per logged step and per epoch), plus TensorBoard when installed."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def format_bytes(n: float | None) -> str:
+    if n is None:
+        return "n/a"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    p = Path(path)
+    if not p.exists():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+class MetricsLog:
+    """Appends ``{"kind": "step"|"epoch", ...}`` records to ``RUN/metrics.jsonl``.
+
+    On resume, records past the checkpoint's step are dropped first, so the log matches the
+    training that actually continues.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool = True, resume_from_step: int = 0) -> None:
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._tb = None
+        if not enabled:
+            return
+        kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_from_step] if resume_from_step else []
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.path)
+        self._file = open(self.path, "a", buffering=1)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        except ImportError:  # TensorBoard is optional
+            self._tb = None
+
+    def _write(self, kind: str, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps({"kind": kind, **record}) + "\n")
+        if self._tb is not None:
+            x = record.get("step", 0)
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                    self._tb.add_scalar(f"{kind}/{k}", v, x)
+
+    def step(self, record: dict[str, Any]) -> None:
+        self._write("step", record)
+
+    def epoch(self, record: dict[str, Any]) -> None:
+        self._write("epoch", record)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._file.close()
+            if self._tb is not None:
+                self._tb.close()

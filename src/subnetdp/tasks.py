@@ -1,0 +1,169 @@
+"""What the main job trains on: image classification or next-token prediction.
+
+A task owns its data, builds each worker's batch stream, computes the loss with the metrics that go
+with it, and evaluates the assembled full model.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from subnetdp.config import TEXT_DATASETS, TrainConfig
+from subnetdp.data import (
+    CharTokenizer,
+    TensorImageLoader,
+    TokenBatches,
+    default_text_path,
+    get_vision_dataset,
+    load_text,
+    train_val_split,
+)
+from subnetdp.models import get_model, load_model_factory
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+Metrics = dict[str, float]
+
+
+class ImageTask:
+    """Classification on an image data set held whole on the device (the fast path)."""
+
+    kind = "image"
+
+    def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
+        self.cfg, self.device = cfg, device
+        train = get_vision_dataset(cfg.dataset, cfg.data_dir, train=True, download=cfg.download)
+        self.test = get_vision_dataset(cfg.dataset, cfg.data_dir, train=False, download=cfg.download)
+        for ds, n in ((train, cfg.train_subset), (self.test, cfg.test_subset)):
+            if n:
+                keep = torch.randperm(len(ds.labels), generator=torch.Generator().manual_seed(cfg.seed))[:n]
+                ds.images, ds.labels = ds.images[keep], ds.labels[keep]
+        self.train = train
+        self.num_classes = train.num_classes
+        self.in_channels = train.images.shape[1]
+        self.channels_last = device.type == "cuda"
+
+    def model_factory(self) -> Callable[[], nn.Module]:
+        kwargs: dict = {"num_classes": self.num_classes}
+        if self.cfg.model in ("resnet18", "wide_resnet18", "resnet50"):
+            kwargs["in_channels"] = self.in_channels
+            if self.cfg.width is not None:
+                kwargs["width"] = self.cfg.width
+        elif self.cfg.model == "vit_s4":
+            kwargs.update(in_channels=self.in_channels, img_size=self.train.images.shape[-1])
+        if ":" in self.cfg.model:
+            return functools.partial(load_model_factory(self.cfg.model), **kwargs)
+        return functools.partial(get_model, self.cfg.model, **kwargs)
+
+    def loader(self, rank: int, world: int) -> TensorImageLoader:
+        if len(self.train.labels) // world < self.cfg.batch_size:
+            raise ValueError(f"--batch-size {self.cfg.batch_size} is larger than a worker's shard "
+                             f"({len(self.train.labels) // world} examples); lower it")
+        return TensorImageLoader.from_dataset(self.train, self.cfg.batch_size, rank=rank, world_size=world,
+                                              seed=self.cfg.seed, device=self.device)
+
+    def steps_per_epoch(self, world: int) -> int:
+        return (len(self.train.labels) // world) // self.cfg.batch_size
+
+    def epoch_batches(self, loader: TensorImageLoader, epoch: int, start_step: int) -> Iterator[Batch]:
+        loader.set_epoch(epoch)
+        for i, batch in enumerate(loader):
+            if i >= start_step:
+                yield batch
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, Metrics]:
+        x, y = batch
+        logits = model(self.prepare(x))
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing)
+        return loss, {"correct": float((logits.argmax(1) == y).sum()), "count": float(len(y))}
+
+    def calibration_batches(self, n: int) -> list[torch.Tensor]:
+        loader = self.loader(0, 1)
+        loader.set_epoch(10_000)  # a fixed, separate draw
+        return [self.prepare(x) for x, _ in list(loader)[:n]]
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, autocast: Callable) -> Metrics:
+        model.eval()
+        loader = TensorImageLoader.from_dataset(self.test, 500, augment=False, shuffle=False, drop_last=False,
+                                                device=self.device)
+        correct = total = 0
+        loss = 0.0
+        for x, y in loader:
+            with autocast():
+                logits = model(self.prepare(x))
+            loss += float(F.cross_entropy(logits.float(), y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+            total += len(y)
+        model.train()
+        return {"test_acc": correct / total, "test_loss": loss / total}
+
+
+class TextTask:
+    """Next-token prediction on a UTF-8 corpus with character (or byte) tokens."""
+
+    kind = "text"
+    eval_batches = 20
+
+    def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
+        self.cfg, self.device = cfg, device
+        path = default_text_path() if cfg.dataset in TEXT_DATASETS else Path(cfg.dataset)
+        text = load_text(path)
+        self.tokenizer = CharTokenizer.from_text(text)
+        tokens = self.tokenizer.encode(text)
+        self.train, self.val = train_val_split(tokens)
+        self.vocab_size = self.tokenizer.vocab_size
+
+    def model_factory(self) -> Callable[[], nn.Module]:
+        kwargs = {"vocab_size": self.vocab_size, "max_seq_len": self.cfg.seq_len}
+        if ":" in self.cfg.model:
+            return functools.partial(load_model_factory(self.cfg.model), **kwargs)
+        return functools.partial(get_model, self.cfg.model, **kwargs)
+
+    def loader(self, rank: int, world: int) -> TokenBatches:
+        return TokenBatches(self.train, self.cfg.batch_size, self.cfg.seq_len, seed=self.cfg.seed, rank=rank,
+                            device=self.device)
+
+    def steps_per_epoch(self, world: int) -> int:
+        return self.cfg.steps_per_epoch
+
+    def epoch_batches(self, loader: TokenBatches, epoch: int, start_step: int) -> Iterator[Batch]:
+        base = epoch * self.cfg.steps_per_epoch
+        for i in range(start_step, self.cfg.steps_per_epoch):
+            yield loader.batch(base + i)
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, Metrics]:
+        x, y = batch
+        logits = model(x)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+        return loss, {"count": float(y.numel())}
+
+    def calibration_batches(self, n: int) -> list[torch.Tensor]:
+        return []
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, autocast: Callable) -> Metrics:
+        model.eval()
+        batches = TokenBatches(self.val, self.cfg.batch_size, self.cfg.seq_len, seed=12345, device=self.device)
+        total = 0.0
+        for step in range(self.eval_batches):
+            x, y = batches.batch(step)
+            with autocast():
+                logits = model(x)
+            total += float(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1)))
+        model.train()
+        val = total / self.eval_batches
+        return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+
+
+def make_task(cfg: TrainConfig, device: torch.device) -> ImageTask | TextTask:
+    return TextTask(cfg, device) if cfg.is_text else ImageTask(cfg, device)

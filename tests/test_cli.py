@@ -1,0 +1,156 @@
+"""The main job end to end: tiny models, tiny slices of real data, a few steps."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from subnetdp.cli import main
+from subnetdp.data import shared_data_dir
+from subnetdp.models import llama_tiny, resnet18
+
+pytestmark = pytest.mark.skipif(shared_data_dir() is None, reason="needs ../shared/data (CIFAR-10 JPEG, Tiny Shakespeare)")
+TINY = ["--width", "4", "--train-subset", "256", "--test-subset", "200", "--batch-size", "32", "--no-progress", "--log-every", "1"]
+
+
+def train(tmp: Path, name: str, *flags: str) -> Path:
+    out = tmp / name
+    assert main(["train", *TINY, "--out", str(out), *flags]) == 0
+    return out
+
+
+def test_simulated_sdp_run_writes_everything_and_the_model_loads(tmp_path):
+    out = train(tmp_path, "sim", "--simulate", "4", "--coverage", "0.5", "--level", "neuron", "--steps", "4")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and 0 <= summary["final"]["test_acc"] <= 1
+    assert len(summary["params_per_worker"]) == 4 and max(summary["params_per_worker"]) < summary["full_params"]
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if m["kind"] == "step"] == [1, 2, 3, 4]
+    assert any(m["kind"] == "epoch" and "test_acc" in m for m in metrics)
+    config = json.loads((out / "config.json").read_text())
+    assert config["coverage"] == 0.5 and config["simulate"] == 4
+    model = resnet18(width=4)
+    model.load_state_dict(load_file(out / "model.safetensors"))  # loadable without subnetdp
+
+
+def test_resume_continues_where_the_run_stopped(tmp_path):
+    flags = ["--simulate", "2", "--schedule", "constant", "--warmup", "0", "--optimizer", "adamw"]
+    straight = train(tmp_path, "straight", *flags, "--steps", "6")
+    stopped = train(tmp_path, "stopped", *flags, "--steps", "3")
+    resumed = train(tmp_path, "stopped", *flags, "--steps", "6", "--resume")
+    assert resumed == stopped
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    params = {n for n, _ in resnet18(width=4).named_parameters()}
+    # BatchNorm running statistics are averaged over holders whenever the full model is assembled,
+    # which the stopped run did once more (at its end, step 3): compare the trained parameters
+    for k in params:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    steps = [json.loads(x)["step"] for x in (resumed / "metrics.jsonl").read_text().splitlines()
+             if json.loads(x)["kind"] == "step"]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_finished_run_is_not_overwritten(tmp_path, capsys):
+    train(tmp_path, "done", "--simulate", "2", "--steps", "1")
+    with pytest.raises(SystemExit, match="already holds a finished run"):
+        main(["train", *TINY, "--out", str(tmp_path / "done"), "--simulate", "2", "--steps", "1"])
+
+
+@pytest.mark.parametrize("strategy", ["sdp", "ddp", "fsdp", "ddp-ckpt"])
+def test_each_strategy_runs_on_two_processes(tmp_path, strategy):
+    out = tmp_path / strategy
+    cmd = [sys.executable, "-m", "subnetdp", "train", *TINY, "--workers", "2", "--strategy", strategy,
+           "--steps", "2", "--threads", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["strategy"] == strategy and summary["workers"] == 2 and summary["steps"] == 2
+    assert "test_acc" in summary["final"]
+    resnet18(width=4).load_state_dict(load_file(out / "model.safetensors"))
+    comm = summary["comm_bytes_per_step_per_worker"]
+    if strategy in ("ddp", "ddp-ckpt"):
+        assert comm == [4 * sum(p.numel() for p in resnet18(width=4).parameters())] * 2
+
+
+def test_language_model_on_tiny_shakespeare(tmp_path):
+    out = tmp_path / "lm"
+    assert main(["train", "--model", "llama_tiny", "--dataset", "tinyshakespeare", "--simulate", "2",
+                 "--coverage", "0.5", "--level", "neuron", "--optimizer", "adamw", "--steps", "3",
+                 "--batch-size", "4", "--seq-len", "32", "--no-progress", "--grad-clip", "1.0", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final"]["val_loss"] > 0 and summary["final"]["val_ppl"] > 1
+    model = llama_tiny(vocab_size=65, max_seq_len=32)
+    model.load_state_dict(load_file(out / "model.safetensors"))
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--coverage", "1.5"], "--coverage 1.5 is outside (0, 1]"),
+    (["--simulate", "4", "--coverage", "0.3"], "--coverage 0.3 with 4 workers"),
+    (["--strategy", "zero3"], "--strategy 'zero3' is not allowed"),
+    (["--model", "gpt9"], "--model 'gpt9' is unknown"),
+    (["--batch-size", "0"], "--batch-size 0"),
+    (["--epochs", "x"], "argument --epochs: invalid float value: 'x'"),
+    (["--simulate", "2", "--strategy", "ddp"], "--simulate runs SDP workers only"),
+    (["--model", "llama_tiny", "--simulate", "2"], "is a language model but --dataset cifar10-jpeg is images"),
+    ([], "--coverage 0.5 with 1 workers gives 0.5 holders per unit; it must be whole. Coverages that work with 1 "
+         "workers: 1 (this is one worker: run K workers with --simulate K, --workers K or torchrun)"),
+])
+def test_bad_flags_give_one_clear_line(flags, message, capsys):
+    with pytest.raises(SystemExit) if "invalid float" in message else _no_raise():
+        code = main(["train", *flags])
+        assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_bad_config_file_gives_one_clear_line(tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('coverage = 0.5\nlayers = 3\n')
+    assert main(["train", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown settings ['layers']" in err and len(err.splitlines()) == 1
+    cfg.write_text('coverage = "half"\n')
+    assert main(["train", "--config", str(cfg)]) == 2
+    assert "--coverage 'half': expected float" in capsys.readouterr().err
+
+
+def test_config_file_values_apply_and_flags_override(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('simulate = 2\nsteps = 1\ncoverage = 1.0\nlevel = "neuron"\n')
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), *TINY, "--level", "block", "--out", str(out)]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["simulate"] == 2 and saved["steps"] == 1 and saved["level"] == "block"
+
+
+def test_report_builds_table_and_plots(tmp_path, capsys):
+    a = train(tmp_path, "a", "--simulate", "2", "--steps", "2")
+    b = train(tmp_path, "b", "--simulate", "2", "--coverage", "1.0", "--steps", "2")
+    assert main(["report", str(a), str(b), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "SDP block C=0.5" in md and "SDP block C=1" in md and md.count("\n| ") == 2
+    for png in ("curves.png", "accuracy_vs_memory.png"):
+        assert (tmp_path / "rep" / png).stat().st_size > 1000
+    assert main(["report", str(tmp_path / "missing")]) == 2
+
+
+def test_plan_command_prints_the_summary(capsys):
+    assert main(["plan", "--workers", "8", "--coverage", "0.25", "--level", "neuron", "--width", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "holders per unit r=2" in out and "spread" in out
+    assert main(["plan", "--workers", "8", "--coverage", "0.3"]) == 2
+
+
+class _no_raise:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
