@@ -62,8 +62,12 @@ class TrainConfig:
     steps_per_epoch: int = field(default=200, metadata={"help": "text: steps per epoch"})
     # evaluation
     eval_every: int = field(default=1, metadata={"help": "evaluate the assembled full model every N epochs (0: only at the end)"})
-    bn_recalibrate: int = field(default=0, metadata={"help": "re-estimate BatchNorm statistics of the full model on N batches before evaluation"})
-    residual_scaling: bool = field(default=False, metadata={"help": "block level: scale residual branches by the holder fraction at evaluation"})
+    bn_recalibrate: int = field(default=20, metadata={
+        "help": "SDP with C<1: re-estimate the assembled model's BatchNorm statistics on N training batches "
+                "before evaluation (0: off; see docs/evaluation.md)"})
+    residual_scaling: bool = field(default=True, metadata={
+        "help": "SDP block level: scale each block's residual branch by its holder fraction r/K at evaluation "
+                "(see docs/evaluation.md)"})
     # machine
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on GPU), fp32 or bf16"})

@@ -257,9 +257,10 @@ def _evaluate(cfg: TrainConfig, task: Any, backend: SimulatedSDP | Distributed, 
     model = materialize(factory, seed=cfg.seed, device=device)
     model.load_state_dict(state)
     handles = []
-    if cfg.residual_scaling and plan is not None and plan.level == "block":
+    partial = plan is not None and plan.holders_per_unit < plan.workers
+    if partial and cfg.residual_scaling and plan.level == "block":
         handles = scale_residual_branches(model, plan)
-    if cfg.bn_recalibrate:
+    if partial and cfg.bn_recalibrate:
         recalibrate_batchnorm(model, task.calibration_batches(cfg.bn_recalibrate))
     result = task.evaluate(model, autocast)
     for h in handles:
