@@ -154,3 +154,13 @@ class _no_raise:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_readme_documents_every_train_flag():
+    import dataclasses
+
+    from subnetdp.config import TrainConfig
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [f.name for f in dataclasses.fields(TrainConfig) if f"`--{f.name.replace('_', '-')}" not in readme]
+    assert not missing, f"README's flag table lacks {missing}"
