@@ -31,6 +31,7 @@ from subnetdp.subnet import build_subnetwork
 
 SYNC_MODES = ("grads", "params")
 DEFAULT_BUCKET_ELEMENTS = 25 * 2**20 // 4  # DDP's default 25 MiB of fp32
+FIRST_BUCKET_ELEMENTS = 2**20 // 4  # DDP's first bucket: 1 MiB of fp32
 
 
 def architecture_digest(model: nn.Module) -> str:
@@ -68,12 +69,17 @@ class _Chunk:
 
 
 def _split(bucket: Bucket, cap: int, order: dict[str, int]) -> list[tuple[tuple, Bucket]]:
-    """Cut a holder-set bucket into chunks of at most ``cap`` elements, last-computed tensors first."""
+    """Cut a holder-set bucket into chunks of at most ``cap`` elements, last-computed tensors first.
+
+    As in DDP, the first chunk is small (at most ``FIRST_BUCKET_ELEMENTS``), so its all-reduce
+    starts early in backward and overlaps the rest.
+    """
     entries = sorted(bucket.entries, key=lambda e: -order[e.name])
     chunks: list[list[Entry]] = [[]]
     size = 0
     for e in entries:
-        if chunks[-1] and size + e.numel > cap:
+        limit = min(cap, FIRST_BUCKET_ELEMENTS) if len(chunks) == 1 else cap
+        if chunks[-1] and size + e.numel > limit:
             chunks.append([])
             size = 0
         chunks[-1].append(e)
