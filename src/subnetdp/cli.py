@@ -1,4 +1,4 @@
-"""``subnetdp`` command line: ``train``, ``plan`` and ``report``.
+"""``subnetdp`` command line: ``train``, ``plan`` (with ``--budget``), ``bench`` and ``report``.
 
 Every ``train`` flag is a field of :class:`subnetdp.config.TrainConfig`; values come from the
 defaults, then ``--config FILE`` (TOML or YAML), then the flags given.
@@ -13,6 +13,8 @@ import types
 import typing
 from collections.abc import Sequence
 
+from subnetdp.bench import add_bench_parser
+from subnetdp.budget import add_budget_arguments
 from subnetdp.config import ConfigError, TrainConfig, load_file, validate
 
 
@@ -105,6 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     pl.add_argument("--optimizer", choices=("sgd", "sgd-momentum", "adamw"), default="sgd-momentum",
                     help="optimizer whose state the prediction counts")
     pl.add_argument("--save", help="write the plan as JSON to this file")
+    add_budget_arguments(pl)  # --budget, --batch-size, --seq-len, --measure
+
+    add_bench_parser(sub)
 
     rep = sub.add_parser("report", help="markdown table and PNG plots from run directories")
     rep.add_argument("runs", nargs="+", help="run directories (each with summary.json and metrics.jsonl)")
@@ -112,7 +117,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     if args.command == "plan":
+        if args.budget:
+            from subnetdp.budget import run_budget
+
+            return run_budget(args)
         return _plan_command(args)
+    if args.command == "bench":
+        from subnetdp.bench import run_bench
+
+        run_bench(args)
+        return 0
     if args.command == "report":
         from subnetdp.report import write_report
 

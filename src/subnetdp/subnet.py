@@ -11,6 +11,8 @@ subnetwork tensor sits in the full model.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -54,9 +56,20 @@ def _fix_standard_attrs(model: nn.Module) -> None:
             m.num_features = w.shape[0]
 
 
-def _scale_input(factor: float):
-    def hook(_module: nn.Module, args: tuple) -> tuple:
-        return (args[0] * factor, *args[1:])
+def inverted_scaling_hook(factor: float) -> Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor]:
+    """A forward hook equal to scaling the layer's input by ``factor`` (the layer is linear in it).
+
+    Scaling the output instead of the input saves memory: the layer saves its input for backward
+    and a multiplication by a constant saves nothing, so no scaled copy of the input is kept.
+    """
+
+    def hook(module: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
+        bias = getattr(module, "bias", None)
+        scaled = out * factor
+        if bias is not None:  # only the input's part scales: take (factor - 1) * bias back out
+            shape = (-1,) if isinstance(module, nn.Linear) else (-1, *[1] * (out.dim() - 2))
+            scaled = scaled + (bias * (1 - factor)).view(shape)
+        return scaled
 
     return hook
 
@@ -76,8 +89,8 @@ def build_subnetwork(
     module, so the result equals the slice of :func:`subnetdp.materialize` with the same seed), a
     model on the meta device (same), or a real model (its current values are sliced).
 
-    ``neuron_scaling="inverted"`` multiplies the input of each layer that sums over a sliced width
-    by ``size / held``, so activations keep the full model's scale and the assembled model needs
+    ``neuron_scaling="inverted"`` scales each layer that sums over a sliced width as if its input
+    were multiplied by ``size / held``, so activations keep the full model's scale and the assembled model needs
     no rescaling at evaluation (as width-sliced federated methods do).
     """
     plan._check_worker(worker)
@@ -116,7 +129,7 @@ def build_subnetwork(
     if neuron_scaling == "inverted":
         for path, factor in plan.consumer_scales(worker).items():
             if factor != 1.0:
-                structure.get_submodule(path).register_forward_pre_hook(_scale_input(factor))
+                structure.get_submodule(path).register_forward_hook(inverted_scaling_hook(factor))
     leftover = [n for n, t in structure.named_parameters() if t.is_meta]
     assert not leftover, f"internal error: tensors left on meta: {leftover[:5]}"
     structure.subnetdp_worker = worker  # lets helpers find which slice this is

@@ -1,0 +1,201 @@
+"""A memory-budget planner: the largest coverage whose predicted per-worker peak fits a budget.
+
+For each valid coverage ``j/K`` (largest first) and each level, the predicted peak of a worker is its
+model state (parameters, gradients, optimizer state; from the plan) plus its predicted activations
+(from an :class:`~subnetdp.memory.ActivationProfile` of the full model, measured once on a small
+batch and scaled to the batch size), and a plan's peak is the largest over its workers. The planner
+returns the largest coverage at which some level fits; when both levels fit at that coverage it takes
+block level, which the method's evidence favours (DESIGN.md section 1). Nothing fitting is an error
+that names the smallest peak any plan reaches.
+
+The prediction counts what autograd keeps and the model state; a real process also holds the
+allocator's caches, temporary buffers inside kernels, and the framework's own memory, so leave a
+margin (``measure_choice`` reports how close the prediction was for the chosen plan).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from subnetdp.memory import (
+    ActivationProfile,
+    Workload,
+    make_optimizer,
+    measure_step,
+    predict_worker,
+    profile_activations,
+)
+from subnetdp.plan import LEVELS, Plan, plan, valid_coverages
+from subnetdp.subnet import build_subnetwork
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str | int) -> int:
+    """``"6GiB"`` -> 6442450944; ``"512MiB"``, ``"1.5GB"`` (decimal), ``"4096"`` (bytes) work too."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"budget {text!r}: expected a number of bytes with an optional unit such as "
+                         f"'6GiB', '512MiB', '1.5GB' or '4096'")
+    value = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if value <= 0:
+        raise ValueError(f"budget {text!r} must be positive")
+    return int(value)
+
+
+def format_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+@dataclass
+class BudgetChoice:
+    """The chosen plan, its predicted worst worker, and every candidate's predicted peak."""
+
+    plan: Plan
+    budget: int
+    peak: int  # predicted bytes of the worst worker
+    worker: int  # that worker
+    optimizer: str
+    batch_size: int
+    profile: ActivationProfile
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [f"budget {format_bytes(self.budget)} per worker: level={self.plan.level} "
+                 f"coverage C={self.plan.coverage:g} (r={self.plan.holders_per_unit} of K={self.plan.workers}), "
+                 f"predicted peak {format_bytes(self.peak)} on worker {self.worker} "
+                 f"({self.optimizer}, batch {self.batch_size})", "",
+                 "| coverage | level | predicted peak (worst worker) | fits |", "|---|---|---|---|"]
+        for c in self.candidates:
+            lines.append(f"| {c['coverage']:g} | {c['level']} | {format_bytes(c['peak'])} | "
+                         f"{'yes' if c['peak'] <= self.budget else 'no'} |")
+        return "\n".join(lines)
+
+
+def predicted_peak(p: Plan, profile: ActivationProfile, optimizer: str, batch_size: int) -> tuple[int, int]:
+    """``(bytes, worker)``: the largest predicted model state + activations over ``p``'s workers."""
+    totals = [predict_worker(p, k, optimizer, profile, batch_size)["total_bytes"] for k in range(p.workers)]
+    worker = max(range(p.workers), key=totals.__getitem__)
+    return totals[worker], worker
+
+
+def plan_for_budget(workload: Workload, workers: int, budget: str | int, *, optimizer: str = "adamw",
+                    batch_size: int, levels: tuple[str, ...] = LEVELS, seed: int = 0,
+                    profile: ActivationProfile | None = None, profile_batch: int = 2,
+                    device: torch.device | str = "cpu") -> BudgetChoice:
+    """Pick the largest coverage ``j/K`` (and level) whose predicted per-worker peak fits ``budget``.
+
+    ``budget`` is bytes or a string such as ``"6GiB"``. The full model's activations are profiled
+    once on ``profile_batch`` samples on ``device`` (or give ``profile``) and scaled to ``batch_size``.
+    Raises ``ValueError`` naming the smallest achievable peak when no plan fits.
+    """
+    limit = parse_bytes(budget)
+    bad = [lv for lv in levels if lv not in LEVELS]
+    if bad or not levels:
+        raise ValueError(f"levels {levels!r}: choose among {LEVELS}")
+    if profile is None:
+        batch = workload.make_batch(profile_batch, torch.device(device), seed)
+        profile = profile_activations(workload.factory, batch, workload.loss_fn, profile_batch, seed=seed,
+                                      device=device)
+    candidates = []
+    for c in sorted(valid_coverages(workers), reverse=True):
+        for level in levels:
+            try:
+                p = plan(workload.factory, workers, c, level, seed)
+            except ValueError:  # e.g. a model without inner widths at neuron level
+                continue
+            peak, worker = predicted_peak(p, profile, optimizer, batch_size)
+            candidates.append({"coverage": c, "level": level, "peak": peak, "worker": worker, "plan": p})
+    if not candidates:
+        raise ValueError(f"{workload.name} has no maskable units at levels {levels}")
+    fitting = [c for c in candidates if c["peak"] <= limit]
+    if not fitting:
+        best = min(candidates, key=lambda c: c["peak"])
+        raise ValueError(
+            f"no SDP plan of {workload.name} with K={workers} fits {format_bytes(limit)} per worker "
+            f"({optimizer}, batch {batch_size}): the smallest predicted peak is {format_bytes(best['peak'])} "
+            f"(level={best['level']}, coverage C={best['coverage']:g}); raise the budget, lower the batch size "
+            f"or use more workers")
+    top = max(c["coverage"] for c in fitting)
+    at_top = [c for c in fitting if c["coverage"] == top]
+    chosen = next((c for c in at_top if c["level"] == "block"), at_top[0])
+    return BudgetChoice(plan=chosen["plan"], budget=limit, peak=chosen["peak"], worker=chosen["worker"],
+                        optimizer=optimizer, batch_size=batch_size, profile=profile,
+                        candidates=[{k: v for k, v in c.items() if k != "plan"} for c in candidates])
+
+
+def measure_choice(choice: BudgetChoice, workload: Workload, *, seed: int = 0,
+                   device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Measure the chosen plan's worst worker (one step of its subnetwork) against the prediction.
+
+    Returns measured and predicted bytes and ``ratio`` = measured (state + saved activations) /
+    predicted peak; on CUDA also ``peak_ratio`` = ``torch.cuda.max_memory_allocated`` / predicted.
+    """
+    device = torch.device(device)
+    sub = build_subnetwork(workload.factory, choice.plan, choice.worker, seed=seed, device=device)
+    opt = make_optimizer(choice.optimizer, sub.parameters())
+    batch = workload.make_batch(choice.batch_size, device, seed)
+    measure_step(sub, opt, batch, workload.loss_fn, device)  # the first step creates the optimizer state
+    m = measure_step(sub, opt, batch, workload.loss_fn, device)
+    out = {"worker": choice.worker, "measured_bytes": m["total_bytes"], "predicted_bytes": choice.peak,
+           "ratio": m["total_bytes"] / choice.peak, "measured": m}
+    if "peak_allocated_bytes" in m:
+        out["peak_ratio"] = m["peak_allocated_bytes"] / choice.peak
+    return out
+
+
+# ---- command line -----------------------------------------------------------------------------------
+def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags for ``subnetdp plan --budget 6GiB``: pick the coverage and level from a memory budget."""
+    parser.add_argument("--budget", default=None,
+                        help="memory per worker (e.g. 6GiB, 512MiB): choose the largest coverage and the level "
+                             "whose predicted peak fits, instead of --coverage/--level")
+    parser.add_argument("--batch-size", type=int, default=128, help="samples per worker per step (with --budget)")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sample for language models (with --budget)")
+    parser.add_argument("--measure", action="store_true",
+                        help="with --budget: run one step of the chosen plan's worst worker here and report "
+                             "measured / predicted")
+
+
+def workload_for(args: argparse.Namespace) -> Workload:
+    from subnetdp.memory import image_workload, text_workload
+
+    if args.model.startswith("llama"):
+        return text_workload(args.model, seq_len=args.seq_len, vocab_size=args.vocab_size)
+    width = args.width if args.width is not None else 64
+    return image_workload(args.model, width=width, num_classes=args.num_classes)
+
+
+def run_budget(args: argparse.Namespace) -> int:
+    """``subnetdp plan --budget``: print the chosen plan (uses the ``plan`` command's model flags)."""
+    try:
+        w = workload_for(args)
+        choice = plan_for_budget(w, args.workers, args.budget, optimizer=args.optimizer,
+                                 batch_size=args.batch_size, seed=args.seed)
+    except ValueError as e:
+        print(f"subnetdp plan: error: {e}", file=sys.stderr)
+        return 2
+    print(choice.summary())
+    print()
+    print(choice.plan.summary(args.optimizer))
+    if args.measure:
+        r = measure_choice(choice, w, seed=args.seed)
+        print(f"\nmeasured worker {r['worker']}: {format_bytes(r['measured_bytes'])} (state + saved activations) "
+              f"vs predicted {format_bytes(r['predicted_bytes'])}: ratio {r['ratio']:.3f}")
+    if getattr(args, "save", None):
+        with open(args.save, "w") as f:
+            f.write(choice.plan.to_json())
+        print(f"plan saved to {args.save}")
+    return 0

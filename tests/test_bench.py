@@ -1,0 +1,98 @@
+"""``subnetdp bench`` and ``benchmarks/gpu_measure.py`` at tiny sizes: structure and exact counts only.
+
+Timings are never asserted (DESIGN.md section 5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import subnetdp as sd
+from subnetdp.models import resnet18
+from subnetdp.bench import add_bench_parser, fsdp2_bytes, memory_part, run_bench
+
+TINY = {"kind": "image", "model": "resnet18", "width": 4, "batch": 4, "optimizer": "sgd-momentum"}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_memory_part_measures_every_strategy_and_worker():
+    part = memory_part(TINY, 2, [0.5], ["block", "neuron"], 1, torch.device("cpu"), log=lambda s: None)
+    rows = {r["name"]: r for r in part["rows"]}
+    assert list(rows) == ["DDP", "DDP+ckpt", "FSDP2 (K=2)", "SDP block C=0.5", "SDP neuron C=0.5"]
+    n = sum(p.numel() for p in sd.materialize(_factory()).parameters())
+    ddp = rows["DDP"]["workers"][0]["measured"]
+    assert ddp["param_bytes"] == ddp["grad_bytes"] == ddp["optimizer_bytes"] == 4 * n
+    assert rows["DDP"]["workers"][0]["derived"]["ddp_bucket_bytes"] == 4 * n
+    assert ddp["activation_bytes"] == part["profile"]["total"]
+    ckpt = rows["DDP+ckpt"]["workers"][0]["measured"]
+    assert ckpt["param_bytes"] == 4 * n and ckpt["activation_bytes"] < ddp["activation_bytes"]
+    fsdp = rows["FSDP2 (K=2)"]["workers"][0]["measured"]
+    assert fsdp["param_bytes"] == 4 * n / 2 and fsdp["activation_bytes"] == ddp["activation_bytes"]
+    for name in ("SDP block C=0.5", "SDP neuron C=0.5"):
+        workers = rows[name]["workers"]
+        assert [w["worker"] for w in workers] == [0, 1]
+        for w in workers:
+            assert w["ratio"]["state_bytes"] == pytest.approx(1, abs=0.10)
+            assert w["ratio"]["activation_bytes"] == pytest.approx(1, abs=0.15)
+            assert w["measured"]["total_bytes"] < ddp["total_bytes"]
+
+
+def _factory():
+    import functools
+
+    return functools.partial(resnet18, num_classes=10, in_channels=3, width=4)
+
+
+def test_fsdp2_bytes():
+    handed, ring = fsdp2_bytes(400, 4)
+    assert handed == 2 * 100 + 400 and ring == 3 * 3 / 4 * 400
+
+
+@pytest.mark.timeout(240)
+def test_bench_end_to_end_with_torchrun(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_bench_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "--models", "resnet18", "--width", "4", "--batch", "4", "--workers", "2",
+                              "--coverages", "0.5", "--repeats", "1", "--time-ranks", "2", "--time-steps", "1",
+                              "--time-warmup", "1", "--rounds", "1", "--out", str(tmp_path)])
+    result = run_bench(args, log=lambda s: None)
+    assert json.loads((tmp_path / "bench.json").read_text())["meta"]["machine"] == result["meta"]["machine"]
+    md = (tmp_path / "bench.md").read_text()
+    assert "| SDP neuron C=0.5 |" in md and "| FSDP2 (K=2) | derived |" in md
+    for png in result["workloads"][0]["plots"]:
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    timing = {r["name"]: r for r in result["workloads"][0]["timing"]["rows"]}
+    assert set(timing) == {"DDP", "DDP+ckpt", "FSDP2 (K=2)", "SDP block C=0.5", "SDP neuron C=0.5"}
+    n = sum(p.numel() for p in sd.materialize(_factory()).parameters())
+    assert timing["DDP"]["bytes_per_rank"] == [4 * n, 4 * n] == timing["DDP+ckpt"]["bytes_per_rank"]
+    for name in ("SDP block C=0.5", "SDP neuron C=0.5"):
+        assert timing[name]["bytes_per_rank"] == timing[name]["predicted_bytes_per_rank"]
+        assert all(b < 4 * n for b in timing[name]["bytes_per_rank"])
+    local = timing["FSDP2 (K=2)"]["local_state_per_rank"]
+    assert sum(s["param_bytes"] for s in local) == 4 * n  # the shards add up to the model, measured
+
+
+@pytest.mark.timeout(120)
+def test_gpu_measure_smoke_on_cpu(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_measure.py"), "--device", "cpu", "--small", "--out",
+           str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "gpu_measure.json").read_text())
+    assert len(data["workloads"]) == 2 and not data["skipped"]
+    for part in data["workloads"]:
+        names = [r["name"] for r in part["summary"]]
+        assert names[:3] == ["DDP", "DDP+ckpt", "FSDP2 (K=4)"]
+        assert {f"SDP {lv} C={c:g}" for lv in ("block", "neuron") for c in (0.75, 0.5, 0.25)} <= set(names)
+        for r in part["summary"]:
+            if r["name"].startswith("SDP"):
+                assert r["peak_ratio_to_ddp"] < 1
+                assert r["saved_plus_state_bytes"] == pytest.approx(r["predicted_bytes"], rel=0.15)
+    assert "| FSDP2 (K=4) | derived |" in (tmp_path / "gpu_measure.md").read_text()

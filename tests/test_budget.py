@@ -1,0 +1,84 @@
+"""The memory-budget planner: the largest coverage that fits, or a clear error."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from subnetdp.budget import add_budget_arguments, measure_choice, parse_bytes, plan_for_budget, predicted_peak, run_budget
+from subnetdp.memory import image_workload, profile_activations
+from subnetdp.plan import plan
+
+W = image_workload(width=4)
+K, BATCH, OPT = 4, 8, "sgd-momentum"
+
+
+@pytest.fixture(scope="module")
+def profile():
+    return profile_activations(W.factory, W.make_batch(2, torch.device("cpu"), 0), W.loss_fn, 2)
+
+
+@pytest.mark.parametrize("text,value", [("6GiB", 6 * 2**30), ("512MiB", 512 * 2**20), ("1.5GB", 1_500_000_000),
+                                        ("4096", 4096), ("2 kib", 2048), (100, 100)])
+def test_parse_bytes(text, value):
+    assert parse_bytes(text) == value
+
+
+@pytest.mark.parametrize("text", ["6 gigs", "", "-1MiB", "0", "MiB"])
+def test_parse_bytes_rejects_nonsense(text):
+    with pytest.raises(ValueError, match="budget"):
+        parse_bytes(text)
+
+
+def peaks(profile):
+    return {(c, lv): predicted_peak(plan(W.factory, K, c, lv), profile, OPT, BATCH)[0]
+            for c in (1.0, 0.75, 0.5, 0.25) for lv in ("block", "neuron")}
+
+
+def test_a_budget_that_fits_gets_the_largest_coverage(profile):
+    table = peaks(profile)
+    # between the best plan at C = 0.5 and the best at C = 0.75: C = 0.5 must be chosen
+    budget = (min(table[(0.5, lv)] for lv in ("block", "neuron")) + min(table[(0.75, lv)] for lv in ("block", "neuron"))) // 2
+    choice = plan_for_budget(W, K, budget, optimizer=OPT, batch_size=BATCH, profile=profile)
+    assert choice.plan.coverage == 0.5
+    assert choice.peak <= budget and choice.peak == table[(0.5, choice.plan.level)]
+    if table[(0.5, "block")] <= budget:
+        assert choice.plan.level == "block"  # preferred at equal coverage
+    assert "fits" in choice.summary()
+
+
+def test_everything_fits_gives_coverage_one(profile):
+    choice = plan_for_budget(W, K, "1GiB", optimizer=OPT, batch_size=BATCH, profile=profile)
+    assert choice.plan.coverage == 1.0 and choice.plan.level == "block"
+
+
+def test_a_budget_that_cannot_fit_names_the_smallest_peak(profile):
+    smallest = min(peaks(profile).values())
+    with pytest.raises(ValueError, match="smallest predicted peak is") as e:
+        plan_for_budget(W, K, smallest - 1, optimizer=OPT, batch_size=BATCH, profile=profile)
+    from subnetdp.budget import format_bytes
+
+    assert format_bytes(smallest) in str(e.value)
+    assert plan_for_budget(W, K, smallest, optimizer=OPT, batch_size=BATCH, profile=profile).peak == smallest
+
+
+def test_the_chosen_plan_measures_close_to_its_prediction(profile):
+    choice = plan_for_budget(W, K, "64MiB", optimizer=OPT, batch_size=BATCH, levels=("neuron",), profile=profile)
+    r = measure_choice(choice, W)
+    assert r["ratio"] == pytest.approx(1.0, abs=0.15)  # the profile was taken at batch 2 and scaled to 8
+
+
+def test_command_line(capsys):
+    p = argparse.ArgumentParser()
+    for flag, kw in (("--model", {"default": "resnet18"}), ("--width", {"type": int, "default": 4}),
+                     ("--num-classes", {"type": int, "default": 10}), ("--vocab-size", {"type": int, "default": 65}),
+                     ("--workers", {"type": int, "default": 4}), ("--seed", {"type": int, "default": 0}),
+                     ("--optimizer", {"default": "sgd-momentum"}), ("--save", {"default": None})):
+        p.add_argument(flag, **kw)
+    add_budget_arguments(p)
+    assert run_budget(p.parse_args(["--budget", "1GiB", "--batch-size", "4"])) == 0
+    assert "coverage C=1" in capsys.readouterr().out
+    assert run_budget(p.parse_args(["--budget", "1KiB", "--batch-size", "4"])) == 2
+    assert "smallest predicted peak" in capsys.readouterr().err
