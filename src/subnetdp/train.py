@@ -159,6 +159,8 @@ def _train(cfg: TrainConfig, device: torch.device, distributed: bool) -> dict[st
     start_time = time.perf_counter()
     samples = 0
     last_eval: dict[str, float] = {}
+    state: dict[str, torch.Tensor] | None = None
+    evaluated_final = False
     try:
         while step < total:
             epoch, offset = divmod(step, steps_per_epoch)
@@ -205,7 +207,9 @@ def _train(cfg: TrainConfig, device: torch.device, distributed: bool) -> dict[st
                 if task.kind == "image":
                     row["train_acc"] = sums["correct"] / max(sums["count"], 1)
                 if (cfg.eval_every and ep % cfg.eval_every == 0) or step == total:
-                    last_eval = _evaluate(cfg, task, backend, factory, plan, device, autocast, lead) or last_eval
+                    state = backend.full_state_dict()  # collective
+                    last_eval = _evaluate(cfg, task, state, factory, plan, device, autocast) or last_eval
+                    evaluated_final = step == total
                     row.update(last_eval)
                 log.epoch(row)
                 if lead:
@@ -221,7 +225,9 @@ def _train(cfg: TrainConfig, device: torch.device, distributed: bool) -> dict[st
         raise
     wall = time.perf_counter() - start_time
     _checkpoint(ckpt_dir, step, backend, plan)
-    state = backend.full_state_dict()  # collective
+    if not evaluated_final:  # e.g. resuming a run that had already reached its last step (same on every rank)
+        state = backend.full_state_dict()
+        last_eval = _evaluate(cfg, task, state, factory, plan, device, autocast) or last_eval
     summary = _summary(cfg, backend, plan, world, wall, samples, step, device, last_eval, distributed)
     if lead:
         _save_full_model(state, out)
@@ -248,11 +254,10 @@ def _checkpoint(directory: Path, step: int, backend: SimulatedSDP | Distributed,
     save_checkpoint(directory, step, _ckpt_module(backend), opt, plan, extra={"backend": backend.state()})
 
 
-def _evaluate(cfg: TrainConfig, task: Any, backend: SimulatedSDP | Distributed, factory: Any, plan: Plan | None,
-              device: torch.device, autocast: Any, lead: bool) -> dict[str, float] | None:
-    """Assemble the full model (collective) and evaluate it on the lead process."""
-    state = backend.full_state_dict()
-    if not lead:
+def _evaluate(cfg: TrainConfig, task: Any, state: dict[str, torch.Tensor] | None, factory: Any, plan: Plan | None,
+              device: torch.device, autocast: Any) -> dict[str, float] | None:
+    """Evaluate the assembled full model (``state``; None on processes other than the lead)."""
+    if state is None:
         return None
     model = materialize(factory, seed=cfg.seed, device=device)
     model.load_state_dict(state)
@@ -291,6 +296,11 @@ def _summary(cfg: TrainConfig, backend: SimulatedSDP | Distributed, plan: Plan |
         "workers": world, "simulated": bool(cfg.simulate), "device": str(device),
         "steps": steps, "wall_s": wall, "samples_per_s": samples / wall if wall > 0 else None,
         "final": last_eval,
+        # how "final" was evaluated; model.safetensors holds the assembled state itself (see docs/evaluation.md)
+        "evaluation": {"residual_scaling": bool(cfg.residual_scaling and plan is not None and plan.level == "block"
+                                                and plan.holders_per_unit < plan.workers),
+                       "bn_recalibrate": cfg.bn_recalibrate if plan is not None and plan.holders_per_unit < plan.workers
+                       else 0},
         "params_per_worker": plan.param_counts() if plan is not None else None,
         "full_params": total_params,
         "model_state_bytes_per_worker": [sum(m.values()) for m in memory],
