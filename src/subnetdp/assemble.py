@@ -28,7 +28,7 @@ def assemble_state_dict(
     dtypes: dict[str, torch.dtype] = {}
     for tmap, sd in pieces:
         for name, where in tmap.items():
-            if name not in sd:
+            if name not in sd or name not in full:  # a tied alias: its canonical tensor carries the values
                 continue
             value = sd[name].detach().to("cpu")
             if name not in dtypes:

@@ -59,6 +59,8 @@ class TrainConfig:
     label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing for classification"})
     grad_clip: float | None = field(default=None, metadata={"help": "clip the gradient norm (of the averaged gradient)"})
     seq_len: int = field(default=128, metadata={"help": "text: tokens per sequence"})
+    tokenizer: str = field(default="char", metadata={
+        "help": "text: char, byte, tiktoken:NAME, tokenizers:PATH (a tokenizer.json) or tokenizers:HUB_NAME"})
     steps_per_epoch: int = field(default=200, metadata={"help": "text: steps per epoch"})
     # evaluation
     eval_every: int = field(default=1, metadata={"help": "evaluate the assembled full model every N epochs (0: only at the end)"})
@@ -160,6 +162,10 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"--coverage {cfg.coverage:g} with {k} workers gives {r:g} holders per unit; "
                               f"it must be whole. Coverages that work with {k} workers: {ok}{hint}")
     if cfg.is_text:
+        kind, _, arg = cfg.tokenizer.partition(":")
+        if not (cfg.tokenizer in ("char", "byte") or cfg.tokenizer.endswith(".json")
+                or (kind in ("tiktoken", "tokenizers") and arg)):
+            raise ConfigError(f"--tokenizer {cfg.tokenizer!r}: use char, byte, tiktoken:NAME or tokenizers:PATH")
         if cfg.dataset not in TEXT_DATASETS and not Path(cfg.dataset).exists():
             raise ConfigError(f"--dataset {cfg.dataset!r} is neither a known data set "
                               f"({', '.join(VISION_DATASETS + TEXT_DATASETS)}) nor an existing text file or folder")

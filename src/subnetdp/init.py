@@ -5,21 +5,34 @@ same seed (DESIGN.md invariant 3), without ever building the full model on the w
 the initial value of every tensor must not depend on which other modules exist: each module is
 initialised from its own generator state, derived from ``(seed, module path)``.
 
-A module's own tensors (``recurse=False``) are initialised by, in order of preference:
+A module's own tensors (``recurse=False``) are initialised by the first rule that applies:
 
-1. ``root.init_weights(module, name)`` when the root model defines it (the model zoo does, to give
-   standard initialisations such as Kaiming for convolutions), else
-2. ``module.reset_parameters()`` (PyTorch's defaults for built-in layers).
+1. Hugging Face models (a root with ``_init_weights`` and ``config``, i.e. a ``PreTrainedModel``):
+   ``root._init_weights(module)``, then ``root._init_weights(a)`` for each ancestor ``a`` of the
+   module, innermost first, with every tensor but the module's own hidden on the meta device. This
+   is the value HF's own post-order ``apply(_init_weights)`` gives (GPT-2's scaled ``c_proj`` init
+   is applied by its parent), without touching any other module. HF's ``_init_weights`` also
+   recomputes rotary ``inv_freq`` buffers (modules with ``original_inv_freq``).
+2. timm vision transformers (a root with ``weight_init_mode``, e.g. ``VisionTransformer``): the
+   root's own tensors (position embedding, class and register tokens) by ``root.init_weights()``,
+   every other module by the per-module function that ``init_weights`` applies
+   (``get_init_weights_vit(mode)(module, name)``), plus ``fix_init``'s depth scaling.
+3. ``root.init_weights(module, name)`` when the root model defines it with that signature (the
+   model zoo does, to give standard initialisations such as Kaiming for convolutions), else
+4. ``module.reset_parameters()`` (PyTorch's defaults for built-in layers).
 
 Buffers that a module computes in ``__init__`` (rotary tables, masks) must be recomputed by one of
-the two, because construction happens on the meta device.
+these, because construction happens on the meta device.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import itertools
+import math
+import re
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 
@@ -51,9 +64,12 @@ def seeded(seed: int) -> Iterator[None]:
 def init_module_(root: nn.Module, module: nn.Module, name: str, seed: int) -> None:
     """Initialise ``module``'s own tensors in place, from ``(seed, name)`` only."""
     with seeded(module_seed(seed, name)), torch.no_grad():
-        hook = getattr(root, "init_weights", None)
-        if callable(hook):
-            hook(module, name)
+        if _is_hf(root):
+            _hf_init(root, module, name)
+        elif _is_timm_vit(root):
+            _timm_vit_init(root, module, name)
+        elif _takes_module_and_name(getattr(root, "init_weights", None)):
+            root.init_weights(module, name)
         elif hasattr(module, "reset_parameters"):
             module.reset_parameters()
         elif has_own_tensors(module):
@@ -62,6 +78,79 @@ def init_module_(root: nn.Module, module: nn.Module, name: str, seed: int) -> No
                 "reset_parameters(), and the root model defines no init_weights(module, name); "
                 "add one of the two so subnetdp can initialise it from a seed"
             )
+
+
+def _is_hf(root: nn.Module) -> bool:
+    return callable(getattr(root, "_init_weights", None)) and hasattr(root, "config")
+
+
+def _is_timm_vit(root: nn.Module) -> bool:
+    return type(root).__module__.startswith("timm.") and hasattr(root, "weight_init_mode")
+
+
+def _takes_module_and_name(hook: object) -> bool:
+    if not callable(hook):
+        return False
+    try:
+        inspect.signature(hook).bind(None, "")
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _only_own_tensors_real(scope: nn.Module, module: nn.Module) -> Iterator[None]:
+    """Within ``scope``, swap every tensor except ``module``'s own for a meta stand-in, then restore."""
+    swapped = []
+    for m in scope.modules():
+        if m is module:
+            continue
+        for store in (m._parameters, m._buffers):
+            for key, t in store.items():
+                if t is not None and not t.is_meta:
+                    stand_in = torch.empty_like(t, device="meta")
+                    store[key] = nn.Parameter(stand_in, t.requires_grad) if isinstance(t, nn.Parameter) else stand_in
+                    swapped.append((store, key, t))
+    try:
+        yield
+    finally:
+        for store, key, t in swapped:
+            store[key] = t
+
+
+def _apply_post_order(root: nn.Module, module: nn.Module, name: str, fn: Callable[[nn.Module, str], None],
+                      include_root: bool) -> None:
+    """``fn`` on ``module``, then on each ancestor (innermost first) with only ``module``'s tensors real.
+
+    This leaves ``module``'s tensors as a post-order ``apply(fn)`` over the whole model would (an
+    ancestor may set its children's tensors, as GPT-2 scales ``c_proj``), touching nothing else.
+    """
+    fn(module, name)
+    parts = name.split(".") if name else []
+    for depth in range(len(parts) - 1, -1 if include_root else 0, -1):
+        ancestor_name = ".".join(parts[:depth])
+        ancestor = root.get_submodule(ancestor_name)
+        with _only_own_tensors_real(ancestor, module):
+            fn(ancestor, ancestor_name)
+
+
+def _hf_init(root: nn.Module, module: nn.Module, name: str) -> None:
+    _apply_post_order(root, module, name, lambda m, _n: root._init_weights(m), include_root=True)
+
+
+def _timm_vit_init(root: nn.Module, module: nn.Module, name: str) -> None:
+    if module is root:
+        with _only_own_tensors_real(root, root):
+            root.init_weights()  # on the root's own tensors only; the rest stands in on meta
+        return
+    from timm.models.vision_transformer import get_init_weights_vit
+
+    mode = root.weight_init_mode
+    head_bias = -math.log(root.num_classes) if "nlhb" in mode else 0.0
+    _apply_post_order(root, module, name, get_init_weights_vit(mode, head_bias), include_root=False)
+    fix = re.fullmatch(r"blocks\.(\d+)\.(attn\.proj|mlp\.fc2)", name)
+    if getattr(root, "fix_init", False) and fix:
+        module.weight.div_(math.sqrt(2.0 * (int(fix.group(1)) + 1)))
 
 
 def build_meta(factory: ModelFactory) -> nn.Module:

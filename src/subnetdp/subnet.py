@@ -1,6 +1,6 @@
 """A worker's physical subnetwork, built from the architecture and the plan.
 
-Units the worker does not hold never exist on it: a skipped block is replaced by ``nn.Identity``
+Units the worker does not hold never exist on it: a skipped block is replaced by an identity
 (the skip connection carries the signal) or by its shortcut path, and a sliced layer holds only its
 rows or columns. Construction starts on the meta device and gives each module its value one at a
 time (seeded init, or a given model's values), narrowing before the move to the device.
@@ -36,6 +36,17 @@ class ShortcutOnly(nn.Module):
         return self.relu(y) if self.relu is not None else y
 
 
+class SkippedBlock(nn.Identity):
+    """A block this worker does not hold: returns its input, so the skip connection carries the signal.
+
+    Accepts and ignores the masks, positions and caches that decoder layers (Hugging Face's) are
+    called with besides the hidden states.
+    """
+
+    def forward(self, hidden_states: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        return hidden_states
+
+
 def _set_module(root: nn.Module, path: str, new: nn.Module) -> None:
     parent_path, _, child = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
@@ -67,7 +78,8 @@ def inverted_scaling_hook(factor: float) -> Callable[[nn.Module, tuple, torch.Te
         bias = getattr(module, "bias", None)
         scaled = out * factor
         if bias is not None:  # only the input's part scales: take (factor - 1) * bias back out
-            shape = (-1,) if isinstance(module, nn.Linear) else (-1, *[1] * (out.dim() - 2))
+            # channels at dim 1 for convolutions; last for linear layers (nn.Linear, Hugging Face's Conv1D)
+            shape = (-1, *[1] * (out.dim() - 2)) if isinstance(module, nn.modules.conv._ConvNd) else (-1,)
             scaled = scaled + (bias * (1 - factor)).view(shape)
         return scaled
 
@@ -122,7 +134,7 @@ def build_subnetwork(
             _set_module(structure, b.name, ShortcutOnly(b.shortcut, getattr(block, b.shortcut),
                                                          relu if isinstance(relu, nn.Module) else None))
         else:
-            _set_module(structure, b.name, nn.Identity())
+            _set_module(structure, b.name, SkippedBlock())
     for spec, value in plan.attrs(worker):
         setattr(structure.get_submodule(spec.module), spec.attr, value)
     _fix_standard_attrs(structure)

@@ -17,7 +17,6 @@ from torch.nn import functional as F
 
 from subnetdp.config import TEXT_DATASETS, TrainConfig
 from subnetdp.data import (
-    CharTokenizer,
     TensorImageLoader,
     TokenBatches,
     default_text_path,
@@ -25,6 +24,7 @@ from subnetdp.data import (
     load_text,
     train_val_split,
 )
+from subnetdp.data.text import get_tokenizer
 from subnetdp.models import get_model, load_model_factory
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -108,8 +108,13 @@ class ImageTask:
         return {"test_acc": correct / total, "test_loss": loss / total}
 
 
+def _logits(out: object) -> torch.Tensor:
+    """A model's logits: the output itself, or its ``.logits`` (Hugging Face's ModelOutput)."""
+    return getattr(out, "logits", out)  # type: ignore[return-value]
+
+
 class TextTask:
-    """Next-token prediction on a UTF-8 corpus with character (or byte) tokens."""
+    """Next-token prediction on a UTF-8 corpus: character tokens by default, or the named tokenizer."""
 
     kind = "text"
     eval_batches = 20
@@ -118,7 +123,7 @@ class TextTask:
         self.cfg, self.device = cfg, device
         path = default_text_path() if cfg.dataset in TEXT_DATASETS else Path(cfg.dataset)
         text = load_text(path)
-        self.tokenizer = CharTokenizer.from_text(text)
+        self.tokenizer = get_tokenizer(getattr(cfg, "tokenizer", "char"), text)
         tokens = self.tokenizer.encode(text)
         self.train, self.val = train_val_split(tokens)
         self.vocab_size = self.tokenizer.vocab_size
@@ -143,7 +148,7 @@ class TextTask:
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, Metrics]:
         x, y = batch
-        logits = model(x)
+        logits = _logits(model(x))
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
         return loss, {"count": float(y.numel())}
 
@@ -158,7 +163,7 @@ class TextTask:
         for step in range(self.eval_batches):
             x, y = batches.batch(step)
             with autocast():
-                logits = model(x)
+                logits = _logits(model(x))
             total += float(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1)))
         model.train()
         val = total / self.eval_batches

@@ -1,7 +1,12 @@
-"""Text for language-model training without downloads: char/byte tokenisation, token files, batches."""
+"""Text for language-model training: tokenisers, token files, batches.
+
+Character and byte tokenisers need nothing beyond numpy; subword tokenisers come from the optional
+``tokenizers`` (Hugging Face) or ``tiktoken`` packages when the user names one (:func:`get_tokenizer`).
+"""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import tempfile
@@ -79,6 +84,74 @@ class CharTokenizer:
         if data.get("type") == "char":
             return cls(list(data["chars"]))
         raise ValueError(f"{path} is not a saved CharTokenizer")
+
+
+class SubwordTokenizer:
+    """A subword tokeniser from the ``tokenizers`` or ``tiktoken`` package, with ``CharTokenizer``'s API.
+
+    Build it with :func:`get_tokenizer`. ``encode`` returns an int64 numpy array.
+    """
+
+    def __init__(self, name: str, backend: object, kind: str) -> None:
+        self.name, self._backend, self._kind = name, backend, kind
+
+    @property
+    def vocab_size(self) -> int:
+        b = self._backend
+        return int(b.n_vocab) if self._kind == "tiktoken" else int(b.get_vocab_size())  # type: ignore[attr-defined]
+
+    def encode(self, text: str) -> np.ndarray:
+        b = self._backend
+        ids = b.encode_ordinary(text) if self._kind == "tiktoken" else b.encode(text).ids  # type: ignore[attr-defined]
+        return np.asarray(ids, dtype=np.int64)
+
+    def decode(self, ids: Sequence[int] | np.ndarray | Tensor) -> str:
+        ids = np.asarray(ids.cpu() if isinstance(ids, Tensor) else ids, dtype=np.int64).ravel()
+        return self._backend.decode(ids.tolist())  # type: ignore[attr-defined]
+
+
+TOKENIZER_NAMES = ("char", "byte", "tiktoken:<encoding>", "tokenizers:<tokenizer.json or hub name>")
+
+
+def _optional(package: str, spec: str) -> object:
+    try:
+        return importlib.import_module(package)
+    except ImportError:
+        raise ImportError(f"tokenizer {spec!r} needs the {package!r} package: pip install {package} "
+                          f"(or use the built-in 'char' or 'byte' tokenizer)") from None
+
+
+def get_tokenizer(spec: str = "char", text: str | None = None) -> CharTokenizer | SubwordTokenizer:
+    """The tokeniser named by ``spec``.
+
+    - ``"char"``: the sorted characters of ``text`` (needed); ``"byte"``: UTF-8 bytes (vocabulary 256);
+    - ``"tiktoken:NAME"``: ``tiktoken.get_encoding(NAME)``, e.g. ``tiktoken:gpt2`` (tiktoken
+      downloads the encoding once into its cache);
+    - ``"tokenizers:PATH"``: a Hugging Face ``tokenizer.json`` file (``tokenizers.Tokenizer.from_file``);
+      ``"tokenizers:NAME"`` where no such file exists loads ``NAME`` from the Hugging Face Hub
+      (``Tokenizer.from_pretrained``). A bare path to a ``.json`` file means the same.
+    """
+    kind, _, arg = spec.partition(":")
+    if spec == "char":
+        if text is None:
+            raise ValueError("the 'char' tokenizer is built from the training text: pass text=")
+        return CharTokenizer.from_text(text)
+    if spec == "byte":
+        return CharTokenizer.byte_level_tokenizer()
+    if kind == "tiktoken" and arg:
+        encoding = _optional("tiktoken", spec).get_encoding(arg)  # type: ignore[attr-defined]
+        return SubwordTokenizer(spec, encoding, "tiktoken")
+    if (kind == "tokenizers" and arg) or spec.endswith(".json"):
+        source = arg if kind == "tokenizers" else spec
+        lib = _optional("tokenizers", spec)
+        if Path(source).is_file():
+            backend = lib.Tokenizer.from_file(source)  # type: ignore[attr-defined]
+        elif source.endswith(".json"):
+            raise FileNotFoundError(f"tokenizer {spec!r}: no such file {source}")
+        else:
+            backend = lib.Tokenizer.from_pretrained(source)  # type: ignore[attr-defined]
+        return SubwordTokenizer(spec, backend, "tokenizers")
+    raise ValueError(f"unknown tokenizer {spec!r}; choose one of: {', '.join(TOKENIZER_NAMES)}")
 
 
 def load_text(path_or_dir: str | Path | None = None) -> str:
