@@ -164,3 +164,18 @@ def test_readme_documents_every_train_flag():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     missing = [f.name for f in dataclasses.fields(TrainConfig) if f"`--{f.name.replace('_', '-')}" not in readme]
     assert not missing, f"README's flag table lacks {missing}"
+
+
+def test_language_model_on_a_memory_mapped_token_file(tmp_path):
+    from subnetdp.data import CharTokenizer, default_text_path, write_token_file
+
+    text = default_text_path().read_text()[:20000]
+    tok = CharTokenizer.from_text(text)
+    path = write_token_file(tok.encode(text), tmp_path / "tokens.bin", vocab_size=tok.vocab_size)
+    out = tmp_path / "lm"
+    assert main(["train", "--model", "llama_tiny", "--dataset", str(path), "--simulate", "2", "--coverage", "0.5",
+                 "--optimizer", "adamw", "--steps", "2", "--batch-size", "4", "--seq-len", "32", "--no-progress",
+                 "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final"]["val_loss"] > 0
+    llama_tiny(vocab_size=tok.vocab_size, max_seq_len=32).load_state_dict(load_file(out / "model.safetensors"))

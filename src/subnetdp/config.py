@@ -30,7 +30,8 @@ class TrainConfig:
     model: str = field(default="resnet18", metadata={"help": f"zoo model ({', '.join(MODELS)}) or 'module:callable'"})
     width: int | None = field(default=None, metadata={"help": "ResNet base width (resnet18 default 64)"})
     dataset: str = field(default="cifar10-jpeg", metadata={
-        "help": f"{', '.join(VISION_DATASETS)}, tinyshakespeare, or a UTF-8 text file/folder"})
+        "help": f"{', '.join(VISION_DATASETS)}, tinyshakespeare, a UTF-8 text file/folder, or a token file "
+                "(subnetdp.data.write_token_file; memory-mapped)"})
     data_dir: str | None = field(default=None, metadata={"help": "where the data set lives (or goes, with --download)"})
     download: bool = field(default=False, metadata={"help": "download torchvision data sets into --data-dir"})
     train_subset: int | None = field(default=None, metadata={"help": "train on N examples drawn with --seed (quick runs)"})

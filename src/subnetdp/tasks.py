@@ -24,7 +24,7 @@ from subnetdp.data import (
     load_text,
     train_val_split,
 )
-from subnetdp.data.text import get_tokenizer
+from subnetdp.data.text import get_tokenizer, is_token_file, read_token_file, token_file_vocab_size
 from subnetdp.models import get_model, load_model_factory
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -122,11 +122,16 @@ class TextTask:
     def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
         self.cfg, self.device = cfg, device
         path = default_text_path() if cfg.dataset in TEXT_DATASETS else Path(cfg.dataset)
-        text = load_text(path)
-        self.tokenizer = get_tokenizer(getattr(cfg, "tokenizer", "char"), text)
-        tokens = self.tokenizer.encode(text)
+        if is_token_file(path):  # already tokenised, memory-mapped: corpora larger than memory
+            self.tokenizer = None
+            tokens = read_token_file(path)
+            self.vocab_size = token_file_vocab_size(path)
+        else:
+            text = load_text(path)
+            self.tokenizer = get_tokenizer(cfg.tokenizer, text)
+            tokens = self.tokenizer.encode(text)
+            self.vocab_size = self.tokenizer.vocab_size
         self.train, self.val = train_val_split(tokens)
-        self.vocab_size = self.tokenizer.vocab_size
 
     def model_factory(self) -> Callable[[], nn.Module]:
         kwargs = {"vocab_size": self.vocab_size, "max_seq_len": self.cfg.seq_len}

@@ -183,11 +183,12 @@ def _header_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def write_token_file(tokens: Sequence[int] | np.ndarray | Tensor, path: str | Path) -> Path:
+def write_token_file(tokens: Sequence[int] | np.ndarray | Tensor, path: str | Path,
+                     vocab_size: int | None = None) -> Path:
     """Write tokens as a flat little-endian uint16 (or uint32 if needed) file plus a JSON header.
 
-    The header ``<path>.json`` records the dtype and length, so :func:`read_token_file` can
-    memory-map the file without reading it.
+    The header ``<path>.json`` records the dtype, the length and (if given) the vocabulary size, so
+    :func:`read_token_file` can memory-map the file without reading it.
     """
     path = Path(path)
     arr = np.asarray(tokens.cpu() if isinstance(tokens, Tensor) else tokens).ravel()
@@ -198,7 +199,7 @@ def write_token_file(tokens: Sequence[int] | np.ndarray | Tensor, path: str | Pa
     for target, payload in ((path, arr.astype(dtype).tobytes()),
                             (_header_path(path), json.dumps({
                                 "format": TOKEN_FILE_FORMAT, "dtype": dtype.str,
-                                "length": int(arr.size)}).encode())):
+                                "length": int(arr.size), "vocab_size": vocab_size}).encode())):
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
@@ -219,6 +220,20 @@ def read_token_file(path: str | Path) -> np.ndarray:
     if length == 0:
         return np.empty(0, dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r", shape=(length,))
+
+
+def is_token_file(path: str | Path) -> bool:
+    """Whether ``path`` is a token file written by :func:`write_token_file` (it has its header)."""
+    return Path(path).is_file() and _header_path(Path(path)).is_file()
+
+
+def token_file_vocab_size(path: str | Path) -> int:
+    """The vocabulary size recorded in a token file's header, else the largest id + 1 (one pass)."""
+    header = json.loads(_header_path(Path(path)).read_text())
+    if header.get("vocab_size"):
+        return int(header["vocab_size"])
+    tokens = read_token_file(path)
+    return int(tokens.max()) + 1 if len(tokens) else 0
 
 
 # --------------------------------------------------------------------------- batches
