@@ -144,7 +144,6 @@ def build_subnetwork(
                 structure.get_submodule(path).register_forward_hook(inverted_scaling_hook(factor))
     leftover = [n for n, t in structure.named_parameters() if t.is_meta]
     assert not leftover, f"internal error: tensors left on meta: {leftover[:5]}"
-    structure.subnetdp_worker = worker  # lets helpers find which slice this is
     return structure
 
 
