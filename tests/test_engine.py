@@ -252,3 +252,21 @@ def overlap(rank: int, world: int) -> tuple[int, int]:
 def test_buckets_are_launched_during_backward():
     for launched, total in values(run_ranks(overlap, 2)):
         assert total > 1 and 0 < launched <= total
+
+
+def clipped_norm(rank: int, world: int) -> float:
+    f = FACTORIES["resnet"]
+    sdp = sd.SubnetDataParallel(f, sd.plan(f, world, 0.5, "block"), seed=5)
+    ce_loss(sdp, batches_for(0, world)[rank]).backward()
+    return sdp.clip_grad_norm_(1e-3)
+
+
+def test_distributed_clipping_norm_equals_simulation():
+    norms = values(run_ranks(clipped_norm, 2))
+    f = FACTORIES["resnet"]
+    sim = sd.Simulation(f, sd.plan(f, 2, 0.5, "block"), OPTIMIZERS["sgd"], seed=5)
+    for m, b in zip(sim.workers, batches_for(0, 2)):
+        ce_loss(m, b).backward()
+    sim.sync_gradients()
+    expected = sim.clip_grad_norm_(1e-3)
+    assert norms[0] == norms[1] == pytest.approx(expected, rel=1e-5)

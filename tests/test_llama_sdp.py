@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import llama_tiny
 from distributed import run_ranks, values
-from test_simulate import full_coordinates, world_reduction
+from test_simulate import assert_sync_matches_world_reduction, full_coordinates
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -96,14 +96,7 @@ def test_sync_and_training_invariants(level, tie):
     f = LLAMAS[tie]
     p = sd.plan(f, 4, 0.5, level)
     probe = sd.Simulation(f, p, lambda ps: torch.optim.SGD(ps, lr=0.0))
-    for m, b in zip(probe.workers, token_batches(4)):
-        lm_loss(m, b).backward()
-    expected = world_reduction(full_coordinates(probe, grads=True))
-    probe.sync_gradients()
-    for name, items in full_coordinates(probe, grads=True).items():
-        for _, full in items:
-            held = ~torch.isnan(full)
-            torch.testing.assert_close(full[held], expected[name][held], rtol=1e-6, atol=1e-7)
+    assert_sync_matches_world_reduction(probe, token_batches(4), lm_loss)
 
     sim = simulate(tie, level, 0.5, 4, "adamw")
     for name, items in full_coordinates(sim).items():

@@ -67,19 +67,23 @@ def test_hand_written_average_over_holders():
             torch.testing.assert_close(t.grad, expected, rtol=0, atol=0)
 
 
+def assert_sync_matches_world_reduction(sim: sd.Simulation, batches: list, loss_fn) -> None:
+    """Each worker's backward, then sync; every held gradient element must equal the oracle's average."""
+    for m, b in zip(sim.workers, batches):
+        loss_fn(m, b).backward()
+    expected = world_reduction(full_coordinates(sim, grads=True))
+    sim.sync_gradients()
+    for name, items in full_coordinates(sim, grads=True).items():
+        for _, full in items:
+            held = ~torch.isnan(full)
+            torch.testing.assert_close(full[held], expected[name][held], rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("level", ["block", "neuron"])
 def test_sync_equals_world_reduction_oracle(factory, level):
     p = sd.plan(factory, 4, 0.5, level)
     sim = sd.Simulation(factory, p, lambda ps: torch.optim.SGD(ps, lr=0.0))
-    batches = image_batches(4)
-    for k, (m, b) in enumerate(zip(sim.workers, batches)):
-        ce_loss(m, b).backward()
-    expected = world_reduction(full_coordinates(sim, grads=True))
-    sim.sync_gradients()
-    for name, items in full_coordinates(sim, grads=True).items():
-        for k, full in items:
-            held = ~torch.isnan(full)
-            torch.testing.assert_close(full[held], expected[name][held], rtol=1e-6, atol=1e-7)
+    assert_sync_matches_world_reduction(sim, image_batches(4), ce_loss)
 
 
 @pytest.mark.parametrize("level", ["block", "neuron"])
@@ -181,3 +185,18 @@ def test_simulated_training_lowers_the_loss():
         last = sum(sim.step(batches, ce_loss))
     assert last < first * 0.7
     assert isinstance(sim.workers[0], nn.Module)
+
+
+def test_clipping_uses_the_full_models_averaged_gradient_norm():
+    f = FACTORIES["resnet"]
+    sim = sd.Simulation(f, sd.plan(f, 4, 0.5, "neuron"), lambda ps: torch.optim.SGD(ps, lr=0.0))
+    for m, b in zip(sim.workers, image_batches(4)):
+        ce_loss(m, b).backward()
+    sim.sync_gradients()
+    averaged = world_reduction(full_coordinates(sim, grads=True))  # every element once
+    expected = torch.sqrt(sum((torch.nan_to_num(t) ** 2).sum() for t in averaged.values()))
+    before = [p.grad.clone() for p in sim.workers[0].parameters()]
+    norm = sim.clip_grad_norm_(float(expected) / 2)
+    assert norm == pytest.approx(float(expected), rel=1e-5)
+    for g, p in zip(before, sim.workers[0].parameters()):  # scaled by max_norm / norm on every worker
+        torch.testing.assert_close(p.grad, g * 0.5, rtol=1e-4, atol=1e-7)

@@ -95,20 +95,7 @@ class SimulatedSDP:
             metrics.append({"loss": float(loss.detach()), **m})
             return loss
 
-        if self.cfg.grad_clip:
-            # clip on the norm of the full model's averaged gradient: the step is split to clip between sync and step
-            for k, (model, opt, batch) in enumerate(zip(self.sim.workers, self.sim.optimizers, batches)):
-                opt.zero_grad(set_to_none=True)
-                loss = run(model, batch)
-                _check_finite(loss, k)
-                loss.backward()
-            self.sim.sync_gradients()
-            self.sim.clip_grad_norm_(self.cfg.grad_clip)
-            for opt in self.sim.optimizers:
-                opt.step()
-            self.sim.steps += 1
-        else:
-            self.sim.step(batches, run)
+        self.sim.step(batches, run, max_grad_norm=self.cfg.grad_clip)
         for s in self.schedulers:
             s.step()
         return metrics

@@ -102,8 +102,11 @@ class Simulation:
                         p.grad.mul_(scale)
         return norm
 
-    def step(self, batches: Sequence[object], loss_fn: LossFn) -> list[float]:
-        """One SDP step: each worker's forward and backward on its batch, sync, optimizer step."""
+    def step(self, batches: Sequence[object], loss_fn: LossFn, max_grad_norm: float | None = None) -> list[float]:
+        """One SDP step: each worker's forward and backward on its batch, sync, optimizer step.
+
+        ``max_grad_norm`` clips by the full model's averaged-gradient norm (:meth:`clip_grad_norm_`).
+        """
         if len(batches) != self.plan.workers:
             raise ValueError(f"got {len(batches)} batches for {self.plan.workers} workers: give one per worker")
         losses = []
@@ -117,6 +120,8 @@ class Simulation:
             losses.append(value)
         if self.sync == "grads":
             self.sync_gradients()
+        if max_grad_norm:
+            self.clip_grad_norm_(max_grad_norm)
         for opt in self.optimizers:
             opt.step()
         self.steps += 1

@@ -7,6 +7,7 @@ with it, and evaluates the assembled full model.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -89,7 +90,7 @@ class ImageTask:
     def calibration_batches(self, n: int) -> list[torch.Tensor]:
         loader = self.loader(0, 1)
         loader.set_epoch(10_000)  # a fixed, separate draw
-        return [self.prepare(x) for x, _ in list(loader)[:n]]
+        return [self.prepare(x) for x, _ in itertools.islice(loader, n)]
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, autocast: Callable) -> Metrics:

@@ -136,7 +136,6 @@ def _train(cfg: TrainConfig, device: torch.device, distributed: bool) -> dict[st
             (out / "plan.txt").write_text(plan.summary(_opt_name(cfg)) + "\n")
     backend = SimulatedSDP(cfg, factory, plan, device, total) if cfg.simulate else Distributed(
         cfg, factory, plan, device, total)
-    workers_here = backend.workers_here
     ranks_here = list(range(world)) if cfg.simulate else [rank]
     loaders = [task.loader(k, world) for k in ranks_here]
     autocast = autocast_for(cfg, device)
