@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import gc
+import weakref
 
 import pytest
 import torch
@@ -42,6 +44,23 @@ def test_a_tensor_saved_twice_or_through_a_view_is_counted_once():
     assert meter.saves >= 3
     assert meter.activation_bytes == 20 * 4 + 20 * 4
     (y.sum() + z.sum()).backward()
+
+
+def test_the_meter_keeps_no_graph_alive_and_leaves_gradients_unchanged():
+    lin = nn.Linear(4, 4)
+    x = torch.randn(2, 4, requires_grad=True)
+    with SavedTensorMeter(lin):
+        h = torch.sigmoid(lin(x))  # sigmoid saves its own output: the case that could form a cycle
+        loss = h.sum()
+    ref = weakref.ref(h)
+    del h, loss  # dropped without a backward, as profiling does
+    gc.collect()
+    assert ref() is None
+    with SavedTensorMeter(lin):
+        loss = torch.sigmoid(lin(x)).pow(2).sum()
+    metered = torch.autograd.grad(loss, [x, lin.weight])
+    plain = torch.autograd.grad(torch.sigmoid(lin(x)).pow(2).sum(), [x, lin.weight])
+    assert all(torch.equal(a, b) for a, b in zip(metered, plain))
 
 
 def test_buffers_saved_by_batch_norm_are_not_activations():

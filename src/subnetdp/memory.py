@@ -106,7 +106,7 @@ class SavedTensorMeter:
         self.saves += 1
         key, nbytes = _storage_key(t)
         if key in self._seen:
-            return t
+            return t.detach()
         self._seen.add(key)
         if key in self._params:
             self.param_bytes += nbytes
@@ -117,7 +117,10 @@ class SavedTensorMeter:
             if self._owner is not None:
                 o = self._owner()
                 self.by_owner[o] = self.by_owner.get(o, 0) + nbytes
-        return t
+        # Detached: the same storage, without the grad_fn. Returning ``t`` itself would make a saved
+        # output reference its own grad_fn, a cycle that no garbage collector frees when the graph is
+        # dropped without a backward (as profiling does): its activations would stay allocated.
+        return t.detach()
 
     def __enter__(self) -> SavedTensorMeter:
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
@@ -195,7 +198,7 @@ def _loss_of(out: Any) -> torch.Tensor:
 
 
 def measure_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Any, loss_fn: LossFn,
-                 device: torch.device | str | None = None) -> dict[str, float]:
+                 device: torch.device | str | None = None, count_saved: bool = True) -> dict[str, float]:
     """Run one training step (forward, backward, optimizer step) and measure its memory.
 
     Returns the :func:`state_bytes` breakdown after the step, ``activation_bytes`` (saved for
@@ -203,6 +206,8 @@ def measure_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Any,
     ``step_s``, and the device peak: ``peak_allocated_bytes`` on CUDA (reset before the step), or on a
     CPU ``peak_rss_bytes`` (process-wide, since the process started) and, where Linux allows resetting
     the high-water mark, ``step_rss_growth_bytes`` (peak during the step minus the RSS before it).
+    ``count_saved=False`` runs without the saved-tensor hooks (their Python calls would enter the step
+    time) and leaves ``activation_bytes`` and ``total_bytes`` out.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.train()
@@ -217,7 +222,8 @@ def measure_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Any,
         reset = _reset_rss_peak()
         before = _proc_status("VmRSS")
     start = time.perf_counter()
-    with SavedTensorMeter(model) as meter:
+    meter = SavedTensorMeter(model) if count_saved else None
+    with meter if meter is not None else contextlib.nullcontext():
         loss = _loss_of(loss_fn(model, batch))
     loss.backward()
     optimizer.step()
@@ -233,10 +239,11 @@ def measure_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Any,
         if reset and hwm is not None and before is not None:
             out["step_rss_growth_bytes"] = hwm - before
     out.update(state_bytes(model, optimizer))
-    out.update(activation_bytes=meter.activation_bytes, saved_param_bytes=meter.param_bytes,
-               saved_buffer_bytes=meter.buffer_bytes)
     out["state_bytes"] = out["param_bytes"] + out["grad_bytes"] + out["optimizer_bytes"]
-    out["total_bytes"] = out["state_bytes"] + out["activation_bytes"]
+    if meter is not None:
+        out.update(activation_bytes=meter.activation_bytes, saved_param_bytes=meter.param_bytes,
+                   saved_buffer_bytes=meter.buffer_bytes)
+        out["total_bytes"] = out["state_bytes"] + out["activation_bytes"]
     return out
 
 
