@@ -50,6 +50,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from subnetdp.buckets import build_buckets
 from subnetdp.init import build_meta, materialize
 from subnetdp.memory import (
     ActivationProfile,
@@ -104,7 +105,9 @@ def _measure(model: nn.Module, optimizer_name: str, batch: Any, w: Workload, rep
     opt = make_optimizer(optimizer_name, model.parameters())
     runs = [measure_step(model, opt, batch, w.loss_fn, device) for _ in range(repeats)]
     last = dict(runs[-1])
-    steps = [r["step_s"] for r in runs[1:]] or [runs[0]["step_s"]]  # the first step allocates the state
+    # timed apart, without the saved-tensor hooks, after the first step has allocated the optimizer state
+    steps = [measure_step(model, opt, batch, w.loss_fn, device, count_saved=False)["step_s"]
+             for _ in range(max(repeats - 1, 1))]
     last["step_s"] = {"median": statistics.median(steps), "min": min(steps), "max": max(steps), "all": steps}
     last["repeatable"] = all(r[k] == last[k] for r in runs[1:] for k in MEMORY_KEYS)
     for key in ("step_rss_growth_bytes", "peak_allocated_bytes"):
@@ -145,8 +148,10 @@ def memory_part(spec: dict[str, Any], workers: int, coverages: Sequence[float], 
     measured = _measure(full, opt_name, batch, w, repeats, device)
     predicted = predict_worker(full_plan, 0, opt_name, profile, batch_size)
     ddp_extra = {"ddp_bucket_bytes": measured["grad_bytes"]}
+    full_bytes = measured["param_bytes"]
+    ddp_comm = {"collective_bytes": full_bytes, "ring_bytes": 2 * (workers - 1) / workers * full_bytes}
     add("DDP", "ddp", None, 1.0, [{"worker": 0, "measured": measured, "predicted": predicted,
-                                   "ratio": _ratios(measured, predicted), "derived": ddp_extra}],
+                                   "ratio": _ratios(measured, predicted), "derived": ddp_extra, "comm": ddp_comm}],
         "measured (full-model step); DDP's gradient buckets derived")
     del full
 
@@ -154,7 +159,8 @@ def memory_part(spec: dict[str, Any], workers: int, coverages: Sequence[float], 
     m_ckpt = _measure(ckpt, opt_name, batch, w, repeats, device)
     largest = max(profile.block_bytes.values(), default=0)
     add("DDP+ckpt", "ddp-ckpt", None, 1.0, [{"worker": 0, "measured": m_ckpt, "predicted": {},
-                                             "ratio": {}, "derived": {**ddp_extra, "recompute_peak_bytes": largest}}],
+                                             "ratio": {}, "derived": {**ddp_extra, "recompute_peak_bytes": largest},
+                                             "comm": ddp_comm}],
         "measured (full model, checkpoint_wrapper on every block); recompute of one block derived")
     del ckpt
 
@@ -166,8 +172,10 @@ def memory_part(spec: dict[str, Any], workers: int, coverages: Sequence[float], 
     fsdp["state_bytes"] = fsdp["param_bytes"] + fsdp["grad_bytes"] + fsdp["optimizer_bytes"]
     in_flight = largest_block * 4  # the all-gathered parameters of the block running now
     fsdp["total_bytes"] = fsdp["state_bytes"] + fsdp["activation_bytes"] + in_flight
+    handed, ring = fsdp2_bytes(full_bytes, workers)
     add(f"FSDP2 (K={workers})", "fsdp", None, 1.0, [{"worker": 0, "measured": fsdp, "predicted": {}, "ratio": {},
-                                                     "derived": {"unsharded_block_bytes": in_flight}}],
+                                                     "derived": {"unsharded_block_bytes": in_flight},
+                                                     "comm": {"collective_bytes": handed, "ring_bytes": ring}}],
         "derived: full-model state / K + full-model activations (measured) + the largest block unsharded")
 
     for level in levels:
@@ -179,10 +187,23 @@ def memory_part(spec: dict[str, Any], workers: int, coverages: Sequence[float], 
                 m = _measure(sub, opt_name, batch, w, repeats, device)
                 pr = predict_worker(p, k, opt_name, profile, batch_size)
                 per_worker.append({"worker": k, "measured": m, "predicted": pr, "ratio": _ratios(m, pr),
-                                   "param_fraction": p.param_count(k) / p.total_params})
+                                   "param_fraction": p.param_count(k) / p.total_params,
+                                   "comm": bucket_traffic(sub, p, k)})
                 del sub
             add(f"SDP {level} C={c:g}", "sdp", level, c, per_worker, "measured (each worker's subnetwork step)")
     return {"workload": w.name, "spec": spec, "profile": _profile_json(profile), "rows": rows}
+
+
+def bucket_traffic(module: nn.Module, p: Any, worker: int, bytes_per_element: int = 4) -> dict[str, float]:
+    """Per-step gradient traffic of ``worker`` from its buckets (the groups the engine all-reduces over).
+
+    ``collective_bytes``: bytes handed to all-reduces (elements held by more than one worker);
+    ``ring_bytes``: what a ring all-reduce over each bucket's ``n`` holders moves, ``2 (n-1)/n`` each.
+    """
+    buckets = [b for b in build_buckets(module, p, worker, "params") if len(b.holders) > 1]
+    handed = sum(b.numel for b in buckets) * bytes_per_element
+    ring = sum(2 * (len(b.holders) - 1) / len(b.holders) * b.numel * bytes_per_element for b in buckets)
+    return {"collective_bytes": handed, "ring_bytes": ring}
 
 
 def _profile_json(p: ActivationProfile) -> dict[str, Any]:
