@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 from torch.nn import functional as F
 
 import subnetdp as sd
-from subnetdp.alignment import gradient_alignment
+from subnetdp.alignment import alignment_table, plot_alignment, track_alignment
 from subnetdp.data import TensorImageLoader, get_vision_dataset
 from subnetdp.models import resnet18
 
@@ -37,20 +36,8 @@ def run(level: str, coverage: float, args: argparse.Namespace, train: object) ->
                                                                  weight_decay=5e-4), seed=args.seed, device=args.device)
     loaders = [TensorImageLoader.from_dataset(train, args.batch_size, rank=k, world_size=args.workers, seed=args.seed,
                                               device=args.device) for k in range(args.workers)]
-    streams = [iter(ld) for ld in loaders]
-    rows = []
-    for step in range(args.steps + 1):
-        batches = [next(s) for s in streams]
-        if step % args.every == 0:
-            per = gradient_alignment(sim, batches, loss_fn)
-            rows.append({"step": step, "held": statistics.mean(r["held"] for r in per),
-                         "full": statistics.mean(r["full"] for r in per),
-                         "held_min": min(r["held"] for r in per), "held_max": max(r["held"] for r in per)})
-            print(f"{level:>6} C={coverage:<5g} step {step:>4}: cos(held) {rows[-1]['held']:.3f} "
-                  f"cos(full) {rows[-1]['full']:.3f}", flush=True)
-        if step < args.steps:
-            sim.step(batches, loss_fn)
-    return rows
+    return track_alignment(sim, [ld.forever() for ld in loaders], loss_fn, args.steps, args.every,
+                           log=lambda s: print(f"{level:>6} C={coverage:<5g} {s}", flush=True))
 
 
 def main() -> None:
@@ -80,29 +67,9 @@ def main() -> None:
         for c in args.coverages:
             results[f"{level} C={c:g}"] = run(level, c, args, train)
     (out / "alignment.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for key, rows in results.items():
-        style = "-" if key.startswith("block") else "--"
-        for ax, metric in zip(axes, ("held", "full")):
-            ax.plot([r["step"] for r in rows], [r[metric] for r in rows], style, marker="o", label=key)
-    axes[0].set(title="cosine over the held parameters", xlabel="step", ylabel="cosine similarity")
-    axes[1].set(title="cosine over all parameters (unheld = 0)", xlabel="step")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8)
-    fig.suptitle(f"subnetwork vs full-model gradient, ResNet-18 width {args.width}, K={args.workers}, CIFAR-10 (JPEG)")
-    fig.tight_layout()
-    fig.savefig(out / "alignment.png", dpi=110)
-    print("| run | " + " | ".join(f"step {r['step']}" for r in next(iter(results.values()))) + " |")
-    print("|---|" + "---|" * len(next(iter(results.values()))))
-    for key, rows in results.items():
-        print(f"| {key} | " + " | ".join(f"{r['held']:.3f} / {r['full']:.3f}" for r in rows) + " |")
+    plot_alignment(results, str(out / "alignment.png"), f"subnetwork vs full-model gradient, ResNet-18 width "
+                   f"{args.width}, K={args.workers}, CIFAR-10 (JPEG)")
+    print(alignment_table(results))
     print(f"(cells: cos over held / cos over all; mean over workers) wall {time.perf_counter() - start:.0f} s")
 
 

@@ -160,6 +160,21 @@ def test_loader_shards_match_distributed_sampler() -> None:
     assert len(last) == 13 and len(list(last)[-1][1]) == 103 - 12 * 8
 
 
+def test_forever_runs_epoch_after_epoch() -> None:
+    images, labels = _images()
+    loader = TensorImageLoader(images, labels, 8, (0.5,) * 3, (0.25,) * 3)
+    per_epoch = len(loader)
+    stream = loader.forever()
+    got = [y for _, (_, y) in zip(range(2 * per_epoch + 1), stream)]
+    assert loader.epoch == 2  # crossed into a third epoch
+    loader.set_epoch(1)
+    assert all(torch.equal(a, y) for a, (_, y) in zip(got[per_epoch:2 * per_epoch], loader))
+    assert not all(torch.equal(a, b) for a, b in zip(got[:per_epoch], got[per_epoch:2 * per_epoch]))
+    too_few = TensorImageLoader(images[:5], labels[:5], 8, (0.5,) * 3, (0.25,) * 3)
+    with pytest.raises(ValueError, match="fewer than one batch of 8"):
+        next(too_few.forever())
+
+
 def test_loader_is_deterministic_and_normalises() -> None:
     images, labels = _images()
     mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import itertools
 import math
 import os
 import tempfile
@@ -255,6 +256,15 @@ class TensorImageLoader:
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch's permutation and augmentations (like DistributedSampler)."""
         self.epoch = epoch
+
+    def forever(self, start_epoch: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """Batches epoch after epoch from ``start_epoch`` on (each epoch its own permutation), for step-counted loops."""
+        if len(self) == 0:
+            raise ValueError(f"rank {self.rank} of {self.world_size} gets {self.num_samples} samples, fewer than one "
+                             f"batch of {self.batch_size}: lower the batch size or use more data")
+        for epoch in itertools.count(start_epoch):
+            self.set_epoch(epoch)
+            yield from self
 
     def indices(self) -> Tensor:
         """This rank's sample indices for the current epoch (CPU, int64)."""
