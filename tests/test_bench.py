@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,11 @@ def test_memory_part_measures_every_strategy_and_worker():
             assert w["ratio"]["state_bytes"] == pytest.approx(1, abs=0.10)
             assert w["ratio"]["activation_bytes"] == pytest.approx(1, abs=0.15)
             assert w["measured"]["total_bytes"] < ddp["total_bytes"]
+            # K=2, C=0.5: r=1, so only the always-held parts are shared (over both workers: ring = 1x)
+            assert 0 < w["comm"]["collective_bytes"] < 4 * n
+            assert w["comm"]["ring_bytes"] == pytest.approx(w["comm"]["collective_bytes"])
+    assert rows["DDP"]["workers"][0]["comm"] == {"collective_bytes": 4 * n, "ring_bytes": 4 * n}
+    assert rows["FSDP2 (K=2)"]["workers"][0]["comm"]["collective_bytes"] == fsdp2_bytes(4 * n, 2)[0]
 
 
 def _factory():
@@ -72,18 +78,42 @@ def test_bench_end_to_end_with_torchrun(tmp_path):
     assert set(timing) == {"DDP", "DDP+ckpt", "FSDP2 (K=2)", "SDP block C=0.5", "SDP neuron C=0.5"}
     n = sum(p.numel() for p in sd.materialize(_factory()).parameters())
     assert timing["DDP"]["bytes_per_rank"] == [4 * n, 4 * n] == timing["DDP+ckpt"]["bytes_per_rank"]
+    memory = {r["name"]: r for r in result["workloads"][0]["rows"]}
     for name in ("SDP block C=0.5", "SDP neuron C=0.5"):
         assert timing[name]["bytes_per_rank"] == timing[name]["predicted_bytes_per_rank"]
+        # the plan-derived traffic of the memory part is what the engine's counters measured
+        assert timing[name]["bytes_per_rank"] == [w["comm"]["collective_bytes"] for w in memory[name]["workers"]]
         assert all(b < 4 * n for b in timing[name]["bytes_per_rank"])
     local = timing["FSDP2 (K=2)"]["local_state_per_rank"]
     assert sum(s["param_bytes"] for s in local) == 4 * n  # the shards add up to the model, measured
 
 
+def _tiny_cifar10_jpeg(folder: Path, train: int = 64, test: int = 8) -> None:
+    """A cifar10_jpeg.npz in the shared file's layout (JPEG bytes concatenated), random pixels."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    blobs = []
+    for _ in range(train + test):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, format="JPEG")
+        blobs.append(buf.getvalue())
+    (folder / "cifar10-jpeg").mkdir(parents=True)
+    np.savez(folder / "cifar10-jpeg" / "cifar10_jpeg.npz", blob=np.frombuffer(b"".join(blobs), dtype=np.uint8),
+             ends=np.cumsum([len(b) for b in blobs]), y=rng.integers(0, 10, train + test),
+             train=np.arange(train + test) < train)
+
+
 @pytest.mark.timeout(120)
 def test_gpu_measure_smoke_on_cpu(tmp_path):
+    _tiny_cifar10_jpeg(tmp_path / "data")
     cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_measure.py"), "--device", "cpu", "--small", "--out",
            str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=100)
+    env = {**os.environ, "SUBNETDP_SHARED_DATA": str(tmp_path / "data"), "SUBNETDP_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=100, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     data = json.loads((tmp_path / "gpu_measure.json").read_text())
     assert len(data["workloads"]) == 2 and not data["skipped"]
@@ -96,3 +126,11 @@ def test_gpu_measure_smoke_on_cpu(tmp_path):
                 assert r["peak_ratio_to_ddp"] < 1
                 assert r["saved_plus_state_bytes"] == pytest.approx(r["predicted_bytes"], rel=0.15)
     assert "| FSDP2 (K=4) | derived |" in (tmp_path / "gpu_measure.md").read_text()
+    for r in data["workloads"][0]["summary"]:  # every configuration lists its gradient traffic
+        assert r["collective_bytes"] > 0 and r["ring_bytes"] > 0
+    for row in data["planner"]:  # the chosen plan fits and the prediction held
+        assert row["predicted_bytes"] <= row["budget_bytes"] and row["ratio"] == pytest.approx(1, abs=0.15)
+    align = data["alignment"]
+    assert align["train_images"] == 64 and set(align["results"]) == {"block C=0.5", "neuron C=0.5"}
+    for rows in align["results"].values():
+        assert [r["step"] for r in rows] == [0, 2, 4] and all(-1 <= r["held"] <= 1 for r in rows)
