@@ -1,5 +1,6 @@
 """Per-worker peak memory and step time of SDP against DDP, DDP + activation checkpointing and FSDP2,
-at full size on one GPU (about 10 minutes on an H100/H200), or tiny on a CPU as a smoke test.
+at full size on one GPU (about 8 minutes on an H200: 2.5 for memory and time, 3 for the alignment
+runs), or tiny on a CPU as a smoke test.
 
 Run::
 
@@ -12,7 +13,8 @@ a LLaMA preset with AdamW) and K = 8 workers:
 * SDP at C in {0.875, 0.75, 0.5, 0.25}, block and neuron level: every worker's subnetwork is built
   on the one GPU and trained for a few steps; **measured** per worker: ``torch.cuda.max_memory_allocated``
   over a step (reset before it), the saved-for-backward bytes and model state (``subnetdp.memory``),
-  and the step time (forward + backward + optimizer step, compute only: one GPU has no communication);
+  and the step time (forward + backward + optimizer step, timed on separate steps without the
+  saved-tensor hooks; compute only: one GPU has no communication);
   the plan's first-principles prediction stands next to it;
 * DDP: the full model's step (**measured**; DDP's gradient buckets, one more gradient-sized buffer,
   are not allocated here and are listed as derived);
