@@ -270,3 +270,25 @@ def test_distributed_clipping_norm_equals_simulation():
     sim.sync_gradients()
     expected = sim.clip_grad_norm_(1e-3)
     assert norms[0] == norms[1] == pytest.approx(expected, rel=1e-5)
+
+
+def exposed_tensors(rank: int, world: int) -> dict:
+    f = FACTORIES["resnet"]
+    p = sd.plan(f, world, 0.5, "neuron")
+    sdp = sd.SubnetDataParallel(f, p)
+    state = sdp.state_dict()
+    return {"same_params": [id(t) for t in sdp.parameters()] == [id(t) for t in sdp.module.parameters()],
+            "subnet_numel": sum(t.numel() for t in sdp.parameters()), "planned": p.param_count(rank),
+            "keys_under_module": all(k.startswith("module.") for k in state),
+            "any_meta": any(t.is_meta for t in state.values()),
+            "structure_numel": sum(t.numel() for t in sdp.structure.parameters()), "total": p.total_params}
+
+
+@pytest.mark.timeout(120)
+def test_parameters_and_state_dict_hold_only_the_subnetwork():
+    """An optimizer over sdp.parameters() and a checkpoint of sdp.state_dict() see this rank's tensors only,
+    not the full model's meta structure that the engine keeps for assembling."""
+    for r in values(run_ranks(exposed_tensors, 2)):
+        assert r["same_params"] and r["subnet_numel"] == r["planned"] < r["total"]
+        assert r["keys_under_module"] and not r["any_meta"]
+        assert r["structure_numel"] == r["total"]

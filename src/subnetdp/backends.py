@@ -19,6 +19,7 @@ from torch import nn
 from subnetdp.config import TrainConfig
 from subnetdp.engine import SubnetDataParallel
 from subnetdp.init import ModelFactory, materialize, structure_of
+from subnetdp.memory import state_bytes as count_state_bytes
 from subnetdp.plan import Plan
 from subnetdp.simulate import Simulation
 from subnetdp.units import find_blocks
@@ -53,12 +54,9 @@ def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, total: int) -> 
 
 
 def state_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, int]:
-    """Bytes of parameters, gradients and optimizer state that exist on this worker now."""
-    params = sum(p.numel() * p.element_size() for p in model.parameters())
-    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
-    opt_state = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
-                    if isinstance(t, torch.Tensor) and t.dim() > 0)
-    return {"param_bytes": params, "grad_bytes": grads, "optimizer_bytes": opt_state}
+    """Bytes of parameters, gradients and optimizer state on this worker now (local shards when sharded)."""
+    counted = count_state_bytes(model, opt)
+    return {k: counted[k] for k in ("param_bytes", "grad_bytes", "optimizer_bytes")}
 
 
 def _channels_last(cfg: TrainConfig, model: nn.Module, device: torch.device) -> nn.Module:
@@ -66,10 +64,6 @@ def _channels_last(cfg: TrainConfig, model: nn.Module, device: torch.device) -> 
     if device.type == "cuda" and cfg.model in ("resnet18", "wide_resnet18", "resnet50"):
         model.to(memory_format=torch.channels_last)
     return model
-
-
-def _local_numel(model: nn.Module) -> int:
-    return sum(getattr(p, "_local_tensor", p).numel() for p in model.parameters())
 
 
 class SimulatedSDP:
@@ -215,10 +209,7 @@ class Distributed:
         return [None]  # FSDP2: all-gathers and reduce-scatters, not counted here
 
     def memory(self) -> list[dict[str, int]]:
-        out = state_bytes(self.model, self.opt)
-        if self.cfg.strategy == "fsdp":  # sharded DTensors: count the local shard
-            out["param_bytes"] = _local_numel(self.model) * 4
-        return [out]
+        return [state_bytes(self.model, self.opt)]
 
     def state(self) -> dict[str, Any]:
         steps = self.sdp._optimizer_steps if self.sdp is not None else 0

@@ -127,7 +127,9 @@ class SubnetDataParallel(nn.Module):
             device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
         self.plan, self.sync, self.sync_every, self.measure = plan, sync, sync_every, measure
         self.device = torch.device(device)
-        self.structure = structure
+        # The full model's meta structure (for assembling), kept out of the module tree: registered as a
+        # submodule it would add the full model's (meta) parameters to parameters() and state_dict().
+        self.__dict__["structure"] = structure
         self.module = build_subnetwork(model, plan, self.rank, seed=seed, device=device,
                                        neuron_scaling=neuron_scaling)
         self.stats = CommStats()
