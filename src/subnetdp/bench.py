@@ -19,10 +19,11 @@ Two parts, each labelled in the output with what is measured and what is derived
      full model (FSDP does not shrink them; measured DDP activations), plus the unsharded
      parameters of the largest block in flight. The torchrun part measures the local shard sizes.
 
-2. **Communication and time per step under torchrun** (``--time-ranks N`` processes, gloo on CPU),
-   the method of ``benchmarks/comm_step.py``: all configurations built once, interleaved rounds
-   (order reversed every other round), each timed step starting at a barrier, its time the slowest
-   rank's. Per configuration: bytes handed to collectives per step (DDP: counted by a comm hook;
+2. **Communication and time per step under torchrun** (``--time-ranks N`` processes, gloo on CPU):
+   all configurations built once, then run in interleaved rounds (order reversed every other round)
+   so that machine noise hits them alike; each timed step starts at a barrier and its time is the
+   slowest rank's. DDP runs with ``broadcast_buffers=False`` so that, like SDP, it communicates
+   gradients only. Per configuration: bytes handed to collectives per step (DDP: counted by a comm hook;
    SDP: the engine's counters; FSDP2: derived, see :func:`fsdp2_bytes`), the implied ring traffic
    ``2 (n - 1) / n x bytes`` per all-reduce over a group of ``n``, the step time, the *compute* time
    (the same step with communication off: ``no_sync()`` for DDP and SDP; FSDP2 has no such switch and
