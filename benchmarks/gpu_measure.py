@@ -203,16 +203,10 @@ def planner_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
-
-
 def alignment_phase(args: argparse.Namespace, device: torch.device, deadline: float, log) -> dict:
     """Gradient alignment over training, ResNet-18 on CIFAR-10 (JPEG), runs interleaved by level."""
-    import functools
-
     from subnetdp.data import TensorImageLoader, get_vision_dataset
-    from subnetdp.models import resnet18
+    from subnetdp.memory import image_workload
 
     train = get_vision_dataset("cifar10-jpeg", train=True)
     if args.align_subset:
@@ -221,7 +215,8 @@ def alignment_phase(args: argparse.Namespace, device: torch.device, deadline: fl
         train.images, train.labels = train.images[keep], train.labels[keep]
     train.images = train.images.to(device)
     train.labels = train.labels.to(device)
-    factory = functools.partial(resnet18, width=args.align_width)
+    w = image_workload("resnet18", width=args.align_width)  # the model and its cross-entropy loss
+    factory = w.factory
     coverages = [float(c) for c in args.align_coverages.split(",")]
     runs = [(lv, c) for c in coverages for lv in ("block", "neuron")]
     results, walls = {}, {}
@@ -237,7 +232,7 @@ def alignment_phase(args: argparse.Namespace, device: torch.device, deadline: fl
         loaders = [TensorImageLoader.from_dataset(train, args.align_batch, rank=k, world_size=args.workers, seed=seed)
                    for k in range(args.workers)]
         key = f"{level} C={c:g}"
-        results[key] = track_alignment(sim, [ld.forever() for ld in loaders], _loss, args.align_steps,
+        results[key] = track_alignment(sim, [ld.forever() for ld in loaders], w.loss_fn, args.align_steps,
                                        args.align_every, deadline=t0 + left / (len(runs) - i),
                                        log=lambda m, key=key: log(f"  {key}: {m}"))
         walls[key] = time.perf_counter() - t0
