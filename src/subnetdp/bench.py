@@ -63,7 +63,7 @@ from subnetdp.memory import (
     profile_activations,
     text_workload,
 )
-from subnetdp.plan import plan
+from subnetdp.plan import Plan, plan
 from subnetdp.subnet import build_subnetwork
 from subnetdp.units import find_blocks
 
@@ -195,7 +195,7 @@ def memory_part(spec: dict[str, Any], workers: int, coverages: Sequence[float], 
     return {"workload": w.name, "spec": spec, "profile": _profile_json(profile), "rows": rows}
 
 
-def bucket_traffic(module: nn.Module, p: Any, worker: int, bytes_per_element: int = 4) -> dict[str, float]:
+def bucket_traffic(module: nn.Module, p: Plan, worker: int, bytes_per_element: int = 4) -> dict[str, float]:
     """Per-step gradient traffic of ``worker`` from its buckets (the groups the engine all-reduces over).
 
     ``collective_bytes``: bytes handed to all-reduces (elements held by more than one worker);
@@ -324,8 +324,7 @@ def _dist_time(spec_path: str) -> None:
     for cfg in configs:
         static: dict[str, Any] = {}
         if cfg.strategy == "sdp":
-            ring = sum(2 * (len(ch.bucket.holders) - 1) / len(ch.bucket.holders) * ch.bucket.numel * 4
-                       for ch in cfg.model._chunks)  # private: the only record of each collective's group
+            ring = bucket_traffic(cfg.model.module, cfg.model.plan, rank)["ring_bytes"]
             static = {"predicted_bytes": cfg.model.predicted_bytes_per_sync(), "ring_bytes": ring,
                       "params": sum(p.numel() for p in cfg.model.parameters())}
         else:
