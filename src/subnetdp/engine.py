@@ -97,6 +97,9 @@ class SubnetDataParallel(nn.Module):
     ``sync="grads"`` (default) averages gradients over holders in every backward.
     ``sync="params"`` instead averages parameters after every ``sync_every`` optimizer steps
     (local-SGD style); attach the optimizer with :meth:`attach_optimizer`.
+
+    ``checkpointing="blocks"`` recomputes each of the subnetwork's blocks in backward instead of
+    keeping its activations (see :func:`subnetdp.build_subnetwork`); the math is unchanged.
     """
 
     def __init__(
@@ -109,6 +112,7 @@ class SubnetDataParallel(nn.Module):
         sync: str = "grads",
         sync_every: int = 1,
         neuron_scaling: str = "inverted",
+        checkpointing: str | None = None,
         bucket_elements: int = DEFAULT_BUCKET_ELEMENTS,
         measure: bool = False,
     ) -> None:
@@ -131,7 +135,7 @@ class SubnetDataParallel(nn.Module):
         # submodule it would add the full model's (meta) parameters to parameters() and state_dict().
         self.__dict__["structure"] = structure
         self.module = build_subnetwork(model, plan, self.rank, seed=seed, device=device,
-                                       neuron_scaling=neuron_scaling)
+                                       neuron_scaling=neuron_scaling, checkpointing=checkpointing)
         self.stats = CommStats()
         self._groups = self._make_groups(plan)
         order = {n: i for i, (n, _) in enumerate(plan.tensors)}

@@ -32,7 +32,8 @@ class Simulation:
     """``plan.workers`` SDP workers in one process, each with its subnetwork, optimizer and data.
 
     Same math as :class:`subnetdp.SubnetDataParallel`, including ``sync="params"`` (average
-    parameters over holders every ``sync_every`` steps instead of gradients every step).
+    parameters over holders every ``sync_every`` steps instead of gradients every step), and
+    ``checkpointing="blocks"`` (activation checkpointing of every block a worker has).
 
     >>> sim = Simulation(factory, plan, lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))
     >>> losses = sim.step(batches, lambda model, batch: F.cross_entropy(model(batch[0]), batch[1]))
@@ -50,13 +51,15 @@ class Simulation:
         neuron_scaling: str = "inverted",
         sync: str = "grads",
         sync_every: int = 1,
+        checkpointing: str | None = None,
     ) -> None:
         if sync not in ("grads", "params"):
             raise ValueError(f"sync={sync!r}: choose one of ('grads', 'params')")
         self.plan, self.sync, self.sync_every = plan, sync, sync_every
         self.structure = structure_of(model)[0]
         self.workers = [
-            build_subnetwork(model, plan, k, seed=seed, device=device, neuron_scaling=neuron_scaling)
+            build_subnetwork(model, plan, k, seed=seed, device=device, neuron_scaling=neuron_scaling,
+                             checkpointing=checkpointing)
             for k in range(plan.workers)
         ]
         self.optimizers = [optimizer(w.parameters()) for w in self.workers]

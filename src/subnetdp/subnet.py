@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from subnetdp.checkpointing import check_checkpointing, checkpoint_blocks
 from subnetdp.init import ModelFactory, materialize_, structure_of
 from subnetdp.plan import Plan
 
@@ -94,6 +95,7 @@ def build_subnetwork(
     seed: int = 0,
     device: torch.device | str = "cpu",
     neuron_scaling: str = "inverted",
+    checkpointing: str | None = None,
 ) -> nn.Module:
     """Build ``worker``'s subnetwork of ``model`` under ``plan``.
 
@@ -104,10 +106,18 @@ def build_subnetwork(
     ``neuron_scaling="inverted"`` scales each layer that sums over a sliced width as if its input
     were multiplied by ``size / held``, so activations keep the full model's scale and the assembled model needs
     no rescaling at evaluation (as width-sliced federated methods do).
+
+    ``checkpointing="blocks"`` runs every block the worker has (held or narrowed; a transition
+    reduced to its shortcut too) under activation checkpointing (:mod:`subnetdp.checkpointing`),
+    as DDP+ckpt does for the full model; names and state-dict keys are unchanged.
     """
     plan._check_worker(worker)
     if neuron_scaling not in NEURON_SCALINGS:
         raise ValueError(f"neuron_scaling={neuron_scaling!r}: choose one of {NEURON_SCALINGS}")
+    checkpointing = check_checkpointing(checkpointing)
+    if checkpointing == "blocks" and not plan.blocks:
+        raise ValueError("checkpointing='blocks': the plan knows no residual blocks of this model; "
+                         "make the plan with blocks=[...] (module paths) or use checkpointing=None")
     structure, source = structure_of(model)
     check_architecture(structure, plan)
     tmap = plan.tensor_map(worker)
@@ -142,6 +152,10 @@ def build_subnetwork(
         for path, factor in plan.consumer_scales(worker).items():
             if factor != 1.0:
                 structure.get_submodule(path).register_forward_hook(inverted_scaling_hook(factor))
+    if checkpointing == "blocks":
+        present = [b.name for b in plan.blocks if not isinstance(structure.get_submodule(b.name), SkippedBlock)]
+        if present:  # a worker holding no block has nothing to checkpoint
+            checkpoint_blocks(structure, present)
     leftover = [n for n, t in structure.named_parameters() if t.is_meta]
     assert not leftover, f"internal error: tensors left on meta: {leftover[:5]}"
     return structure
