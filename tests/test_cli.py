@@ -74,9 +74,26 @@ def test_each_strategy_runs_on_two_processes(tmp_path, strategy):
     assert summary["strategy"] == strategy and summary["workers"] == 2 and summary["steps"] == 2
     assert "test_acc" in summary["final"]
     resnet18(width=4).load_state_dict(load_file(out / "model.safetensors"))
+    assert summary["activation_checkpointing"] is (strategy == "ddp-ckpt")
     comm = summary["comm_bytes_per_step_per_worker"]
     if strategy in ("ddp", "ddp-ckpt"):
         assert comm == [4 * sum(p.numel() for p in resnet18(width=4).parameters())] * 2
+
+
+@pytest.mark.parametrize("flags", [["--strategy", "sdp", "--level", "block", "--workers", "2"],
+                                   ["--strategy", "sdp", "--level", "neuron", "--simulate", "2"],
+                                   ["--strategy", "fsdp", "--workers", "2"], ["--strategy", "ddp", "--workers", "2"]])
+def test_activation_checkpointing_on_every_strategy(tmp_path, flags):
+    out = tmp_path / "ckpt"
+    cmd = [sys.executable, "-m", "subnetdp", "train", *TINY, *flags, "--activation-checkpointing", "--steps", "2",
+           "--threads", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "activation checkpointing" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["activation_checkpointing"] is True and summary["steps"] == 2
+    assert json.loads((out / "config.json").read_text())["activation_checkpointing"] is True
+    resnet18(width=4).load_state_dict(load_file(out / "model.safetensors"))  # names as in the plain model
 
 
 def test_language_model_on_tiny_shakespeare(tmp_path):

@@ -6,6 +6,7 @@ layer's inner width); parameters shared by several workers are averaged over exa
 
 from subnetdp.assemble import assemble_state_dict
 from subnetdp.buckets import Bucket, build_buckets
+from subnetdp.checkpointing import checkpoint_blocks
 from subnetdp.evaluation import recalibrate_batchnorm, scale_residual_branches
 from subnetdp.init import materialize
 from subnetdp.plan import Plan, Unit, plan, valid_coverages
@@ -22,6 +23,7 @@ __all__ = [
     "assemble_state_dict",
     "build_buckets",
     "build_subnetwork",
+    "checkpoint_blocks",
     "materialize",
     "plan",
     "recalibrate_batchnorm",

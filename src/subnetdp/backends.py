@@ -1,5 +1,6 @@
 """One interface over the ways the main job can train: SDP (distributed or simulated), DDP, FSDP2,
-DDP with activation checkpointing. The training loop in :mod:`subnetdp.train` sees only this.
+each with or without activation checkpointing (``cfg.checkpointing``; ``ddp-ckpt`` is DDP with it).
+The training loop in :mod:`subnetdp.train` sees only this.
 
 A backend trains ``workers_here`` workers in this process (K when simulating, else 1), steps their
 optimizers and schedulers, reports memory and communication, and assembles the full model.
@@ -16,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from subnetdp.checkpointing import checkpoint_blocks
 from subnetdp.config import TrainConfig
 from subnetdp.engine import SubnetDataParallel
 from subnetdp.init import ModelFactory, materialize, structure_of
@@ -72,7 +74,8 @@ class SimulatedSDP:
     def __init__(self, cfg: TrainConfig, factory: ModelFactory, plan: Plan, device: torch.device, total: int) -> None:
         self.cfg, self.plan = cfg, plan
         self.sim = Simulation(factory, plan, lambda ps: make_optimizer(cfg, ps), seed=cfg.seed, device=device,
-                              neuron_scaling=cfg.neuron_scaling, sync=cfg.sync, sync_every=cfg.sync_every)
+                              neuron_scaling=cfg.neuron_scaling, sync=cfg.sync, sync_every=cfg.sync_every,
+                              checkpointing=cfg.checkpointing)
         for w in self.sim.workers:
             _channels_last(cfg, w, device)
         self.schedulers = [make_scheduler(cfg, o, total) for o in self.sim.optimizers]
@@ -131,7 +134,7 @@ def _check_finite(loss: torch.Tensor, worker: int) -> None:
 
 
 class Distributed:
-    """One worker per process under torch.distributed: SDP, DDP, FSDP2 or DDP with checkpointing."""
+    """One worker per process under torch.distributed: SDP, DDP or FSDP2, each optionally with checkpointing."""
 
     def __init__(self, cfg: TrainConfig, factory: ModelFactory, plan: Plan | None, device: torch.device,
                  total: int) -> None:
@@ -143,12 +146,15 @@ class Distributed:
         if cfg.strategy == "sdp":
             assert plan is not None
             self.sdp = SubnetDataParallel(factory, plan, seed=cfg.seed, device=device, sync=cfg.sync,
-                                          sync_every=cfg.sync_every, neuron_scaling=cfg.neuron_scaling)
+                                          sync_every=cfg.sync_every, neuron_scaling=cfg.neuron_scaling,
+                                          checkpointing=cfg.checkpointing)
             _channels_last(cfg, self.sdp.module, device)
             model: nn.Module = self.sdp
         else:
             base = materialize(factory, seed=cfg.seed, device=device)
             base = _channels_last(cfg, base, device)
+            if cfg.checkpointing == "blocks":  # before fully_shard, as torchtitan orders them
+                checkpoint_blocks(base)
             if cfg.strategy == "fsdp":
                 from torch.distributed.fsdp import fully_shard
 
@@ -156,13 +162,6 @@ class Distributed:
                     fully_shard(base.get_submodule(b.name))
                 model = fully_shard(base)
             else:
-                if cfg.strategy == "ddp-ckpt":
-                    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-                        apply_activation_checkpointing,
-                    )
-
-                    blocks = {id(base.get_submodule(b.name)) for b in find_blocks(base)}
-                    apply_activation_checkpointing(base, check_fn=lambda m: id(m) in blocks)
                 ids = [device.index] if device.type == "cuda" else None
                 model = nn.parallel.DistributedDataParallel(base, device_ids=ids)
         self.model = model
@@ -197,8 +196,7 @@ class Distributed:
 
             full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             return full if self.rank == 0 else None
-        module = self.model.module
-        sd = {k.replace("_checkpoint_wrapped_module.", ""): v.detach().cpu() for k, v in module.state_dict().items()}
+        sd = {k: v.detach().cpu() for k, v in self.model.module.state_dict().items()}
         return sd if self.rank == 0 else None
 
     def comm_bytes_per_step(self) -> list[int | None]:

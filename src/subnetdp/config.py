@@ -38,6 +38,9 @@ class TrainConfig:
     test_subset: int | None = field(default=None, metadata={"help": "evaluate on N test examples drawn with --seed (quick runs)"})
     # how to parallelise
     strategy: str = field(default="sdp", metadata={"help": "sdp, ddp, fsdp (FSDP2) or ddp-ckpt (DDP + activation checkpointing)"})
+    activation_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute every residual block in backward instead of keeping its activations (any strategy; "
+                "SDP: the blocks a worker has; --strategy ddp-ckpt is ddp with this on)"})
     level: str = field(default="block", metadata={"help": "SDP units: block (residual blocks) or neuron (inner widths)"})
     coverage: float = field(default=0.5, metadata={"help": "SDP coverage C in (0, 1]: fraction of units per worker"})
     simulate: int | None = field(default=None, metadata={"help": "run K SDP workers in this one process"})
@@ -90,6 +93,11 @@ class TrainConfig:
     @property
     def peak_lr(self) -> float:
         return self.lr if self.lr is not None else (0.1 if self.optimizer == "sgd" else 1e-3)
+
+    @property
+    def checkpointing(self) -> str:
+        """``"blocks"`` when activations are checkpointed (the flag, or ``--strategy ddp-ckpt``), else ``"none"``."""
+        return "blocks" if self.activation_checkpointing or self.strategy == "ddp-ckpt" else "none"
 
     def run_dir(self) -> Path:
         if self.out:

@@ -290,6 +290,7 @@ def _summary(cfg: TrainConfig, backend: SimulatedSDP | Distributed, plan: Plan |
     total_params = plan.total_params if plan is not None else None
     return {
         "strategy": cfg.strategy, "level": cfg.level if cfg.strategy == "sdp" else None,
+        "activation_checkpointing": cfg.checkpointing == "blocks",
         "coverage": cfg.coverage if cfg.strategy == "sdp" else 1.0, "model": cfg.model, "width": cfg.width,
         "dataset": "CIFAR-10 (JPEG)" if cfg.dataset == "cifar10-jpeg" else cfg.dataset,
         "workers": world, "simulated": bool(cfg.simulate), "device": str(device),
@@ -324,6 +325,8 @@ def _print_header(cfg: TrainConfig, world: int, device: torch.device, plan: Plan
                   epochs: int) -> None:
     mode = f"simulated in one process ({world} workers)" if cfg.simulate else f"{world} process(es)"
     what = f"SDP level={cfg.level} C={cfg.coverage:g}" if cfg.strategy == "sdp" else cfg.strategy.upper()
+    if cfg.checkpointing == "blocks" and cfg.strategy != "ddp-ckpt":
+        what += " + activation checkpointing"
     print(f"subnetdp train: {what} | {cfg.model} on {cfg.dataset} | {mode} on {device} | "
           f"{total} steps in {epochs} epoch(s), batch {cfg.batch_size}/worker | run dir {cfg.run_dir()}")
     if plan is not None:
