@@ -1,4 +1,5 @@
-"""Per-worker peak memory and step time of SDP against DDP, DDP + activation checkpointing and FSDP2,
+"""Per-worker peak memory and step time of SDP against DDP, DDP + activation checkpointing and FSDP2
+(SDP and FSDP2 also with checkpointing),
 at full size on one GPU (about 8 minutes on an H200: 2.5 for memory and time, 3 for the alignment
 runs), or tiny on a CPU as a smoke test.
 
@@ -18,10 +19,14 @@ a LLaMA preset with AdamW) and K = 8 workers:
   the plan's first-principles prediction stands next to it;
 * DDP: the full model's step (**measured**; DDP's gradient buckets, one more gradient-sized buffer,
   are not allocated here and are listed as derived);
-* DDP + checkpointing: the full model with ``checkpoint_wrapper`` on every block (**measured**);
+* DDP + checkpointing: the full model with every block checkpointed (``subnetdp.checkpoint_blocks``,
+  as the ``ddp-ckpt`` strategy; **measured**);
+* SDP + checkpointing (``SDP+ckpt``): every worker's subnetwork with every block it has checkpointed,
+  measured like SDP (``--sdp-checkpointing``: none, blocks or both);
 * FSDP2: one GPU cannot shard 8 ways, so its per-worker peak is **derived**: DDP's measured peak
   minus the full model state plus the state sharded 8 ways plus the largest block's parameters
   unsharded (FSDP does not shrink activations). Its step time is not measured here.
+  FSDP2 + checkpointing: the same from DDP+ckpt's measured peak.
 
 Per configuration it also lists each worker's gradient traffic per step, derived from the plan's
 buckets (the groups the engine all-reduces over; the CPU torchrun runs of ``subnetdp bench`` check that
@@ -78,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--coverages", default="0.875,0.75,0.5,0.25")
     p.add_argument("--levels", default="block,neuron")
+    p.add_argument("--sdp-checkpointing", default="both", choices=("none", "blocks", "both"),
+                   help="SDP rows without activation checkpointing, with it (SDP+ckpt), or both")
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--batches", default="64,128,256,512", help="ResNet samples per worker per step")
     p.add_argument("--llama-model", default="llama_125m")
@@ -119,20 +126,24 @@ def summarise(part: dict, workers: int) -> list[dict]:
     """One row per strategy: worst-worker peak (allocated or, on CPU, state + saved), step time."""
     rows = []
     ddp = next(r for r in part["rows"] if r["strategy"] == "ddp")["workers"][0]
+    ddp_ckpt = next(r for r in part["rows"] if r["strategy"] == "ddp-ckpt")["workers"][0]
     cuda = "peak_allocated_bytes" in ddp["measured"]
 
     def peak(m: dict) -> float:
         return m["peak_allocated_bytes"]["median"] if cuda else m["total_bytes"]
 
-    ddp_peak = peak(ddp["measured"])
+    ddp_peak, ckpt_peak = peak(ddp["measured"]), peak(ddp_ckpt["measured"])
+    ckpt_step = ddp_ckpt["measured"]["step_s"]["median"]
     for r in part["rows"]:
         ws = r["workers"]
-        if r["strategy"] == "fsdp":
-            m = ddp["measured"]
+        if r["strategy"] == "fsdp":  # from DDP's measured peak, or DDP+ckpt's when checkpointed
+            base = ddp_ckpt if r.get("checkpointing") else ddp
+            m = base["measured"]
             sharded = m["state_bytes"] / workers
-            value = ddp_peak - m["state_bytes"] + sharded + ws[0]["derived"]["unsharded_block_bytes"]
+            value = peak(m) - m["state_bytes"] + sharded + ws[0]["derived"]["unsharded_block_bytes"]
             rows.append({"name": r["name"], "basis": "derived", "peak_bytes": value, "peak_ratio_to_ddp": value / ddp_peak,
-                         "predicted_bytes": None, "step_ms": None, "step_ratio_to_ddp": None, **ws[0]["comm"]})
+                         "peak_ratio_to_ddp_ckpt": value / ckpt_peak, "predicted_bytes": None, "step_ms": None,
+                         "step_ratio_to_ddp": None, "step_ratio_to_ddp_ckpt": None, **ws[0]["comm"]})
             continue
         peaks = [peak(w["measured"]) for w in ws]
         steps = [w["measured"]["step_s"]["median"] for w in ws]
@@ -140,10 +151,12 @@ def summarise(part: dict, workers: int) -> list[dict]:
         pred = ws[worst]["predicted"].get("total_bytes")
         rows.append({
             "name": r["name"], "basis": "measured", "peak_bytes": peaks[worst], "peak_min_bytes": min(peaks),
-            "peak_ratio_to_ddp": peaks[worst] / ddp_peak, "predicted_bytes": pred,
+            "peak_ratio_to_ddp": peaks[worst] / ddp_peak, "peak_ratio_to_ddp_ckpt": peaks[worst] / ckpt_peak,
+            "predicted_bytes": pred,
             "saved_plus_state_bytes": ws[worst]["measured"]["total_bytes"],
             "step_ms": max(steps) * 1e3, "step_mean_ms": statistics.fmean(steps) * 1e3,
             "step_ratio_to_ddp": max(steps) / ddp["measured"]["step_s"]["median"],
+            "step_ratio_to_ddp_ckpt": max(steps) / ckpt_step,
             "collective_bytes": max(w["comm"]["collective_bytes"] for w in ws),
             "ring_bytes": max(w["comm"]["ring_bytes"] for w in ws),
         })
@@ -152,16 +165,19 @@ def summarise(part: dict, workers: int) -> list[dict]:
 
 def markdown(rows: list[dict], cuda: bool) -> str:
     peak_name = "peak allocated MiB" if cuda else "state + saved MiB"
-    head = (f"| configuration | basis | {peak_name} (worst worker) [best] | ratio to DDP | predicted state+activations MiB "
-            "| step ms (slowest worker; mean) | step / DDP | all-reduce MiB/step; ring MiB (largest worker) |")
+    head = (f"| configuration | basis | {peak_name} (worst worker) [best] | ratio to DDP | ratio to DDP+ckpt "
+            "| predicted state+activations MiB | step ms (slowest worker; mean) | step / DDP | step / DDP+ckpt "
+            "| all-reduce MiB/step; ring MiB (largest worker) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         best = f" [{r['peak_min_bytes'] / 2**20:.1f}]" if "peak_min_bytes" in r else ""
         pred = f"{r['predicted_bytes'] / 2**20:.1f}" if r["predicted_bytes"] else "n/a"
         step = f"{r['step_ms']:.1f}; {r['step_mean_ms']:.1f}" if r["step_ms"] is not None else "not measured"
         ratio = f"{r['step_ratio_to_ddp']:.2f}" if r["step_ratio_to_ddp"] is not None else "n/a"
+        ratio_ckpt = f"{r['step_ratio_to_ddp_ckpt']:.2f}" if r["step_ratio_to_ddp_ckpt"] is not None else "n/a"
         lines.append(f"| {r['name']} | {r['basis']} | {r['peak_bytes'] / 2**20:.1f}{best} | {r['peak_ratio_to_ddp']:.3f} "
-                     f"| {pred} | {step} | {ratio} | {r['collective_bytes'] / 2**20:.1f}; {r['ring_bytes'] / 2**20:.1f} |")
+                     f"| {r['peak_ratio_to_ddp_ckpt']:.3f} | {pred} | {step} | {ratio} | {ratio_ckpt} "
+                     f"| {r['collective_bytes'] / 2**20:.1f}; {r['ring_bytes'] / 2**20:.1f} |")
     return "\n".join(lines)
 
 
@@ -253,22 +269,25 @@ def plot_peak_and_time(part: dict, machine: str, path: Path) -> None:
     fig, (mem, tim) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=90)
     rows = {r["name"]: r for r in part["summary"]}
     peak = "allocator peak" if "peak_allocated_bytes" in part["rows"][0]["workers"][0]["measured"] else "state + saved"
-    for level in ("block", "neuron"):
-        pts = sorted((r["coverage"], rows[r["name"]]) for r in part["rows"] if r["level"] == level)
-        if not pts:
-            continue
-        cs = [c for c, _ in pts]
-        line, = mem.plot(cs, [r["peak_bytes"] / 2**20 for _, r in pts], "o-", label=f"SDP {level}: {peak}")
-        mem.plot(cs, [r["saved_plus_state_bytes"] / 2**20 for _, r in pts], "x--", color=line.get_color(), alpha=0.6,
-                 label=f"SDP {level}: state + saved")
-        tim.plot(cs, [r["step_ms"] for _, r in pts], "o-", label=f"SDP {level}")
+    for ckpt in (False, True):
+        for level in ("block", "neuron"):
+            pts = sorted((r["coverage"], rows[r["name"]]) for r in part["rows"]
+                         if r["level"] == level and r.get("checkpointing", False) == ckpt)
+            if not pts:
+                continue
+            cs = [c for c, _ in pts]
+            name = f"{'SDP+ckpt' if ckpt else 'SDP'} {level}"
+            line, = mem.plot(cs, [r["peak_bytes"] / 2**20 for _, r in pts], "s-" if ckpt else "o-", label=f"{name}: {peak}")
+            mem.plot(cs, [r["saved_plus_state_bytes"] / 2**20 for _, r in pts], "x--", color=line.get_color(), alpha=0.6,
+                     label=f"{name}: state + saved")
+            tim.plot(cs, [r["step_ms"] for _, r in pts], "s-" if ckpt else "o-", label=name)
     for name, style in (("DDP", "-"), ("DDP+ckpt", ":")):
         if name in rows:
             mem.axhline(rows[name]["peak_bytes"] / 2**20, color="k", lw=1, linestyle=style, label=name)
             tim.axhline(rows[name]["step_ms"], color="k", lw=1, linestyle=style, label=name)
-    fsdp = next((r for n, r in rows.items() if n.startswith("FSDP2")), None)
-    if fsdp:
-        mem.axhline(fsdp["peak_bytes"] / 2**20, color="k", lw=1, linestyle="-.", label=f"{fsdp['name']} (derived)")
+    for fsdp in (r for n, r in rows.items() if n.startswith("FSDP2")):
+        mem.axhline(fsdp["peak_bytes"] / 2**20, color="k" if "+ckpt" not in fsdp["name"] else "C7", lw=1,
+                    linestyle="-.", label=f"{fsdp['name']} (derived)")
     mem.set(xlabel="coverage C", ylabel="MiB, worst worker", title="peak memory vs coverage")
     tim.set(xlabel="coverage C", ylabel="ms per step, slowest worker", title="step time vs coverage (compute)")
     for ax in (mem, tim):
@@ -329,6 +348,7 @@ def main(argv: list[str] | None = None) -> dict:
     coverages = [float(c) for c in args.coverages.split(",")]
     coverages = [c for c in coverages if abs(c * args.workers - round(c * args.workers)) < 1e-9]
     levels = args.levels.split(",")
+    ckpt_modes = ("none", "blocks") if args.sdp_checkpointing == "both" else (args.sdp_checkpointing,)
     specs = [{"kind": "image", "model": "resnet18", "width": args.width, "batch": int(b), "optimizer": "sgd-momentum"}
              for b in args.batches.split(",")]
     if not args.skip_llama:  # second, so that both models are covered if the time budget cuts the larger batches
@@ -353,7 +373,7 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         t0 = time.perf_counter()
         part = memory_part(spec, args.workers, coverages, levels, args.repeats, device,
-                           log=lambda s: print(s, flush=True))
+                           log=lambda s: print(s, flush=True), checkpointing=ckpt_modes)
         rows = summarise(part, args.workers)
         part["summary"], part["wall_s"] = rows, time.perf_counter() - t0
         result["workloads"].append(part)

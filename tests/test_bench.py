@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_memory_part_measures_every_strategy_and_worker():
     part = memory_part(TINY, 2, [0.5], ["block", "neuron"], 1, torch.device("cpu"), log=lambda s: None)
     rows = {r["name"]: r for r in part["rows"]}
-    assert list(rows) == ["DDP", "DDP+ckpt", "FSDP2 (K=2)", "SDP block C=0.5", "SDP neuron C=0.5"]
+    assert list(rows) == ["DDP", "DDP+ckpt", "FSDP2 (K=2)", "FSDP2+ckpt (K=2)", "SDP block C=0.5", "SDP neuron C=0.5",
+                          "SDP+ckpt block C=0.5", "SDP+ckpt neuron C=0.5"]
     n = sum(p.numel() for p in sd.materialize(_factory()).parameters())
     ddp = rows["DDP"]["workers"][0]["measured"]
     assert ddp["param_bytes"] == ddp["grad_bytes"] == ddp["optimizer_bytes"] == 4 * n
@@ -48,6 +49,13 @@ def test_memory_part_measures_every_strategy_and_worker():
             assert w["comm"]["ring_bytes"] == pytest.approx(w["comm"]["collective_bytes"])
     assert rows["DDP"]["workers"][0]["comm"] == {"collective_bytes": 4 * n, "ring_bytes": 4 * n}
     assert rows["FSDP2 (K=2)"]["workers"][0]["comm"]["collective_bytes"] == fsdp2_bytes(4 * n, 2)[0]
+    fsdp_ckpt = rows["FSDP2+ckpt (K=2)"]["workers"][0]["measured"]
+    assert fsdp_ckpt["param_bytes"] == fsdp["param_bytes"] and fsdp_ckpt["activation_bytes"] == ckpt["activation_bytes"]
+    for level in ("block", "neuron"):
+        for plain, with_ckpt in zip(rows[f"SDP {level} C=0.5"]["workers"], rows[f"SDP+ckpt {level} C=0.5"]["workers"]):
+            a, b = plain["measured"], with_ckpt["measured"]
+            assert b["state_bytes"] == a["state_bytes"] and b["activation_bytes"] < a["activation_bytes"]
+            assert with_ckpt["comm"] == plain["comm"]
 
 
 def _factory():
@@ -75,17 +83,20 @@ def test_bench_end_to_end_with_torchrun(tmp_path):
     for png in result["workloads"][0]["plots"]:
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     timing = {r["name"]: r for r in result["workloads"][0]["timing"]["rows"]}
-    assert set(timing) == {"DDP", "DDP+ckpt", "FSDP2 (K=2)", "SDP block C=0.5", "SDP neuron C=0.5"}
+    assert set(timing) == {"DDP", "DDP+ckpt", "FSDP2 (K=2)", "FSDP2+ckpt (K=2)", "SDP block C=0.5", "SDP neuron C=0.5",
+                           "SDP+ckpt block C=0.5", "SDP+ckpt neuron C=0.5"}
     n = sum(p.numel() for p in sd.materialize(_factory()).parameters())
     assert timing["DDP"]["bytes_per_rank"] == [4 * n, 4 * n] == timing["DDP+ckpt"]["bytes_per_rank"]
     memory = {r["name"]: r for r in result["workloads"][0]["rows"]}
-    for name in ("SDP block C=0.5", "SDP neuron C=0.5"):
+    for name in ("SDP block C=0.5", "SDP neuron C=0.5", "SDP+ckpt block C=0.5", "SDP+ckpt neuron C=0.5"):
         assert timing[name]["bytes_per_rank"] == timing[name]["predicted_bytes_per_rank"]
         # the plan-derived traffic of the memory part is what the engine's counters measured
         assert timing[name]["bytes_per_rank"] == [w["comm"]["collective_bytes"] for w in memory[name]["workers"]]
         assert all(b < 4 * n for b in timing[name]["bytes_per_rank"])
-    local = timing["FSDP2 (K=2)"]["local_state_per_rank"]
-    assert sum(s["param_bytes"] for s in local) == 4 * n  # the shards add up to the model, measured
+    for name in ("FSDP2 (K=2)", "FSDP2+ckpt (K=2)"):
+        local = timing[name]["local_state_per_rank"]
+        assert sum(s["param_bytes"] for s in local) == 4 * n  # the shards add up to the model, measured
+    assert timing["SDP+ckpt block C=0.5"]["bytes_per_rank"] == timing["SDP block C=0.5"]["bytes_per_rank"]
 
 
 def _tiny_cifar10_jpeg(folder: Path, train: int = 64, test: int = 8) -> None:
@@ -119,12 +130,17 @@ def test_gpu_measure_smoke_on_cpu(tmp_path):
     assert len(data["workloads"]) == 2 and not data["skipped"]
     for part in data["workloads"]:
         names = [r["name"] for r in part["summary"]]
-        assert names[:3] == ["DDP", "DDP+ckpt", "FSDP2 (K=4)"]
-        assert {f"SDP {lv} C={c:g}" for lv in ("block", "neuron") for c in (0.75, 0.5, 0.25)} <= set(names)
+        assert names[:4] == ["DDP", "DDP+ckpt", "FSDP2 (K=4)", "FSDP2+ckpt (K=4)"]
+        assert {f"{s} {lv} C={c:g}" for s in ("SDP", "SDP+ckpt") for lv in ("block", "neuron")
+                for c in (0.75, 0.5, 0.25)} <= set(names)
+        rows = {r["name"]: r for r in part["summary"]}
+        assert rows["FSDP2+ckpt (K=4)"]["peak_bytes"] < rows["FSDP2 (K=4)"]["peak_bytes"]
         for r in part["summary"]:
-            if r["name"].startswith("SDP"):
+            if r["name"].startswith("SDP "):
                 assert r["peak_ratio_to_ddp"] < 1
                 assert r["saved_plus_state_bytes"] == pytest.approx(r["predicted_bytes"], rel=0.15)
+                ckpt = rows[r["name"].replace("SDP ", "SDP+ckpt ")]
+                assert ckpt["saved_plus_state_bytes"] < r["saved_plus_state_bytes"]
     assert "| FSDP2 (K=4) | derived |" in (tmp_path / "gpu_measure.md").read_text()
     for r in data["workloads"][0]["summary"]:  # every configuration lists its gradient traffic
         assert r["collective_bytes"] > 0 and r["ring_bytes"] > 0

@@ -1,5 +1,5 @@
 """``subnetdp bench``: memory, communication and step time of SDP against DDP, FSDP2 and DDP with
-activation checkpointing, all in one invocation.
+activation checkpointing, each of SDP and FSDP2 also with checkpointing, all in one invocation.
 
 Two parts, each labelled in the output with what is measured and what is derived:
 
@@ -11,23 +11,29 @@ Two parts, each labelled in the output with what is measured and what is derived
 
    - DDP: the full model's step (measured). DDP also allocates gradient buckets, one more
      gradient-sized buffer (``gradient_as_bucket_view=False``, the default): added as *derived*.
-   - DDP + activation checkpointing: the full model with ``checkpoint_wrapper`` on every block, as
-     the ``ddp-ckpt`` strategy builds it (measured; the saved bytes are the checkpointed blocks'
-     inputs plus what runs outside the blocks. Backward recomputes one block at a time on top).
+   - DDP + activation checkpointing: the full model with every block checkpointed
+     (:func:`subnetdp.checkpoint_blocks`, as the ``ddp-ckpt`` strategy builds it; measured; the saved
+     bytes are the checkpointed blocks' inputs plus what runs outside the blocks. Backward recomputes
+     one block at a time on top).
    - FSDP2 (``fully_shard`` on every block and the root): *derived* here: parameters, gradients and
      optimizer state sharded ``1/K`` (the full model's measured state / K), activations those of the
      full model (FSDP does not shrink them; measured DDP activations), plus the unsharded
      parameters of the largest block in flight. The torchrun part measures the local shard sizes.
+   - FSDP2 + checkpointing: derived the same way, with DDP+ckpt's measured activations.
+   - SDP + checkpointing (``SDP+ckpt``): each worker's subnetwork with every block it has
+     checkpointed (``build_subnetwork(..., checkpointing="blocks")``), measured like SDP.
 
 2. **Communication and time per step under torchrun** (``--time-ranks N`` processes, gloo on CPU):
    all configurations built once, then run in interleaved rounds (order reversed every other round)
    so that machine noise hits them alike; each timed step starts at a barrier and its time is the
    slowest rank's. DDP runs with ``broadcast_buffers=False`` so that, like SDP, it communicates
    gradients only. Per configuration: bytes handed to collectives per step (DDP: counted by a comm hook;
-   SDP: the engine's counters; FSDP2: derived, see :func:`fsdp2_bytes`), the implied ring traffic
+   SDP: the engine's counters; FSDP2 with or without checkpointing: derived, see :func:`fsdp2_bytes`),
+   the implied ring traffic
    ``2 (n - 1) / n x bytes`` per all-reduce over a group of ``n``, the step time, the *compute* time
    (the same step with communication off: ``no_sync()`` for DDP and SDP; FSDP2 has no such switch and
-   is given the full model's local step) and exposed communication = step - compute, samples/s.
+   is given DDP's local step, or DDP+ckpt's when checkpointed) and exposed communication = step -
+   compute, samples/s.
 
 Outputs (``--out``): ``bench.json``, ``bench.md`` (the tables), and PNG plots.
 """
@@ -52,6 +58,7 @@ import torch
 from torch import nn
 
 from subnetdp.buckets import build_buckets
+from subnetdp.checkpointing import checkpoint_blocks
 from subnetdp.init import build_meta, materialize
 from subnetdp.memory import (
     ActivationProfile,
@@ -91,15 +98,6 @@ def workload_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
     return specs
 
 
-def checkpointed(model: nn.Module) -> nn.Module:
-    """``model`` with activation checkpointing on every block (as the ``ddp-ckpt`` strategy does)."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
-
-    blocks = {id(model.get_submodule(b.name)) for b in find_blocks(model)}
-    apply_activation_checkpointing(model, check_fn=lambda m: id(m) in blocks)
-    return model
-
-
 # ---- part 1: memory per worker, in this process ------------------------------------------------------
 def _measure(model: nn.Module, optimizer_name: str, batch: Any, w: Workload, repeats: int,
              device: torch.device) -> dict[str, Any]:
@@ -127,8 +125,13 @@ def _ratios(measured: dict[str, Any], predicted: dict[str, int]) -> dict[str, fl
 
 
 def memory_part(spec: dict[str, Any], workers: int, coverages: Sequence[float], levels: Sequence[str],
-                repeats: int, device: torch.device, seed: int = 0, log=print) -> dict[str, Any]:
-    """Memory per worker of every strategy for one workload (see the module docstring)."""
+                repeats: int, device: torch.device, seed: int = 0, log=print,
+                checkpointing: Sequence[str] = ("none", "blocks")) -> dict[str, Any]:
+    """Memory per worker of every strategy for one workload (see the module docstring).
+
+    ``checkpointing`` says which SDP variants to measure: without (``"none"``) and with activation
+    checkpointing of every block a worker has (``"blocks"``, rows ``SDP+ckpt ...``).
+    """
     w = workload_from_spec(spec)
     batch_size, opt_name = spec["batch"], spec["optimizer"]
     batch = w.make_batch(batch_size, device, seed)
@@ -137,9 +140,9 @@ def memory_part(spec: dict[str, Any], workers: int, coverages: Sequence[float], 
     rows: list[dict[str, Any]] = []
 
     def add(name: str, strategy: str, level: str | None, coverage: float | None,
-            per_worker: list[dict[str, Any]], basis: str) -> None:
+            per_worker: list[dict[str, Any]], basis: str, ckpt: bool = False) -> None:
         rows.append({"name": name, "strategy": strategy, "level": level, "coverage": coverage,
-                     "basis": basis, "workers": per_worker})
+                     "checkpointing": ckpt, "basis": basis, "workers": per_worker})
         worst = max(per_worker, key=lambda r: r["measured"]["total_bytes"])
         log(f"  {name:<24} worst worker total {worst['measured']['total_bytes'] / 2**20:8.2f} MiB "
             f"(activations {worst['measured']['activation_bytes'] / 2**20:.2f} MiB)")
@@ -156,43 +159,54 @@ def memory_part(spec: dict[str, Any], workers: int, coverages: Sequence[float], 
         "measured (full-model step); DDP's gradient buckets derived")
     del full
 
-    ckpt = checkpointed(materialize(w.factory, seed, device))
+    ckpt = checkpoint_blocks(materialize(w.factory, seed, device))
     m_ckpt = _measure(ckpt, opt_name, batch, w, repeats, device)
     largest = max(profile.block_bytes.values(), default=0)
     add("DDP+ckpt", "ddp-ckpt", None, 1.0, [{"worker": 0, "measured": m_ckpt, "predicted": {},
                                              "ratio": {}, "derived": {**ddp_extra, "recompute_peak_bytes": largest},
                                              "comm": ddp_comm}],
-        "measured (full model, checkpoint_wrapper on every block); recompute of one block derived")
+        "measured (full model, every block checkpointed); recompute of one block derived", ckpt=True)
     del ckpt
 
     meta = build_meta(w.factory)
     largest_block = max((sum(p.numel() for p in meta.get_submodule(b.name).parameters()) for b in full_plan.blocks),
                         default=0)
-    fsdp = {k: measured[k] / workers for k in ("param_bytes", "grad_bytes", "optimizer_bytes")}
-    fsdp["activation_bytes"] = measured["activation_bytes"]
-    fsdp["state_bytes"] = fsdp["param_bytes"] + fsdp["grad_bytes"] + fsdp["optimizer_bytes"]
     in_flight = largest_block * 4  # the all-gathered parameters of the block running now
-    fsdp["total_bytes"] = fsdp["state_bytes"] + fsdp["activation_bytes"] + in_flight
     handed, ring = fsdp2_bytes(full_bytes, workers)
-    add(f"FSDP2 (K={workers})", "fsdp", None, 1.0, [{"worker": 0, "measured": fsdp, "predicted": {}, "ratio": {},
-                                                     "derived": {"unsharded_block_bytes": in_flight},
-                                                     "comm": {"collective_bytes": handed, "ring_bytes": ring}}],
-        "derived: full-model state / K + full-model activations (measured) + the largest block unsharded")
+    for suffix, acts, ckpt_on in (("", measured, False), ("+ckpt", m_ckpt, True)):
+        fsdp = {k: measured[k] / workers for k in ("param_bytes", "grad_bytes", "optimizer_bytes")}
+        fsdp["activation_bytes"] = acts["activation_bytes"]
+        fsdp["state_bytes"] = fsdp["param_bytes"] + fsdp["grad_bytes"] + fsdp["optimizer_bytes"]
+        fsdp["total_bytes"] = fsdp["state_bytes"] + fsdp["activation_bytes"] + in_flight
+        add(f"FSDP2{suffix} (K={workers})", "fsdp", None, 1.0,
+            [{"worker": 0, "measured": fsdp, "predicted": {}, "ratio": {},
+              "derived": {"unsharded_block_bytes": in_flight}, "comm": {"collective_bytes": handed, "ring_bytes": ring}}],
+            f"derived: full-model state / K + {'DDP+ckpt' if ckpt_on else 'full-model'} activations (measured) "
+            "+ the largest block unsharded", ckpt=ckpt_on)
 
-    for level in levels:
-        for c in coverages:
-            p = plan(w.factory, workers, c, level, seed)
-            per_worker = []
-            for k in range(workers):
-                sub = build_subnetwork(w.factory, p, k, seed=seed, device=device)
-                m = _measure(sub, opt_name, batch, w, repeats, device)
-                pr = predict_worker(p, k, opt_name, profile, batch_size)
-                per_worker.append({"worker": k, "measured": m, "predicted": pr, "ratio": _ratios(m, pr),
-                                   "param_fraction": p.param_count(k) / p.total_params,
-                                   "comm": bucket_traffic(sub, p, k)})
-                del sub
-            add(f"SDP {level} C={c:g}", "sdp", level, c, per_worker, "measured (each worker's subnetwork step)")
+    for ckpt_mode in checkpointing:
+        for level in levels:
+            for c in coverages:
+                p = plan(w.factory, workers, c, level, seed)
+                per_worker = []
+                for k in range(workers):
+                    sub = build_subnetwork(w.factory, p, k, seed=seed, device=device, checkpointing=ckpt_mode)
+                    m = _measure(sub, opt_name, batch, w, repeats, device)
+                    # the prediction does not model checkpointing yet: none for those rows
+                    pr = predict_worker(p, k, opt_name, profile, batch_size) if ckpt_mode == "none" else {}
+                    per_worker.append({"worker": k, "measured": m, "predicted": pr, "ratio": _ratios(m, pr),
+                                       "param_fraction": p.param_count(k) / p.total_params,
+                                       "comm": bucket_traffic(sub, p, k)})
+                    del sub
+                add(f"{sdp_name(ckpt_mode == 'blocks')} {level} C={c:g}", "sdp", level, c, per_worker,
+                    "measured (each worker's subnetwork step)" + (", every block it has checkpointed"
+                                                                  if ckpt_mode == "blocks" else ""),
+                    ckpt=ckpt_mode == "blocks")
     return {"workload": w.name, "spec": spec, "profile": _profile_json(profile), "rows": rows}
+
+
+def sdp_name(checkpointing: bool) -> str:
+    return "SDP+ckpt" if checkpointing else "SDP"
 
 
 def bucket_traffic(module: nn.Module, p: Plan, worker: int, bytes_per_element: int = 4) -> dict[str, float]:
@@ -227,9 +241,9 @@ def fsdp2_bytes(param_bytes: int, ranks: int) -> tuple[float, float]:
 
 class _Config:
     def __init__(self, name: str, strategy: str, model: nn.Module, opt: torch.optim.Optimizer,
-                 level: str | None = None, coverage: float | None = None) -> None:
+                 level: str | None = None, coverage: float | None = None, checkpointing: bool = False) -> None:
         self.name, self.strategy, self.model, self.opt = name, strategy, model, opt
-        self.level, self.coverage = level, coverage
+        self.level, self.coverage, self.checkpointing = level, coverage, checkpointing
         self.step_s: list[float] = []
         self.compute_s: list[float] = []
         self.bytes: list[int] = []
@@ -264,7 +278,8 @@ def _dist_time(spec_path: str) -> None:
 
     def ddp(module: nn.Module, name: str, strategy: str) -> _Config:
         model = nn.parallel.DistributedDataParallel(module, broadcast_buffers=False)
-        cfg = _Config(name, strategy, model, make_optimizer(opt_name, model.parameters()))
+        cfg = _Config(name, strategy, model, make_optimizer(opt_name, model.parameters()),
+                      checkpointing=strategy == "ddp-ckpt")
 
         def counting_allreduce(state, bucket):  # no annotations: DDP checks them
             state["bytes"] += bucket.buffer().numel() * bucket.buffer().element_size()
@@ -274,18 +289,23 @@ def _dist_time(spec_path: str) -> None:
         return cfg
 
     configs = [ddp(materialize(w.factory, seed), "DDP", "ddp"),
-               ddp(checkpointed(materialize(w.factory, seed)), "DDP+ckpt", "ddp-ckpt")]
-    base = materialize(w.factory, seed)
-    for b in find_blocks(base):
-        fully_shard(base.get_submodule(b.name))
-    fsdp_model = fully_shard(base)
-    configs.append(_Config(f"FSDP2 (K={world})", "fsdp", fsdp_model, make_optimizer(opt_name, fsdp_model.parameters())))
-    for level in spec["levels"]:
-        for c in spec["coverages"]:
-            p = plan(w.factory, world, c, level, seed)
-            sdp = SubnetDataParallel(w.factory, p, seed=seed)
-            configs.append(_Config(f"SDP {level} C={c:g}", "sdp", sdp, make_optimizer(opt_name, sdp.parameters()),
-                                   level, c))
+               ddp(checkpoint_blocks(materialize(w.factory, seed)), "DDP+ckpt", "ddp-ckpt")]
+    for suffix, ckpt in (("", False), ("+ckpt", True)):
+        base = materialize(w.factory, seed)
+        if ckpt:  # checkpointing first, then sharding (torchtitan's order)
+            checkpoint_blocks(base)
+        for b in find_blocks(base):
+            fully_shard(base.get_submodule(b.name))
+        fsdp_model = fully_shard(base)
+        configs.append(_Config(f"FSDP2{suffix} (K={world})", "fsdp", fsdp_model,
+                               make_optimizer(opt_name, fsdp_model.parameters()), checkpointing=ckpt))
+    for ckpt_mode in spec["checkpointing"]:
+        for level in spec["levels"]:
+            for c in spec["coverages"]:
+                p = plan(w.factory, world, c, level, seed)
+                sdp = SubnetDataParallel(w.factory, p, seed=seed, checkpointing=ckpt_mode)
+                configs.append(_Config(f"{sdp_name(ckpt_mode == 'blocks')} {level} C={c:g}", "sdp", sdp,
+                                       make_optimizer(opt_name, sdp.parameters()), level, c, ckpt_mode == "blocks"))
 
     def step(cfg: _Config) -> None:
         cfg.opt.zero_grad(set_to_none=True)
@@ -303,7 +323,6 @@ def _dist_time(spec_path: str) -> None:
                 step(cfg)
         return time.perf_counter() - t0
 
-    fsdp_cfg = configs[2]
     start = time.perf_counter()
     for r in range(spec["rounds"]):
         for cfg in configs if r % 2 == 0 else configs[::-1]:
@@ -315,7 +334,7 @@ def _dist_time(spec_path: str) -> None:
                 b1, w1 = cfg.counters()
                 cfg.bytes.append(b1 - b0)
                 cfg.wait_s.append(w1 - w0)
-            if cfg is not fsdp_cfg:  # FSDP2 cannot switch its all-gathers off: it gets DDP's local step
+            if cfg.strategy != "fsdp":  # FSDP2 cannot switch its all-gathers off: it gets DDP's local step
                 for _ in range(spec["steps"]):
                     cfg.compute_s.append(timed(cfg, False))
     elapsed = time.perf_counter() - start
@@ -338,7 +357,7 @@ def _dist_time(spec_path: str) -> None:
                 static = {"predicted_bytes": full_bytes, "ring_bytes": 2 * (world - 1) / world * full_bytes,
                           "params": full_bytes // 4}
         mine.append({"name": cfg.name, "strategy": cfg.strategy, "level": cfg.level, "coverage": cfg.coverage,
-                     "step_s": cfg.step_s, "compute_s": cfg.compute_s, "bytes": cfg.bytes, "wait_s": cfg.wait_s,
+                     "checkpointing": cfg.checkpointing, "step_s": cfg.step_s, "compute_s": cfg.compute_s, "bytes": cfg.bytes, "wait_s": cfg.wait_s,
                      "static": static})
     gathered = [None] * world if rank == 0 else None
     dist.gather_object(mine, gathered, dst=0)
@@ -359,7 +378,7 @@ def _summarise_time(gathered: list[list[dict]], batch: int, world: int) -> list[
         per_rank = [g[i] for g in gathered]
         step = [max(r["step_s"][j] for r in per_rank) for j in range(len(c0["step_s"]))]  # slowest rank
         compute = [max(r["compute_s"][j] for r in per_rank) for j in range(len(c0["compute_s"]))]
-        row = {k: c0[k] for k in ("name", "strategy", "level", "coverage")}
+        row = {k: c0[k] for k in ("name", "strategy", "level", "coverage", "checkpointing")}
         row.update(step_s=_stats(step), compute_s=_stats(compute),
                    wait_s=_stats([statistics.fmean(r["wait_s"][j] for r in per_rank) for j in range(len(step))]),
                    bytes_per_rank=[statistics.median(r["bytes"]) if r["bytes"] else None for r in per_rank],
@@ -369,27 +388,32 @@ def _summarise_time(gathered: list[list[dict]], batch: int, world: int) -> list[
         if row["strategy"] == "fsdp":
             row["bytes_basis"] = "derived (fsdp2_bytes)"
             row["local_state_per_rank"] = [r["static"]["local_state"] for r in per_rank]
-            row["compute_basis"] = "DDP's local step (FSDP2 cannot switch its collectives off)"
+            row["compute_basis"] = (f"{'DDP+ckpt' if row['checkpointing'] else 'DDP'}'s local step "
+                                    "(FSDP2 cannot switch its collectives off)")
             row["compute_s"] = None
         else:
             row["bytes_basis"] = "measured (comm hook)" if row["strategy"] != "sdp" else "measured (engine counters)"
         rows.append(row)
     ddp = next(r for r in rows if r["strategy"] == "ddp")
+    ddp_ckpt = next(r for r in rows if r["strategy"] == "ddp-ckpt")
     for r in rows:
-        compute = r["compute_s"] or ddp["compute_s"]
+        compute = r["compute_s"] or (ddp_ckpt if r["checkpointing"] else ddp)["compute_s"]
         r["exposed_comm_s"] = r["step_s"]["median"] - compute["median"]
         r["samples_per_s_per_rank"] = batch / r["step_s"]["median"]
         r["step_ratio_to_ddp"] = r["step_s"]["median"] / ddp["step_s"]["median"]
+        r["step_ratio_to_ddp_ckpt"] = r["step_s"]["median"] / ddp_ckpt["step_s"]["median"]
     return rows
 
 
 def time_part(spec: dict[str, Any], ranks: int, coverages: Sequence[float], levels: Sequence[str], steps: int,
-              warmup: int, rounds: int, seed: int = 0, timeout: float = 900) -> dict[str, Any]:
+              warmup: int, rounds: int, seed: int = 0, timeout: float = 900,
+              checkpointing: Sequence[str] = ("none", "blocks")) -> dict[str, Any]:
     """Run :func:`_dist_time` under ``torchrun --nproc-per-node ranks`` and return its JSON."""
     valid = [c for c in coverages if abs(c * ranks - round(c * ranks)) < 1e-9 and c < 1]
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, out = Path(tmp) / "spec.json", Path(tmp) / "time.json"
         spec_path.write_text(json.dumps({"workload": spec, "levels": list(levels), "coverages": valid,
+                                         "checkpointing": list(checkpointing),
                                          "steps": steps, "warmup": warmup, "rounds": rounds, "seed": seed,
                                          "out": str(out)}))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
@@ -455,17 +479,19 @@ def memory_table(part: dict[str, Any]) -> str:
 
 def time_table(part: dict[str, Any]) -> str:
     head = ("| configuration | bytes/rank/step MiB | ring traffic/rank MiB | step ms median [min-max] "
-            "| compute ms (no comm) | exposed comm ms | SDP sync wait ms | samples/s/rank | step / DDP |")
+            "| compute ms (no comm) | exposed comm ms | SDP sync wait ms | samples/s/rank | step / DDP | step / DDP+ckpt |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in part["rows"]:
         measured = [b for b in r["bytes_per_rank"] if b is not None]
         byt = _span(r["predicted_bytes_per_rank"], _mib) + " (derived)" if r["strategy"] == "fsdp" else _span(measured, _mib)
         s = r["step_s"]
-        compute = f"{r['compute_s']['median'] * 1e3:.0f}" if r["compute_s"] else "= DDP's"
+        compute = (f"{r['compute_s']['median'] * 1e3:.0f}" if r["compute_s"]
+                   else f"= {'DDP+ckpt' if r['checkpointing'] else 'DDP'}'s")
         wait = f"{r['wait_s']['median'] * 1e3:.1f}" if r["strategy"] == "sdp" else "n/a"
         lines.append(f"| {r['name']} | {byt} | {_span(r['ring_bytes_per_rank'], _mib)} | {s['median'] * 1e3:.0f} "
                      f"[{s['min'] * 1e3:.0f}-{s['max'] * 1e3:.0f}] | {compute} | {r['exposed_comm_s'] * 1e3:.0f} | "
-                     f"{wait} | {r['samples_per_s_per_rank']:.1f} | {r['step_ratio_to_ddp']:.2f} |")
+                     f"{wait} | {r['samples_per_s_per_rank']:.1f} | {r['step_ratio_to_ddp']:.2f} | "
+                     f"{r['step_ratio_to_ddp_ckpt']:.2f} |")
     return "\n".join(lines)
 
 
@@ -495,17 +521,21 @@ def plot(part: dict[str, Any], timing: dict[str, Any] | None, out: Path, stem: s
 
     fig, axes = plt.subplots(1, 2 if timing else 1, figsize=(9 if timing else 5, 3.4), dpi=90, squeeze=False)
     ax = axes[0][0]
-    ref = {r["strategy"]: worst_worker(r)["measured"]["total_bytes"] / 2**20 for r in rows if r["strategy"] != "sdp"}
-    for level in sorted({r["level"] for r in rows if r["level"]}):
+    sdp_lines = sorted({(r["level"], r.get("checkpointing", False)) for r in rows if r["level"]})
+    for level, ckpt in sdp_lines:
+        mine = [r for r in rows if r["level"] == level and r.get("checkpointing", False) == ckpt]
         pts = sorted((r["coverage"], worst_worker(r)["measured"]["total_bytes"] / 2**20,
-                      worst_worker(r)["predicted"]["total_bytes"] / 2**20) for r in rows if r["level"] == level)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"SDP {level} (measured)")
-        ax.plot([p[0] for p in pts], [p[2] for p in pts], "x--", color=ax.lines[-1].get_color(), alpha=0.6,
-                label=f"SDP {level} (predicted)")
-    for strategy, style in (("ddp", "k-"), ("ddp-ckpt", "k:"), ("fsdp", "k-.")):
-        if strategy in ref:
-            ax.axhline(ref[strategy], linestyle=style[1:], color="k", lw=1,
-                       label={"ddp": "DDP", "ddp-ckpt": "DDP+ckpt", "fsdp": "FSDP2 (derived)"}[strategy])
+                      worst_worker(r)["predicted"].get("total_bytes", 0) / 2**20) for r in mine)
+        name = f"{sdp_name(ckpt)} {level}"
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if not ckpt else "s-", label=f"{name} (measured)")
+        if all(p[2] for p in pts):
+            ax.plot([p[0] for p in pts], [p[2] for p in pts], "x--", color=ax.lines[-1].get_color(), alpha=0.6,
+                    label=f"{name} (predicted)")
+    for r in rows:
+        if r["strategy"] != "sdp":
+            ax.axhline(worst_worker(r)["measured"]["total_bytes"] / 2**20, color="k" if not r.get("checkpointing") else "C7",
+                       lw=1, linestyle={"ddp": "-", "ddp-ckpt": ":", "fsdp": "-."}[r["strategy"]],
+                       label=r["name"] + (" (derived)" if r["strategy"] == "fsdp" else ""))
     ax.set_xlabel("coverage C")
     ax.set_ylabel("MiB, worst worker")
     ax.legend(fontsize=6)
@@ -513,12 +543,13 @@ def plot(part: dict[str, Any], timing: dict[str, Any] | None, out: Path, stem: s
     if timing:
         ax = axes[0][1]
         trows = timing["rows"]
-        for level in sorted({r["level"] for r in trows if r["level"]}):
-            pts = sorted((r["coverage"], r["step_s"]["median"] * 1e3) for r in trows if r["level"] == level)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"SDP {level}")
+        for level, ckpt in sorted({(r["level"], r.get("checkpointing", False)) for r in trows if r["level"]}):
+            pts = sorted((r["coverage"], r["step_s"]["median"] * 1e3) for r in trows
+                         if r["level"] == level and r.get("checkpointing", False) == ckpt)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if not ckpt else "s-", label=f"{sdp_name(ckpt)} {level}")
         for r in trows:
             if r["strategy"] != "sdp":
-                ax.axhline(r["step_s"]["median"] * 1e3, color="k", lw=1,
+                ax.axhline(r["step_s"]["median"] * 1e3, color="k" if not r.get("checkpointing") else "C7", lw=1,
                            linestyle={"ddp": "-", "ddp-ckpt": ":", "fsdp": "-."}[r["strategy"]], label=r["name"])
         ax.set_xlabel("coverage C")
         ax.set_ylabel(f"step ms (median, {timing['ranks']} ranks)")
@@ -544,11 +575,14 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=8, help="K for the memory part (subnetworks measured in-process)")
     p.add_argument("--coverages", default="0.875,0.75,0.5,0.25", help="comma-separated SDP coverages")
     p.add_argument("--levels", default="block,neuron")
+    p.add_argument("--sdp-checkpointing", default="both", choices=("none", "blocks", "both"),
+                   help="SDP rows without activation checkpointing, with it (SDP+ckpt), or both")
     p.add_argument("--repeats", type=int, default=3, help="measured steps per worker in the memory part")
     p.add_argument("--time-ranks", type=int, default=4, help="torchrun processes for the timing part (0: skip it)")
     p.add_argument("--time-steps", type=int, default=5, help="timed steps per configuration per round")
     p.add_argument("--time-warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds")
+    p.add_argument("--time-limit", type=float, default=3600, help="seconds the torchrun part may take before it is stopped")
     p.add_argument("--full", action="store_true", help="full size: ResNet-18 width 64, batch 128")
     p.add_argument("--device", default="cpu", help="device of the memory part")
     p.add_argument("--seed", type=int, default=0)
@@ -559,7 +593,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
 def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``bench`` subcommand to ``subnetdp``'s subparsers."""
     p = subparsers.add_parser("bench", help="measure memory per worker, communication and step time of SDP "
-                                            "against DDP, FSDP2 and DDP with activation checkpointing",
+                                            "against DDP, FSDP2 and DDP, SDP and FSDP2 with activation checkpointing",
                               description=__doc__.split("\n\n")[0])
     add_bench_arguments(p)
     return p
@@ -576,6 +610,7 @@ def run_bench(args: argparse.Namespace, log=print) -> dict[str, Any]:
     device = torch.device(args.device)
     coverages = [float(c) for c in args.coverages.split(",") if c.strip()]
     levels = [lv.strip() for lv in args.levels.split(",") if lv.strip()]
+    ckpt_modes = ("none", "blocks") if args.sdp_checkpointing == "both" else (args.sdp_checkpointing,)
     start = time.perf_counter()
     result: dict[str, Any] = {"meta": {
         "command": "subnetdp bench " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
@@ -587,12 +622,12 @@ def run_bench(args: argparse.Namespace, log=print) -> dict[str, Any]:
     md = [f"Machine: {result['meta']['machine']}, torch {torch.__version__}, {torch.get_num_threads()} threads "
           f"in the memory part."]
     for spec in workload_specs(args):
-        part = memory_part(spec, args.workers, coverages, levels, args.repeats, device, args.seed, log)
+        part = memory_part(spec, args.workers, coverages, levels, args.repeats, device, args.seed, log, ckpt_modes)
         timing = None
         if args.time_ranks:
             log(f"  timing under torchrun, {args.time_ranks} ranks ...")
             timing = time_part(spec, args.time_ranks, coverages, levels, args.time_steps, args.time_warmup,
-                               args.rounds, args.seed)
+                               args.rounds, args.seed, args.time_limit, ckpt_modes)
         stem = spec["model"] + (f"_w{spec['width']}" if spec["kind"] == "image" else "")
         plots = plot(part, timing, out, stem)
         part["timing"], part["plots"] = timing, [p.name for p in plots]
