@@ -84,6 +84,24 @@ def _plan_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate_command(args: argparse.Namespace) -> int:
+    import json
+
+    from subnetdp.train import evaluate_run
+
+    try:
+        result = evaluate_run(args.run, args.device)
+    except (FileNotFoundError, ConfigError, ValueError) as e:
+        print(f"subnetdp evaluate: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k:<12} {v:.4f}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _Parser(prog="subnetdp", description="Subnetwork Data Parallelism for PyTorch")
@@ -111,6 +129,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     add_bench_parser(sub)
 
+    ev = sub.add_parser("evaluate", help="evaluate a finished run's model.safetensors on its test data",
+                        description="Test accuracy (images) or validation loss (text) of RUN_DIR/model.safetensors, "
+                                    "from the run's files alone (config.json names the data, model and precision).")
+    ev.add_argument("run", metavar="RUN_DIR", help="run directory of subnetdp train")
+    ev.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device to evaluate on")
+    ev.add_argument("--json", action="store_true", help="print one JSON object with the keys of summary.json's 'final'")
+
     rep = sub.add_parser("report", help="markdown table and PNG plots from run directories")
     rep.add_argument("runs", nargs="+", help="run directories (each with summary.json and metrics.jsonl)")
     rep.add_argument("--out", default="report", help="folder for report.md and the plots")
@@ -127,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         run_bench(args)
         return 0
+    if args.command == "evaluate":
+        return _evaluate_command(args)
     if args.command == "report":
         from subnetdp.report import write_report
 
