@@ -251,3 +251,42 @@ def test_evaluate_reproduces_the_summary_from_the_run_files(tmp_path, capsys):
     assert not torch.equal(raw["layer1.0.bn2.weight"], baked["layer1.0.bn2.weight"])
     assert main(["evaluate", str(tmp_path / "nothing")]) == 2
     assert "has no config.json or model.safetensors" in capsys.readouterr().err
+
+
+def test_report_tells_runs_apart_and_mixes_images_and_text(tmp_path, capsys):
+    a = train(tmp_path, "run-a", "--simulate", "2", "--steps", "2")
+    b = train(tmp_path, "run-b", "--simulate", "2", "--steps", "2", "--seed", "1")
+    lm = tmp_path / "lm"
+    assert main(["train", "--model", "llama_tiny", "--dataset", "tinyshakespeare", "--simulate", "2", "--steps", "2",
+                 "--batch-size", "2", "--seq-len", "16", "--no-progress", "--out", str(lm)]) == 0
+    assert main(["report", str(a), str(b), str(lm), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "nan" not in md and "test_acc 0." in md and "val_loss " in md
+    from subnetdp.report import _label, load_run
+    labels = [_label(load_run(d)) for d in (a, b, lm)]
+    assert len(set(labels)) == 3 and labels[0].startswith("run-a")
+
+
+def test_plan_takes_module_callable_and_predicts_the_peak(capsys):
+    assert main(["plan", "--workers", "4", "--width", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "predicted memory per worker (batch 128 per worker" in out and "worst worker:" in out
+    assert main(["plan", "--workers", "4", "--model", "subnetdp.models:resnet18"]) == 0
+    assert "holders per unit" in capsys.readouterr().out
+
+
+def test_every_flag_of_every_verb_shows_its_default():
+    import argparse
+
+    from subnetdp.cli import build_parser
+
+    verbs = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for verb, parser in verbs.items():
+        fmt = parser.formatter_class(verb)
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction) or not action.option_strings:
+                continue
+            text = fmt._expand_help(action) if action.help else ""
+            if "%(default)" not in (action.help or "") and "(default" not in text:
+                text = argparse.ArgumentDefaultsHelpFormatter(verb)._get_help_string(action) or ""
+            assert action.help and ("default" in text), f"subnetdp {verb} {action.option_strings[0]}: {text!r}"
