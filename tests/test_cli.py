@@ -290,3 +290,19 @@ def test_every_flag_of_every_verb_shows_its_default():
             if "%(default)" not in (action.help or "") and "(default" not in text:
                 text = argparse.ArgumentDefaultsHelpFormatter(verb)._get_help_string(action) or ""
             assert action.help and ("default" in text), f"subnetdp {verb} {action.option_strings[0]}: {text!r}"
+
+
+def test_workers_report_the_same_step_metrics_as_simulate(tmp_path):
+    flags = [*TINY, "--steps", "3", "--threads", "1"]
+    sim = train(tmp_path, "sim", "--simulate", "2", *flags[len(TINY):])
+    out = tmp_path / "procs"
+    proc = subprocess.run([sys.executable, "-m", "subnetdp", "train", *flags, "--workers", "2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if '"kind": "step"' in x]
+            for d in (sim, out)]
+    for a, b in zip(*rows):  # loss and accuracy over both workers, not rank 0's alone
+        assert a["step"] == b["step"]
+        assert abs(a["loss"] - b["loss"]) < 1e-4 and abs(a["acc"] - b["acc"]) < 1e-9, (a, b)
+    s = [json.loads((d / "summary.json").read_text()) for d in (sim, out)]
+    assert abs(s[0]["final"]["test_acc"] - s[1]["final"]["test_acc"]) < 1e-9
