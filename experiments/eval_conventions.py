@@ -127,7 +127,7 @@ def evaluate_conventions(full: nn.Module, plan: sd.Plan, test: TensorImageLoader
         if scale:
             sd.scale_residual_branches(model, plan)
         out[label] = accuracy(model, test)
-        sd.recalibrate_batchnorm(model, bn)  # with the scaling hooks on, if any
+        sd.recalibrate_batchnorm(model, bn)  # with the scaling applied (folded into the weights), if any
         out[f"{label}+bn"] = accuracy(model, test)
     return out
 

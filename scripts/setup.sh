@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Create .venv and install subnetdp with its test dependencies (idempotent).
+# Create .venv and install subnetdp (idempotent). `setup.sh` installs the package alone (what the
+# main job needs); `setup.sh test` adds the test dependencies and the [hf] extras (transformers,
+# timm, tokenizers), which only the tests and users' own Hugging Face/timm models need.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -15,6 +17,16 @@ pip_quiet() {  # pip's output only on failure (less the local-index notices of t
   fi
 }
 pip_quiet install --quiet --upgrade pip
-pip_quiet install --quiet -e '.[test,hf]'
+case "${1:-run}" in
+  run)
+    pip_quiet install --quiet -e .
+    check="import subnetdp, torch, torchvision" ;;
+  test)
+    pip_quiet install --quiet -e '.[test,hf]'
+    check="import subnetdp, torch, torchvision, pytest, transformers, timm" ;;
+  *)
+    echo "setup: unknown argument '$1': use 'run' (the package alone) or 'test' (with test and [hf] extras)" >&2
+    exit 2 ;;
+esac
 rm -f "$log"
-.venv/bin/python -c "import subnetdp, torch, torchvision, pytest, transformers, timm; print('subnetdp', subnetdp.__version__, 'torch', torch.__version__)"
+.venv/bin/python -c "$check; print('subnetdp', subnetdp.__version__, 'torch', torch.__version__)"

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -196,3 +198,128 @@ def test_language_model_on_a_memory_mapped_token_file(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final"]["val_loss"] > 0
     llama_tiny(vocab_size=tok.vocab_size, max_seq_len=32).load_state_dict(load_file(out / "model.safetensors"))
+
+
+def _steps_logged(out: Path) -> int:
+    f = out / "metrics.jsonl"
+    lines = f.read_text().splitlines() if f.exists() else []
+    return max([json.loads(x)["step"] for x in lines if '"kind": "step"' in x] or [0])
+
+
+def _interrupt_at(cmd: list[str], out: Path, at_step: int, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run ``cmd``, send it SIGINT once ``out``'s metrics show ``at_step``, and wait for it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + timeout
+    try:
+        while _steps_logged(out) < at_step and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def test_ctrl_c_stops_at_a_step_boundary_and_resume_is_bitwise_identical(tmp_path):
+    flags = [*TINY, "--simulate", "2", "--steps", "40", "--threads", "1"]  # 4 steps per epoch: BN, evals, resume mid-epoch
+    straight = train(tmp_path, "straight", *flags[len(TINY):])
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "subnetdp", "train", *flags, "--out", str(out)]
+    proc = _interrupt_at(cmd, out, at_step=3)
+    assert proc.returncode == 130, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr
+    stopped_at = [line for line in proc.stdout.splitlines() if line.startswith("interrupted:")]
+    assert len(stopped_at) == 1 and not (out / "summary.json").exists()
+    assert main(["train", *flags, "--out", str(out), "--resume"]) == 0
+    for name in ("model_raw.safetensors", "model.safetensors"):  # BatchNorm buffers and counters included
+        a, b = load_file(straight / name), load_file(out / name)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{name}: {k} differs after Ctrl-C and --resume"
+    s_straight = json.loads((straight / "summary.json").read_text())
+    s_resumed = json.loads((out / "summary.json").read_text())
+    assert s_resumed["final"] == s_straight["final"] and s_resumed["steps"] == 40
+    assert s_resumed["epochs"] == [{**e, "time_s": r["time_s"]} for e, r in zip(s_straight["epochs"], s_resumed["epochs"])]
+
+
+def test_ctrl_c_under_workers_prints_one_line_and_no_traceback(tmp_path):
+    out = tmp_path / "workers"
+    cmd = [sys.executable, "-m", "subnetdp", "train", *TINY, "--workers", "2", "--steps", "400", "--threads", "1",
+           "--out", str(out)]
+    proc = _interrupt_at(cmd, out, at_step=2)
+    assert proc.returncode == 130, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    assert "OMP_NUM_THREADS" not in proc.stderr  # the launcher sets it: torchrun does not warn
+    assert len([x for x in proc.stdout.splitlines() if x.startswith("interrupted:")]) == 1
+    assert (out / "checkpoints" / "latest").exists() and not (out / "summary.json").exists()
+
+
+def test_evaluate_reproduces_the_summary_from_the_run_files(tmp_path, capsys):
+    out = train(tmp_path, "run", "--simulate", "4", "--coverage", "0.5", "--level", "block", "--steps", "4")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["evaluation"]["residual_scaling"] and summary["evaluation"]["bn_recalibrate"] > 0
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == summary["final"]
+    raw, baked = load_file(out / "model_raw.safetensors"), load_file(out / "model.safetensors")
+    assert not torch.equal(raw["layer1.0.bn2.weight"], baked["layer1.0.bn2.weight"])
+    assert main(["evaluate", str(tmp_path / "nothing")]) == 2
+    assert "has no config.json or model.safetensors" in capsys.readouterr().err
+
+
+def test_report_tells_runs_apart_and_mixes_images_and_text(tmp_path, capsys):
+    a = train(tmp_path, "run-a", "--simulate", "2", "--steps", "2")
+    b = train(tmp_path, "run-b", "--simulate", "2", "--steps", "2", "--seed", "1")
+    lm = tmp_path / "lm"
+    assert main(["train", "--model", "llama_tiny", "--dataset", "tinyshakespeare", "--simulate", "2", "--steps", "2",
+                 "--batch-size", "2", "--seq-len", "16", "--no-progress", "--out", str(lm)]) == 0
+    assert main(["report", str(a), str(b), str(lm), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "nan" not in md and "test_acc 0." in md and "val_loss " in md
+    from subnetdp.report import _label, load_run
+    labels = [_label(load_run(d)) for d in (a, b, lm)]
+    assert len(set(labels)) == 3 and labels[0].startswith("run-a")
+
+
+def test_plan_takes_module_callable_and_predicts_the_peak(capsys):
+    assert main(["plan", "--workers", "4", "--width", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "predicted memory per worker (batch 128 per worker" in out and "worst worker:" in out
+    assert main(["plan", "--workers", "4", "--model", "subnetdp.models:resnet18"]) == 0
+    assert "holders per unit" in capsys.readouterr().out
+
+
+def test_every_flag_of_every_verb_shows_its_default():
+    import argparse
+
+    from subnetdp.cli import build_parser
+
+    verbs = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for verb, parser in verbs.items():
+        fmt = parser.formatter_class(verb)
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction) or not action.option_strings:
+                continue
+            text = fmt._expand_help(action) if action.help else ""
+            if "%(default)" not in (action.help or "") and "(default" not in text:
+                text = argparse.ArgumentDefaultsHelpFormatter(verb)._get_help_string(action) or ""
+            assert action.help and ("default" in text), f"subnetdp {verb} {action.option_strings[0]}: {text!r}"
+
+
+def test_workers_report_the_same_step_metrics_as_simulate(tmp_path):
+    flags = [*TINY, "--steps", "3", "--threads", "1"]
+    sim = train(tmp_path, "sim", "--simulate", "2", *flags[len(TINY):])
+    out = tmp_path / "procs"
+    proc = subprocess.run([sys.executable, "-m", "subnetdp", "train", *flags, "--workers", "2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if '"kind": "step"' in x]
+            for d in (sim, out)]
+    for a, b in zip(*rows):  # loss and accuracy over both workers, not rank 0's alone
+        assert a["step"] == b["step"]
+        assert abs(a["loss"] - b["loss"]) < 1e-4 and abs(a["acc"] - b["acc"]) < 1e-9, (a, b)
+    s = [json.loads((d / "summary.json").read_text()) for d in (sim, out)]
+    assert abs(s[0]["final"]["test_acc"] - s[1]["final"]["test_acc"]) < 1e-9

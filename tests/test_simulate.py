@@ -158,22 +158,48 @@ def test_residual_scaling_and_batchnorm_recalibration():
     model = sd.materialize(f).eval()
     x = torch.randn(4, 3, 32, 32)
     plain = model(x)
-    handles = sd.scale_residual_branches(model, p)
-    scaled = model(x)
-    assert not torch.allclose(plain, scaled)
+    scaled_model = copy.deepcopy(model)
+    layers = sd.scale_residual_branches(scaled_model, p)
+    assert layers == [f"{u.name}.bn2" for u in p.units]  # BasicBlock: the branch ends in bn2
+
+    # folded into bn2's weight and bias, it is stochastic depth's test-time block relu(x + r/K * f(x))
+    def depth_scaled(_m, args, _out, block):
+        h = args[0]
+        f_x = block.bn2(block.conv2(block.relu(block.bn1(block.conv1(h)))))
+        return torch.relu(h + 0.5 * f_x)
+
+    handles = [model.get_submodule(u.name).register_forward_hook(
+        lambda m, a, o, b=model.get_submodule(u.name): depth_scaled(m, a, o, b)) for u in p.units]
+    torch.testing.assert_close(scaled_model(x), model(x))
     for h in handles:
         h.remove()
-    torch.testing.assert_close(model(x), plain)
-    one = sd.plan(f, 4, 1.0, "block")
-    handles = sd.scale_residual_branches(model, one)  # scale 1 changes nothing
-    torch.testing.assert_close(model(x), plain)
-    for h in handles:
-        h.remove()
+    assert not torch.allclose(plain, scaled_model(x))
+    untouched = copy.deepcopy(model)
+    sd.scale_residual_branches(untouched, sd.plan(f, 4, 1.0, "block"))  # scale 1 changes nothing
+    torch.testing.assert_close(untouched(x), plain)
     n = sd.recalibrate_batchnorm(model, [x])
     assert n == 1 and not model.training
     torch.testing.assert_close(model.bn1.running_mean, model.conv1(x).mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    mean = model.bn1.running_mean.clone()
+    assert sd.recalibrate_batchnorm(model, [(x, torch.zeros(4, dtype=torch.long))]) == 1  # (x, y) batches too
+    torch.testing.assert_close(model.bn1.running_mean, mean, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="an input tensor or an \\(inputs, targets\\) pair, got str"):
+        sd.recalibrate_batchnorm(model, ["x"])
     with pytest.raises(ValueError, match="block-level"):
         sd.scale_residual_branches(model, sd.plan(f, 4, 0.5, "neuron"))
+
+
+def test_residual_scaling_of_a_transformer_block_scales_both_branches():
+    from subnetdp.models import llama_tiny
+
+    f = lambda: llama_tiny(vocab_size=17, max_seq_len=8)  # noqa: E731
+    p = sd.plan(f, 4, 0.5, "block")
+    model = sd.materialize(f)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    layers = sd.scale_residual_branches(model, p)
+    assert len(layers) == 2 * len(p.units) and all(n.endswith(("o_proj", "down_proj")) for n in layers)
+    for name in layers:
+        torch.testing.assert_close(model.get_submodule(name).weight, 0.5 * before[name + ".weight"])
 
 
 def test_simulated_training_lowers_the_loss():

@@ -162,8 +162,8 @@ def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", default=None,
                         help="memory per worker (e.g. 6GiB, 512MiB): choose the largest coverage and the level "
                              "whose predicted peak fits, instead of --coverage/--level")
-    parser.add_argument("--batch-size", type=int, default=128, help="samples per worker per step (with --budget)")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sample for language models (with --budget)")
+    parser.add_argument("--batch-size", type=int, default=128, help="samples per worker per step (the predicted activations and peak)")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sample for language models (the predicted activations and peak)")
     parser.add_argument("--measure", action="store_true",
                         help="with --budget: run one step of the chosen plan's worst worker here and report "
                              "measured / predicted")

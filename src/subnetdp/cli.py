@@ -25,6 +25,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+class _DefaultsParser(_Parser):
+    """Every verb's --help shows each flag's default (train's flags state theirs in their help text)."""
+
+    def __init__(self, *args: typing.Any, **kwargs: typing.Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def _field_type(f: dataclasses.Field) -> type:
     t = typing.get_type_hints(TrainConfig)[f.name]
     if isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union:
@@ -60,23 +68,60 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return cfg
 
 
-def _plan_command(args: argparse.Namespace) -> int:
+def _plan_factory(args: argparse.Namespace) -> typing.Callable[[], typing.Any]:
+    """The model factory of ``subnetdp plan``: a zoo name, or ``module:callable`` as ``train`` takes it."""
     import functools
 
-    from subnetdp.models import get_model
-    from subnetdp.plan import plan
+    from subnetdp.models import get_model, load_model_factory
 
-    kwargs = {"num_classes": args.num_classes}
+    if ":" in args.model:
+        user = load_model_factory(args.model)
+        try:  # as train builds it for images; a callable without num_classes is called bare
+            import inspect
+
+            takes_classes = "num_classes" in inspect.signature(user).parameters
+        except (TypeError, ValueError):
+            takes_classes = False
+        return functools.partial(user, num_classes=args.num_classes) if takes_classes else user
+    kwargs: dict[str, typing.Any] = {"num_classes": args.num_classes}
     if args.width is not None:
         kwargs["width"] = args.width
     if args.model.startswith("llama"):
         kwargs = {"vocab_size": args.vocab_size}
+    return functools.partial(get_model, args.model, **kwargs)
+
+
+def _plan_command(args: argparse.Namespace) -> int:
+    from subnetdp.metrics import format_bytes
+    from subnetdp.plan import plan
+
     try:
-        p = plan(functools.partial(get_model, args.model, **kwargs), args.workers, args.coverage, args.level, args.seed)
+        p = plan(_plan_factory(args), args.workers, args.coverage, args.level, args.seed)
     except ValueError as e:
         print(f"subnetdp plan: error: {e}", file=sys.stderr)
         return 2
     print(p.summary(args.optimizer))
+    print()
+    if ":" in args.model:
+        print(f"activations: not predicted for a 'module:callable' model (subnetdp does not know its inputs); "
+              f"the state above is params + grads + {args.optimizer} state")
+    else:
+        from subnetdp.budget import workload_for
+        from subnetdp.memory import predict_worker, profile_activations
+
+        w = workload_for(args)
+        batch = w.make_batch(2, __import__("torch").device("cpu"), args.seed)
+        profile = profile_activations(w.factory, batch, w.loss_fn, 2, seed=args.seed, device="cpu")
+        per = [predict_worker(p, k, args.optimizer, profile, args.batch_size) for k in range(p.workers)]
+        what = f"batch {args.batch_size} per worker" + (f" x {args.seq_len} tokens" if args.model.startswith("llama") else "")
+        print(f"predicted memory per worker ({what}, fp32, {args.optimizer}; --batch-size sets the batch):")
+        print("| worker | model state | activations | predicted peak |")
+        print("|---|---|---|---|")
+        for k, m in enumerate(per):
+            print(f"| {k} | {format_bytes(m['state_bytes'])} | {format_bytes(m['activation_bytes'])} | "
+                  f"{format_bytes(m['total_bytes'])} |")
+        worst = max(range(len(per)), key=lambda k: per[k]["total_bytes"])
+        print(f"worst worker: {worst}, predicted peak {format_bytes(per[worst]['total_bytes'])}")
     if args.save:
         with open(args.save, "w") as f:
             f.write(p.to_json())
@@ -84,10 +129,28 @@ def _plan_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _evaluate_command(args: argparse.Namespace) -> int:
+    import json
+
+    from subnetdp.train import evaluate_run
+
+    try:
+        result = evaluate_run(args.run, args.device)
+    except (FileNotFoundError, ConfigError, ValueError) as e:
+        print(f"subnetdp evaluate: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k:<12} {v:.4f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``subnetdp`` parser with its verbs (train, plan, bench, evaluate, report)."""
     parser = _Parser(prog="subnetdp", description="Subnetwork Data Parallelism for PyTorch")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_DefaultsParser)
 
     train = sub.add_parser("train", help="train a model (SDP, DDP, FSDP2 or DDP with activation checkpointing)",
                            description="Train with one strategy; under torchrun one worker per process, "
@@ -96,25 +159,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_train_flags(train)
 
     pl = sub.add_parser("plan", help="print an SDP plan's summary and predicted memory per worker, without training")
-    pl.add_argument("--model", default="resnet18")
-    pl.add_argument("--width", type=int, default=None)
-    pl.add_argument("--num-classes", type=int, default=10)
-    pl.add_argument("--vocab-size", type=int, default=65)
-    pl.add_argument("--workers", type=int, default=8)
-    pl.add_argument("--coverage", type=float, default=0.5)
-    pl.add_argument("--level", choices=("block", "neuron"), default="block")
-    pl.add_argument("--seed", type=int, default=0)
+    pl.add_argument("--model", default="resnet18", help="zoo model or 'module:callable' (as train takes it)")
+    pl.add_argument("--width", type=int, default=None, help="ResNet base width (None: the model's own, 64)")
+    pl.add_argument("--num-classes", type=int, default=10, help="classes of an image model")
+    pl.add_argument("--vocab-size", type=int, default=65, help="vocabulary of a zoo language model")
+    pl.add_argument("--workers", type=int, default=8, help="number of SDP workers K")
+    pl.add_argument("--coverage", type=float, default=0.5, help="SDP coverage C in (0, 1]")
+    pl.add_argument("--level", choices=("block", "neuron"), default="block", help="SDP units")
+    pl.add_argument("--seed", type=int, default=0, help="seed of the plan")
     pl.add_argument("--optimizer", choices=("sgd", "sgd-momentum", "adamw"), default="sgd-momentum",
                     help="optimizer whose state the prediction counts")
-    pl.add_argument("--save", help="write the plan as JSON to this file")
+    pl.add_argument("--save", help="write the plan as JSON to this file (default: not saved)")
     add_budget_arguments(pl)  # --budget, --batch-size, --seq-len, --measure
 
     add_bench_parser(sub)
 
+    ev = sub.add_parser("evaluate", help="evaluate a finished run's model.safetensors on its test data",
+                        description="Test accuracy (images) or validation loss (text) of RUN_DIR/model.safetensors, "
+                                    "from the run's files alone (config.json names the data, model and precision).")
+    ev.add_argument("run", metavar="RUN_DIR", help="run directory of subnetdp train")
+    ev.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device to evaluate on")
+    ev.add_argument("--json", action="store_true", help="print one JSON object with the keys of summary.json's 'final'")
+
     rep = sub.add_parser("report", help="markdown table and PNG plots from run directories")
     rep.add_argument("runs", nargs="+", help="run directories (each with summary.json and metrics.jsonl)")
     rep.add_argument("--out", default="report", help="folder for report.md and the plots")
+    return parser
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "plan":
         if args.budget:
@@ -127,6 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         run_bench(args)
         return 0
+    if args.command == "evaluate":
+        return _evaluate_command(args)
     if args.command == "report":
         from subnetdp.report import write_report
 

@@ -118,8 +118,9 @@ class SubnetDataParallel(nn.Module):
     ) -> None:
         super().__init__()
         if not dist.is_initialized():
-            raise RuntimeError("SubnetDataParallel needs torch.distributed: call dist.init_process_group first "
-                               "(torchrun sets the environment for it)")
+            raise RuntimeError("SubnetDataParallel needs torch.distributed: call "
+                               "torch.distributed.init_process_group() first, in every process (torchrun "
+                               "only sets the environment it reads; it does not initialise the group)")
         if sync not in SYNC_MODES:
             raise ValueError(f"sync={sync!r}: choose one of {SYNC_MODES}")
         if sync_every < 1:

@@ -5,7 +5,10 @@ conventions reconcile the two (compared on real data in docs/evaluation.md):
 
 - block level, ``scale_residual_branches``: a block held by ``r`` of ``K`` workers was present in a
   fraction ``r/K`` of the training subnetworks, so its residual branch is scaled by ``r/K`` at test
-  time, as stochastic depth does: ``x + (r/K) * (block(x) - x)``;
+  time, as stochastic depth does (``relu(x + (r/K) * f(x))`` for a ResNet block, ``x + (r/K) *
+  attn(...)`` and ``h + (r/K) * mlp(...)`` for a transformer block), the shortcut unscaled. The
+  scale is folded into the weights of each branch's last affine layer, so the scaled model is the
+  plain architecture with other weights: it is what ``model.safetensors`` holds;
 - neuron level, inverted scaling during training (``build_subnetwork(neuron_scaling="inverted")``):
   the assembled model then needs no rescaling;
 - ``recalibrate_batchnorm``: re-estimate BatchNorm statistics of the full model on training batches.
@@ -17,29 +20,68 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from subnetdp.plan import Plan
+from subnetdp.units.widths import find_width_groups
 
 
-def scale_residual_branches(model: nn.Module, plan: Plan) -> list[RemovableHandle]:
-    """Scale each unit block's residual branch by its holder fraction. Returns removable hooks."""
-    if plan.level != "block":
-        raise ValueError(f"residual-branch scaling applies to block-level plans, not {plan.level!r}")
-    scale = plan.holders_per_unit / plan.workers
+def branch_output_layers(block: nn.Module) -> list[str]:
+    """Paths (inside ``block``) of the last affine layer of each residual branch.
 
-    def hook(_m: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-        x = args[0]
-        return x + scale * (out - x)
-
-    return [model.get_submodule(u.name).register_forward_hook(hook) for u in plan.units]
+    ResNet blocks: the last BatchNorm (``bn3`` of a Bottleneck, ``bn2`` of a BasicBlock). Other
+    blocks: the output projection of each recognised inner width (``proj``/``o_proj``/``c_proj`` of
+    attention, ``fc2``/``down_proj``/``c_proj`` of the MLP), which writes into the residual stream.
+    """
+    for conv, norm in (("conv3", "bn3"), ("conv2", "bn2")):
+        if isinstance(getattr(block, conv, None), nn.Conv2d) and isinstance(getattr(block, norm, None), nn.Module):
+            return [norm]
+    return [c for g in find_width_groups(block) for c in g.consumers]
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+def scale_residual_branches(model: nn.Module, plan: Plan) -> list[str]:
+    """Scale each unit block's residual branch by its holder fraction ``r/K``, in place, in the weights.
+
+    Multiplies the weight and bias of each branch's last affine layer (:func:`branch_output_layers`)
+    by ``r/K``, so the result loads into the plain architecture. Returns the scaled module paths.
+    """
+    if plan.level != "block":
+        raise ValueError(f"residual-branch scaling applies to block-level plans, not {plan.level!r}")
+    scale = plan.holders_per_unit / plan.workers
+    scaled = []
+    for u in plan.units:
+        block = model.get_submodule(u.name)
+        layers = branch_output_layers(block)
+        if not layers:
+            raise ValueError(f"block {u.name!r} ({type(block).__name__}): no last affine layer of its residual "
+                             "branch was recognised (bn2/bn3, proj, o_proj, c_proj, fc2, down_proj); train "
+                             "with --no-residual-scaling or name its widths with width_pairs")
+        for name in layers:
+            layer = block.get_submodule(name)
+            for attr in ("weight", "bias"):
+                t = getattr(layer, attr, None)
+                if isinstance(t, torch.Tensor):
+                    t.mul_(scale)
+            scaled.append(f"{u.name}.{name}")
+    return scaled
+
+
+def _inputs(batch: object) -> object:
+    """The model input of a calibration batch: a tensor, or the first element of an (x, y) pair."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    raise TypeError(f"recalibrate_batchnorm: a batch must be an input tensor or an (inputs, targets) pair, "
+                    f"got {type(batch).__name__}")
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor | tuple[torch.Tensor, ...]]) -> int:
     """Re-estimate every BatchNorm's running statistics as a plain average over ``batches``.
 
-    Returns the number of batches used. The model is left in eval mode.
+    A batch is an input tensor or an ``(inputs, targets)`` pair (targets are ignored), so the
+    batches used for training serve. Returns the number of batches used; the model is left in eval mode.
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [m.momentum for m in norms]
@@ -48,10 +90,12 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> 
         m.momentum = None  # cumulative average over the batches
     model.train()
     n = 0
-    for x in batches:
-        model(x)
-        n += 1
-    for m, mom in zip(norms, saved):
-        m.momentum = mom
-    model.eval()
+    try:
+        for b in batches:
+            model(_inputs(b))
+            n += 1
+    finally:
+        for m, mom in zip(norms, saved):
+            m.momentum = mom
+        model.eval()
     return n

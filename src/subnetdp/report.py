@@ -17,10 +17,30 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
     return {"dir": d, "summary": json.loads(summary.read_text()), "metrics": read_jsonl(d / "metrics.jsonl")}
 
 
-def _label(s: dict[str, Any]) -> str:
+def _strategy(s: dict[str, Any]) -> str:
     if s["strategy"] == "sdp":
         return f"SDP {s['level']} C={s['coverage']:g}"
     return {"ddp": "DDP", "fsdp": "FSDP2", "ddp-ckpt": "DDP+ckpt"}.get(s["strategy"], s["strategy"])
+
+
+def _label(r: dict[str, Any]) -> str:
+    """Legend and scatter label: the run's name (its folder), then its strategy."""
+    return f"{r['dir'].name}: {_strategy(r['summary'])}"
+
+
+def _metric(r: dict[str, Any]) -> str | None:
+    """The run's headline metric: test accuracy for images, validation loss for text."""
+    final = r["summary"]["final"]
+    return next((m for m in ("test_acc", "val_loss") if m in final), None)
+
+
+def worst_worker_peak(s: dict[str, Any]) -> tuple[int, bool]:
+    """``(bytes, measured_peak)``: the worst worker's peak memory (state + activations), measured as its
+    process's peak when each worker had its own process; a run simulated in one process has no
+    per-worker peak, so its worst worker's model state stands in (``measured_peak`` False)."""
+    if not s.get("simulated"):
+        return _peak(s), True
+    return max(s["model_state_bytes_per_worker"]), False
 
 
 def _peak(s: dict[str, Any]) -> int:
@@ -39,8 +59,7 @@ def write_report(run_dirs: list[str], out: str | Path) -> Path:
     runs = [load_run(d) for d in run_dirs]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    metric = "test_acc" if any("test_acc" in r["summary"]["final"] for r in runs) else "val_loss"
-    rows = ["| run | strategy | model | data | workers | final " + metric + " | params/worker | model state/worker "
+    rows = ["| run | strategy | model | data | workers | final metric | params/worker | model state/worker "
             "| peak memory/process | comm/step/worker | steps | wall s |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
@@ -48,23 +67,28 @@ def write_report(run_dirs: list[str], out: str | Path) -> Path:
         params = s["params_per_worker"]
         comm = [c for c in s["comm_bytes_per_step_per_worker"] if c is not None]
         rows.append("| " + " | ".join([
-            r["dir"].name, _label(s), s["model"] + (f" w{s['width']}" if s.get("width") else ""), s["dataset"],
+            r["dir"].name, _strategy(s), s["model"] + (f" w{s['width']}" if s.get("width") else ""), s["dataset"],
             f"{s['workers']}{' (sim)' if s['simulated'] else ''}",
-            f"{s['final'].get(metric, float('nan')):.4f}",
+            f"{_metric(r)} {s['final'][_metric(r)]:.4f}" if _metric(r) else "n/a",
             f"{max(params):,} / {s['full_params']:,}" if params else "full",
             format_bytes(max(s["model_state_bytes_per_worker"])), format_bytes(_peak(s)),
             format_bytes(max(comm)) if comm else "n/a", str(s["steps"]), f"{s['wall_s']:.0f}"]) + " |")
     md = out / "report.md"
     md.write_text("\n".join(rows) + "\n\n![learning curves](curves.png)\n\n![accuracy vs memory](accuracy_vs_memory.png)\n")
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    metrics = sorted({m for r in runs if (m := _metric(r))}, key=["test_acc", "val_loss"].index)
+    fig, axes = plt.subplots(1, 1 + len(metrics), figsize=(5.5 * (1 + len(metrics)), 4), squeeze=False)
+    axes = axes[0]
     for r in runs:
         steps = [m for m in r["metrics"] if m["kind"] == "step"]
-        epochs = [m for m in r["metrics"] if m["kind"] == "epoch" and metric in m]
-        axes[0].plot([m["step"] for m in steps], [m["loss"] for m in steps], label=_label(r["summary"]))
-        axes[1].plot([m["epoch"] for m in epochs], [m[metric] for m in epochs], marker="o", label=_label(r["summary"]))
+        axes[0].plot([m["step"] for m in steps], [m["loss"] for m in steps], label=_label(r))
+        if _metric(r):  # each metric on its own axes: accuracy and loss never share one
+            ax = axes[1 + metrics.index(_metric(r))]
+            epochs = [m for m in r["metrics"] if m["kind"] == "epoch" and _metric(r) in m]
+            ax.plot([m["epoch"] for m in epochs], [m[_metric(r)] for m in epochs], marker="o", label=_label(r))
     axes[0].set(xlabel="step", ylabel="training loss", title="training loss")
-    axes[1].set(xlabel="epoch", ylabel=metric, title=f"assembled full model: {metric}")
+    for i, metric in enumerate(metrics):
+        axes[1 + i].set(xlabel="epoch", ylabel=metric, title=f"assembled full model: {metric}")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -72,15 +96,21 @@ def write_report(run_dirs: list[str], out: str | Path) -> Path:
     fig.savefig(out / "curves.png", dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(6 * max(1, len(metrics)), 4), squeeze=False)
+    axes = axes[0]
     for r in runs:
-        s = r["summary"]
-        ax.scatter(max(s["model_state_bytes_per_worker"]) / 2**20, s["final"].get(metric, float("nan")))
-        ax.annotate(_label(s), (max(s["model_state_bytes_per_worker"]) / 2**20, s["final"].get(metric, float("nan"))),
-                    fontsize=8, xytext=(3, 3), textcoords="offset points")
-    ax.set(xlabel="model state per worker (MiB: params + grads + optimizer)", ylabel=metric,
-           title=f"{metric} vs per-worker memory")
-    ax.grid(alpha=0.3)
+        if not _metric(r):
+            continue
+        ax = axes[metrics.index(_metric(r))]
+        peak, measured = worst_worker_peak(r["summary"])
+        x, y = peak / 2**20, r["summary"]["final"][_metric(r)]
+        ax.scatter(x, y, marker="o" if measured else "s")
+        ax.annotate(_label(r) + ("" if measured else " (simulated: state only)"), (x, y), fontsize=8,
+                    xytext=(3, 3), textcoords="offset points")
+    for i, metric in enumerate(metrics):
+        axes[i].set(xlabel="worst worker's peak memory, MiB (process peak; simulated runs: model state)", ylabel=metric,
+                    title=f"{metric} vs per-worker peak memory")
+        axes[i].grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "accuracy_vs_memory.png", dpi=120)
     plt.close(fig)

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import resource
+import signal
 import sys
 import time
 from datetime import timedelta
@@ -21,7 +22,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from subnetdp.backends import Distributed, SimulatedSDP, autocast_for
-from subnetdp.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from subnetdp.checkpoint import _atomic_write, latest_checkpoint, load_checkpoint, save_checkpoint
 from subnetdp.config import TrainConfig, validate, world_size_of
 from subnetdp.evaluation import recalibrate_batchnorm, scale_residual_branches
 from subnetdp.init import materialize
@@ -31,15 +32,55 @@ from subnetdp.tasks import make_task
 
 
 def launch_local(cfg: TrainConfig, argv: list[str]) -> int:
-    """``--workers K``: start K processes on this machine with torchrun's own launcher."""
-    from torch.distributed.run import main as torchrun_main
+    """``--workers K``: start K processes on this machine with torchrun's launcher; returns the exit code.
+
+    torchrun runs in its own session, so a Ctrl-C reaches only this process, which forwards it to the
+    workers as one stop request: they finish the step, save a checkpoint and exit, and this process
+    exits 130 with one line instead of three processes' tracebacks. ``OMP_NUM_THREADS`` is set here
+    (``--threads``, else the cores divided among the workers), so torchrun does not warn about it.
+    """
+    import signal
+    import subprocess
 
     rest = _drop_flag(argv, "--workers")
     args = ["--standalone", f"--nproc-per-node={cfg.workers}", "--max-restarts=0", "-m", "subnetdp", "train", *rest]
     if "--out" not in " ".join(rest):  # every process must agree on the run directory
         args += ["--out", str(cfg.run_dir())]
-    torchrun_main(args)
-    return 0
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(cfg.threads or max(1, (os.cpu_count() or 1) // (cfg.workers or 1))))
+    env[_LAUNCHED] = "1"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args], env=env, start_new_session=True)
+    interrupted = False
+
+    def forward(_sig: int, _frame: object) -> None:
+        nonlocal interrupted
+        interrupted = True
+        for pid in _children(proc.pid):
+            try:
+                os.kill(pid, signal.SIGINT)
+            except ProcessLookupError:
+                pass
+
+    previous = signal.signal(signal.SIGINT, forward)
+    try:
+        code = proc.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return 130 if interrupted else code
+
+
+_LAUNCHED = "SUBNETDP_LAUNCHED"  # set by --workers' launcher for its workers: an interrupt exits 0 there
+
+
+def _children(pid: int) -> list[int]:
+    """Child process ids of ``pid`` (Linux /proc)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return out
 
 
 def _drop_flag(argv: list[str], flag: str) -> list[str]:
@@ -77,11 +118,46 @@ def _peak_memory(device: torch.device) -> dict[str, int]:
     return out
 
 
+class _StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM as a request to stop at the next step boundary.
+
+    The handler only sets a flag: the step in progress (every simulated worker's forward, backward
+    and optimizer step, or this rank's) finishes, then the loop saves a checkpoint and returns, so
+    the saved state is one the uninterrupted run also passes through. A second Ctrl-C stops at once.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.stopped = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, sig: int, _frame: object) -> None:
+        if self.requested and sig == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> "_StopRequest":
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def run(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any] | None:
     """Run the main job; returns the summary on the process that writes it (else None)."""
     validate(cfg)
     if cfg.workers and "WORLD_SIZE" not in os.environ:
-        launch_local(cfg, argv if argv is not None else sys.argv[2:])
+        code = launch_local(cfg, argv if argv is not None else sys.argv[2:])
+        if code == 130:
+            raise SystemExit(130)
+        if code != 0:
+            raise SystemExit(f"subnetdp train: the --workers processes failed (exit code {code}); see their output above")
         summary = Path(cfg.run_dir()) / "summary.json"
         return json.loads(summary.read_text()) if summary.exists() else None
     distributed = "WORLD_SIZE" in os.environ and not cfg.simulate
@@ -92,16 +168,20 @@ def run(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any] | Non
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timedelta(minutes=10))
     try:
-        result = _train(cfg, device, distributed)
+        with _StopRequest() as stop:
+            result = _train(cfg, device, distributed, stop)
         if distributed:
             dist.barrier()  # every rank leaves together: gloo can abort when a peer tears down early
+        if stop.stopped:
+            raise SystemExit(0 if os.environ.get(_LAUNCHED) else 130)
         return result
     finally:
         if distributed and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, device: torch.device, distributed: bool) -> dict[str, Any] | None:
+def _train(cfg: TrainConfig, device: torch.device, distributed: bool,
+           stop: _StopRequest) -> dict[str, Any] | None:
     rank = dist.get_rank() if distributed else 0
     world = world_size_of(cfg)
     if distributed and world != dist.get_world_size():
@@ -142,10 +222,12 @@ def _train(cfg: TrainConfig, device: torch.device, distributed: bool) -> dict[st
 
     step = 0
     ckpt_dir = out / "checkpoints"
+    progress = _new_progress()
     if cfg.resume and latest_checkpoint(ckpt_dir) is not None:
         target = _ckpt_module(backend)
         payload = load_checkpoint(ckpt_dir, target, backend.optimizers[0] if not cfg.simulate else None, plan)
         backend.load_state(payload["extra"]["backend"])
+        progress.update(payload["extra"].get("progress", {}))
         step = payload["step"]
         if lead:
             print(f"resumed from {latest_checkpoint(ckpt_dir)} at step {step}")
@@ -155,87 +237,117 @@ def _train(cfg: TrainConfig, device: torch.device, distributed: bool) -> dict[st
     log = MetricsLog(out, enabled=lead, resume_from_step=step)
     if lead:
         _print_header(cfg, world, device, plan, total, n_epochs)
-    start_time = time.perf_counter()
-    samples = 0
+    start_time = time.perf_counter() - progress["wall_s"]  # wall time and samples cover the whole run
+    sums = progress["sums"]
     last_eval: dict[str, float] = {}
-    state: dict[str, torch.Tensor] | None = None
+    model_state: dict[str, torch.Tensor] | None = None
+    raw_state: dict[str, torch.Tensor] | None = None
     evaluated_final = False
-    try:
-        while step < total:
-            epoch, offset = divmod(step, steps_per_epoch)
-            streams = [task.epoch_batches(ld, epoch, offset) for ld in loaders]
-            n_in_epoch = min(steps_per_epoch - offset, total - step)
-            bar = tqdm(total=n_in_epoch, desc=f"epoch {epoch + 1}/{n_epochs}", disable=not (cfg.progress and lead),
-                       dynamic_ncols=True, leave=True, file=sys.stdout)
-            sums = {"loss": 0.0, "correct": 0.0, "count": 0.0, "n": 0}
-            t_epoch = time.perf_counter()
-            for _ in range(n_in_epoch):
-                batches = [next(s) for s in streams]
-                t0 = time.perf_counter()
-                metrics = backend.train_step(batches, task.loss, autocast)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                dt = time.perf_counter() - t0
-                step += 1
-                n = sum(m["count"] for m in metrics) if task.kind == "image" else sum(len(b[0]) for b in batches)
-                samples += n
-                loss = sum(m["loss"] for m in metrics) / len(metrics)
-                sums["loss"] += loss
-                sums["n"] += 1
-                if task.kind == "image":
-                    sums["correct"] += sum(m["correct"] for m in metrics)
-                    sums["count"] += sum(m["count"] for m in metrics)
-                record = {"step": step, "epoch": epoch + 1, "loss": loss, "lr": backend.lr,
-                          "samples_per_s": n / dt, "step_time_s": dt}
-                if task.kind == "image":
-                    record["acc"] = sums["correct"] / max(sums["count"], 1)
-                if step % cfg.log_every == 0 or step == total:
-                    log.step(record)
-                mem = _peak_memory(device)
-                bar.set_postfix(loss=f"{loss:.3f}", **({"acc": f"{record['acc']:.3f}"} if "acc" in record else {}),
-                                sps=f"{n / dt:.0f}", mem=format_bytes(mem.get("peak_device_bytes", mem["peak_rss_bytes"])))
-                bar.update(1)
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
-                    _checkpoint(ckpt_dir, step, backend, plan)
-            bar.close()
-            epoch_done = step % steps_per_epoch == 0 or step == total
-            if epoch_done:
-                ep = math.ceil(step / steps_per_epoch)
-                row: dict[str, Any] = {"epoch": ep, "step": step, "train_loss": sums["loss"] / max(sums["n"], 1),
-                                       "time_s": time.perf_counter() - t_epoch, **_peak_memory(device)}
-                if task.kind == "image":
-                    row["train_acc"] = sums["correct"] / max(sums["count"], 1)
-                if (cfg.eval_every and ep % cfg.eval_every == 0) or step == total:
-                    state = backend.full_state_dict()  # collective
-                    last_eval = _evaluate(cfg, task, state, factory, plan, device, autocast) or last_eval
-                    evaluated_final = step == total
-                    row.update(last_eval)
-                log.epoch(row)
-                if lead:
-                    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()
-                             if k in ("train_loss", "train_acc", "test_acc", "test_loss", "val_loss", "val_ppl")}
-                    print(f"epoch {ep}: {shown}")
-                if step < total and not cfg.checkpoint_every:
-                    _checkpoint(ckpt_dir, step, backend, plan)
-    except KeyboardInterrupt:
-        if lead:
-            print(f"interrupted at step {step}; saving a checkpoint so --resume can continue")
-        _checkpoint(ckpt_dir, step, backend, plan)
-        raise
-    wall = time.perf_counter() - start_time
-    _checkpoint(ckpt_dir, step, backend, plan)
+
+    def save(at: int) -> None:
+        progress["wall_s"] = time.perf_counter() - start_time
+        _checkpoint(ckpt_dir, at, backend, plan, progress)
+
+    while step < total:
+        epoch, offset = divmod(step, steps_per_epoch)
+        streams = [task.epoch_batches(ld, epoch, offset) for ld in loaders]
+        n_in_epoch = min(steps_per_epoch - offset, total - step)
+        bar = tqdm(total=n_in_epoch, desc=f"epoch {epoch + 1}/{n_epochs}", disable=not (cfg.progress and lead),
+                   dynamic_ncols=True, leave=True, file=sys.stdout)
+        if offset == 0:
+            sums.update(loss=0.0, correct=0.0, count=0.0, n=0, time_s=0.0)
+        for _ in range(n_in_epoch):
+            t_fetch = time.perf_counter()
+            batches = [next(s) for s in streams]
+            t0 = time.perf_counter()
+            metrics = backend.train_step(batches, task.loss, autocast)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t0
+            step += 1
+            n = sum(m["count"] for m in metrics) if task.kind == "image" else sum(len(b[0]) for b in batches)
+            # every worker's figures, and whether any process was asked to stop (one small all-reduce)
+            totals = [sum(m["loss"] for m in metrics), float(len(metrics)), float(n),
+                      sum(m.get("correct", 0.0) for m in metrics), float(stop.requested)]
+            if distributed:
+                t = torch.tensor(totals, dtype=torch.float64, device=device)
+                dist.all_reduce(t)
+                totals = t.tolist()
+            loss_sum, workers_n, n, correct, stop_votes = totals
+            loss = loss_sum / workers_n
+            progress["samples"] += n
+            sums["loss"] += loss
+            sums["n"] += 1
+            sums["time_s"] += time.perf_counter() - t_fetch
+            if task.kind == "image":
+                sums["correct"] += correct
+                sums["count"] += n
+            record = {"step": step, "epoch": epoch + 1, "loss": loss, "lr": backend.lr,
+                      "samples_per_s": n / dt, "step_time_s": dt}
+            if task.kind == "image":
+                record["acc"] = sums["correct"] / max(sums["count"], 1)
+            if step % cfg.log_every == 0 or step == total:
+                log.step(record)
+            mem = _peak_memory(device)
+            bar.set_postfix(loss=f"{loss:.3f}", **({"acc": f"{record['acc']:.3f}"} if "acc" in record else {}),
+                            sps=f"{n / dt:.0f}", mem=format_bytes(mem.get("peak_device_bytes", mem["peak_rss_bytes"])))
+            bar.update(1)
+            if stop_votes > 0 and step < total:
+                stop.stopped = True  # every process saw the same vote: all leave at this step
+                break
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+                save(step)
+        bar.close()
+        epoch_done = step % steps_per_epoch == 0 or step == total
+        if epoch_done:
+            ep = math.ceil(step / steps_per_epoch)
+            row: dict[str, Any] = {"epoch": ep, "step": step, "train_loss": sums["loss"] / max(sums["n"], 1),
+                                   "time_s": sums["time_s"], **_peak_memory(device)}
+            if task.kind == "image":
+                row["train_acc"] = sums["correct"] / max(sums["count"], 1)
+            if (cfg.eval_every and ep % cfg.eval_every == 0) or step == total:
+                raw_state = backend.full_state_dict()  # collective
+                last_eval, model_state = _evaluate(cfg, task, raw_state, factory, plan, device, autocast, last_eval)
+                evaluated_final = step == total
+                row.update({k: v for k, v in last_eval.items() if k != "evaluation"})
+            log.epoch(row)
+            progress["epochs"].append({k: v for k, v in row.items() if k in _EPOCH_KEYS})
+            if lead:
+                shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()
+                         if k in ("train_loss", "train_acc", "test_acc", "test_loss", "val_loss", "val_ppl")}
+                print(f"epoch {ep}: {shown}")
+            if step < total and not cfg.checkpoint_every and not stop.stopped:
+                save(step)
+        if stop.stopped:  # after the epoch's end, if this step ended one: the state the full run passes through
+            save(step)
+            log.close()
+            if lead:
+                print(f"interrupted: stopped after step {step} of {total} and saved a checkpoint; "
+                      "continue with the same command and --resume")
+            return None
+    save(step)
+    wall = progress["wall_s"]
     if not evaluated_final:  # e.g. resuming a run that had already reached its last step (same on every rank)
-        state = backend.full_state_dict()
-        last_eval = _evaluate(cfg, task, state, factory, plan, device, autocast) or last_eval
-    summary = _summary(cfg, backend, plan, world, wall, samples, step, device, last_eval, distributed)
+        raw_state = backend.full_state_dict()
+        last_eval, model_state = _evaluate(cfg, task, raw_state, factory, plan, device, autocast, last_eval)
+    summary = _summary(cfg, backend, plan, world, wall, progress, step, device, last_eval, distributed)
     if lead:
-        _save_full_model(state, out)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        _save_models(model_state, raw_state, out)
+        _atomic_write(out / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
         log.close()
         print(_summary_text(summary, out))
         return summary
     log.close()
     return None
+
+
+_EPOCH_KEYS = ("epoch", "step", "train_loss", "train_acc", "time_s")
+
+
+def _new_progress() -> dict[str, Any]:
+    """What the summary needs from the steps before a resume: saved with every checkpoint."""
+    return {"wall_s": 0.0, "samples": 0.0, "epochs": [],
+            "sums": {"loss": 0.0, "correct": 0.0, "count": 0.0, "n": 0, "time_s": 0.0}}
 
 
 def _opt_name(cfg: TrainConfig) -> str:
@@ -248,32 +360,75 @@ def _ckpt_module(backend: SimulatedSDP | Distributed) -> torch.nn.Module:
     return backend.model
 
 
-def _checkpoint(directory: Path, step: int, backend: SimulatedSDP | Distributed, plan: Plan | None) -> None:
+def _checkpoint(directory: Path, step: int, backend: SimulatedSDP | Distributed, plan: Plan | None,
+                progress: dict[str, Any]) -> None:
     opt = None if isinstance(backend, SimulatedSDP) else backend.opt
-    save_checkpoint(directory, step, _ckpt_module(backend), opt, plan, extra={"backend": backend.state()})
+    save_checkpoint(directory, step, _ckpt_module(backend), opt, plan,
+                    extra={"backend": backend.state(), "progress": progress})
+
+
+def apply_conventions(model: torch.nn.Module, cfg: TrainConfig, plan: Plan | None, task: Any) -> dict[str, Any]:
+    """Apply the evaluation conventions to the assembled ``model`` in place; returns what was applied.
+
+    Block level with C<1: each residual branch scaled by ``r/K`` in its weights; C<1: BatchNorm
+    statistics re-estimated on ``--bn-recalibrate`` training batches. The result is the model
+    that is evaluated and written to ``model.safetensors``.
+    """
+    partial = plan is not None and plan.holders_per_unit < plan.workers
+    applied: dict[str, Any] = {"residual_scaling": False, "bn_recalibrate": 0}
+    if partial and cfg.residual_scaling and plan.level == "block":
+        layers = scale_residual_branches(model, plan)
+        applied.update(residual_scaling=True, residual_scale=plan.holders_per_unit / plan.workers,
+                       scaled_layers=len(layers))
+    if partial and cfg.bn_recalibrate:
+        batches = task.calibration_batches(cfg.bn_recalibrate)
+        if batches and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            applied["bn_recalibrate"] = recalibrate_batchnorm(model, batches)
+    return applied
 
 
 def _evaluate(cfg: TrainConfig, task: Any, state: dict[str, torch.Tensor] | None, factory: Any, plan: Plan | None,
-              device: torch.device, autocast: Any) -> dict[str, float] | None:
-    """Evaluate the assembled full model (``state``; None on processes other than the lead)."""
+              device: torch.device, autocast: Any, previous: dict[str, Any]
+              ) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+    """Evaluate the assembled full model (``state``; None on processes other than the lead).
+
+    Returns the metrics (with the conventions applied, under ``evaluation``) and the evaluated
+    model's state, which is what ``model.safetensors`` holds.
+    """
     if state is None:
-        return None
+        return previous, None
     model = materialize(factory, seed=cfg.seed, device=device)
     model.load_state_dict(state)
-    handles = []
-    partial = plan is not None and plan.holders_per_unit < plan.workers
-    if partial and cfg.residual_scaling and plan.level == "block":
-        handles = scale_residual_branches(model, plan)
-    if partial and cfg.bn_recalibrate:
-        recalibrate_batchnorm(model, task.calibration_batches(cfg.bn_recalibrate))
-    result = task.evaluate(model, autocast)
-    for h in handles:
-        h.remove()
-    return result
+    applied = apply_conventions(model, cfg, plan, task)
+    result: dict[str, Any] = dict(task.evaluate(model, autocast))
+    result["evaluation"] = applied
+    return result, {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def evaluate_run(run_dir: str | Path, device: str = "auto") -> dict[str, float]:
+    """``subnetdp evaluate``: the test metrics of a finished run's ``model.safetensors``, from its files alone.
+
+    The model already holds the evaluation conventions, so it is loaded into the plain
+    architecture and evaluated on the run's test data (same data set, subset and precision).
+    """
+    from safetensors.torch import load_file
+
+    d = Path(run_dir)
+    missing = [f for f in ("config.json", "model.safetensors") if not (d / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{d} has no {' or '.join(missing)}: is it a finished run directory of subnetdp train?")
+    values = json.loads((d / "config.json").read_text())
+    values.update(device=device, progress=False, workers=None, resume=False)
+    cfg = TrainConfig(**{k: v for k, v in values.items() if k in TrainConfig.__dataclass_fields__})
+    dev = _device(cfg)
+    task = make_task(cfg, dev)
+    model = materialize(task.model_factory(), seed=cfg.seed, device=dev)
+    model.load_state_dict(load_file(d / "model.safetensors", device=str(dev)))
+    return dict(task.evaluate(model, autocast_for(cfg, dev)))
 
 
 def _summary(cfg: TrainConfig, backend: SimulatedSDP | Distributed, plan: Plan | None, world: int, wall: float,
-             samples: int, steps: int, device: torch.device, last_eval: dict[str, float],
+             progress: dict[str, Any], steps: int, device: torch.device, last_eval: dict[str, Any],
              distributed: bool) -> dict[str, Any]:
     memory = backend.memory()
     comm = backend.comm_bytes_per_step()
@@ -288,19 +443,22 @@ def _summary(cfg: TrainConfig, backend: SimulatedSDP | Distributed, plan: Plan |
     else:
         peaks = [peak]
     total_params = plan.total_params if plan is not None else None
+    final = {k: v for k, v in last_eval.items() if k != "evaluation"}
+    epochs = progress["epochs"]
     return {
         "strategy": cfg.strategy, "level": cfg.level if cfg.strategy == "sdp" else None,
         "activation_checkpointing": cfg.checkpointing == "blocks",
         "coverage": cfg.coverage if cfg.strategy == "sdp" else 1.0, "model": cfg.model, "width": cfg.width,
         "dataset": "CIFAR-10 (JPEG)" if cfg.dataset == "cifar10-jpeg" else cfg.dataset,
         "workers": world, "simulated": bool(cfg.simulate), "device": str(device),
-        "steps": steps, "wall_s": wall, "samples_per_s": samples / wall if wall > 0 else None,
-        "final": last_eval,
-        # how "final" was evaluated; model.safetensors holds the assembled state itself (see docs/evaluation.md)
-        "evaluation": {"residual_scaling": bool(cfg.residual_scaling and plan is not None and plan.level == "block"
-                                                and plan.holders_per_unit < plan.workers),
-                       "bn_recalibrate": cfg.bn_recalibrate if plan is not None and plan.holders_per_unit < plan.workers
-                       else 0},
+        # steps, wall time, samples and epoch means cover the whole run, also across --resume
+        "steps": steps, "wall_s": wall, "samples_per_s": progress["samples"] / wall if wall > 0 else None,
+        "final": final,
+        "epochs": epochs,
+        "train_loss_mean": sum(e["train_loss"] for e in epochs) / len(epochs) if epochs else None,
+        # the conventions "final" was evaluated with; model.safetensors holds the model with them applied,
+        # model_raw.safetensors the assembled state without them (see docs/evaluation.md)
+        "evaluation": last_eval.get("evaluation", {"residual_scaling": False, "bn_recalibrate": 0}),
         "params_per_worker": plan.param_counts() if plan is not None else None,
         "full_params": total_params,
         "model_state_bytes_per_worker": [sum(m.values()) for m in memory],
@@ -310,15 +468,23 @@ def _summary(cfg: TrainConfig, backend: SimulatedSDP | Distributed, plan: Plan |
     }
 
 
-def _save_full_model(state: dict[str, torch.Tensor] | None, out: Path) -> None:
-    """The assembled full model as safetensors (tied weights stored as separate copies)."""
-    if state is None:
-        return
+def _save_models(model: dict[str, torch.Tensor] | None, raw: dict[str, torch.Tensor] | None, out: Path) -> None:
+    """``model.safetensors``: the evaluated model (conventions applied); ``model_raw.safetensors``: the
+    assembled state as trained. Tied weights are stored as separate copies."""
+    for state, name in ((model, "model.safetensors"), (raw, "model_raw.safetensors")):
+        if state is not None:
+            tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+            _atomic_write(out / name, lambda p, t=tensors: _save_readable(t, p))
+
+
+def _save_readable(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors creates its file private (0600); give it the mode of the run's other files (0666 less umask)."""
     from safetensors.torch import save_file
 
-    tmp = out / ".model.safetensors.tmp"
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(tmp))
-    os.replace(tmp, out / "model.safetensors")
+    save_file(tensors, str(path))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _print_header(cfg: TrainConfig, world: int, device: torch.device, plan: Plan | None, total: int,
@@ -353,6 +519,14 @@ def _summary_text(s: dict[str, Any], out: Path) -> str:
     if comm:
         lines.append(f"  {'communication per step':<28} {format_bytes(min(comm))} - {format_bytes(max(comm))} per worker")
     lines.append(f"  {'wall time':<28} {s['wall_s']:.1f} s ({s['steps']} steps, {s['samples_per_s']:.0f} samples/s)")
-    lines.append(f"  outputs: {out}/ (metrics.jsonl, summary.json, model.safetensors, checkpoints/)")
+    ev = s["evaluation"]
+    done = []
+    if ev.get("residual_scaling"):
+        done.append(f"residual branches scaled by r/K={ev['residual_scale']:g} (in {ev['scaled_layers']} layers' weights)")
+    if ev.get("bn_recalibrate"):
+        done.append(f"BatchNorm statistics re-estimated on {ev['bn_recalibrate']} training batches")
+    lines.append(f"  {'evaluated with':<28} {'; '.join(done) if done else 'the assembled model as trained (no conventions)'}")
+    lines.append(f"  outputs: {out}/ (metrics.jsonl, summary.json, checkpoints/, model.safetensors: the evaluated "
+                 "model, loads into the plain architecture; model_raw.safetensors: as assembled)")
     lines.append("=" * 72)
     return "\n".join(lines)

@@ -196,8 +196,8 @@ def get_vision_dataset(name: str, data_dir: str | Path | None = None, train: boo
                 images, y = torch.from_numpy(ds.data).permute(0, 3, 1, 2), ds.targets
         except RuntimeError as e:
             raise FileNotFoundError(
-                f"{name} not found under {root}: pass download=True to fetch it, or point "
-                "data_dir at a copy in torchvision's format") from e
+                f"{name} not found under {root}: add --download to fetch it (download=True in Python), or "
+                "point --data-dir (data_dir) at a copy in torchvision's format") from e
     labels = torch.as_tensor(np.asarray(y), dtype=torch.int64)
     mean, std = _STATS[name]
     return ImageDataset(name, images.contiguous(), labels, _NUM_CLASSES[name], mean, std)
