@@ -179,3 +179,20 @@ def test_language_model_on_a_memory_mapped_token_file(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final"]["val_loss"] > 0
     llama_tiny(vocab_size=tok.vocab_size, max_seq_len=32).load_state_dict(load_file(out / "model.safetensors"))
+
+
+def test_flop_matched_scales_steps_too(tmp_path):
+    out = train(tmp_path, "flop", "--simulate", "2", "--coverage", "0.5", "--steps", "3", "--flop-matched")
+    assert json.loads((out / "summary.json").read_text())["steps"] == 6  # 3 / C
+    out = train(tmp_path, "same", "--simulate", "2", "--coverage", "0.5", "--steps", "3")
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3
+
+
+def test_flop_matched_step_arithmetic():
+    from subnetdp.config import TrainConfig
+    from subnetdp.train import total_steps
+
+    assert total_steps(TrainConfig(coverage=0.75, steps=300, flop_matched=True), 50) == 400
+    assert total_steps(TrainConfig(coverage=0.5, epochs=2.0, flop_matched=True), 97) == 388
+    assert total_steps(TrainConfig(coverage=0.25, epochs=1.0), 97) == 97  # not FLOP-matched
+    assert total_steps(TrainConfig(strategy="ddp", coverage=0.5, steps=30, flop_matched=True), 97) == 30  # DDP: C=1

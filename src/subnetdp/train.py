@@ -125,8 +125,7 @@ def _train(cfg: TrainConfig, device: torch.device, distributed: bool) -> dict[st
     task = make_task(cfg, device)
     factory = task.model_factory()
     steps_per_epoch = task.steps_per_epoch(world)
-    epochs = cfg.epochs / cfg.coverage if (cfg.flop_matched and cfg.strategy == "sdp") else cfg.epochs
-    total = cfg.steps or max(1, math.ceil(epochs * steps_per_epoch))
+    total = total_steps(cfg, steps_per_epoch)
     n_epochs = math.ceil(total / steps_per_epoch)
     plan: Plan | None = None
     if cfg.strategy == "sdp":
@@ -236,6 +235,18 @@ def _train(cfg: TrainConfig, device: torch.device, distributed: bool) -> dict[st
         return summary
     log.close()
     return None
+
+
+def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """Optimizer steps of the run: ``--steps``, else ``--epochs`` worth of steps.
+
+    ``--flop-matched`` (SDP) multiplies either by 1/C, so that K workers each computing about C of the
+    model spend DDP's FLOPs; it applies to ``--steps`` too, else the flag would be silently ignored.
+    """
+    scale = 1 / cfg.coverage if (cfg.flop_matched and cfg.strategy == "sdp") else 1.0
+    if cfg.steps:
+        return max(1, math.ceil(cfg.steps * scale - 1e-9))
+    return max(1, math.ceil(cfg.epochs * scale * steps_per_epoch - 1e-9))
 
 
 def _opt_name(cfg: TrainConfig) -> str:
