@@ -157,8 +157,8 @@ def build_grid(settings: dict[str, Any], grids: Sequence[str], only: argparse.Na
         g = settings[grid]
         for k in sorted(only.workers or g["workers"]):
             seeds = only.seeds if only.seeds is not None else g["seeds"]
-            configs: list[tuple[str, str | None, float, str]] = [
-                (b, None, 1.0, "same-steps") for b in (only.baselines if only.baselines is not None else g["baselines"])]
+            baselines = only.baselines if only.baselines is not None else g["baselines"]
+            configs: list[tuple[str, str | None, float, str]] = [(b, None, 1.0, "same-steps") for b in baselines]
             coverages = sorted(only.coverages or g["coverages"], key=lambda c: (priority.get(c, 9), -c))
             for c in coverages:
                 if abs(c * k - round(c * k)) > 1e-9:
@@ -227,6 +227,8 @@ def measure_memory(out: Path, run: Run, runs: Sequence[Run], settings: dict[str,
     part = memory_part(spec, run.workers, coverages, levels, repeats=2, device=torch.device(device),
                        seed=run.seed, log=lambda *a: None)
     cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.empty_cache()  # leave the device to the training runs
     table = {}
     for row in part["rows"]:
         if row["strategy"] == "fsdp":
@@ -265,14 +267,22 @@ def execute(run: Run, argv: list[str], run_dir: Path, log_path: Path, deadline: 
         try:
             rc = proc.wait(timeout=None if deadline is None else max(deadline - time.time(), 1))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGINT)  # the main job saves a checkpoint on an interrupt
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            _interrupt(proc)
             return "stopped"
+        except KeyboardInterrupt:  # the run is in its own session: pass the interrupt on, then stop
+            _interrupt(proc)
+            raise
     return "done" if rc == 0 and (run_dir / "summary.json").exists() else "failed"
+
+
+def _interrupt(proc: subprocess.Popen) -> None:
+    """Interrupt a run and its workers (the main job saves a checkpoint on an interrupt)."""
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def collect(run: Run, argv: list[str], run_dir: Path, memory: dict[str, Any], seconds: float) -> dict[str, Any]:
@@ -307,6 +317,18 @@ def run_grid(args: argparse.Namespace) -> Path:
     deadline = time.time() + args.minutes * 60 if args.minutes else None
     start = time.time()
     print(f"{len(runs)} runs in the grid ({args.scale} scale{', shrunk' if args.shrink else ''}, {device})", flush=True)
+    try:
+        _run_all(out, runs, settings, device, ddp_launch, args, deadline)
+    except KeyboardInterrupt:
+        print("interrupted: writing the page from the finished runs", flush=True)
+    print(f"grid pass took {time.time() - start:.0f} s", flush=True)
+    page = write_page(out, settings, args, runs)
+    print(f"written: {page}", flush=True)
+    return page
+
+
+def _run_all(out: Path, runs: Sequence[Run], settings: dict[str, Any], device: str, ddp_launch: str,
+             args: argparse.Namespace, deadline: float | None) -> None:
     for i, run in enumerate(runs):
         result_path = out / "results" / f"{run.name}.json"
         if result_path.exists():
@@ -330,10 +352,6 @@ def run_grid(args: argparse.Namespace) -> Path:
                   f"(log: {out / 'logs' / f'{run.name}.log'})", flush=True)
             if status == "stopped":
                 break
-    print(f"grid pass took {time.time() - start:.0f} s", flush=True)
-    page = write_page(out, settings, args, runs)
-    print(f"written: {page}", flush=True)
-    return page
 
 
 # ---- the results page -------------------------------------------------------------------------------
@@ -384,6 +402,7 @@ def write_page(out: Path, settings: dict[str, Any], args: argparse.Namespace, ru
     by_config: dict[str, list[dict[str, Any]]] = {}
     for r in results:
         by_config.setdefault(r["config"], []).append(r)
+    _add_checkpointing_points(out, by_config)
     planned = {r.name for r in runs}
     done = {r["name"] for r in results}
     panels = sorted({(r["run"]["grid"], r["run"]["workers"]) for r in results}, key=lambda p: (p[1], p[0]))
@@ -410,7 +429,8 @@ def write_page(out: Path, settings: dict[str, Any], args: argparse.Namespace, ru
         base = by_config.get(f"{grid}-K{k}-ddp", [])
         base_mem = base[0]["memory"]["worst_worker_peak_bytes"] if base else None
         lines += [f"## {grid}, K={k}: {unit}, mean +- std over seeds", "",
-                  f"| configuration | same steps | FLOP-matched | steps (same / FLOP-matched) | worst-worker peak MiB | peak / DDP |",
+                  "| configuration | same steps | FLOP-matched | steps (same / FLOP-matched) "
+                  "| worst-worker peak MiB | peak / DDP |",
                   "|---|---|---|---|---|---|"]
         rows = [c for c in by_config if c.startswith(f"{grid}-K{k}-") and not c.endswith("-flop-matched")]
         for cfg in sorted(rows, key=lambda c: _order(by_config[c][0]["run"])):
@@ -431,6 +451,23 @@ def write_page(out: Path, settings: dict[str, Any], args: argparse.Namespace, ru
     _plot_curves(plt, by_config, panels, out / "curves.png")
     _plot_frontier(plt, by_config, panels, out / "frontier.png")
     return page
+
+
+def _add_checkpointing_points(out: Path, by_config: dict[str, list[dict[str, Any]]]) -> None:
+    """Where DDP+ckpt was not trained (it is DDP's math, only recomputing activations), place it on the
+    page at its own measured memory with the DDP runs' results, labelled so."""
+    for cfg, ddp in list(by_config.items()):
+        run = ddp[0]["run"]
+        ckpt_cfg = cfg[: -len("ddp")] + "ddp-ckpt"
+        if run["strategy"] != "ddp" or ckpt_cfg in by_config:
+            continue
+        memory = out / "memory" / f"{run['grid']}-K{run['workers']}-s{run['seed']}.json"
+        configs = json.loads(memory.read_text())["configs"] if memory.exists() else {}
+        if "ddp-ckpt" not in configs:
+            continue
+        by_config[ckpt_cfg] = [{**r, "run": {**r["run"], "strategy": "ddp-ckpt"}, "config": ckpt_cfg,
+                                "label": "DDP+ckpt (DDP's runs: same math)",
+                                "memory": {**r["memory"], **configs["ddp-ckpt"]}} for r in ddp]
 
 
 def _order(run: dict[str, Any]) -> tuple:
@@ -471,7 +508,8 @@ def _plot_curves(plt: Any, by_config: dict, panels: list, path: Path) -> None:
             style = "--" if run["regime"] == "flop-matched" else "-"
             label = rs[0]["label"] + (" FLOP-m." if run["regime"] == "flop-matched" else "")
             ax.plot(steps, values, style, marker=".", label=f"{label} (n={len(rs)})")
-        ax.set(xlabel="optimizer step", ylabel="test accuracy %" if metric == "test_acc" else "validation loss", title=f"{grid}, K={k}: assembled model, mean over seeds")
+        ax.set(xlabel="optimizer step", ylabel="test accuracy %" if metric == "test_acc" else "validation loss",
+               title=f"{grid}, K={k}: assembled model, mean over seeds")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
     fig.tight_layout()
