@@ -10,6 +10,7 @@
 #
 #   OUT=/some/dir bash benchmarks/gpu_session.sh                      # on the GPU
 #   OUT=/tmp/gs SUBNETDP_GPU_SMOKE=1 bash benchmarks/gpu_session.sh   # CPU smoke test: same steps, tiny
+#   OUT=... bash benchmarks/gpu_session.sh --coverages 0.5 --seeds 0 1 2   # arguments go to reproduce.py
 #
 # Budgets (seconds, overridable): REPRO_MINUTES (4.8) for the grid, MEASURE_SECONDS (150) for (b).
 set -uo pipefail
@@ -52,7 +53,7 @@ fi
 echo "== (a) reproduction grid, ${REPRO_MINUTES} min" | tee -a "$LOG"
 REPRO_LIMIT=$(awk "BEGIN {print int($REPRO_MINUTES * 60 + 40)}")
 timeout -s INT -k 20 "$REPRO_LIMIT" $PY experiments/reproduce.py --scale gpu --minutes "$REPRO_MINUTES" \
-    --data-dir "$DATA" --out "$WORK/repro" "${REPRO_EXTRA[@]}" 2>&1 | tee -a "$LOG"
+    --data-dir "$DATA" --out "$WORK/repro" "${REPRO_EXTRA[@]}" "$@" 2>&1 | tee -a "$LOG"
 echo "reproduce.py exit ${PIPESTATUS[0]}" | tee -a "$LOG"
 
 # (b) memory phase of gpu_measure (it writes its JSON after every workload, so a cut keeps what it has)

@@ -50,18 +50,22 @@ REGIMES = ("same-steps", "flop-matched")
 
 # Sizes per scale and grid. "flags" go to `subnetdp train`; "memory" describes the same step for
 # subnetdp.bench.memory_part. Axes: workers K, coverages, levels, baselines, seeds.
+# cpu: sized from runs measured on the 2-core CPU (K=4 simulated, 1 thread): ResNet-18 width 8, batch 64,
+# 39 steps took 14 s (block C=0.5) and 38 s (neuron C=0.5), DDP as 4 processes 22 s plus 22 s of start-up;
+# llama_char_small, 8 x 64 tokens, 50 steps took 15 s (block C=0.5) and 16 s (neuron). At 45 image and 60
+# text steps (same-steps; FLOP-matched 1/C times as many) the whole grid (46 runs) comes to about 35 min.
 SCALES: dict[str, dict[str, Any]] = {
     "cpu": {
         "device": "cpu", "ddp_launch": "processes",
         "image": {"flags": ["--model", "resnet18", "--dataset", "cifar10-jpeg", "--width", "8",
-                            "--train-subset", "10000", "--test-subset", "2000", "--batch-size", "64",
-                            "--epochs", "2", "--threads", "1"],
+                            "--train-subset", "4000", "--test-subset", "2000", "--batch-size", "64",
+                            "--epochs", "3", "--threads", "1"],
                   "memory": {"kind": "image", "model": "resnet18", "width": 8, "batch": 64, "optimizer": "sgd-momentum"},
                   "workers": [4], "coverages": [0.75, 0.5, 0.25], "levels": ["block", "neuron"],
                   "baselines": ["ddp", "ddp-ckpt"], "seeds": [0, 1]},
         "lm": {"flags": ["--model", "llama_char_small", "--dataset", "tinyshakespeare", "--optimizer", "adamw",
                          "--lr", "2e-3", "--weight-decay", "0.1", "--seq-len", "64", "--batch-size", "8",
-                         "--steps-per-epoch", "50", "--epochs", "2", "--threads", "1"],
+                         "--steps-per-epoch", "30", "--epochs", "2", "--threads", "1"],
                "memory": {"kind": "text", "model": "llama_char_small", "seq_len": 64, "batch": 8, "optimizer": "adamw"},
                "workers": [4], "coverages": [0.75, 0.5], "levels": ["block", "neuron"],
                "baselines": ["ddp"], "seeds": [0, 1]},
