@@ -323,3 +323,20 @@ def test_workers_report_the_same_step_metrics_as_simulate(tmp_path):
         assert abs(a["loss"] - b["loss"]) < 1e-4 and abs(a["acc"] - b["acc"]) < 1e-9, (a, b)
     s = [json.loads((d / "summary.json").read_text()) for d in (sim, out)]
     assert abs(s[0]["final"]["test_acc"] - s[1]["final"]["test_acc"]) < 1e-9
+
+
+def test_flop_matched_scales_steps_too(tmp_path):
+    out = train(tmp_path, "flop", "--simulate", "2", "--coverage", "0.5", "--steps", "3", "--flop-matched")
+    assert json.loads((out / "summary.json").read_text())["steps"] == 6  # 3 / C
+    out = train(tmp_path, "same", "--simulate", "2", "--coverage", "0.5", "--steps", "3")
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3
+
+
+def test_flop_matched_step_arithmetic():
+    from subnetdp.config import TrainConfig
+    from subnetdp.train import total_steps
+
+    assert total_steps(TrainConfig(coverage=0.75, steps=300, flop_matched=True), 50) == 400
+    assert total_steps(TrainConfig(coverage=0.5, epochs=2.0, flop_matched=True), 97) == 388
+    assert total_steps(TrainConfig(coverage=0.25, epochs=1.0), 97) == 97  # not FLOP-matched
+    assert total_steps(TrainConfig(strategy="ddp", coverage=0.5, steps=30, flop_matched=True), 97) == 30  # DDP: C=1

@@ -52,7 +52,7 @@ class TrainConfig:
     # recipe
     epochs: float = field(default=1.0, metadata={"help": "epochs (text: --steps-per-epoch steps each)"})
     steps: int | None = field(default=None, metadata={"help": "total optimizer steps (overrides --epochs)"})
-    flop_matched: bool = field(default=False, metadata={"help": "SDP: train 1/C times as many steps (equal FLOPs to DDP)"})
+    flop_matched: bool = field(default=False, metadata={"help": "SDP: train 1/C times as many steps, of --steps or --epochs (equal FLOPs to DDP)"})
     batch_size: int = field(default=128, metadata={"help": "batch size per worker"})
     optimizer: str = field(default="sgd", metadata={"help": "sgd (Nesterov momentum) or adamw"})
     lr: float | None = field(default=None, metadata={"help": "peak learning rate (sgd 0.1, adamw 1e-3 by default)"})

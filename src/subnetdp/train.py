@@ -205,8 +205,7 @@ def _train(cfg: TrainConfig, device: torch.device, distributed: bool,
     task = make_task(cfg, device)
     factory = task.model_factory()
     steps_per_epoch = task.steps_per_epoch(world)
-    epochs = cfg.epochs / cfg.coverage if (cfg.flop_matched and cfg.strategy == "sdp") else cfg.epochs
-    total = cfg.steps or max(1, math.ceil(epochs * steps_per_epoch))
+    total = total_steps(cfg, steps_per_epoch)
     n_epochs = math.ceil(total / steps_per_epoch)
     plan: Plan | None = None
     if cfg.strategy == "sdp":
@@ -348,6 +347,18 @@ def _new_progress() -> dict[str, Any]:
     """What the summary needs from the steps before a resume: saved with every checkpoint."""
     return {"wall_s": 0.0, "samples": 0.0, "epochs": [],
             "sums": {"loss": 0.0, "correct": 0.0, "count": 0.0, "n": 0, "time_s": 0.0}}
+
+
+def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """Optimizer steps of the run: ``--steps``, else ``--epochs`` worth of steps.
+
+    ``--flop-matched`` (SDP) multiplies either by 1/C, so that K workers each computing about C of the
+    model spend DDP's FLOPs; it applies to ``--steps`` too, else the flag would be silently ignored.
+    """
+    scale = 1 / cfg.coverage if (cfg.flop_matched and cfg.strategy == "sdp") else 1.0
+    if cfg.steps:
+        return max(1, math.ceil(cfg.steps * scale - 1e-9))
+    return max(1, math.ceil(cfg.epochs * scale * steps_per_epoch - 1e-9))
 
 
 def _opt_name(cfg: TrainConfig) -> str:

@@ -1,0 +1,588 @@
+"""Reproduce the method's accuracy claims: a grid of ``subnetdp train`` runs with seeds, a results page.
+
+The grid is (strategy, level, coverage C, same-steps or FLOP-matched, seed) for each of:
+
+* ``image``: ResNet-18 on CIFAR-10 (JPEG), test accuracy of the assembled full model;
+* ``lm``: ``llama_char_small`` on Tiny Shakespeare (characters), validation loss of the assembled model.
+
+Every run is one ``python -m subnetdp train`` process with its own fresh ``--out`` (the product's
+defaults, whatever they are when the grid runs: plans, evaluation conventions, masking), and writes
+``OUT/results/<run>.json`` from the run's ``summary.json`` and ``metrics.jsonl``. Run again with the same
+``--out`` to resume: finished runs (their JSON exists) are skipped, an interrupted run continues from
+its latest checkpoint (``--resume``), a run that left no checkpoint starts again in a fresh folder.
+
+Memory: the worst worker's measured peak of one training step per configuration, measured in this
+process by ``subnetdp.bench.memory_part`` (each worker's subnetwork at the run's model, batch and
+optimizer; DDP and DDP with activation checkpointing on the full model): the allocator peak on a
+GPU, and on a CPU the bytes of parameters, gradients, optimizer state and saved activations (a CPU
+has no per-worker allocator peak: ``--simulate`` runs all workers in one process). Steps are fp32.
+
+Then ``OUT/results.md`` with mean +- std over seeds, ``OUT/curves.png`` (learning curves) and
+``OUT/frontier.png`` (accuracy or validation loss against worst-worker peak memory, DDP and
+DDP+checkpointing on it too). Scales::
+
+    python experiments/reproduce.py --scale cpu --out runs/repro_cpu          # this 2-core CPU
+    python experiments/reproduce.py --scale gpu --minutes 5 --out runs/gpu    # one GPU, time-boxed
+    python experiments/reproduce.py --scale cpu --shrink --out /tmp/r         # same grid, seconds a run
+
+``--minutes`` stops cleanly: a run still going at the deadline is interrupted (it saves a checkpoint,
+so the next invocation resumes it) and the page is written from what finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+REGIMES = ("same-steps", "flop-matched")
+
+# Sizes per scale and grid. "flags" go to `subnetdp train`; "memory" describes the same step for
+# subnetdp.bench.memory_part. Axes: workers K, coverages, levels, baselines, seeds.
+# cpu: sized from runs measured on the 2-core CPU (K=4 simulated, 1 thread): ResNet-18 width 8, batch 64,
+# 39 steps took 14 s (block C=0.5) and 38 s (neuron C=0.5), DDP as 4 processes 22 s plus 22 s of start-up;
+# llama_char_small, 8 x 64 tokens, 50 steps took 15 s (block C=0.5) and 16 s (neuron). At 45 image and 60
+# text steps (same-steps; FLOP-matched 1/C times as many) the whole grid (46 runs) comes to about 35 min.
+SCALES: dict[str, dict[str, Any]] = {
+    "cpu": {
+        "device": "cpu", "ddp_launch": "processes",
+        "image": {"flags": ["--model", "resnet18", "--dataset", "cifar10-jpeg", "--width", "8",
+                            "--train-subset", "4000", "--test-subset", "2000", "--batch-size", "64",
+                            "--epochs", "3", "--threads", "1"],
+                  "memory": {"kind": "image", "model": "resnet18", "width": 8, "batch": 64, "optimizer": "sgd-momentum"},
+                  "workers": [4], "coverages": [0.75, 0.5, 0.25], "levels": ["block", "neuron"],
+                  "baselines": ["ddp", "ddp-ckpt"], "seeds": [0, 1]},
+        "lm": {"flags": ["--model", "llama_char_small", "--dataset", "tinyshakespeare", "--optimizer", "adamw",
+                         "--lr", "2e-3", "--weight-decay", "0.1", "--seq-len", "64", "--batch-size", "8",
+                         "--steps-per-epoch", "30", "--epochs", "2", "--threads", "1"],
+               "memory": {"kind": "text", "model": "llama_char_small", "seq_len": 64, "batch": 8, "optimizer": "adamw"},
+               "workers": [4], "coverages": [0.75, 0.5], "levels": ["block", "neuron"],
+               "baselines": ["ddp"], "seeds": [0, 1]},
+    },
+    "gpu": {
+        "device": "cuda", "ddp_launch": "simulate",
+        "image": {"flags": ["--model", "resnet18", "--dataset", "cifar10-jpeg", "--width", "64",
+                            "--batch-size", "128", "--epochs", "4"],
+                  "memory": {"kind": "image", "model": "resnet18", "width": 64, "batch": 128, "optimizer": "sgd-momentum"},
+                  "workers": [4, 8], "coverages": [0.75, 0.5, 0.25], "levels": ["block", "neuron"],
+                  "baselines": ["ddp"], "seeds": [0, 1]},
+        "lm": {"flags": ["--model", "llama_char_small", "--dataset", "tinyshakespeare", "--optimizer", "adamw",
+                         "--lr", "2e-3", "--weight-decay", "0.1", "--seq-len", "256", "--batch-size", "32",
+                         "--steps-per-epoch", "200", "--epochs", "3"],
+               "memory": {"kind": "text", "model": "llama_char_small", "seq_len": 256, "batch": 32, "optimizer": "adamw"},
+               "workers": [4], "coverages": [0.75, 0.5], "levels": ["block", "neuron"],
+               "baselines": ["ddp"], "seeds": [0, 1]},
+    },
+}
+
+# --shrink: the same grid with every run a few seconds long (smoke tests of the runner itself)
+SHRINK = {
+    "image": {"flags": ["--width", "4", "--train-subset", "512", "--test-subset", "200", "--batch-size", "32",
+                        "--epochs", "1", "--bn-recalibrate", "2"],
+              "memory": {"width": 4, "batch": 32}},
+    "lm": {"flags": ["--seq-len", "16", "--batch-size", "4", "--steps-per-epoch", "3", "--epochs", "1"],
+           "memory": {"seq_len": 16, "batch": 4, "model": "llama_tiny"}, "model": "llama_tiny"},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One point of the grid."""
+
+    grid: str
+    workers: int
+    strategy: str  # sdp, ddp, ddp-ckpt
+    level: str | None
+    coverage: float
+    regime: str
+    seed: int
+
+    @property
+    def config(self) -> str:
+        """The run without its seed: what mean +- std is taken over."""
+        if self.strategy != "sdp":
+            return f"{self.grid}-K{self.workers}-{self.strategy}"
+        return f"{self.grid}-K{self.workers}-sdp-{self.level}-C{self.coverage:g}-{self.regime}"
+
+    @property
+    def name(self) -> str:
+        return f"{self.config}-s{self.seed}"
+
+    @property
+    def label(self) -> str:
+        if self.strategy != "sdp":
+            return {"ddp": "DDP", "ddp-ckpt": "DDP+ckpt"}[self.strategy]
+        return f"SDP {self.level} C={self.coverage:g}"
+
+
+def scale_settings(scale: str, shrink: bool) -> dict[str, Any]:
+    """The scale's grids, with ``--shrink`` applied (the grid's axes stay; only sizes shrink)."""
+    if scale not in SCALES:
+        raise SystemExit(f"--scale {scale!r} is unknown; choose one of: {', '.join(SCALES)}")
+    s = json.loads(json.dumps(SCALES[scale]))
+    if shrink:
+        for grid, small in SHRINK.items():
+            g = s[grid]
+            g["flags"] = _override(g["flags"], small["flags"])
+            if "model" in small:
+                g["flags"] = _override(g["flags"], ["--model", small["model"]])
+            g["memory"].update(small["memory"])
+    return s
+
+
+def _override(flags: list[str], new: list[str]) -> list[str]:
+    """``flags`` with each ``--flag value`` pair of ``new`` replacing the same flag's value (or added)."""
+    out = list(flags)
+    for i in range(0, len(new), 2):
+        if new[i] in out:
+            out[out.index(new[i]) + 1] = new[i + 1]
+        else:
+            out += new[i:i + 2]
+    return out
+
+
+def build_grid(settings: dict[str, Any], grids: Sequence[str], only: argparse.Namespace) -> list[Run]:
+    """Every run, in the order they execute: a configuration's seeds together (so every finished
+    configuration has its error bar when a time box cuts the grid), C=0.5 first, K=8 last."""
+    runs: list[Run] = []
+    priority = {0.5: 0, 0.75: 1, 0.875: 2, 0.25: 3}
+    for grid in grids:
+        g = settings[grid]
+        for k in sorted(only.workers or g["workers"]):
+            seeds = only.seeds if only.seeds is not None else g["seeds"]
+            baselines = only.baselines if only.baselines is not None else g["baselines"]
+            configs: list[tuple[str, str | None, float, str]] = [(b, None, 1.0, "same-steps") for b in baselines]
+            coverages = sorted(only.coverages or g["coverages"], key=lambda c: (priority.get(c, 9), -c))
+            for c in coverages:
+                if abs(c * k - round(c * k)) > 1e-9:
+                    raise SystemExit(f"--coverages {c:g} with K={k} workers gives {c * k:g} holders per unit; "
+                                     "it must be whole")
+                for level in only.levels or g["levels"]:
+                    configs += [("sdp", level, c, regime) for regime in only.regimes or REGIMES]
+            runs += [Run(grid, k, s, lv, c, rg, seed) for s, lv, c, rg in configs for seed in seeds]
+    return sorted(runs, key=lambda r: (r.workers > 4, ["image", "lm"].index(r.grid)))  # stable: keeps the order
+
+
+def train_argv(run: Run, settings: dict[str, Any], device: str, data_dir: str | None, ddp_launch: str,
+               out: Path) -> list[str]:
+    """The ``subnetdp train`` flags of one run."""
+    g = settings[run.grid]
+    argv = list(g["flags"])
+    if data_dir is not None:
+        if run.grid == "image":
+            argv += ["--data-dir", data_dir]
+        else:
+            argv = _override(argv, ["--dataset", str(text_file(data_dir))])
+    argv += ["--device", device, "--seed", str(run.seed), "--no-progress", "--out", str(out)]
+    if run.strategy == "sdp":
+        argv += ["--simulate", str(run.workers), "--coverage", f"{run.coverage:g}", "--level", str(run.level)]
+        if run.regime == "flop-matched":
+            argv.append("--flop-matched")
+    elif run.strategy == "ddp" and ddp_launch == "simulate":  # SDP at C=1 is DDP's math (DESIGN.md invariant 4)
+        argv += ["--simulate", str(run.workers), "--coverage", "1"]
+    else:
+        argv += ["--strategy", run.strategy, "--workers", str(run.workers)]
+    return argv
+
+
+def text_file(data_dir: str) -> Path:
+    for candidate in (Path(data_dir) / "input.txt", Path(data_dir) / "tinyshakespeare" / "input.txt"):
+        if candidate.is_file():
+            return candidate
+    raise SystemExit(f"--data-dir {data_dir}: no input.txt (Tiny Shakespeare) in it or in its tinyshakespeare/")
+
+
+# ---- running ----------------------------------------------------------------------------------------
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def measure_memory(out: Path, run: Run, runs: Sequence[Run], settings: dict[str, Any], device: str) -> dict[str, Any]:
+    """Worst-worker peak of every configuration of ``run``'s grid, K and seed (cached in OUT/memory/)."""
+    path = out / "memory" / f"{run.grid}-K{run.workers}-s{run.seed}.json"
+    if path.exists():
+        cached = json.loads(path.read_text())
+        if memory_key(run) in cached["configs"]:
+            return cached
+    same = [r for r in runs if (r.grid, r.workers, r.strategy) == (run.grid, run.workers, "sdp")]
+    coverages = sorted({r.coverage for r in same}, reverse=True)
+    levels = sorted({str(r.level) for r in same})
+    import torch
+
+    from subnetdp.bench import memory_part
+
+    g = settings[run.grid]
+    spec = dict(g["memory"])
+    t0 = time.perf_counter()
+    part = memory_part(spec, run.workers, coverages, levels, repeats=2, device=torch.device(device),
+                       seed=run.seed, log=lambda *a: None)
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.empty_cache()  # leave the device to the training runs
+    table = {}
+    for row in part["rows"]:
+        if row["strategy"] == "fsdp":
+            continue
+        peaks = [w["measured"]["peak_allocated_bytes"]["median"] if cuda else w["measured"]["total_bytes"]
+                 for w in row["workers"]]
+        key = row["strategy"] if row["strategy"] != "sdp" else f"sdp-{row['level']}-C{row['coverage']:g}"
+        table[key] = {"worst_worker_peak_bytes": max(peaks), "per_worker_peak_bytes": peaks}
+    result = {"basis": ("torch.cuda.max_memory_allocated over the step" if cuda else
+                        "parameters + gradients + optimizer state + saved activations"),
+              "device": device, "spec": spec, "seed": run.seed, "seconds": time.perf_counter() - t0,
+              "configs": table}
+    _write_json(path, result)
+    return result
+
+
+def memory_key(run: Run) -> str:
+    return run.strategy if run.strategy != "sdp" else f"sdp-{run.level}-C{run.coverage:g}"
+
+
+def execute(run: Run, argv: list[str], run_dir: Path, log_path: Path, deadline: float | None) -> str:
+    """Run one ``subnetdp train``; returns "done", "failed" or "stopped" (interrupted at the deadline)."""
+    ckpts = run_dir / "checkpoints"
+    if (run_dir / "summary.json").exists():
+        return "done"  # finished, but its result JSON was not written yet
+    if ckpts.is_dir() and any(ckpts.iterdir()):
+        argv = argv + ["--resume"]
+    elif run_dir.exists():
+        shutil.rmtree(run_dir)  # nothing to resume from: start clean (the main job guards existing folders)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "subnetdp", "train", *argv]
+    with open(log_path, "a") as log:
+        log.write(f"$ {' '.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=None if deadline is None else max(deadline - time.time(), 1))
+        except subprocess.TimeoutExpired:
+            _interrupt(proc)
+            return "stopped"
+        except KeyboardInterrupt:  # the run is in its own session: pass the interrupt on, then stop
+            _interrupt(proc)
+            raise
+    return "done" if rc == 0 and (run_dir / "summary.json").exists() else "failed"
+
+
+def _interrupt(proc: subprocess.Popen) -> None:
+    """Interrupt a run and its workers (the main job saves a checkpoint on an interrupt)."""
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def collect(run: Run, argv: list[str], run_dir: Path, memory: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """The result JSON of a finished run: its summary, learning curve and worst-worker memory."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    metric = "test_acc" if run.grid == "image" else "val_loss"
+    curve = [{"step": r["step"], "epoch": r["epoch"], metric: r[metric]} for r in records
+             if r["kind"] == "epoch" and metric in r]
+    train_curve = [{"step": r["step"], "loss": r["loss"]} for r in records if r["kind"] == "step"]
+    return {"run": dataclasses.asdict(run), "name": run.name, "config": run.config, "label": run.label,
+            "argv": argv, "metric": metric, "final": summary["final"][metric], "steps": summary["steps"],
+            "summary": summary, "curve": curve, "train_curve": train_curve,
+            "memory": {**memory["configs"][memory_key(run)], "basis": memory["basis"]},
+            "process_wall_s": seconds}
+
+
+def run_grid(args: argparse.Namespace) -> Path:
+    out = Path(args.out)
+    settings = scale_settings(args.scale, args.shrink)
+    device = args.device or settings["device"]
+    ddp_launch = args.ddp_launch or settings["ddp_launch"]
+    stamp = {"scale": args.scale, "shrink": args.shrink, "device": device, "ddp_launch": ddp_launch}
+    stamp_path = out / "grid.json"
+    if stamp_path.exists():
+        old = json.loads(stamp_path.read_text())
+        if {k: old.get(k) for k in stamp} != stamp:
+            raise SystemExit(f"--out {out} holds a grid run with {old}, not {stamp}; resume it with the same "
+                             "--scale/--shrink/--device/--ddp-launch, or choose another --out")
+    _write_json(stamp_path, {**stamp, "settings": settings})
+    runs = build_grid(settings, args.grids, args)
+    deadline = time.time() + args.minutes * 60 if args.minutes else None
+    start = time.time()
+    print(f"{len(runs)} runs in the grid ({args.scale} scale{', shrunk' if args.shrink else ''}, {device})", flush=True)
+    try:
+        _run_all(out, runs, settings, device, ddp_launch, args, deadline)
+    except KeyboardInterrupt:
+        print("interrupted: writing the page from the finished runs", flush=True)
+    print(f"grid pass took {time.time() - start:.0f} s", flush=True)
+    page = write_page(out, settings, args, runs)
+    print(f"written: {page}", flush=True)
+    return page
+
+
+def _run_all(out: Path, runs: Sequence[Run], settings: dict[str, Any], device: str, ddp_launch: str,
+             args: argparse.Namespace, deadline: float | None) -> None:
+    for i, run in enumerate(runs):
+        result_path = out / "results" / f"{run.name}.json"
+        if result_path.exists():
+            continue
+        if deadline is not None and deadline - time.time() < args.min_run_seconds:
+            print(f"time box of {args.minutes:g} min reached: {len(runs) - i} runs left for the next invocation")
+            break
+        memory = measure_memory(out, run, runs, settings, device)
+        run_dir = out / "runs" / run.name
+        argv = train_argv(run, settings, device, args.data_dir, ddp_launch, run_dir)
+        t0 = time.time()
+        status = execute(run, argv, run_dir, out / "logs" / f"{run.name}.log", deadline)
+        seconds = time.time() - t0
+        if status == "done":
+            result = collect(run, argv, run_dir, memory, seconds)
+            _write_json(result_path, result)
+            print(f"[{i + 1}/{len(runs)}] {run.name}: {result['metric']} {result['final']:.4f} "
+                  f"({result['steps']} steps, {seconds:.0f} s)", flush=True)
+        else:
+            print(f"[{i + 1}/{len(runs)}] {run.name}: {status} after {seconds:.0f} s "
+                  f"(log: {out / 'logs' / f'{run.name}.log'})", flush=True)
+            if status == "stopped":
+                break
+
+
+# ---- the results page -------------------------------------------------------------------------------
+def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for one value)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def fmt(values: Sequence[float], metric: str) -> str:
+    if not values:
+        return "not run"
+    m, s = mean_std(values)
+    scale, digits = (100.0, 2) if metric == "test_acc" else (1.0, 4)
+    spread = f" +- {s * scale:.{digits}f}" if s is not None else ""
+    return f"{m * scale:.{digits}f}{spread} (n={len(values)})"
+
+
+def load_results(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted((out / "results").glob("*.json"))]
+
+
+def _describe(settings: dict[str, Any], grid: str, results: list[dict[str, Any]]) -> str:
+    flags = settings[grid]["flags"]
+    f = {flags[i]: flags[i + 1] for i in range(0, len(flags) - 1, 2) if flags[i].startswith("--")}
+    r = next((x for x in results if x["run"]["grid"] == grid), None)
+    params = f"{r['summary']['full_params']:,} parameters" if r and r["summary"].get("full_params") else ""
+    if grid == "image":
+        subset = f"{int(f['--train-subset']):,}-image subset" if "--train-subset" in f else "all 50,000 images"
+        test = f"{int(f['--test-subset']):,} test images" if "--test-subset" in f else "all 10,000 test images"
+        return (f"ResNet-18 width {f.get('--width', 64)} ({params}) on CIFAR-10 (JPEG): {subset} of the training "
+                f"set, test accuracy of the assembled full model on {test}; batch {f['--batch-size']} per worker, "
+                f"{f['--epochs']} epoch(s) at same steps (FLOP-matched: 1/C times the steps), SGD with Nesterov "
+                "momentum, the main job's default recipe otherwise")
+    return (f"{f['--model']} ({params}) on Tiny Shakespeare (characters): batch {f['--batch-size']} x "
+            f"{f['--seq-len']} tokens per worker, {int(f['--steps-per-epoch']) * float(f['--epochs']):.0f} steps at "
+            f"same steps (FLOP-matched: 1/C times the steps), AdamW lr {f.get('--lr')}, validation loss of the "
+            "assembled full model on 20 fixed batches")
+
+
+def write_page(out: Path, settings: dict[str, Any], args: argparse.Namespace, runs: Sequence[Run]) -> Path:
+    """``OUT/results.md``, ``OUT/curves.png`` and ``OUT/frontier.png`` from the result JSONs found."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = load_results(out)
+    by_config: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        by_config.setdefault(r["config"], []).append(r)
+    _add_checkpointing_points(out, by_config)
+    planned = {r.name for r in runs}
+    done = {r["name"] for r in results}
+    panels = sorted({(r["run"]["grid"], r["run"]["workers"]) for r in results}, key=lambda p: (p[1], p[0]))
+    wall = sum(r["process_wall_s"] for r in results)
+    machine = results[0]["summary"]["device"] if results else "n/a"
+    lines = [f"# Reproduction grid: {args.scale} scale{' (shrunk: a smoke test, not a result)' if args.shrink else ''}",
+             "", f"Command: `python experiments/reproduce.py {' '.join(args.argv)}`", "",
+             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, {_device_name(machine)}; "
+             f"torch {_torch_version()}, Python {platform.python_version()}. "
+             f"{len(done)} of {len(planned)} planned runs finished; their processes took {wall / 60:.1f} min in all.",
+             ""]
+    for grid in sorted({p[0] for p in panels}):
+        lines.append(f"- **{grid}**: {_describe(settings, grid, results)}.")
+    lines += ["", "Memory: the worst worker's measured peak of one fp32 training step at the run's batch, "
+              f"{results[0]['memory']['basis'] if results else 'n/a'}; SDP workers by "
+              "`subnetdp.bench.memory_part`, DDP and DDP+ckpt on the full model. DDP "
+              + ("is SDP at C=1 simulated in one process (DDP's math, DESIGN.md invariant 4)"
+                 if (args.ddp_launch or settings["ddp_launch"]) == "simulate" else
+                 "and DDP+ckpt run as K real processes (gloo)")
+              + "; SDP runs are K workers simulated in one process.", ""]
+    for grid, k in panels:
+        metric = "test_acc" if grid == "image" else "val_loss"
+        unit = "test accuracy %" if grid == "image" else "validation loss"
+        base = by_config.get(f"{grid}-K{k}-ddp", [])
+        base_mem = base[0]["memory"]["worst_worker_peak_bytes"] if base else None
+        lines += [f"## {grid}, K={k}: {unit}, mean +- std over seeds", "",
+                  "| configuration | same steps | FLOP-matched | steps (same / FLOP-matched) "
+                  "| worst-worker peak MiB | peak / DDP |",
+                  "|---|---|---|---|---|---|"]
+        rows = [c for c in by_config if c.startswith(f"{grid}-K{k}-") and not c.endswith("-flop-matched")]
+        for cfg in sorted(rows, key=lambda c: _order(by_config[c][0]["run"])):
+            same = by_config[cfg]
+            flop = by_config.get(cfg.replace("-same-steps", "-flop-matched"), []) if "-sdp-" in cfg else []
+            mem = same[0]["memory"]["worst_worker_peak_bytes"]
+            steps = f"{same[0]['steps']}" + (f" / {flop[0]['steps']}" if flop else "")
+            lines.append(f"| {same[0]['label']} | {fmt([r['final'] for r in same], metric)} | "
+                         f"{fmt([r['final'] for r in flop], metric) if '-sdp-' in cfg else 'n/a'} | {steps} | "
+                         f"{mem / 2**20:.1f} | {f'{mem / base_mem:.2f}' if base_mem else 'n/a'} |")
+        lines.append("")
+    missing = sorted(planned - done)
+    if missing:
+        lines += [f"Not finished ({len(missing)}): " + ", ".join(missing), ""]
+    lines += ["![learning curves](curves.png)", "", "![memory-accuracy frontier](frontier.png)", ""]
+    page = out / "results.md"
+    page.write_text("\n".join(lines))
+    _plot_curves(plt, by_config, panels, out / "curves.png")
+    _plot_frontier(plt, by_config, panels, out / "frontier.png")
+    return page
+
+
+def _add_checkpointing_points(out: Path, by_config: dict[str, list[dict[str, Any]]]) -> None:
+    """Where DDP+ckpt was not trained (it is DDP's math, only recomputing activations), place it on the
+    page at its own measured memory with the DDP runs' results, labelled so."""
+    for cfg, ddp in list(by_config.items()):
+        run = ddp[0]["run"]
+        ckpt_cfg = cfg[: -len("ddp")] + "ddp-ckpt"
+        if run["strategy"] != "ddp" or ckpt_cfg in by_config:
+            continue
+        memory = out / "memory" / f"{run['grid']}-K{run['workers']}-s{run['seed']}.json"
+        configs = json.loads(memory.read_text())["configs"] if memory.exists() else {}
+        if "ddp-ckpt" not in configs:
+            continue
+        by_config[ckpt_cfg] = [{**r, "run": {**r["run"], "strategy": "ddp-ckpt"}, "config": ckpt_cfg,
+                                "label": "DDP+ckpt (DDP's runs: same math)",
+                                "memory": {**r["memory"], **configs["ddp-ckpt"]}} for r in ddp]
+
+
+def _order(run: dict[str, Any]) -> tuple:
+    return ({"ddp": 0, "ddp-ckpt": 1, "sdp": 2}[run["strategy"]], run["level"] or "", -run["coverage"])
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else device
+    return "no GPU (cpu)"
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def _mean_curve(runs: list[dict[str, Any]], metric: str) -> tuple[list[int], list[float]]:
+    """The seeds' curves averaged at the steps they share."""
+    steps = sorted(set.intersection(*[{p["step"] for p in r["curve"]} for r in runs]))
+    values = [statistics.fmean(next(p[metric] for p in r["curve"] if p["step"] == s) for r in runs) for s in steps]
+    return steps, values
+
+
+def _plot_curves(plt: Any, by_config: dict, panels: list, path: Path) -> None:
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(6 * max(len(panels), 1), 4.2), squeeze=False)
+    for ax, (grid, k) in zip(axes[0], panels):
+        metric = "test_acc" if grid == "image" else "val_loss"
+        for cfg, rs in sorted(by_config.items(), key=lambda kv: _order(kv[1][0]["run"])):
+            run = rs[0]["run"]
+            if run["grid"] != grid or run["workers"] != k:
+                continue
+            steps, values = _mean_curve(rs, metric)
+            values = [v * (100.0 if metric == "test_acc" else 1.0) for v in values]
+            style = "--" if run["regime"] == "flop-matched" else "-"
+            label = rs[0]["label"] + (" FLOP-m." if run["regime"] == "flop-matched" else "")
+            ax.plot(steps, values, style, marker=".", label=f"{label} (n={len(rs)})")
+        ax.set(xlabel="optimizer step", ylabel="test accuracy %" if metric == "test_acc" else "validation loss",
+               title=f"{grid}, K={k}: assembled model, mean over seeds")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_frontier(plt: Any, by_config: dict, panels: list, path: Path) -> None:
+    colors = {"ddp": "black", "ddp-ckpt": "grey", "block": "tab:blue", "neuron": "tab:orange"}
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(6 * max(len(panels), 1), 4.2), squeeze=False)
+    for ax, (grid, k) in zip(axes[0], panels):
+        metric = "test_acc" if grid == "image" else "val_loss"
+        scale = 100.0 if metric == "test_acc" else 1.0
+        for cfg, rs in by_config.items():
+            run = rs[0]["run"]
+            if run["grid"] != grid or run["workers"] != k:
+                continue
+            m, s = mean_std([r["final"] * scale for r in rs])
+            x = rs[0]["memory"]["worst_worker_peak_bytes"] / 2**20
+            flop = run["regime"] == "flop-matched"
+            ax.errorbar(x, m, yerr=s or 0, fmt="^" if flop else "o", color=colors[run["level"] or run["strategy"]],
+                        mfc="none" if flop else None, capsize=3)
+            ax.annotate(rs[0]["label"].replace("SDP ", "") + (" FM" if flop else ""), (x, m), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points")
+        ax.set(xlabel="worst-worker peak memory, measured (MiB)",
+               ylabel="test accuracy %" if metric == "test_acc" else "validation loss",
+               title=f"{grid}, K={k}: o same steps, ^ FLOP-matched (FM)")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="grid folder (results/, runs/, logs/, memory/, results.md)")
+    p.add_argument("--scale", default="cpu", choices=sorted(SCALES), help="sizes and axes of the grid")
+    p.add_argument("--shrink", action="store_true", help="the scale's grid with every run tiny (smoke tests)")
+    p.add_argument("--grids", nargs="+", default=["image", "lm"], choices=["image", "lm"])
+    p.add_argument("--minutes", type=float, default=None, help="time box: stop cleanly after this long")
+    p.add_argument("--min-run-seconds", type=float, default=20.0,
+                   help="with --minutes: start no run with less time than this left")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: the scale's)")
+    p.add_argument("--data-dir", default=None,
+                   help="folder with cifar10_jpeg.npz and input.txt (default: ../shared/data or $SUBNETDP_SHARED_DATA)")
+    p.add_argument("--ddp-launch", choices=["processes", "simulate"], default=None,
+                   help="DDP as K real processes, or as SDP at C=1 simulated (its math); default: the scale's")
+    # subsets of the scale's grid
+    p.add_argument("--workers", type=int, nargs="+", default=None)
+    p.add_argument("--coverages", type=float, nargs="+", default=None)
+    p.add_argument("--levels", nargs="+", default=None, choices=["block", "neuron"])
+    p.add_argument("--regimes", nargs="+", default=None, choices=list(REGIMES))
+    p.add_argument("--baselines", nargs="*", default=None, choices=["ddp", "ddp-ckpt"])
+    p.add_argument("--seeds", type=int, nargs="+", default=None)
+    p.add_argument("--page-only", action="store_true", help="only rewrite results.md and the plots")
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.page_only:
+        settings = scale_settings(args.scale, args.shrink)
+        print(f"written: {write_page(Path(args.out), settings, args, build_grid(settings, args.grids, args))}")
+        return 0
+    run_grid(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

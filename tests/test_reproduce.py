@@ -1,0 +1,80 @@
+"""experiments/reproduce.py on a tiny grid: one JSON per run, resume skips finished runs, the page."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from subnetdp.data import shared_data_dir
+
+pytestmark = pytest.mark.skipif(shared_data_dir() is None, reason="needs ../shared/data (CIFAR-10 JPEG)")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "experiments" / "reproduce.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["reproduce"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+GRID = ["--scale", "cpu", "--shrink", "--grids", "image", "--workers", "2", "--coverages", "0.5", "--levels",
+        "block", "--seeds", "0", "1", "--baselines", "ddp", "--ddp-launch", "simulate"]
+
+
+def test_tiny_grid_writes_runs_resumes_and_the_page(tmp_path, capsys):
+    reproduce = _module()
+    out = tmp_path / "grid"
+    assert reproduce.main([*GRID, "--regimes", "same-steps", "--out", str(out)]) == 0
+    first = sorted(p.name for p in (out / "results").glob("*.json"))
+    assert first == [f"image-K2-{c}-s{s}.json" for c in ("ddp", "sdp-block-C0.5-same-steps") for s in (0, 1)]
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "results").glob("*.json")}
+
+    # a second pass with the FLOP-matched regime added runs only the new runs
+    capsys.readouterr()
+    assert reproduce.main([*GRID, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "same-steps-s0:" not in printed and "ddp-s0:" not in printed  # skipped: their JSON exists
+    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())
+    results = {p.stem: json.loads(p.read_text()) for p in (out / "results").glob("*.json")}
+    assert len(results) == 6
+    same, flop = results["image-K2-sdp-block-C0.5-same-steps-s0"], results["image-K2-sdp-block-C0.5-flop-matched-s0"]
+    assert flop["steps"] == 2 * same["steps"]  # 1/C times the steps
+    for r in results.values():
+        assert 0 <= r["final"] <= 1 and r["curve"] and r["curve"][-1]["step"] == r["steps"]
+        assert r["memory"]["worst_worker_peak_bytes"] > 0
+    assert results["image-K2-ddp-s0"]["summary"]["coverage"] == 1.0
+
+    page = (out / "results.md").read_text()
+    accs = sorted(100 * results[f"image-K2-ddp-s{s}"]["final"] for s in (0, 1))
+    mean = (accs[0] + accs[1]) / 2
+    row = next(line for line in page.splitlines() if line.startswith("| DDP |"))
+    assert re.search(rf"{mean:.2f} \+- \d+\.\d\d \(n=2\)", row), row
+    sdp = next(line for line in page.splitlines() if line.startswith("| SDP block C=0.5 |"))
+    assert sdp.count("(n=2)") == 2 and f"| {same['steps']} / {flop['steps']} |" in sdp
+    assert (out / "curves.png").stat().st_size > 0 and (out / "frontier.png").stat().st_size > 0
+
+
+def test_interrupted_run_resumes_from_its_checkpoint(tmp_path):
+    reproduce = _module()
+    out = tmp_path / "grid"
+    args = reproduce.parse_args([*GRID, "--regimes", "same-steps", "--baselines", "--seeds", "0", "--out", str(out)])
+    settings = reproduce.scale_settings("cpu", True)
+    (run,) = reproduce.build_grid(settings, ["image"], args)
+    run_dir = out / "runs" / run.name
+    argv = reproduce.train_argv(run, settings, "cpu", None, "simulate", run_dir)
+    # a run stopped after its first epoch's checkpoint: train 2 of its 8 steps with checkpoints
+    from subnetdp.cli import main
+
+    assert main(["train", *argv, "--steps", "2", "--checkpoint-every", "1"]) == 0
+    (run_dir / "summary.json").unlink()  # as if it had been interrupted before finishing
+    status = reproduce.execute(run, argv, run_dir, out / "logs" / "x.log", deadline=None)
+    assert status == "done"
+    log = (out / "logs" / "x.log").read_text()
+    assert "--resume" in log and "resumed from" in log
