@@ -6,13 +6,14 @@ or starts K local processes itself through torchrun's launcher (``--workers K``)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import resource
+import shutil
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from subnetdp.backends import Distributed, SimulatedSDP, autocast_for
-from subnetdp.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from subnetdp import rundir, supervise
+from subnetdp.checkpoint import CheckpointError, atomic_write, find_resumable, load_checkpoint, save_checkpoint
 from subnetdp.config import TrainConfig, validate, world_size_of
 from subnetdp.evaluation import recalibrate_batchnorm, scale_residual_branches
 from subnetdp.init import materialize
@@ -30,16 +32,35 @@ from subnetdp.plan import Plan, plan as make_plan
 from subnetdp.tasks import make_task
 
 
-def launch_local(cfg: TrainConfig, argv: list[str]) -> int:
-    """``--workers K``: start K processes on this machine with torchrun's own launcher."""
+def launch_local(cfg: TrainConfig, argv: list[str]) -> None:
+    """``--workers K``: start K processes on this machine with torchrun's own launcher.
+
+    The launcher owns the run folder for the whole job (its ranks come and go with restarts), checks
+    it before any process starts, and gives each attempt a fresh rendezvous store in the folder.
+    """
     from torch.distributed.run import main as torchrun_main
 
-    rest = _drop_flag(argv, "--workers")
-    args = ["--standalone", f"--nproc-per-node={cfg.workers}", "--max-restarts=0", "-m", "subnetdp", "train", *rest]
-    if "--out" not in " ".join(rest):  # every process must agree on the run directory
-        args += ["--out", str(cfg.run_dir())]
-    torchrun_main(args)
-    return 0
+    out = cfg.run_dir()
+    claim = rundir.lock(out)
+    store_dir = out / ".rendezvous"
+    try:
+        problem = rundir.admit(cfg, out)
+        if problem:
+            raise SystemExit(problem)
+        store_dir.mkdir(exist_ok=True)
+        os.environ[rundir.OWNER_ENV] = claim.token
+        os.environ[supervise.STORE_ENV] = str(store_dir.resolve())
+        rest = _drop_flag(_drop_flag(argv, "--workers"), "--max-restarts")
+        args = ["--standalone", f"--nproc-per-node={cfg.workers}", f"--max-restarts={cfg.max_restarts}",
+                "-m", "subnetdp", "train", *rest]
+        if "--out" not in " ".join(rest):  # every process must agree on the run directory
+            args += ["--out", str(out)]
+        torchrun_main(args)
+    finally:
+        os.environ.pop(rundir.OWNER_ENV, None)
+        os.environ.pop(supervise.STORE_ENV, None)
+        shutil.rmtree(store_dir, ignore_errors=True)
+        claim.release()
 
 
 def _drop_flag(argv: list[str], flag: str) -> list[str]:
@@ -80,6 +101,8 @@ def _peak_memory(device: torch.device) -> dict[str, int]:
 def run(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any] | None:
     """Run the main job; returns the summary on the process that writes it (else None)."""
     validate(cfg)
+    if supervise.restart_count() > 0:  # torchrun restarted the processes: continue this run, never replace it
+        cfg = dataclasses.replace(cfg, resume=True, overwrite=False)
     if cfg.workers and "WORLD_SIZE" not in os.environ:
         launch_local(cfg, argv if argv is not None else sys.argv[2:])
         summary = Path(cfg.run_dir()) / "summary.json"
@@ -89,16 +112,41 @@ def run(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any] | Non
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if distributed and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(minutes=10))
+        supervise.start("nccl" if device.type == "cuda" else "gloo", cfg.timeout)
+    claim = None
     try:
+        claim = _claim_run_dir(cfg, distributed)
         result = _train(cfg, device, distributed)
-        if distributed:
-            dist.barrier()  # every rank leaves together: gloo can abort when a peer tears down early
+        supervise.boundary("end of the run")  # every rank leaves together: gloo can abort when a peer tears down early
         return result
+    except supervise.StallError as e:
+        raise SystemExit(str(e)) from None
     finally:
-        if distributed and dist.is_initialized():
-            dist.destroy_process_group()
+        if claim is not None:
+            claim.release()
+        if distributed:
+            supervise.stop()
+
+
+def _claim_run_dir(cfg: TrainConfig, distributed: bool) -> rundir.RunLock | None:
+    """Lock the run folder and check that this run may start there; every rank stops together, or none."""
+    lead = not distributed or dist.get_rank() == 0
+    claim, problem = None, None
+    if lead:
+        try:
+            claim = rundir.lock(cfg.run_dir())
+            problem = rundir.admit(cfg, cfg.run_dir())
+        except SystemExit as e:
+            problem = str(e.code)
+    if distributed:
+        shared = [problem]
+        dist.broadcast_object_list(shared, src=0)
+        problem = shared[0]
+    if problem:
+        if claim is not None:
+            claim.release()
+        raise SystemExit(problem)
+    return claim
 
 
 def _train(cfg: TrainConfig, device: torch.device, distributed: bool) -> dict[str, Any] | None:
@@ -108,19 +156,6 @@ def _train(cfg: TrainConfig, device: torch.device, distributed: bool) -> dict[st
         raise SystemExit(f"WORLD_SIZE says {world} but the process group has {dist.get_world_size()} ranks")
     lead = rank == 0
     out = cfg.run_dir()
-    problem = None
-    if lead:
-        if not cfg.resume and (out / "summary.json").exists():
-            problem = f"{out} already holds a finished run; choose another --out, or --resume to continue it"
-        else:
-            out.mkdir(parents=True, exist_ok=True)
-            cfg.save(out / "config.json")
-    if distributed:  # every rank stops together, or none does
-        shared = [problem]
-        dist.broadcast_object_list(shared, src=0)
-        problem = shared[0]
-    if problem:
-        raise SystemExit(problem)
     torch.manual_seed(cfg.seed)
     task = make_task(cfg, device)
     factory = task.model_factory()
@@ -131,9 +166,6 @@ def _train(cfg: TrainConfig, device: torch.device, distributed: bool) -> dict[st
     plan: Plan | None = None
     if cfg.strategy == "sdp":
         plan = make_plan(factory, world, cfg.coverage, cfg.level, cfg.seed)
-        if lead:
-            (out / "plan.json").write_text(plan.to_json())
-            (out / "plan.txt").write_text(plan.summary(_opt_name(cfg)) + "\n")
     backend = SimulatedSDP(cfg, factory, plan, device, total) if cfg.simulate else Distributed(
         cfg, factory, plan, device, total)
     ranks_here = list(range(world)) if cfg.simulate else [rank]
@@ -142,15 +174,19 @@ def _train(cfg: TrainConfig, device: torch.device, distributed: bool) -> dict[st
 
     step = 0
     ckpt_dir = out / "checkpoints"
-    if cfg.resume and latest_checkpoint(ckpt_dir) is not None:
-        target = _ckpt_module(backend)
-        payload = load_checkpoint(ckpt_dir, target, backend.optimizers[0] if not cfg.simulate else None, plan)
-        backend.load_state(payload["extra"]["backend"])
+    source = _resume_point(cfg, ckpt_dir, lead, distributed)
+    if source is not None:
+        payload = _load_everywhere(ckpt_dir / source, backend, plan, distributed)
         step = payload["step"]
         if lead:
-            print(f"resumed from {latest_checkpoint(ckpt_dir)} at step {step}")
+            print(f"resumed from {ckpt_dir / source} at step {step}")
     elif cfg.resume and lead:
         print(f"--resume: no checkpoint under {ckpt_dir}; starting from step 0")
+    if lead:  # only now: a refused resume leaves the run's files as they were
+        cfg.save(out / "config.json")
+        if plan is not None:
+            atomic_write(out / "plan.json", plan.to_json())
+            atomic_write(out / "plan.txt", plan.summary(_opt_name(cfg)) + "\n")
 
     log = MetricsLog(out, enabled=lead, resume_from_step=step)
     if lead:
@@ -172,7 +208,11 @@ def _train(cfg: TrainConfig, device: torch.device, distributed: bool) -> dict[st
             for _ in range(n_in_epoch):
                 batches = [next(s) for s in streams]
                 t0 = time.perf_counter()
-                metrics = backend.train_step(batches, task.loss, autocast)
+                try:
+                    metrics = backend.train_step(batches, task.loss, autocast)
+                except dist.DistError as e:  # a peer stopped mid-step: find out which before giving up
+                    supervise.name_missing(f"step {step + 1}", e)
+                    raise
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 dt = time.perf_counter() - t0
@@ -201,6 +241,7 @@ def _train(cfg: TrainConfig, device: torch.device, distributed: bool) -> dict[st
             epoch_done = step % steps_per_epoch == 0 or step == total
             if epoch_done:
                 ep = math.ceil(step / steps_per_epoch)
+                supervise.boundary(f"end of epoch {ep}")
                 row: dict[str, Any] = {"epoch": ep, "step": step, "train_loss": sums["loss"] / max(sums["n"], 1),
                                        "time_s": time.perf_counter() - t_epoch, **_peak_memory(device)}
                 if task.kind == "image":
@@ -230,7 +271,7 @@ def _train(cfg: TrainConfig, device: torch.device, distributed: bool) -> dict[st
     summary = _summary(cfg, backend, plan, world, wall, samples, step, device, last_eval, distributed)
     if lead:
         _save_full_model(state, out)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         log.close()
         print(_summary_text(summary, out))
         return summary
@@ -248,7 +289,51 @@ def _ckpt_module(backend: SimulatedSDP | Distributed) -> torch.nn.Module:
     return backend.model
 
 
+def _resume_point(cfg: TrainConfig, ckpt_dir: Path, lead: bool, distributed: bool) -> str | None:
+    """The step directory to resume from (the newest intact one), agreed by every rank; None: from step 0.
+
+    Refuses (SystemExit on every rank, nothing written) when a checkpoint was completed once but none
+    is intact now: starting over would overwrite the run.
+    """
+    choice: list[str | None] = [None, None]  # step directory, problem
+    if lead and cfg.resume:
+        found, skipped = find_resumable(ckpt_dir)
+        if found is not None:
+            choice[0] = found.name
+            if skipped:
+                print(f"--resume: using {found.name}, the newest intact checkpoint; skipped: {'; '.join(skipped)}")
+        elif skipped and (ckpt_dir / "latest").exists():
+            choice[1] = (f"--resume: no intact checkpoint under {ckpt_dir} ({'; '.join(skipped)}); nothing was "
+                         "changed. Restore the checkpoint, or start over with --overwrite")
+    if distributed:
+        dist.broadcast_object_list(choice, src=0)
+    if choice[1]:
+        raise SystemExit(choice[1])
+    return choice[0]
+
+
+def _load_everywhere(step_dir: Path, backend: SimulatedSDP | Distributed, plan: Plan | None,
+                     distributed: bool) -> dict[str, Any]:
+    """Load ``step_dir`` on every rank; if any rank cannot, every rank stops with its message."""
+    payload, problem = None, None
+    try:
+        opt = None if isinstance(backend, SimulatedSDP) else backend.opt
+        payload = load_checkpoint(step_dir.parent, _ckpt_module(backend), opt, plan, step_dir=step_dir)
+        backend.load_state(payload["extra"]["backend"])
+    except CheckpointError as e:
+        problem = str(e)
+    if distributed:
+        problems: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(problems, problem)
+        problem = next((p for p in problems if p), None)
+    if problem:
+        raise SystemExit(f"--resume: {problem}")
+    assert payload is not None
+    return payload
+
+
 def _checkpoint(directory: Path, step: int, backend: SimulatedSDP | Distributed, plan: Plan | None) -> None:
+    supervise.boundary(f"checkpoint at step {step}")
     opt = None if isinstance(backend, SimulatedSDP) else backend.opt
     save_checkpoint(directory, step, _ckpt_module(backend), opt, plan, extra={"backend": backend.state()})
 
@@ -313,11 +398,9 @@ def _save_full_model(state: dict[str, torch.Tensor] | None, out: Path) -> None:
     """The assembled full model as safetensors (tied weights stored as separate copies)."""
     if state is None:
         return
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    tmp = out / ".model.safetensors.tmp"
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(tmp))
-    os.replace(tmp, out / "model.safetensors")
+    atomic_write(out / "model.safetensors", save({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}))
 
 
 def _print_header(cfg: TrainConfig, world: int, device: torch.device, plan: Plan | None, total: int,
