@@ -16,6 +16,7 @@ the keys or ports of the attempt that failed.
 from __future__ import annotations
 
 import os
+import re
 from datetime import timedelta
 from pathlib import Path
 
@@ -63,8 +64,8 @@ def boundary(where: str, timeout_s: float | None = None) -> None:
     try:
         dist.monitored_barrier(group=_side_group, timeout=timedelta(seconds=timeout_s), wait_all_ranks=True)
     except RuntimeError as e:
-        raise StallError(f"rank {dist.get_rank()}: stalled at the {where}: not every rank arrived within "
-                         f"--timeout {timeout_s:g} s ({_one_line(e)})") from None
+        raise StallError(f"rank {dist.get_rank()}: {_who(e)} at the {where} within --timeout {timeout_s:g} s "
+                         f"({_one_line(e)})") from None
 
 
 def name_missing(where: str, error: BaseException) -> None:
@@ -79,8 +80,17 @@ def name_missing(where: str, error: BaseException) -> None:
     try:
         dist.monitored_barrier(group=_side_group, timeout=timedelta(seconds=probe), wait_all_ranks=True)
     except RuntimeError as e:
-        raise StallError(f"rank {dist.get_rank()}: a collective at {where} failed after --timeout {_timeout_s:g} s "
-                         f"({_one_line(error)}); probing the ranks: {_one_line(e)}") from None
+        raise StallError(f"rank {dist.get_rank()}: a collective at {where} failed after --timeout {_timeout_s:g} s; "
+                         f"probing the ranks: {_who(e)} ({_one_line(e)}; the collective: {_one_line(error)})") from None
+
+
+def _who(e: BaseException) -> str:
+    """The missing ranks as rank 0's monitored barrier names them, else that rank 0 was lost."""
+    found = re.search(r"Ranks? ([\d, ]+) failed to pass", str(e))
+    if found:
+        ranks = found.group(1).strip().rstrip(",")
+        return f"rank{'s' if ',' in ranks else ''} {ranks} stalled or died: did not arrive"
+    return "lost contact with rank 0, which checks who arrives: did not pass"
 
 
 def _one_line(e: BaseException) -> str:
