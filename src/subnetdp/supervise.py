@@ -15,6 +15,7 @@ the keys or ports of the attempt that failed.
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 from datetime import timedelta
@@ -99,7 +100,12 @@ def _one_line(e: BaseException) -> str:
 
 
 def stop() -> None:
-    """End the process groups in order: the side group, then the default group (all its subgroups)."""
+    """End the process groups in order: the side group, then the default group (all its subgroups).
+
+    Then collect garbage: a group object still referenced (by the engine's buckets, in a reference
+    cycle) would otherwise be destroyed during interpreter shutdown, when gloo's worker threads can
+    abort the process ("terminate called without an active exception") after a correct run.
+    """
     global _side_group
     if not dist.is_initialized():
         return
@@ -107,3 +113,4 @@ def stop() -> None:
         dist.destroy_process_group(_side_group)
         _side_group = None
     dist.destroy_process_group()
+    gc.collect()
