@@ -318,3 +318,24 @@ def test_a_stalled_rank_ends_the_run_naming_it_within_the_timeout(tmp_path):
     assert proc.returncode != 0
     assert "rank 1 stalled or died" in err, err[-3000:]
     assert waited < 5 + 30 + 30  # the timeout, the probe (at most 30 s) and torchrun's teardown
+
+
+@needs_data
+def test_a_full_disk_ends_the_run_with_one_line_naming_the_file(tmp_path, monkeypatch):
+    import subnetdp.train as train_module
+    from subnetdp.cli import main
+
+    real = train_module.atomic_write
+
+    def full_at_summary(path, data):
+        if Path(path).name == "summary.json":
+            return real(path, lambda f: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+        return real(path, data)
+
+    monkeypatch.setattr(train_module, "atomic_write", full_at_summary)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as info:
+        main(["train", *TINY, "--simulate", "2", "--steps", "1", "--out", str(out)])
+    message = str(info.value.code)
+    assert f"cannot write {out / 'summary.json'}: no space left" in message and len(message.splitlines()) == 1
+    assert not list(out.glob(".*.tmp*")) and not (out / "summary.json").exists()

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from subnetdp.backends import Distributed, SimulatedSDP, autocast_for
 from subnetdp import rundir, supervise
-from subnetdp.checkpoint import CheckpointError, atomic_write, find_resumable, load_checkpoint, save_checkpoint
+from subnetdp.checkpoint import CheckpointError, RunFileError, atomic_write, find_resumable, load_checkpoint, save_checkpoint
 from subnetdp.config import TrainConfig, validate, world_size_of
 from subnetdp.evaluation import recalibrate_batchnorm, scale_residual_branches
 from subnetdp.init import materialize
@@ -119,7 +119,7 @@ def run(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any] | Non
         result = _train(cfg, device, distributed)
         supervise.boundary("end of the run")  # every rank leaves together: gloo can abort when a peer tears down early
         return result
-    except supervise.StallError as e:
+    except (supervise.StallError, RunFileError) as e:  # one line: who stalled, or which file the full disk refused
         raise SystemExit(str(e)) from None
     finally:
         if claim is not None:
