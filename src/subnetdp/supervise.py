@@ -69,6 +69,13 @@ def boundary(where: str, timeout_s: float | None = None) -> None:
                          f"({_one_line(e)})") from None
 
 
+def is_transport_error(e: BaseException) -> bool:
+    """Whether ``e`` came from the communication layer (gloo raises plain RuntimeError on a timeout)."""
+    text = str(e)
+    return isinstance(e, dist.DistError) or any(
+        s in text for s in ("gloo/transport", "Timed out waiting", "Connection closed by peer", "NCCL"))
+
+
 def name_missing(where: str, error: BaseException) -> None:
     """After a collective failed at ``where``: raise :class:`StallError` naming the ranks that do not answer.
 

@@ -208,11 +208,7 @@ def _train(cfg: TrainConfig, device: torch.device, distributed: bool) -> dict[st
             for _ in range(n_in_epoch):
                 batches = [next(s) for s in streams]
                 t0 = time.perf_counter()
-                try:
-                    metrics = backend.train_step(batches, task.loss, autocast)
-                except dist.DistError as e:  # a peer stopped mid-step: find out which before giving up
-                    supervise.name_missing(f"step {step + 1}", e)
-                    raise
+                metrics = backend.train_step(batches, task.loss, autocast)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 dt = time.perf_counter() - t0
@@ -262,6 +258,10 @@ def _train(cfg: TrainConfig, device: torch.device, distributed: bool) -> dict[st
         if lead:
             print(f"interrupted at step {step}; saving a checkpoint so --resume can continue")
         _checkpoint(ckpt_dir, step, backend, plan)
+        raise
+    except RuntimeError as e:
+        if distributed and supervise.is_transport_error(e):  # a peer stopped mid-step or mid-save: which one?
+            supervise.name_missing(f"step {step + 1}", e)
         raise
     wall = time.perf_counter() - start_time
     _checkpoint(ckpt_dir, step, backend, plan)
