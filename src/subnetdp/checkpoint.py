@@ -1,16 +1,26 @@
-"""Checkpoints that a crash cannot corrupt, and exact resume.
+"""Checkpoints that a crash cannot corrupt, that load without executing code, and exact resume.
 
 Layout: ``DIR/step-000123/rank-00000.pt`` (one per rank: subnetwork, optimizer, step, RNG states,
-plan) and ``DIR/latest`` naming the newest complete step directory. Every file is written to a
-temporary name and renamed (``os.replace`` is atomic on POSIX), and ``latest`` moves only after all
-ranks have written theirs, so a crash mid-save leaves the previous checkpoint as the latest.
+plan), ``DIR/step-000123/manifest.json`` (every rank file's size and sha256) and ``DIR/latest``
+naming the newest complete step directory. Every run file goes through :func:`atomic_write` (temp
+file in the same folder, fsync, rename), and ``latest`` moves only after all ranks have written
+theirs, so a crash mid-save leaves the previous checkpoint as the latest.
+
+Rank files hold only tensors, plain containers, strings and numbers (RNG states as tensors, the
+plan as a JSON string), and are read with ``torch.load(weights_only=True)``: a planted pickle
+payload is refused instead of run. A step directory counts only when its manifest matches.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
+import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +31,72 @@ import torch.distributed as dist
 from subnetdp.plan import Plan
 
 LATEST = "latest"
+MANIFEST = "manifest.json"
 
 
-def _atomic_write(path: Path, write: Any) -> None:
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file and the cause."""
+
+
+class RunFileError(OSError):
+    """A run file could not be written (e.g. a full disk); the message names the path."""
+
+
+def atomic_write(path: str | Path, data: bytes | str | Callable[[Any], None]) -> Path:
+    """Write ``path`` whole or not at all: the one way a run writes a file.
+
+    ``data`` is bytes, text, or a function that writes into a binary file object. The bytes go to a
+    temporary file in the same folder (so the rename cannot cross file systems), are fsynced, and
+    the temporary is renamed over ``path``; on any failure it is removed. Files are created with
+    mode 0666 minus the umask, like any ``open(..., "w")``, so every run file has the same
+    permissions. A full disk raises :class:`RunFileError` naming the path.
+    """
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        with os.fdopen(fd, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise RunFileError(e.errno, f"cannot write {path}: no space left on the device; free space "
+                                        "or choose another --out") from None
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable (the directory entry), where the platform allows it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(),
-                             "numpy": np.random.get_state()}
+    """Every RNG this library draws from, as tensors and plain numbers (safe to load)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -41,8 +104,11 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -51,6 +117,10 @@ def _rank_world() -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _rank_file(rank: int) -> str:
+    return f"rank-{rank:05d}.pt"
 
 
 def save_checkpoint(
@@ -64,8 +134,9 @@ def save_checkpoint(
 ) -> Path:
     """Save this rank's state for ``step``; collective when distributed. Returns the step directory.
 
-    ``model`` is a :class:`SubnetDataParallel` (its subnetwork is saved) or any module. Only the
-    newest ``keep`` complete checkpoints are kept.
+    ``model`` is a :class:`SubnetDataParallel` (its subnetwork is saved) or any module. ``extra``
+    must hold only tensors, plain containers, strings and numbers. Only the newest ``keep``
+    complete checkpoints are kept.
     """
     rank, world = _rank_world()
     root = Path(directory)
@@ -82,11 +153,20 @@ def save_checkpoint(
         "plan": plan.to_json() if plan is not None else None,
         "extra": extra or {},
     }
-    _atomic_write(step_dir / f"rank-{rank:05d}.pt", lambda p: torch.save(payload, p))
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    blob = buffer.getvalue()
+    atomic_write(step_dir / _rank_file(rank), blob)
+    entry = {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+    entries: list[Any] = [entry]
     if dist.is_initialized():
-        dist.barrier()
+        entries = [None] * world
+        dist.all_gather_object(entries, entry)
     if rank == 0:
-        _atomic_write(root / LATEST, lambda p: p.write_text(step_dir.name + "\n"))
+        manifest = {"step": step, "world_size": world,
+                    "files": {_rank_file(r): e for r, e in enumerate(entries)}}
+        atomic_write(step_dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        atomic_write(root / LATEST, step_dir.name + "\n")
         complete = sorted(d for d in root.glob("step-*") if d.is_dir())
         for old in complete[:-keep] if keep > 0 else []:
             if old != step_dir:
@@ -96,13 +176,66 @@ def save_checkpoint(
     return step_dir
 
 
+def verify(step_dir: Path, rank: int | None = None) -> str | None:
+    """Why ``step_dir`` is not an intact checkpoint (for ``rank``'s file, or all), or None if it is."""
+    manifest_path = step_dir / MANIFEST
+    if not manifest_path.is_file():
+        return f"{manifest_path} is missing (the save did not finish)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        return f"{manifest_path} is unreadable ({e})"
+    names = [_rank_file(rank)] if rank is not None else sorted(files)
+    for name in names:
+        f = step_dir / name
+        want = files.get(name)
+        if want is None:
+            return f"{manifest_path} lists no {name}"
+        if not f.is_file():
+            return f"{f} is missing"
+        if f.stat().st_size != want["bytes"]:
+            return f"{f} has {f.stat().st_size} bytes, its manifest says {want['bytes']}"
+        digest = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != want["sha256"]:
+            return f"{f} does not match its sha256 in {manifest_path}"
+    return None
+
+
 def latest_checkpoint(directory: str | Path) -> Path | None:
-    """The newest complete step directory under ``directory``, or None."""
+    """The step directory ``latest`` names, or None when there is no ``latest`` or it names nothing."""
     pointer = Path(directory) / LATEST
     if not pointer.exists():
         return None
     step_dir = Path(directory) / pointer.read_text().strip()
     return step_dir if step_dir.is_dir() else None
+
+
+def find_resumable(directory: str | Path) -> tuple[Path | None, list[str]]:
+    """The newest intact checkpoint under ``directory`` and the reasons newer candidates were skipped.
+
+    ``latest`` is tried first; when it names a missing or damaged step directory, the newest other
+    step directory that passes :func:`verify` is used. ``(None, reasons)`` means nothing intact.
+    """
+    root = Path(directory)
+    skipped: list[str] = []
+    candidates = sorted((d for d in root.glob("step-*") if d.is_dir()), reverse=True)
+    pointer = root / LATEST
+    if pointer.exists():
+        named = root / pointer.read_text().strip()
+        if named.is_dir():
+            candidates = [named] + [d for d in candidates if d != named]
+        else:
+            skipped.append(f"{pointer} names {named.name}, which does not exist")
+    for d in candidates:
+        problem = verify(d)
+        if problem is None:
+            return d, skipped
+        skipped.append(problem)
+    return None, skipped
 
 
 def load_checkpoint(
@@ -111,21 +244,38 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer | None,
     plan: Plan | None = None,
     restore_rng: bool = True,
+    step_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Restore this rank's state from the latest checkpoint; returns the payload (``step``, ``extra``).
+    """Restore this rank's state from ``step_dir`` (default: the newest intact checkpoint).
 
-    Raises if there is none, if it was written by a different world size, or for a different plan.
+    Returns the payload (``step``, ``extra``). Raises :class:`CheckpointError` naming the file if
+    there is none, if it fails its manifest, holds anything but plain data, or was written by a
+    different world size or for a different plan.
     """
     rank, world = _rank_world()
-    step_dir = latest_checkpoint(directory)
     if step_dir is None:
-        raise FileNotFoundError(f"no complete checkpoint under {directory} (no {LATEST!r} file)")
-    payload = torch.load(step_dir / f"rank-{rank:05d}.pt", map_location="cpu", weights_only=False)
+        step_dir, skipped = find_resumable(directory)
+        if step_dir is None:
+            why = "; ".join(skipped) if skipped else "no step directories"
+            raise CheckpointError(f"no intact checkpoint under {directory} ({why})")
+    step_dir = Path(step_dir)
+    problem = verify(step_dir, rank)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {step_dir} is damaged: {problem}")
+    file = step_dir / _rank_file(rank)
+    try:
+        payload = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unpickling errors come in many types; all mean the same here
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{file}: refused to load; it holds more than tensors and plain data, or is "
+                              f"corrupt ({first})") from None
+    if not isinstance(payload, dict) or "world_size" not in payload:
+        raise CheckpointError(f"{file}: not a subnetdp checkpoint")
     if payload["world_size"] != world:
-        raise ValueError(f"checkpoint {step_dir} was written by {payload['world_size']} ranks, this run has {world}")
+        raise CheckpointError(f"checkpoint {step_dir} was written by {payload['world_size']} ranks, this run has {world}")
     if plan is not None and payload["plan"] is not None and Plan.from_json(payload["plan"]) != plan:
-        raise ValueError(f"checkpoint {step_dir} was written for a different plan; resume with the same "
-                         "model, workers, coverage, level and seed")
+        raise CheckpointError(f"checkpoint {step_dir} was written for a different plan; resume with the same "
+                              "model, workers, coverage, level and seed")
     getattr(model, "module", model).load_state_dict(payload["model"])
     if optimizer is not None and payload["optimizer"] is not None:
         optimizer.load_state_dict(payload["optimizer"])

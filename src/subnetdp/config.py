@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,11 @@ class TrainConfig:
     coverage: float = field(default=0.5, metadata={"help": "SDP coverage C in (0, 1]: fraction of units per worker"})
     simulate: int | None = field(default=None, metadata={"help": "run K SDP workers in this one process"})
     workers: int | None = field(default=None, metadata={"help": "start K processes on this machine (torchrun's launcher)"})
+    max_restarts: int = field(default=0, metadata={
+        "help": "--workers: restart the processes up to N times after a failure; each restart resumes from the "
+                "newest intact checkpoint"})
+    timeout: float = field(default=300.0, metadata={
+        "help": "seconds a rank waits for the others in a collective before the run ends naming the missing rank"})
     sync: str = field(default="grads", metadata={"help": "SDP sync: grads (every step) or params (every --sync-every steps)"})
     sync_every: int = field(default=1, metadata={"help": "steps between parameter averages with --sync params"})
     neuron_scaling: str = field(default="inverted", metadata={"help": "neuron level: inverted (scale kept width by 1/C) or none"})
@@ -80,7 +86,8 @@ class TrainConfig:
     threads: int | None = field(default=None, metadata={"help": "CPU threads per process"})
     # outputs
     out: str | None = field(default=None, metadata={"help": "run directory (default runs/<strategy>-<level>-C<coverage>-s<seed>)"})
-    resume: bool = field(default=False, metadata={"help": "continue the run in --out from its latest checkpoint"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in --out from its newest intact checkpoint"})
+    overwrite: bool = field(default=False, metadata={"help": "replace the run files of another run in --out"})
     checkpoint_every: int = field(default=0, metadata={"help": "save a checkpoint every N steps (0: at epoch ends)"})
     log_every: int = field(default=10, metadata={"help": "write step metrics every N steps"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
@@ -109,7 +116,9 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        from subnetdp.checkpoint import atomic_write
+
+        atomic_write(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
 
 def _choice(flag: str, value: object, allowed: tuple) -> None:
@@ -154,6 +163,15 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--warmup {cfg.warmup!r}: a fraction of the steps in [0, 1)")
     if not 0 <= cfg.label_smoothing < 1:
         raise ConfigError(f"--label-smoothing {cfg.label_smoothing!r}: must be in [0, 1)")
+    if not (isinstance(cfg.timeout, (int, float)) and math.isfinite(cfg.timeout) and cfg.timeout > 0):
+        raise ConfigError(f"--timeout {cfg.timeout!r}: seconds, a finite number > 0")
+    if cfg.max_restarts < 0:
+        raise ConfigError(f"--max-restarts {cfg.max_restarts!r}: must be >= 0")
+    if cfg.max_restarts and not cfg.workers:
+        raise ConfigError(f"--max-restarts {cfg.max_restarts} applies to --workers K; under torchrun use "
+                          "torchrun's own --max-restarts (the run resumes by itself on a restart)")
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: continue the run in --out, or replace it")
     if cfg.simulate and cfg.workers:
         raise ConfigError("--simulate and --workers exclude each other: simulate runs K workers in one process")
     if cfg.simulate and cfg.strategy != "sdp":

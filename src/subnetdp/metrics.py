@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from subnetdp.checkpoint import atomic_write
 
 
 def format_bytes(n: float | None) -> str:
@@ -22,7 +23,16 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     p = Path(path)
     if not p.exists():
         return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    lines = [line for line in p.read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i == len(lines) - 1:  # a line torn by a crash mid-append: the log is append-only
+                break
+            raise
+    return records
 
 
 class MetricsLog:
@@ -39,9 +49,7 @@ class MetricsLog:
         if not enabled:
             return
         kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_from_step] if resume_from_step else []
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = open(self.path, "a", buffering=1)
         try:
             from torch.utils.tensorboard import SummaryWriter

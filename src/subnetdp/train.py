@@ -6,14 +6,15 @@ or starts K local processes itself through torchrun's launcher (``--workers K``)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import resource
+import shutil
 import signal
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from subnetdp.backends import Distributed, SimulatedSDP, autocast_for
-from subnetdp.checkpoint import _atomic_write, latest_checkpoint, load_checkpoint, save_checkpoint
+from subnetdp import rundir, supervise
+from subnetdp.checkpoint import CheckpointError, RunFileError, atomic_write, find_resumable, load_checkpoint, save_checkpoint
 from subnetdp.config import TrainConfig, validate, world_size_of
 from subnetdp.evaluation import recalibrate_batchnorm, scale_residual_branches
 from subnetdp.init import materialize
@@ -34,39 +36,55 @@ from subnetdp.tasks import make_task
 def launch_local(cfg: TrainConfig, argv: list[str]) -> int:
     """``--workers K``: start K processes on this machine with torchrun's launcher; returns the exit code.
 
+    The launcher owns the run folder for the whole job (its ranks come and go with restarts), checks
+    it before any process starts, and gives each attempt a fresh rendezvous store in the folder.
     torchrun runs in its own session, so a Ctrl-C reaches only this process, which forwards it to the
     workers as one stop request: they finish the step, save a checkpoint and exit, and this process
     exits 130 with one line instead of three processes' tracebacks. ``OMP_NUM_THREADS`` is set here
     (``--threads``, else the cores divided among the workers), so torchrun does not warn about it.
     """
-    import signal
     import subprocess
 
-    rest = _drop_flag(argv, "--workers")
-    args = ["--standalone", f"--nproc-per-node={cfg.workers}", "--max-restarts=0", "-m", "subnetdp", "train", *rest]
-    if "--out" not in " ".join(rest):  # every process must agree on the run directory
-        args += ["--out", str(cfg.run_dir())]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(cfg.threads or max(1, (os.cpu_count() or 1) // (cfg.workers or 1))))
-    env[_LAUNCHED] = "1"
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args], env=env, start_new_session=True)
-    interrupted = False
-
-    def forward(_sig: int, _frame: object) -> None:
-        nonlocal interrupted
-        interrupted = True
-        for pid in _children(proc.pid):
-            try:
-                os.kill(pid, signal.SIGINT)
-            except ProcessLookupError:
-                pass
-
-    previous = signal.signal(signal.SIGINT, forward)
+    out = cfg.run_dir()
+    claim = rundir.lock(out)
+    store_dir = out / ".rendezvous"
     try:
-        code = proc.wait()
+        problem = rundir.admit(cfg, out)
+        if problem:
+            raise SystemExit(problem)
+        store_dir.mkdir(exist_ok=True)
+        rest = _drop_flag(_drop_flag(argv, "--workers"), "--max-restarts")
+        args = ["--standalone", f"--nproc-per-node={cfg.workers}", f"--max-restarts={cfg.max_restarts}",
+                "-m", "subnetdp", "train", *rest]
+        if "--out" not in " ".join(rest):  # every process must agree on the run directory
+            args += ["--out", str(out)]
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", str(cfg.threads or max(1, (os.cpu_count() or 1) // (cfg.workers or 1))))
+        env[_LAUNCHED] = "1"
+        env[rundir.OWNER_ENV] = claim.token
+        env[supervise.STORE_ENV] = str(store_dir.resolve())
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args], env=env,
+                                start_new_session=True)
+        interrupted = False
+
+        def forward(_sig: int, _frame: object) -> None:
+            nonlocal interrupted
+            interrupted = True
+            for pid in _children(proc.pid):
+                try:
+                    os.kill(pid, signal.SIGINT)
+                except ProcessLookupError:
+                    pass
+
+        previous = signal.signal(signal.SIGINT, forward)
+        try:
+            code = proc.wait()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        return 130 if interrupted else code
     finally:
-        signal.signal(signal.SIGINT, previous)
-    return 130 if interrupted else code
+        shutil.rmtree(store_dir, ignore_errors=True)
+        claim.release()
 
 
 _LAUNCHED = "SUBNETDP_LAUNCHED"  # set by --workers' launcher for its workers: an interrupt exits 0 there
@@ -152,6 +170,8 @@ class _StopRequest:
 def run(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any] | None:
     """Run the main job; returns the summary on the process that writes it (else None)."""
     validate(cfg)
+    if supervise.restart_count() > 0:  # torchrun restarted the processes: continue this run, never replace it
+        cfg = dataclasses.replace(cfg, resume=True, overwrite=False)
     if cfg.workers and "WORLD_SIZE" not in os.environ:
         code = launch_local(cfg, argv if argv is not None else sys.argv[2:])
         if code == 130:
@@ -165,19 +185,44 @@ def run(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any] | Non
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if distributed and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(minutes=10))
+        supervise.start("nccl" if device.type == "cuda" else "gloo", cfg.timeout)
+    claim = None
     try:
+        claim = _claim_run_dir(cfg, distributed)
         with _StopRequest() as stop:
             result = _train(cfg, device, distributed, stop)
-        if distributed:
-            dist.barrier()  # every rank leaves together: gloo can abort when a peer tears down early
+        supervise.boundary("end of the run")  # every rank leaves together: gloo can abort when a peer tears down early
         if stop.stopped:
             raise SystemExit(0 if os.environ.get(_LAUNCHED) else 130)
         return result
+    except (supervise.StallError, RunFileError) as e:  # one line: who stalled, or which file the full disk refused
+        raise SystemExit(str(e)) from None
     finally:
-        if distributed and dist.is_initialized():
-            dist.destroy_process_group()
+        if claim is not None:
+            claim.release()
+        if distributed:
+            supervise.stop()
+
+
+def _claim_run_dir(cfg: TrainConfig, distributed: bool) -> rundir.RunLock | None:
+    """Lock the run folder and check that this run may start there; every rank stops together, or none."""
+    lead = not distributed or dist.get_rank() == 0
+    claim, problem = None, None
+    if lead:
+        try:
+            claim = rundir.lock(cfg.run_dir())
+            problem = rundir.admit(cfg, cfg.run_dir())
+        except SystemExit as e:
+            problem = str(e.code)
+    if distributed:
+        shared = [problem]
+        dist.broadcast_object_list(shared, src=0)
+        problem = shared[0]
+    if problem:
+        if claim is not None:
+            claim.release()
+        raise SystemExit(problem)
+    return claim
 
 
 def _train(cfg: TrainConfig, device: torch.device, distributed: bool,
@@ -188,19 +233,6 @@ def _train(cfg: TrainConfig, device: torch.device, distributed: bool,
         raise SystemExit(f"WORLD_SIZE says {world} but the process group has {dist.get_world_size()} ranks")
     lead = rank == 0
     out = cfg.run_dir()
-    problem = None
-    if lead:
-        if not cfg.resume and (out / "summary.json").exists():
-            problem = f"{out} already holds a finished run; choose another --out, or --resume to continue it"
-        else:
-            out.mkdir(parents=True, exist_ok=True)
-            cfg.save(out / "config.json")
-    if distributed:  # every rank stops together, or none does
-        shared = [problem]
-        dist.broadcast_object_list(shared, src=0)
-        problem = shared[0]
-    if problem:
-        raise SystemExit(problem)
     torch.manual_seed(cfg.seed)
     task = make_task(cfg, device)
     factory = task.model_factory()
@@ -210,9 +242,6 @@ def _train(cfg: TrainConfig, device: torch.device, distributed: bool,
     plan: Plan | None = None
     if cfg.strategy == "sdp":
         plan = make_plan(factory, world, cfg.coverage, cfg.level, cfg.seed)
-        if lead:
-            (out / "plan.json").write_text(plan.to_json())
-            (out / "plan.txt").write_text(plan.summary(_opt_name(cfg)) + "\n")
     backend = SimulatedSDP(cfg, factory, plan, device, total) if cfg.simulate else Distributed(
         cfg, factory, plan, device, total)
     ranks_here = list(range(world)) if cfg.simulate else [rank]
@@ -222,16 +251,20 @@ def _train(cfg: TrainConfig, device: torch.device, distributed: bool,
     step = 0
     ckpt_dir = out / "checkpoints"
     progress = _new_progress()
-    if cfg.resume and latest_checkpoint(ckpt_dir) is not None:
-        target = _ckpt_module(backend)
-        payload = load_checkpoint(ckpt_dir, target, backend.optimizers[0] if not cfg.simulate else None, plan)
-        backend.load_state(payload["extra"]["backend"])
+    source = _resume_point(cfg, ckpt_dir, lead, distributed)
+    if source is not None:
+        payload = _load_everywhere(ckpt_dir / source, backend, plan, distributed)
         progress.update(payload["extra"].get("progress", {}))
         step = payload["step"]
         if lead:
-            print(f"resumed from {latest_checkpoint(ckpt_dir)} at step {step}")
+            print(f"resumed from {ckpt_dir / source} at step {step}")
     elif cfg.resume and lead:
         print(f"--resume: no checkpoint under {ckpt_dir}; starting from step 0")
+    if lead:  # only now: a refused resume leaves the run's files as they were
+        cfg.save(out / "config.json")
+        if plan is not None:
+            atomic_write(out / "plan.json", plan.to_json())
+            atomic_write(out / "plan.txt", plan.summary(_opt_name(cfg)) + "\n")
 
     log = MetricsLog(out, enabled=lead, resume_from_step=step)
     if lead:
@@ -247,83 +280,89 @@ def _train(cfg: TrainConfig, device: torch.device, distributed: bool,
         progress["wall_s"] = time.perf_counter() - start_time
         _checkpoint(ckpt_dir, at, backend, plan, progress)
 
-    while step < total:
-        epoch, offset = divmod(step, steps_per_epoch)
-        streams = [task.epoch_batches(ld, epoch, offset) for ld in loaders]
-        n_in_epoch = min(steps_per_epoch - offset, total - step)
-        bar = tqdm(total=n_in_epoch, desc=f"epoch {epoch + 1}/{n_epochs}", disable=not (cfg.progress and lead),
-                   dynamic_ncols=True, leave=True, file=sys.stdout)
-        if offset == 0:
-            sums.update(loss=0.0, correct=0.0, count=0.0, n=0, time_s=0.0)
-        for _ in range(n_in_epoch):
-            t_fetch = time.perf_counter()
-            batches = [next(s) for s in streams]
-            t0 = time.perf_counter()
-            metrics = backend.train_step(batches, task.loss, autocast)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            dt = time.perf_counter() - t0
-            step += 1
-            n = sum(m["count"] for m in metrics) if task.kind == "image" else sum(len(b[0]) for b in batches)
-            # every worker's figures, and whether any process was asked to stop (one small all-reduce)
-            totals = [sum(m["loss"] for m in metrics), float(len(metrics)), float(n),
-                      sum(m.get("correct", 0.0) for m in metrics), float(stop.requested)]
-            if distributed:
-                t = torch.tensor(totals, dtype=torch.float64, device=device)
-                dist.all_reduce(t)
-                totals = t.tolist()
-            loss_sum, workers_n, n, correct, stop_votes = totals
-            loss = loss_sum / workers_n
-            progress["samples"] += n
-            sums["loss"] += loss
-            sums["n"] += 1
-            sums["time_s"] += time.perf_counter() - t_fetch
-            if task.kind == "image":
-                sums["correct"] += correct
-                sums["count"] += n
-            record = {"step": step, "epoch": epoch + 1, "loss": loss, "lr": backend.lr,
-                      "samples_per_s": n / dt, "step_time_s": dt}
-            if task.kind == "image":
-                record["acc"] = sums["correct"] / max(sums["count"], 1)
-            if step % cfg.log_every == 0 or step == total:
-                log.step(record)
-            mem = _peak_memory(device)
-            bar.set_postfix(loss=f"{loss:.3f}", **({"acc": f"{record['acc']:.3f}"} if "acc" in record else {}),
-                            sps=f"{n / dt:.0f}", mem=format_bytes(mem.get("peak_device_bytes", mem["peak_rss_bytes"])))
-            bar.update(1)
-            if stop_votes > 0 and step < total:
-                stop.stopped = True  # every process saw the same vote: all leave at this step
-                break
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+    try:
+        while step < total:
+            epoch, offset = divmod(step, steps_per_epoch)
+            streams = [task.epoch_batches(ld, epoch, offset) for ld in loaders]
+            n_in_epoch = min(steps_per_epoch - offset, total - step)
+            bar = tqdm(total=n_in_epoch, desc=f"epoch {epoch + 1}/{n_epochs}", disable=not (cfg.progress and lead),
+                       dynamic_ncols=True, leave=True, file=sys.stdout)
+            if offset == 0:
+                sums.update(loss=0.0, correct=0.0, count=0.0, n=0, time_s=0.0)
+            for _ in range(n_in_epoch):
+                t_fetch = time.perf_counter()
+                batches = [next(s) for s in streams]
+                t0 = time.perf_counter()
+                metrics = backend.train_step(batches, task.loss, autocast)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                dt = time.perf_counter() - t0
+                step += 1
+                n = sum(m["count"] for m in metrics) if task.kind == "image" else sum(len(b[0]) for b in batches)
+                # every worker's figures, and whether any process was asked to stop (one small all-reduce)
+                totals = [sum(m["loss"] for m in metrics), float(len(metrics)), float(n),
+                          sum(m.get("correct", 0.0) for m in metrics), float(stop.requested)]
+                if distributed:
+                    t = torch.tensor(totals, dtype=torch.float64, device=device)
+                    dist.all_reduce(t)
+                    totals = t.tolist()
+                loss_sum, workers_n, n, correct, stop_votes = totals
+                loss = loss_sum / workers_n
+                progress["samples"] += n
+                sums["loss"] += loss
+                sums["n"] += 1
+                sums["time_s"] += time.perf_counter() - t_fetch
+                if task.kind == "image":
+                    sums["correct"] += correct
+                    sums["count"] += n
+                record = {"step": step, "epoch": epoch + 1, "loss": loss, "lr": backend.lr,
+                          "samples_per_s": n / dt, "step_time_s": dt}
+                if task.kind == "image":
+                    record["acc"] = sums["correct"] / max(sums["count"], 1)
+                if step % cfg.log_every == 0 or step == total:
+                    log.step(record)
+                mem = _peak_memory(device)
+                bar.set_postfix(loss=f"{loss:.3f}", **({"acc": f"{record['acc']:.3f}"} if "acc" in record else {}),
+                                sps=f"{n / dt:.0f}", mem=format_bytes(mem.get("peak_device_bytes", mem["peak_rss_bytes"])))
+                bar.update(1)
+                if stop_votes > 0 and step < total:
+                    stop.stopped = True  # every process saw the same vote: all leave at this step
+                    break
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+                    save(step)
+            bar.close()
+            epoch_done = step % steps_per_epoch == 0 or step == total
+            if epoch_done:
+                ep = math.ceil(step / steps_per_epoch)
+                supervise.boundary(f"end of epoch {ep}")
+                row: dict[str, Any] = {"epoch": ep, "step": step, "train_loss": sums["loss"] / max(sums["n"], 1),
+                                       "time_s": sums["time_s"], **_peak_memory(device)}
+                if task.kind == "image":
+                    row["train_acc"] = sums["correct"] / max(sums["count"], 1)
+                if (cfg.eval_every and ep % cfg.eval_every == 0) or step == total:
+                    raw_state = backend.full_state_dict()  # collective
+                    last_eval, model_state = _evaluate(cfg, task, raw_state, factory, plan, device, autocast, last_eval)
+                    evaluated_final = step == total
+                    row.update({k: v for k, v in last_eval.items() if k != "evaluation"})
+                log.epoch(row)
+                progress["epochs"].append({k: v for k, v in row.items() if k in _EPOCH_KEYS})
+                if lead:
+                    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()
+                             if k in ("train_loss", "train_acc", "test_acc", "test_loss", "val_loss", "val_ppl")}
+                    print(f"epoch {ep}: {shown}")
+                if step < total and not cfg.checkpoint_every and not stop.stopped:
+                    save(step)
+            if stop.stopped:  # after the epoch's end, if this step ended one: the state the full run passes through
                 save(step)
-        bar.close()
-        epoch_done = step % steps_per_epoch == 0 or step == total
-        if epoch_done:
-            ep = math.ceil(step / steps_per_epoch)
-            row: dict[str, Any] = {"epoch": ep, "step": step, "train_loss": sums["loss"] / max(sums["n"], 1),
-                                   "time_s": sums["time_s"], **_peak_memory(device)}
-            if task.kind == "image":
-                row["train_acc"] = sums["correct"] / max(sums["count"], 1)
-            if (cfg.eval_every and ep % cfg.eval_every == 0) or step == total:
-                raw_state = backend.full_state_dict()  # collective
-                last_eval, model_state = _evaluate(cfg, task, raw_state, factory, plan, device, autocast, last_eval)
-                evaluated_final = step == total
-                row.update({k: v for k, v in last_eval.items() if k != "evaluation"})
-            log.epoch(row)
-            progress["epochs"].append({k: v for k, v in row.items() if k in _EPOCH_KEYS})
-            if lead:
-                shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()
-                         if k in ("train_loss", "train_acc", "test_acc", "test_loss", "val_loss", "val_ppl")}
-                print(f"epoch {ep}: {shown}")
-            if step < total and not cfg.checkpoint_every and not stop.stopped:
-                save(step)
-        if stop.stopped:  # after the epoch's end, if this step ended one: the state the full run passes through
-            save(step)
-            log.close()
-            if lead:
-                print(f"interrupted: stopped after step {step} of {total} and saved a checkpoint; "
-                      "continue with the same command and --resume")
-            return None
+                log.close()
+                if lead:
+                    print(f"interrupted: stopped after step {step} of {total} and saved a checkpoint; "
+                          "continue with the same command and --resume")
+                return None
+    except RuntimeError as e:
+        if distributed and supervise.is_transport_error(e):  # a peer stopped mid-step or mid-save: which one?
+            supervise.name_missing(f"step {step + 1}", e)
+        raise
     save(step)
     wall = progress["wall_s"]
     if not evaluated_final:  # e.g. resuming a run that had already reached its last step (same on every rank)
@@ -332,7 +371,7 @@ def _train(cfg: TrainConfig, device: torch.device, distributed: bool,
     summary = _summary(cfg, backend, plan, world, wall, progress, step, device, last_eval, distributed)
     if lead:
         _save_models(model_state, raw_state, out)
-        _atomic_write(out / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
+        atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         log.close()
         print(_summary_text(summary, out))
         return summary
@@ -371,8 +410,52 @@ def _ckpt_module(backend: SimulatedSDP | Distributed) -> torch.nn.Module:
     return backend.model
 
 
+def _resume_point(cfg: TrainConfig, ckpt_dir: Path, lead: bool, distributed: bool) -> str | None:
+    """The step directory to resume from (the newest intact one), agreed by every rank; None: from step 0.
+
+    Refuses (SystemExit on every rank, nothing written) when a checkpoint was completed once but none
+    is intact now: starting over would overwrite the run.
+    """
+    choice: list[str | None] = [None, None]  # step directory, problem
+    if lead and cfg.resume:
+        found, skipped = find_resumable(ckpt_dir)
+        if found is not None:
+            choice[0] = found.name
+            if skipped:
+                print(f"--resume: using {found.name}, the newest intact checkpoint; skipped: {'; '.join(skipped)}")
+        elif skipped and (ckpt_dir / "latest").exists():
+            choice[1] = (f"--resume: no intact checkpoint under {ckpt_dir} ({'; '.join(skipped)}); nothing was "
+                         "changed. Restore the checkpoint, or start over with --overwrite")
+    if distributed:
+        dist.broadcast_object_list(choice, src=0)
+    if choice[1]:
+        raise SystemExit(choice[1])
+    return choice[0]
+
+
+def _load_everywhere(step_dir: Path, backend: SimulatedSDP | Distributed, plan: Plan | None,
+                     distributed: bool) -> dict[str, Any]:
+    """Load ``step_dir`` on every rank; if any rank cannot, every rank stops with its message."""
+    payload, problem = None, None
+    try:
+        opt = None if isinstance(backend, SimulatedSDP) else backend.opt
+        payload = load_checkpoint(step_dir.parent, _ckpt_module(backend), opt, plan, step_dir=step_dir)
+        backend.load_state(payload["extra"]["backend"])
+    except CheckpointError as e:
+        problem = str(e)
+    if distributed:
+        problems: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(problems, problem)
+        problem = next((p for p in problems if p), None)
+    if problem:
+        raise SystemExit(f"--resume: {problem}")
+    assert payload is not None
+    return payload
+
+
 def _checkpoint(directory: Path, step: int, backend: SimulatedSDP | Distributed, plan: Plan | None,
                 progress: dict[str, Any]) -> None:
+    supervise.boundary(f"checkpoint at step {step}")
     opt = None if isinstance(backend, SimulatedSDP) else backend.opt
     save_checkpoint(directory, step, _ckpt_module(backend), opt, plan,
                     extra={"backend": backend.state(), "progress": progress})
@@ -482,20 +565,11 @@ def _summary(cfg: TrainConfig, backend: SimulatedSDP | Distributed, plan: Plan |
 def _save_models(model: dict[str, torch.Tensor] | None, raw: dict[str, torch.Tensor] | None, out: Path) -> None:
     """``model.safetensors``: the evaluated model (conventions applied); ``model_raw.safetensors``: the
     assembled state as trained. Tied weights are stored as separate copies."""
+    from safetensors.torch import save
+
     for state, name in ((model, "model.safetensors"), (raw, "model_raw.safetensors")):
         if state is not None:
-            tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
-            _atomic_write(out / name, lambda p, t=tensors: _save_readable(t, p))
-
-
-def _save_readable(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """safetensors creates its file private (0600); give it the mode of the run's other files (0666 less umask)."""
-    from safetensors.torch import save_file
-
-    save_file(tensors, str(path))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+            atomic_write(out / name, save({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}))
 
 
 def _print_header(cfg: TrainConfig, world: int, device: torch.device, plan: Plan | None, total: int,

@@ -1,0 +1,128 @@
+"""The run folder: who owns it, what may start in it, and which settings a resume may change.
+
+A run folder holds one run. A new run refuses a folder that holds another run's state unless told
+(``--resume`` continues it, ``--overwrite`` replaces it); a run locks its folder while it runs, with
+``fcntl.flock`` on the folder itself, so the kernel releases the lock when the owner dies (a stale
+lock cannot exist) and ``.owner.json`` only says who holds it. A resume whose settings change the
+training math is refused with the differing keys named, before any file is written.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import socket
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from subnetdp.checkpoint import atomic_write
+from subnetdp.config import TrainConfig
+
+OWNER = ".owner.json"
+OWNER_ENV = "SUBNETDP_RUN_OWNER"  # set by the --workers launcher, which holds the lock for its ranks
+# what a run writes into its folder; any of them means the folder holds a run's state
+RUN_FILES = ("config.json", "plan.json", "plan.txt", "metrics.jsonl", "summary.json", "model.safetensors",
+             "checkpoints", "tensorboard")
+# settings that do not change what is computed: a resume may change them
+FREE_ON_RESUME = frozenset({"progress", "log_every", "eval_every", "threads", "resume", "overwrite", "timeout",
+                            "max_restarts", "out", "data_dir", "download", "checkpoint_every", "workers"})
+# settings that set the run's length; they change the learning-rate schedule unless it is constant
+LENGTH = frozenset({"steps", "epochs", "flop_matched"})
+
+
+class RunLock:
+    """An exclusive claim on a run folder, released by :meth:`release` or when the process dies."""
+
+    def __init__(self, out: Path, fd: int | None, token: str) -> None:
+        self.out, self._fd, self.token = out, fd, token
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        (self.out / OWNER).unlink(missing_ok=True)
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+
+def lock(out: Path) -> RunLock:
+    """Claim ``out`` for this process; SystemExit naming the holder if another run has it.
+
+    Inside a ``--workers`` launch the launcher holds the lock; its ranks pass the token it exported.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    owner = _owner(out)
+    if os.environ.get(OWNER_ENV) and owner.get("token") == os.environ[OWNER_ENV]:
+        return RunLock(out, None, owner["token"])
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        owner = _owner(out)
+        who = (f"pid {owner.get('pid')} on {owner.get('host')}, since {owner.get('started')}" if owner
+               else "a process that has not yet named itself")
+        raise SystemExit(f"{out} is in use by another run ({who}); wait for it to end or choose another --out") from None
+    token = uuid.uuid4().hex
+    atomic_write(out / OWNER, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "token": token,
+                                          "started": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+    return RunLock(out, fd, token)
+
+
+def _owner(out: Path) -> dict[str, Any]:
+    try:
+        return json.loads((out / OWNER).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def existing_state(out: Path) -> list[str]:
+    """The run files already in ``out``."""
+    return [name for name in RUN_FILES if (out / name).exists()]
+
+
+def admit(cfg: TrainConfig, out: Path) -> str | None:
+    """Why this run may not start in ``out`` (one line), or None; ``--overwrite`` clears the old run.
+
+    Reads only, except that ``--overwrite`` removes the previous run's files (never anything else).
+    """
+    found = existing_state(out)
+    if not cfg.resume:
+        if not found:
+            return None
+        if not cfg.overwrite:
+            what = "a finished run" if "summary.json" in found else "another run's state"
+            return (f"{out} already holds {what} ({', '.join(found)}); continue it with --resume, replace it "
+                    "with --overwrite, or choose another --out")
+        for name in found:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        return None
+    saved = out / "config.json"
+    if not saved.exists():
+        return None
+    try:
+        before = json.loads(saved.read_text())
+    except ValueError as e:
+        return f"--resume: {saved} is unreadable ({e}); cannot check that the settings match"
+    differing = math_differences(before, cfg.to_dict())
+    if differing:
+        shown = ", ".join(f"--{k.replace('_', '-')} {before.get(k)!r} -> {v!r}"
+                          for k, v in ((k, cfg.to_dict().get(k)) for k in differing))
+        return (f"--resume: these settings differ from the run in {out} and change the training: {shown}; "
+                "resume with the run's own settings, or start a new run with another --out")
+    return None
+
+
+def math_differences(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """Keys whose change would make a resumed run compute something else than the run it continues.
+
+    The run's length may grow when the schedule does not depend on it (constant, no warm-up).
+    """
+    length_free = after.get("schedule") == "constant" and not after.get("warmup")
+    skip = FREE_ON_RESUME | (LENGTH if length_free else frozenset())
+    return sorted(k for k in set(before) | set(after) if k not in skip and before.get(k) != after.get(k))

@@ -1,0 +1,123 @@
+"""The process group's life: start it with the run's ``--timeout``, name a stalled rank, end it in order.
+
+A rank that stops (stalled, paused, or stuck in I/O) would otherwise show up only as a transport
+timeout that does not say who is missing. At epoch and checkpoint boundaries every rank passes
+``dist.monitored_barrier``, which makes rank 0 name the ranks that did not arrive within the
+timeout. When a collective inside a step fails (its own timeout is ``--timeout`` too), the ranks
+probe each other the same way before giving up, so the error names the rank that stopped. The
+barrier exists only on gloo, and a group whose collective timed out may be unusable, so the probes
+run on a gloo side group created once at start, for every backend.
+
+Under the ``--workers`` launcher each attempt (first start and every restart) meets in a fresh file
+store inside the run folder rather than in torchrun's shared TCP store, so a restart never meets
+the keys or ports of the attempt that failed.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import re
+from datetime import timedelta
+from pathlib import Path
+
+import torch.distributed as dist
+
+STORE_ENV = "SUBNETDP_STORE_DIR"  # set by the --workers launcher: where each attempt's file store lives
+
+_side_group: object | None = None
+_timeout_s: float = 300.0
+
+
+class StallError(RuntimeError):
+    """Some ranks did not reach a boundary within the timeout; the message names them."""
+
+
+def restart_count() -> int:
+    """How many times torchrun has restarted this run's processes (0 on the first attempt)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def start(backend: str, timeout_s: float) -> None:
+    """Initialise the default process group (and a gloo side group for NCCL) with ``timeout_s``."""
+    global _side_group, _timeout_s
+    _timeout_s = timeout_s
+    timeout = timedelta(seconds=timeout_s)
+    store_dir = os.environ.get(STORE_ENV)
+    if store_dir:
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID", "run")
+        store = Path(store_dir) / f"store-{run_id}-attempt{restart_count()}"
+        dist.init_process_group(backend, init_method=f"file://{store}", rank=int(os.environ["RANK"]),
+                                world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+    else:
+        dist.init_process_group(backend, timeout=timeout)
+    _side_group = dist.new_group(backend="gloo", timeout=timeout)
+
+
+def boundary(where: str, timeout_s: float | None = None) -> None:
+    """Wait for every rank at ``where``; a rank missing after the timeout ends the run, named.
+
+    Raises :class:`StallError` on the ranks that can tell (rank 0 names the missing ranks).
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    timeout_s = _timeout_s if timeout_s is None else timeout_s
+    try:
+        dist.monitored_barrier(group=_side_group, timeout=timedelta(seconds=timeout_s), wait_all_ranks=True)
+    except RuntimeError as e:
+        raise StallError(f"rank {dist.get_rank()}: {_who(e)} at the {where} within --timeout {timeout_s:g} s "
+                         f"({_one_line(e)})") from None
+
+
+def is_transport_error(e: BaseException) -> bool:
+    """Whether ``e`` came from the communication layer (gloo raises plain RuntimeError on a timeout)."""
+    text = str(e)
+    return isinstance(e, dist.DistError) or any(
+        s in text for s in ("gloo/transport", "Timed out waiting", "Connection closed by peer", "NCCL"))
+
+
+def name_missing(where: str, error: BaseException) -> None:
+    """After a collective failed at ``where``: raise :class:`StallError` naming the ranks that do not answer.
+
+    Returns (the caller re-raises ``error``) when every rank answers: then the failure was not a stall.
+    The probe waits a fifth of the timeout (2 to 30 s): the live ranks hit the same failure together.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    probe = min(max(2.0, 0.2 * _timeout_s), 30.0)
+    try:
+        dist.monitored_barrier(group=_side_group, timeout=timedelta(seconds=probe), wait_all_ranks=True)
+    except RuntimeError as e:
+        raise StallError(f"rank {dist.get_rank()}: a collective at {where} failed after --timeout {_timeout_s:g} s; "
+                         f"probing the ranks: {_who(e)} ({_one_line(e)}; the collective: {_one_line(error)})") from None
+
+
+def _who(e: BaseException) -> str:
+    """The missing ranks as rank 0's monitored barrier names them, else that rank 0 was lost."""
+    found = re.search(r"Ranks? ([\d, ]+) failed to pass", str(e))
+    if found:
+        ranks = found.group(1).strip().rstrip(",")
+        return f"rank{'s' if ',' in ranks else ''} {ranks} stalled or died: did not arrive"
+    return "lost contact with rank 0, which checks who arrives: did not pass"
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 300 else text[:300] + "..."
+
+
+def stop() -> None:
+    """End the process groups in order: the side group, then the default group (all its subgroups).
+
+    Then collect garbage: a group object still referenced (by the engine's buckets, in a reference
+    cycle) would otherwise be destroyed during interpreter shutdown, when gloo's worker threads can
+    abort the process ("terminate called without an active exception") after a correct run.
+    """
+    global _side_group
+    if not dist.is_initialized():
+        return
+    if _side_group is not None:
+        dist.destroy_process_group(_side_group)
+        _side_group = None
+    dist.destroy_process_group()
+    gc.collect()

@@ -1,0 +1,341 @@
+"""Safe checkpoints, guarded run folders, stalls and restarts (issue 11)."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from distributed import run_ranks
+from safetensors.torch import load_file
+
+from subnetdp.data import shared_data_dir
+
+from subnetdp.checkpoint import (CheckpointError, RunFileError, atomic_write, find_resumable, load_checkpoint,
+                                 save_checkpoint)
+
+
+class _Payload:
+    """Pickles to a call that creates a marker file: what a planted checkpoint would run."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def _plant(step_dir: Path, marker: Path) -> Path:
+    """Replace rank 0's file with a pickle payload and forge the manifest to match it."""
+    f = step_dir / "rank-00000.pt"
+    torch.save({"world_size": 1, "model": _Payload(str(marker))}, f)
+    manifest = json.loads((step_dir / "manifest.json").read_text())
+    blob = f.read_bytes()
+    manifest["files"]["rank-00000.pt"] = {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+    (step_dir / "manifest.json").write_text(json.dumps(manifest))
+    return f
+
+
+def test_a_planted_pickle_payload_is_refused_not_run(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    step_dir = save_checkpoint(tmp_path / "ckpt", 1, model, None)
+    marker = tmp_path / "payload-ran"
+    f = _plant(step_dir, marker)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tmp_path / "ckpt", model, None)
+    message = str(info.value)
+    assert str(f) in message and "refused to load" in message and len(message.splitlines()) == 1
+    assert not marker.exists()
+    torch.load(f, weights_only=False)  # the payload is live: an unsafe load runs it
+    assert marker.exists()
+
+
+def test_checkpoint_round_trips_rng_states_as_plain_data(tmp_path):
+    import random
+
+    import numpy as np
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(3, 2)).sum().backward()
+    opt.step()
+    save_checkpoint(tmp_path, 3, model, opt, extra={"note": "x", "n": 1})
+    expected = (torch.rand(2), random.random(), np.random.rand())
+    payload = load_checkpoint(tmp_path, model, opt)
+    assert payload["step"] == 3 and payload["extra"] == {"note": "x", "n": 1}
+    assert torch.equal(torch.rand(2), expected[0])
+    assert random.random() == expected[1] and np.random.rand() == expected[2]
+
+
+def test_a_damaged_latest_falls_back_to_the_newest_intact_checkpoint(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    save_checkpoint(tmp_path, 1, model, None, keep=3)
+    save_checkpoint(tmp_path, 2, model, None, keep=3)
+    newest = save_checkpoint(tmp_path, 3, model, None, keep=3)
+    with open(newest / "rank-00000.pt", "r+b") as f:  # one flipped byte
+        f.seek(100)
+        b = f.read(1)
+        f.seek(100)
+        f.write(bytes([b[0] ^ 0xFF]))
+    found, skipped = find_resumable(tmp_path)
+    assert found.name == "step-000000002" and "does not match its sha256" in skipped[0]
+    assert load_checkpoint(tmp_path, model, None)["step"] == 2
+    (tmp_path / "latest").write_text("step-000000009\n")  # names a folder that does not exist
+    found, skipped = find_resumable(tmp_path)
+    assert found.name == "step-000000002" and "step-000000009, which does not exist" in skipped[0]
+
+
+def test_atomic_write_leaves_no_temp_file_on_failure(tmp_path):
+    target = tmp_path / "summary.json"
+    atomic_write(target, "old\n")
+
+    def fails(f):
+        f.write(b"half")
+        raise ValueError("interrupted")
+
+    with pytest.raises(ValueError, match="interrupted"):
+        atomic_write(target, fails)
+    assert target.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+    def disk_full(f):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(RunFileError) as info:
+        atomic_write(target, disk_full)
+    assert str(target) in str(info.value) and len(str(info.value).splitlines()) == 1
+    assert target.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+
+def test_run_files_get_the_permissions_of_an_ordinary_file(tmp_path):
+    plain = tmp_path / "plain"
+    plain.write_text("x")
+    assert (atomic_write(tmp_path / "a", b"x").stat().st_mode & 0o777) == (plain.stat().st_mode & 0o777)
+
+
+# ---- the process group: a stalled rank is named ------------------------------------------------------
+
+def _late_rank(rank: int, world: int) -> str:
+    from subnetdp import supervise
+
+    if rank == 1:
+        time.sleep(6)  # stalled: arrives long after rank 0 gave up
+    try:
+        supervise.boundary("end of epoch 1", timeout_s=2)
+    except supervise.StallError as e:
+        return str(e)
+    return "passed"
+
+
+def test_a_rank_missing_at_a_boundary_is_named_by_rank_0():
+    results = run_ranks(_late_rank, 2, timeout=60)
+    assert "rank 1 stalled or died: did not arrive at the end of epoch 1 within --timeout 2 s" in results[0]["ok"]
+
+
+# ---- the run folder and the main job (real data, 2 gloo processes) --------------------------------------
+
+needs_data = pytest.mark.skipif(shared_data_dir() is None, reason="needs ../shared/data (CIFAR-10 JPEG)")
+TINY = ["--width", "4", "--train-subset", "256", "--test-subset", "64", "--batch-size", "32", "--no-progress",
+        "--log-every", "1", "--threads", "1", "--bn-recalibrate", "2", "--eval-every", "0"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _cli(*flags: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "subnetdp", "train", *TINY, *flags], capture_output=True, text=True,
+                          timeout=timeout, env=ENV)
+
+
+def _simulated(out: Path, *flags: str) -> subprocess.CompletedProcess:
+    return _cli("--simulate", "2", "--steps", "4", "--checkpoint-every", "2", "--out", str(out), *flags)
+
+
+def _crashed_run(out: Path) -> None:
+    """A run that stopped after its step-4 checkpoint and before writing its results."""
+    proc = _simulated(out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (out / "summary.json").unlink()
+    (out / "model.safetensors").unlink()
+
+
+@needs_data
+def test_run_folder_refusals_leave_every_file_byte_identical(tmp_path):
+    out = tmp_path / "run"
+    _crashed_run(out)
+    before = _snapshot(out)
+    refusals = [
+        ((), "already holds another run's state"),  # no --resume, no --overwrite
+        (("--resume", "--lr", "0.05", "--batch-size", "16"), "--batch-size 32 -> 16, --lr None -> 0.05"),
+        (("--resume", "--coverage", "1.0"), "--coverage 0.5 -> 1.0"),
+    ]
+    for flags, message in refusals:
+        proc = _simulated(out, *flags)
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+        assert _snapshot(out) == before, flags
+    # `latest` names a folder that is gone and no other checkpoint is intact: refuse, do not start over
+    for d in (out / "checkpoints").glob("step-*"):
+        (d / "manifest.json").unlink()
+    (out / "checkpoints" / "latest").write_text("step-000000009\n")
+    before = _snapshot(out)
+    proc = _simulated(out, "--resume")
+    assert proc.returncode != 0 and "no intact checkpoint" in proc.stderr and "step-000000009" in proc.stderr
+    assert _snapshot(out) == before
+
+
+@needs_data
+def test_resume_falls_back_to_the_newest_intact_checkpoint_and_says_so(tmp_path):
+    out = tmp_path / "run"
+    _crashed_run(out)
+    (out / "checkpoints" / "latest").write_text("step-000000009\n")
+    proc = _simulated(out, "--resume", "--log-every", "2")  # a setting that does not change the math
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "using step-000000004, the newest intact checkpoint" in proc.stdout
+    assert "resumed from" in proc.stdout and json.loads((out / "summary.json").read_text())["steps"] == 4
+
+
+@needs_data
+def test_overwrite_replaces_the_previous_run(tmp_path):
+    out = tmp_path / "run"
+    _crashed_run(out)
+    (out / "notes.txt").write_text("mine")  # not a run file: --overwrite leaves it
+    proc = _simulated(out, "--overwrite", "--steps", "2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2 and (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-000000002"]
+
+
+@needs_data
+def test_a_second_run_on_a_locked_folder_fails_fast_naming_the_holder(tmp_path):
+    from subnetdp import rundir
+
+    out = tmp_path / "run"
+    claim = rundir.lock(out)  # as a running job holds it
+    try:
+        proc = _simulated(out)
+        assert proc.returncode != 0 and f"is in use by another run (pid {os.getpid()}" in proc.stderr
+        assert not (out / "config.json").exists()
+    finally:
+        claim.release()
+    assert _simulated(out).returncode == 0  # a lock dies with its holder: nothing stale remains
+
+
+def _worker_pid(launcher: int, rank: int, attempt: int = 0) -> int | None:
+    """The pid of ``rank``'s worker process below ``launcher`` on torchrun attempt ``attempt``."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            env = dict(x.split("=", 1) for x in (proc / "environ").read_text().split("\0") if "=" in x)
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if (parent == launcher and env.get("RANK") == str(rank)
+                and env.get("TORCHELASTIC_RESTART_COUNT", "0") == str(attempt)):
+            return int(proc.name)
+    return None
+
+
+def _steps_logged(out: Path) -> int:
+    from subnetdp.metrics import read_jsonl
+
+    try:
+        return max((r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "step"), default=0)
+    except (OSError, ValueError):
+        return 0
+
+
+def _start_workers(out: Path, *flags: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "subnetdp", "train", *TINY, "--workers", "2", "--steps", "8",
+           "--checkpoint-every", "1", "--out", str(out), *flags]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+
+
+def _signal_rank_at_step(proc: subprocess.Popen, out: Path, step: int, sig: int, rank: int = 1) -> float:
+    deadline = time.monotonic() + 240
+    while _steps_logged(out) < step:
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before the step"
+        time.sleep(0.05)
+    pid = _worker_pid(proc.pid, rank)
+    assert pid is not None
+    os.kill(pid, sig)
+    return time.monotonic()
+
+
+@needs_data
+def test_kill_a_rank_then_resume_or_restart_alone_is_bitwise_identical(tmp_path):
+    straight = tmp_path / "straight"
+    proc = _start_workers(straight)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    reference = load_file(straight / "model.safetensors")
+
+    killed = tmp_path / "killed"  # no restarts: the job fails, then --resume continues it
+    proc = _start_workers(killed)
+    _signal_rank_at_step(proc, killed, 3, signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0 and not (killed / "summary.json").exists()
+    resumed = _start_workers(killed, "--resume")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+
+    restarted = tmp_path / "restarted"  # with restarts: the job resumes by itself
+    proc = _start_workers(restarted, "--max-restarts", "2")
+    _signal_rank_at_step(proc, restarted, 5, signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "resumed from" in out
+    for run in (killed, restarted):
+        model = load_file(run / "model.safetensors")
+        assert model.keys() == reference.keys()
+        for k in reference:
+            assert torch.equal(model[k], reference[k]), (run.name, k)
+        assert json.loads((run / "summary.json").read_text())["steps"] == 8
+
+
+@needs_data
+def test_a_stalled_rank_ends_the_run_naming_it_within_the_timeout(tmp_path):
+    out = tmp_path / "stalled"
+    proc = _start_workers(out, "--timeout", "5", "--steps", "200")
+    stopped_at = _signal_rank_at_step(proc, out, 2, signal.SIGSTOP)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        pid = _worker_pid(proc.pid, 1)
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+    waited = time.monotonic() - stopped_at
+    assert proc.returncode != 0
+    assert "rank 1 stalled or died" in err, err[-3000:]
+    assert waited < 5 + 30 + 30  # the timeout, the probe (at most 30 s) and torchrun's teardown
+
+
+@needs_data
+def test_a_full_disk_ends_the_run_with_one_line_naming_the_file(tmp_path, monkeypatch):
+    import subnetdp.train as train_module
+    from subnetdp.cli import main
+
+    real = train_module.atomic_write
+
+    def full_at_summary(path, data):
+        if Path(path).name == "summary.json":
+            return real(path, lambda f: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+        return real(path, data)
+
+    monkeypatch.setattr(train_module, "atomic_write", full_at_summary)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as info:
+        main(["train", *TINY, "--simulate", "2", "--steps", "1", "--out", str(out)])
+    message = str(info.value.code)
+    assert f"cannot write {out / 'summary.json'}: no space left" in message and len(message.splitlines()) == 1
+    assert not list(out.glob(".*.tmp*")) and not (out / "summary.json").exists()
