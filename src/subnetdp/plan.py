@@ -297,7 +297,7 @@ class Plan:
         ]
         if self.unit_costs:
             b = self.balance_stats()
-            what = "predicted peak MiB" if self.balance == "memory" else "cost"
+            what = "predicted MiB, state + saved activations," if self.balance == "memory" else "cost"
             div = 2**20 if self.balance == "memory" else 1
             lines.append(f"balanced on {self.balance} ({what} per worker): worst {b['worst'] / div:,.2f}  "
                          f"mean {b['mean'] / div:,.2f}  worst/mean {b['worst_over_mean']:.3f}  "
