@@ -28,6 +28,7 @@ from subnetdp.memory import (
     Workload,
     make_optimizer,
     measure_step,
+    memory_plan,
     predict_worker,
     profile_activations,
 )
@@ -156,14 +157,55 @@ def measure_choice(choice: BudgetChoice, workload: Workload, *, seed: int = 0,
     return out
 
 
+def profile_workload(workload: Workload, *, seed: int = 0, profile_batch: int = 2,
+                     device: torch.device | str = "cpu") -> ActivationProfile:
+    """The full model's activation profile on ``profile_batch`` synthetic samples (scaled where used)."""
+    batch = workload.make_batch(profile_batch, torch.device(device), seed)
+    return profile_activations(workload.factory, batch, workload.loss_fn, profile_batch, seed=seed, device=device)
+
+
+def plan_prediction(workload: Workload, workers: int, coverage: float, level: str = "block", *, optimizer: str,
+                    batch_size: int, seed: int = 0, transitions: str = "keep", balance: str = "memory",
+                    activation_checkpointing: bool = False, profile: ActivationProfile | None = None
+                    ) -> tuple[Plan, dict[str, Any]]:
+    """A plan as the main job makes it, and its predicted bytes per worker beside DDP's (``plan --json``).
+
+    The DDP figure is the full model under the same optimizer, batch and checkpointing choice.
+    """
+    if profile is None:
+        profile = profile_workload(workload, seed=seed)
+    if balance == "memory":
+        p = memory_plan(workload.factory, workers, coverage, level, seed, profile=profile, optimizer=optimizer,
+                        batch_size=batch_size, transitions=transitions,
+                        activation_checkpointing=activation_checkpointing)
+    elif balance == "params":
+        p = plan(workload.factory, workers, coverage, level, seed, transitions=transitions)
+    else:
+        raise ValueError(f"balance={balance!r}: choose memory or params")
+    per = [predict_worker(p, k, optimizer, profile, batch_size, activation_checkpointing=activation_checkpointing)
+           for k in range(workers)]
+    ddp = predict_worker(plan(workload.factory, workers, 1.0, "block", seed), 0, optimizer, profile, batch_size,
+                         activation_checkpointing=activation_checkpointing)
+    return p, {
+        "model": workload.name, "workers": workers, "coverage": coverage, "level": level, "optimizer": optimizer,
+        "batch_size": batch_size, "activation_checkpointing": activation_checkpointing,
+        "transitions": transitions, "balance": balance, "seed": seed,
+        "peak_bytes": [w["peak_bytes"] for w in per], "ddp_peak_bytes": ddp["peak_bytes"],
+        "state_bytes": [w["state_bytes"] for w in per], "activation_bytes": [w["activation_bytes"] for w in per],
+        "transient_bytes": [w["transient_bytes"] for w in per],
+        "param_counts": p.param_counts(), "plan_digest": p.digest(),
+    }
+
+
 # ---- command line -----------------------------------------------------------------------------------
 def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags for ``subnetdp plan --budget 6GiB``: pick the coverage and level from a memory budget."""
     parser.add_argument("--budget", default=None,
                         help="memory per worker (e.g. 6GiB, 512MiB): choose the largest coverage and the level "
                              "whose predicted peak fits, instead of --coverage/--level")
-    parser.add_argument("--batch-size", type=int, default=128, help="samples per worker per step (with --budget)")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sample for language models (with --budget)")
+    parser.add_argument("--batch-size", type=int, default=128,
+                        help="samples per worker per step (the predictions and --balance memory scale to it)")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sample for language models")
     parser.add_argument("--measure", action="store_true",
                         help="with --budget: run one step of the chosen plan's worst worker here and report "
                              "measured / predicted")

@@ -61,26 +61,34 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def _plan_command(args: argparse.Namespace) -> int:
-    import functools
+    import json
 
-    from subnetdp.models import get_model
-    from subnetdp.plan import plan
+    from subnetdp.budget import plan_prediction, workload_for
 
-    kwargs = {"num_classes": args.num_classes}
-    if args.width is not None:
-        kwargs["width"] = args.width
-    if args.model.startswith("llama"):
-        kwargs = {"vocab_size": args.vocab_size}
+    if args.batch_size < 1:
+        print(f"subnetdp plan: error: --batch-size {args.batch_size}: must be > 0", file=sys.stderr)
+        return 2
     try:
-        p = plan(functools.partial(get_model, args.model, **kwargs), args.workers, args.coverage, args.level, args.seed)
+        p, prediction = plan_prediction(
+            workload_for(args), args.workers, args.coverage, args.level, optimizer=args.optimizer,
+            batch_size=args.batch_size, seed=args.seed, transitions=args.transitions, balance=args.balance,
+            activation_checkpointing=args.activation_checkpointing)
     except ValueError as e:
         print(f"subnetdp plan: error: {e}", file=sys.stderr)
         return 2
-    print(p.summary(args.optimizer))
+    if args.json:
+        print(json.dumps(prediction))
+    else:
+        print(p.summary(args.optimizer))
+        worst = max(prediction["peak_bytes"])
+        print(f"predicted peak of the worst worker: {worst / 2**20:,.2f} MiB = {worst / prediction['ddp_peak_bytes']:.3f}"
+              f" x DDP's {prediction['ddp_peak_bytes'] / 2**20:,.2f} MiB ({args.optimizer}, batch {args.batch_size}"
+              f"{', block checkpointing' if args.activation_checkpointing else ''})")
     if args.save:
         with open(args.save, "w") as f:
             f.write(p.to_json())
-        print(f"plan saved to {args.save}")
+        if not args.json:
+            print(f"plan saved to {args.save}")
     return 0
 
 
@@ -106,6 +114,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     pl.add_argument("--seed", type=int, default=0)
     pl.add_argument("--optimizer", choices=("sgd", "sgd-momentum", "adamw"), default="sgd-momentum",
                     help="optimizer whose state the prediction counts")
+    pl.add_argument("--transitions", choices=("keep", "shortcut"), default="keep",
+                    help="block level: keep transition blocks on every worker, or make them units (as in train)")
+    pl.add_argument("--balance", choices=("memory", "params"), default="memory",
+                    help="what the plan balances: predicted memory (as train does by default) or parameter counts")
+    pl.add_argument("--activation-checkpointing", action="store_true",
+                    help="predict (and balance) with every block of each worker's subnetwork checkpointed")
+    pl.add_argument("--json", action="store_true",
+                    help="print one JSON object: the settings, peak/state/activation bytes per worker and DDP's peak")
     pl.add_argument("--save", help="write the plan as JSON to this file")
     add_budget_arguments(pl)  # --budget, --batch-size, --seq-len, --measure
 
