@@ -15,7 +15,11 @@ a LLaMA preset with AdamW) and K = 8 workers:
   over a step (reset before it), the saved-for-backward bytes and model state (``subnetdp.memory``),
   and the step time (forward + backward + optimizer step, timed on separate steps without the
   saved-tensor hooks; compute only: one GPU has no communication);
-  the plan's first-principles prediction stands next to it;
+  the plan's first-principles prediction stands next to it, with the predicted peak (saved bytes,
+  model state and the transient: ``predict_worker``'s ``peak_bytes``) against the measured allocator
+  peak; plans are made as ``subnetdp train`` makes them (memory balance, its default transitions), and
+  block level once more with the old default (transitions kept, parameter balance) unless
+  ``--no-old-default``;
 * DDP: the full model's step (**measured**; DDP's gradient buckets, one more gradient-sized buffer,
   are not allocated here and are listed as derived);
 * DDP + checkpointing: the full model with ``checkpoint_wrapper`` on every block (**measured**);
@@ -85,6 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--vocab-size", type=int, default=32000)
     p.add_argument("--repeats", type=int, default=4, help="steps per worker (the first allocates optimizer state)")
+    p.add_argument("--old-default", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure block level with the old plan defaults (transitions kept, parameter balance)")
     p.add_argument("--skip-llama", action="store_true")
     p.add_argument("--budget-minutes", type=float, default=4.5,
                    help="memory phase: stop starting new workloads after this long (results so far are written)")
@@ -138,9 +144,14 @@ def summarise(part: dict, workers: int) -> list[dict]:
         steps = [w["measured"]["step_s"]["median"] for w in ws]
         worst = max(range(len(ws)), key=peaks.__getitem__)
         pred = ws[worst]["predicted"].get("total_bytes")
+        pred_peak = ws[worst]["predicted"].get("peak_bytes")
         rows.append({
             "name": r["name"], "basis": "measured", "peak_bytes": peaks[worst], "peak_min_bytes": min(peaks),
             "peak_ratio_to_ddp": peaks[worst] / ddp_peak, "predicted_bytes": pred,
+            "predicted_peak_bytes": pred_peak,
+            # the planner's claim: its predicted peak against the measured one (allocator peak on a GPU)
+            "measured_over_predicted_peak": peaks[worst] / pred_peak if pred_peak else None,
+            "worst_over_predicted_worst": peaks[worst] / max(w["predicted"]["peak_bytes"] for w in ws) if pred_peak else None,
             "saved_plus_state_bytes": ws[worst]["measured"]["total_bytes"],
             "step_ms": max(steps) * 1e3, "step_mean_ms": statistics.fmean(steps) * 1e3,
             "step_ratio_to_ddp": max(steps) / ddp["measured"]["step_s"]["median"],
@@ -153,6 +164,7 @@ def summarise(part: dict, workers: int) -> list[dict]:
 def markdown(rows: list[dict], cuda: bool) -> str:
     peak_name = "peak allocated MiB" if cuda else "state + saved MiB"
     head = (f"| configuration | basis | {peak_name} (worst worker) [best] | ratio to DDP | predicted state+activations MiB "
+            "| predicted peak MiB (measured / predicted) "
             "| step ms (slowest worker; mean) | step / DDP | all-reduce MiB/step; ring MiB (largest worker) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -160,8 +172,10 @@ def markdown(rows: list[dict], cuda: bool) -> str:
         pred = f"{r['predicted_bytes'] / 2**20:.1f}" if r["predicted_bytes"] else "n/a"
         step = f"{r['step_ms']:.1f}; {r['step_mean_ms']:.1f}" if r["step_ms"] is not None else "not measured"
         ratio = f"{r['step_ratio_to_ddp']:.2f}" if r["step_ratio_to_ddp"] is not None else "n/a"
+        peak = (f"{r['predicted_peak_bytes'] / 2**20:.1f} ({r['measured_over_predicted_peak']:.3f})"
+                if r.get("predicted_peak_bytes") else "n/a")
         lines.append(f"| {r['name']} | {r['basis']} | {r['peak_bytes'] / 2**20:.1f}{best} | {r['peak_ratio_to_ddp']:.3f} "
-                     f"| {pred} | {step} | {ratio} | {r['collective_bytes'] / 2**20:.1f}; {r['ring_bytes'] / 2**20:.1f} |")
+                     f"| {pred} | {peak} | {step} | {ratio} | {r['collective_bytes'] / 2**20:.1f}; {r['ring_bytes'] / 2**20:.1f} |")
     return "\n".join(lines)
 
 
@@ -353,7 +367,7 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         t0 = time.perf_counter()
         part = memory_part(spec, args.workers, coverages, levels, args.repeats, device,
-                           log=lambda s: print(s, flush=True))
+                           log=lambda s: print(s, flush=True), old_default=args.old_default)
         rows = summarise(part, args.workers)
         part["summary"], part["wall_s"] = rows, time.perf_counter() - t0
         result["workloads"].append(part)

@@ -52,9 +52,11 @@ import torch
 from torch import nn
 
 from subnetdp.buckets import build_buckets
+from subnetdp.config import TrainConfig
 from subnetdp.init import build_meta, materialize
 from subnetdp.memory import (
     ActivationProfile,
+    memory_plan,
     Workload,
     image_workload,
     make_optimizer,
@@ -100,6 +102,21 @@ def checkpointed(model: nn.Module) -> nn.Module:
     return model
 
 
+DEFAULT_TRANSITIONS = TrainConfig.transitions  # the main job's default, measured as "SDP"
+
+
+def sdp_plan(w: Workload, workers: int, coverage: float, level: str, seed: int, profile: ActivationProfile | None,
+             optimizer: str, batch_size: int, transitions: str, balance: str) -> Plan:
+    """The plan the main job would make (both parts of the benchmark measure the same plans)."""
+    if balance == "memory":
+        if profile is None:
+            profile = profile_activations(w.factory, w.make_batch(batch_size, torch.device("cpu"), seed), w.loss_fn,
+                                          batch_size, seed=seed)
+        return memory_plan(w.factory, workers, coverage, level, seed, profile=profile, optimizer=optimizer,
+                           batch_size=batch_size, transitions=transitions)
+    return plan(w.factory, workers, coverage, level, seed, transitions=transitions)
+
+
 # ---- part 1: memory per worker, in this process ------------------------------------------------------
 def _measure(model: nn.Module, optimizer_name: str, batch: Any, w: Workload, repeats: int,
              device: torch.device) -> dict[str, Any]:
@@ -127,8 +144,14 @@ def _ratios(measured: dict[str, Any], predicted: dict[str, int]) -> dict[str, fl
 
 
 def memory_part(spec: dict[str, Any], workers: int, coverages: Sequence[float], levels: Sequence[str],
-                repeats: int, device: torch.device, seed: int = 0, log=print) -> dict[str, Any]:
-    """Memory per worker of every strategy for one workload (see the module docstring)."""
+                repeats: int, device: torch.device, seed: int = 0, log=print, *,
+                transitions: str = DEFAULT_TRANSITIONS, balance: str = "memory", old_default: bool = True
+                ) -> dict[str, Any]:
+    """Memory per worker of every strategy for one workload (see the module docstring).
+
+    SDP plans are made as the main job makes them (``balance``, ``transitions``); with ``old_default``
+    block level is measured once more with the former defaults (transitions kept, parameter balance).
+    """
     w = workload_from_spec(spec)
     batch_size, opt_name = spec["batch"], spec["optimizer"]
     batch = w.make_batch(batch_size, device, seed)
@@ -179,9 +202,12 @@ def memory_part(spec: dict[str, Any], workers: int, coverages: Sequence[float], 
                                                      "comm": {"collective_bytes": handed, "ring_bytes": ring}}],
         "derived: full-model state / K + full-model activations (measured) + the largest block unsharded")
 
-    for level in levels:
+    variants = [(level, transitions, balance, "") for level in levels]
+    if old_default and "block" in levels and (transitions, balance) != ("keep", "params"):
+        variants.append(("block", "keep", "params", " (old default: keep, params)"))
+    for level, trans, bal, label in variants:
         for c in coverages:
-            p = plan(w.factory, workers, c, level, seed)
+            p = sdp_plan(w, workers, c, level, seed, profile, opt_name, batch_size, trans, bal)
             per_worker = []
             for k in range(workers):
                 sub = build_subnetwork(w.factory, p, k, seed=seed, device=device)
@@ -191,7 +217,9 @@ def memory_part(spec: dict[str, Any], workers: int, coverages: Sequence[float], 
                                    "param_fraction": p.param_count(k) / p.total_params,
                                    "comm": bucket_traffic(sub, p, k)})
                 del sub
-            add(f"SDP {level} C={c:g}", "sdp", level, c, per_worker, "measured (each worker's subnetwork step)")
+            add(f"SDP {level} C={c:g}{label}", "sdp", level, c, per_worker,
+                f"measured (each worker's subnetwork step); plan: balance={bal}"
+                + (f", transitions={trans}" if level == "block" else ""))
     return {"workload": w.name, "spec": spec, "profile": _profile_json(profile), "rows": rows}
 
 
@@ -280,9 +308,14 @@ def _dist_time(spec_path: str) -> None:
         fully_shard(base.get_submodule(b.name))
     fsdp_model = fully_shard(base)
     configs.append(_Config(f"FSDP2 (K={world})", "fsdp", fsdp_model, make_optimizer(opt_name, fsdp_model.parameters())))
+    profile = None
+    if spec.get("balance", "params") == "memory":  # the memory part's profile: same batch, same plans
+        profile = profile_activations(w.factory, w.make_batch(batch_size, torch.device("cpu"), seed), w.loss_fn,
+                                      batch_size, seed=seed)
     for level in spec["levels"]:
         for c in spec["coverages"]:
-            p = plan(w.factory, world, c, level, seed)
+            p = sdp_plan(w, world, c, level, seed, profile, opt_name, batch_size,
+                         spec.get("transitions", "keep"), spec.get("balance", "params"))
             sdp = SubnetDataParallel(w.factory, p, seed=seed)
             configs.append(_Config(f"SDP {level} C={c:g}", "sdp", sdp, make_optimizer(opt_name, sdp.parameters()),
                                    level, c))
@@ -384,14 +417,16 @@ def _summarise_time(gathered: list[list[dict]], batch: int, world: int) -> list[
 
 
 def time_part(spec: dict[str, Any], ranks: int, coverages: Sequence[float], levels: Sequence[str], steps: int,
-              warmup: int, rounds: int, seed: int = 0, timeout: float = 900) -> dict[str, Any]:
-    """Run :func:`_dist_time` under ``torchrun --nproc-per-node ranks`` and return its JSON."""
+              warmup: int, rounds: int, seed: int = 0, timeout: float = 900, *,
+              transitions: str = DEFAULT_TRANSITIONS, balance: str = "memory") -> dict[str, Any]:
+    """Run :func:`_dist_time` under ``torchrun --nproc-per-node ranks`` and return its JSON (SDP plans as
+    :func:`sdp_plan` makes them)."""
     valid = [c for c in coverages if abs(c * ranks - round(c * ranks)) < 1e-9 and c < 1]
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, out = Path(tmp) / "spec.json", Path(tmp) / "time.json"
         spec_path.write_text(json.dumps({"workload": spec, "levels": list(levels), "coverages": valid,
                                          "steps": steps, "warmup": warmup, "rounds": rounds, "seed": seed,
-                                         "out": str(out)}))
+                                         "transitions": transitions, "balance": balance, "out": str(out)}))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
                "-m", "subnetdp.bench", "--dist-time", str(spec_path)]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -545,6 +580,11 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coverages", default="0.875,0.75,0.5,0.25", help="comma-separated SDP coverages")
     p.add_argument("--levels", default="block,neuron")
     p.add_argument("--repeats", type=int, default=3, help="measured steps per worker in the memory part")
+    p.add_argument("--transitions", choices=("keep", "shortcut"), default=DEFAULT_TRANSITIONS,
+                   help="SDP block plans of the memory part (the old default, keep with params balance, is "
+                        "measured as an extra row)")
+    p.add_argument("--balance", choices=("memory", "params"), default="memory",
+                   help="what SDP plans of the memory part balance (as subnetdp train --balance)")
     p.add_argument("--time-ranks", type=int, default=4, help="torchrun processes for the timing part (0: skip it)")
     p.add_argument("--time-steps", type=int, default=5, help="timed steps per configuration per round")
     p.add_argument("--time-warmup", type=int, default=2)
@@ -587,12 +627,13 @@ def run_bench(args: argparse.Namespace, log=print) -> dict[str, Any]:
     md = [f"Machine: {result['meta']['machine']}, torch {torch.__version__}, {torch.get_num_threads()} threads "
           f"in the memory part."]
     for spec in workload_specs(args):
-        part = memory_part(spec, args.workers, coverages, levels, args.repeats, device, args.seed, log)
+        part = memory_part(spec, args.workers, coverages, levels, args.repeats, device, args.seed, log,
+                           transitions=args.transitions, balance=args.balance)
         timing = None
         if args.time_ranks:
             log(f"  timing under torchrun, {args.time_ranks} ranks ...")
             timing = time_part(spec, args.time_ranks, coverages, levels, args.time_steps, args.time_warmup,
-                               args.rounds, args.seed)
+                               args.rounds, args.seed, transitions=args.transitions, balance=args.balance)
         stem = spec["model"] + (f"_w{spec['width']}" if spec["kind"] == "image" else "")
         plots = plot(part, timing, out, stem)
         part["timing"], part["plots"] = timing, [p.name for p in plots]
