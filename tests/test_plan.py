@@ -151,8 +151,12 @@ def test_many_workers_plan_quickly_and_stay_uniform(level):
     f = functools.partial(resnet18, width=8)
     p = sd.plan(f, 256, 0.5, level, transitions="shortcut" if level == "block" else "keep")
     assert {len(p.holders(u)) for u in p.units} == {128}
-    for k in (0, 77, 255):  # units_of agrees with holds() on both of its paths
-        assert p.units_of(k) == tuple(u for u in p.units if p.holds(k, u))
+    kept = p.param_count(0) - sum(u.numel for u in p.units_of(0))
+    for k in (0, 77, 255):  # the fast paths (slot lists, cyclic prefix sums) agree with holds()
+        held = tuple(u for u in p.units if p.holds(k, u))
+        assert p.units_of(k) == held
+        assert p.param_count(k) == kept + sum(u.numel for u in held)
+        assert p.held_per_group(k) == {g.name: sum(1 for u in held if u.group == g.name) for g in p.groups}
     assert sum(len(p.units_of(k)) for k in range(256)) == 128 * len(p.units)
 
 

@@ -430,9 +430,7 @@ class ActivationProfile:
             total += sum(self.block_bytes.get(u.name, 0) for u in plan.units_of(worker))
             total += sum(self._reduced_bytes(plan, b.name) for b in plan.dropped_blocks(worker) if b.transition)
         else:
-            held: dict[str, int] = {}
-            for u in plan.units_of(worker):
-                held[u.group] = held.get(u.group, 0) + 1
+            held = plan.held_per_group(worker)
             for g in plan.groups:
                 f = held.get(g.name, 0) / g.size
                 part = self.group_bytes if f == 1 or neuron_scaling == "none" else self.group_bytes_scaled

@@ -103,6 +103,34 @@ class Plan:
         held = [i for j in range(self.holders_per_unit) for i in self._by_slot[(worker + j) % self.workers]]
         return tuple(self.units[i] for i in sorted(held))
 
+    def _window(self, per_slot: np.ndarray, worker: int) -> np.ndarray:
+        """Sum of ``per_slot`` (slots on axis 0) over ``worker``'s window, from cached cyclic prefix sums."""
+        key = ("prefix", id(per_slot))
+        if key not in self._cache:
+            self._cache[key] = np.concatenate([np.zeros((1, *per_slot.shape[1:]), per_slot.dtype),
+                                               np.cumsum(np.concatenate([per_slot, per_slot]), axis=0)])
+        prefix = self._cache[key]
+        return prefix[worker + self.holders_per_unit] - prefix[worker]
+
+    @cached_property
+    def _slot_stats(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """Per slot: parameter elements of its units, and its units per width group (neuron level)."""
+        names = [g.name for g in self.groups]
+        column = {n: i for i, n in enumerate(names)}
+        numel = np.zeros(self.workers, dtype=np.int64)
+        counts = np.zeros((self.workers, len(names)), dtype=np.int64)
+        for u, s in zip(self.units, self.slots):
+            numel[s] += u.numel
+            if u.group is not None:
+                counts[s, column[u.group]] += 1
+        return numel, counts, names
+
+    def held_per_group(self, worker: int) -> dict[str, int]:
+        """How many units of each width group ``worker`` holds (neuron level), in ``O(groups)``."""
+        self._check_worker(worker)
+        _, counts, names = self._slot_stats
+        return dict(zip(names, self._window(counts, worker).tolist()))
+
     @cached_property
     def _by_slot(self) -> list[list[int]]:
         out: list[list[int]] = [[] for _ in range(self.workers)]
@@ -202,16 +230,18 @@ class Plan:
     def attrs(self, worker: int) -> list[tuple[AttrSpec, int]]:
         """Unit-counting attributes and their values in ``worker``'s subnetwork."""
         out = []
+        per_group = self.held_per_group(worker)
         for g in self.groups:
-            held = sum(1 for u in self.units if u.group == g.name and self.holds(worker, u))
+            held = per_group[g.name]
             out += [(a, a.per_unit * held) for a in g.attrs]
         return out
 
     def consumer_scales(self, worker: int) -> dict[str, float]:
         """``size / held`` per consumer module of each width group: the inverted-scaling factors."""
         out = {}
+        per_group = self.held_per_group(worker)
         for g in self.groups:
-            held = sum(1 for u in self.units if u.group == g.name and self.holds(worker, u))
+            held = per_group[g.name]
             for c in g.consumers:
                 out[c] = g.size / held if held else 0.0
         return out
@@ -224,7 +254,7 @@ class Plan:
     def param_count(self, worker: int) -> int:
         """Exact parameter elements in ``worker``'s subnetwork."""
         self._check_worker(worker)
-        return self._kept_params + sum(u.numel for u in self.units_of(worker))
+        return self._kept_params + int(self._window(self._slot_stats[0], worker))
 
     @cached_property
     def _kept_params(self) -> int:
@@ -250,11 +280,13 @@ class Plan:
         """
         if not self.unit_costs:
             return [float(c) for c in self.param_counts()]
-        loads = [self.kept_cost] * self.workers
-        for u in self.units:
-            for k in self.holders(u):
-                loads[k] += self.unit_costs[u.index]
-        return loads
+        key = "slot_costs"
+        if key not in self._cache:
+            per_slot = np.zeros(self.workers)
+            for c, s in zip(self.unit_costs, self.slots):
+                per_slot[s] += c
+            self._cache[key] = per_slot
+        return [self.kept_cost + float(self._window(self._cache[key], k)) for k in range(self.workers)]
 
     def balance_stats(self) -> dict[str, float]:
         """Worst, mean, worst / mean and spread ((max - min) / mean) of :meth:`loads`."""
@@ -283,11 +315,17 @@ class Plan:
             f"{'worker':>6}  {'units':>6}  {'params':>12}  {'fraction':>8}  {'state MiB (' + optimizer + ')':>18}  held",
         ]
         for k in range(self.workers):
-            held = self.units_of(k)
+            if self.level == "block":
+                held = self.units_of(k)
+                n_held, text = len(held), ", ".join(u.name for u in held)
+            else:
+                per_group = {g: n for g, n in self.held_per_group(k).items() if n}
+                n_held = sum(per_group.values())
+                text = ", ".join(f"{g} x{n}" for g, n in list(per_group.items())[:3])
+                text += f", ... ({len(per_group)} groups)" if len(per_group) > 3 else ""
             count = self.param_count(k)
             state = self.model_state_bytes(k, optimizer) / 2**20
-            lines.append(f"{k:>6}  {len(held):>6}  {count:>12,}  {count / full:>8.3f}  {state:>18.2f}  "
-                         f"{_describe(held, self.level)}")
+            lines.append(f"{k:>6}  {n_held:>6}  {count:>12,}  {count / full:>8.3f}  {state:>18.2f}  {text}")
         counts = self.param_counts()
         lines += [
             "",
@@ -336,16 +374,6 @@ def _prod(shape: Sequence[int]) -> int:
     for s in shape:
         n *= s
     return n
-
-
-def _describe(units: Sequence[Unit], level: str) -> str:
-    if level == "block":
-        return ", ".join(u.name for u in units)
-    per: dict[str, int] = {}
-    for u in units:
-        per[u.group] = per.get(u.group, 0) + 1
-    text = ", ".join(f"{g} x{n}" for g, n in list(per.items())[:3])
-    return text + (f", ... ({len(per)} groups)" if len(per) > 3 else "")
 
 
 def valid_coverages(workers: int) -> list[float]:
