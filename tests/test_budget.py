@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from subnetdp.budget import add_budget_arguments, measure_choice, parse_bytes, plan_for_budget, predicted_peak, run_budget
-from subnetdp.memory import image_workload, profile_activations
+from subnetdp.memory import image_workload, memory_plan, profile_activations
 from subnetdp.plan import plan
 
 W = image_workload(width=4)
@@ -33,7 +33,8 @@ def test_parse_bytes_rejects_nonsense(text):
 
 
 def peaks(profile):
-    return {(c, lv): predicted_peak(plan(W.factory, K, c, lv), profile, OPT, BATCH)[0]
+    return {(c, lv): predicted_peak(memory_plan(W.factory, K, c, lv, profile=profile, optimizer=OPT, batch_size=BATCH),
+                                    profile, OPT, BATCH)[0]
             for c in (1.0, 0.75, 0.5, 0.25) for lv in ("block", "neuron")}
 
 

@@ -1,9 +1,10 @@
 """A memory-budget planner: the largest coverage whose predicted per-worker peak fits a budget.
 
-For each valid coverage ``j/K`` (largest first) and each level, the predicted peak of a worker is its
-model state (parameters, gradients, optimizer state; from the plan) plus its predicted activations
-(from an :class:`~subnetdp.memory.ActivationProfile` of the full model, measured once on a small
-batch and scaled to the batch size), and a plan's peak is the largest over its workers. The planner
+For each valid coverage ``j/K`` (largest first) and each level, a plan balanced on memory (as the main
+job makes it) is predicted per worker: model state (parameters, gradients, optimizer state; from the
+plan) plus predicted activations (from an :class:`~subnetdp.memory.ActivationProfile` of the full
+model, measured once on a small batch and scaled to the batch size) plus the backward's transient
+(``predict_worker``'s ``peak_bytes``), and a plan's peak is the largest over its workers. The planner
 returns the largest coverage at which some level fits; when both levels fit at that coverage it takes
 block level, which the method's evidence favours (DESIGN.md section 1). Nothing fitting is an error
 that names the smallest peak any plan reaches.
@@ -86,8 +87,8 @@ class BudgetChoice:
 
 
 def predicted_peak(p: Plan, profile: ActivationProfile, optimizer: str, batch_size: int) -> tuple[int, int]:
-    """``(bytes, worker)``: the largest predicted model state + activations over ``p``'s workers."""
-    totals = [predict_worker(p, k, optimizer, profile, batch_size)["total_bytes"] for k in range(p.workers)]
+    """``(bytes, worker)``: the largest predicted peak (model state + activations + transient) over ``p``'s workers."""
+    totals = [predict_worker(p, k, optimizer, profile, batch_size)["peak_bytes"] for k in range(p.workers)]
     worker = max(range(p.workers), key=totals.__getitem__)
     return totals[worker], worker
 
@@ -113,8 +114,9 @@ def plan_for_budget(workload: Workload, workers: int, budget: str | int, *, opti
     candidates = []
     for c in sorted(valid_coverages(workers), reverse=True):
         for level in levels:
-            try:
-                p = plan(workload.factory, workers, c, level, seed)
+            try:  # balanced on memory, as the main job plans by default
+                p = memory_plan(workload.factory, workers, c, level, seed, profile=profile, optimizer=optimizer,
+                                batch_size=batch_size)
             except ValueError:  # e.g. a model without inner widths at neuron level
                 continue
             peak, worker = predicted_peak(p, profile, optimizer, batch_size)
