@@ -121,6 +121,14 @@ def _ms(values: list[float]) -> float:
     return statistics.median(values) * 1e3
 
 
+def _non_model_before(m: dict) -> float | None:
+    before = m.get("allocated_before_bytes")
+    if before is None:
+        return None
+    before = before["median"] if isinstance(before, dict) else before
+    return before - m["param_bytes"] - m["optimizer_bytes"]
+
+
 def summarise(part: dict, workers: int) -> list[dict]:
     """One row per strategy: worst-worker peak (allocated or, on CPU, state + saved), step time."""
     rows = []
@@ -152,6 +160,10 @@ def summarise(part: dict, workers: int) -> list[dict]:
             # the planner's claim: its predicted peak against the measured one (allocator peak on a GPU)
             "measured_over_predicted_peak": peaks[worst] / pred_peak if pred_peak else None,
             "worst_over_predicted_worst": peaks[worst] / max(w["predicted"]["peak_bytes"] for w in ws) if pred_peak else None,
+            # what the process held before the step besides the model's parameters and optimizer state (the
+            # batch, CUDA library workspaces such as cuBLAS's): outside the prediction, shown so that the step's
+            # own peak (measured peak minus it) can be compared with the prediction too
+            "non_model_before_bytes": _non_model_before(ws[worst]["measured"]),
             "saved_plus_state_bytes": ws[worst]["measured"]["total_bytes"],
             "step_ms": max(steps) * 1e3, "step_mean_ms": statistics.fmean(steps) * 1e3,
             "step_ratio_to_ddp": max(steps) / ddp["measured"]["step_s"]["median"],
@@ -172,8 +184,12 @@ def markdown(rows: list[dict], cuda: bool) -> str:
         pred = f"{r['predicted_bytes'] / 2**20:.1f}" if r["predicted_bytes"] else "n/a"
         step = f"{r['step_ms']:.1f}; {r['step_mean_ms']:.1f}" if r["step_ms"] is not None else "not measured"
         ratio = f"{r['step_ratio_to_ddp']:.2f}" if r["step_ratio_to_ddp"] is not None else "n/a"
-        peak = (f"{r['predicted_peak_bytes'] / 2**20:.1f} ({r['measured_over_predicted_peak']:.3f})"
+        peak = (f"{r['predicted_peak_bytes'] / 2**20:.1f} ({r['measured_over_predicted_peak']:.3f}"
                 if r.get("predicted_peak_bytes") else "n/a")
+        if r.get("predicted_peak_bytes"):
+            other = r.get("non_model_before_bytes")
+            peak += (f"; without the {other / 2**20:.1f} MiB held before the step besides the model: "
+                     f"{(r['peak_bytes'] - other) / r['predicted_peak_bytes']:.3f})" if other is not None else ")")
         lines.append(f"| {r['name']} | {r['basis']} | {r['peak_bytes'] / 2**20:.1f}{best} | {r['peak_ratio_to_ddp']:.3f} "
                      f"| {pred} | {peak} | {step} | {ratio} | {r['collective_bytes'] / 2**20:.1f}; {r['ring_bytes'] / 2**20:.1f} |")
     return "\n".join(lines)
