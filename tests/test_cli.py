@@ -94,6 +94,8 @@ def test_language_model_on_tiny_shakespeare(tmp_path):
     (["--coverage", "1.5"], "--coverage 1.5 is outside (0, 1]"),
     (["--simulate", "4", "--coverage", "0.3"], "--coverage 0.3 with 4 workers"),
     (["--strategy", "zero3"], "--strategy 'zero3' is not allowed"),
+    (["--transitions", "skip"], "--transitions 'skip' is not allowed; choose one of: keep, shortcut"),
+    (["--balance", "flops"], "--balance 'flops' is not allowed; choose one of: memory, params"),
     (["--model", "gpt9"], "--model 'gpt9' is unknown"),
     (["--batch-size", "0"], "--batch-size 0"),
     (["--epochs", "x"], "argument --epochs: invalid float value: 'x'"),

@@ -225,3 +225,5 @@ def test_memory_balance_keeps_uniform_representation_and_a_worst_worker_near_the
     assert max(totals) <= max(params_totals)
     text = p.summary()
     assert "balanced on memory" in text and "worst/mean" in text and "spread" in text
+    again = sd.Plan.from_json(p.to_json())  # the balanced costs travel with the plan (plan.json of a run)
+    assert again == p and again.balance_stats() == p.balance_stats()
