@@ -181,3 +181,17 @@ def test_language_model_on_a_memory_mapped_token_file(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final"]["val_loss"] > 0
     llama_tiny(vocab_size=tok.vocab_size, max_seq_len=32).load_state_dict(load_file(out / "model.safetensors"))
+
+
+def test_shortcut_transitions_and_memory_balance_in_the_main_job(tmp_path):
+    """Every block a unit, plan balanced on predicted memory (the default), evaluated with residual scaling."""
+    from subnetdp.plan import Plan
+
+    out = train(tmp_path, "sc", "--simulate", "4", "--coverage", "0.5", "--transitions", "shortcut", "--steps", "2")
+    p = Plan.from_json((out / "plan.json").read_text())
+    assert p.balance == "memory" and p.transitions == "shortcut" and len(p.units) == 8
+    assert {len(p.holders(u)) for u in p.units} == {2}
+    assert "balanced on memory" in (out / "plan.txt").read_text()
+    assert 0 <= json.loads((out / "summary.json").read_text())["final"]["test_acc"] <= 1
+    params = train(tmp_path, "params", "--simulate", "4", "--coverage", "0.5", "--balance", "params", "--steps", "1")
+    assert Plan.from_json((params / "plan.json").read_text()).balance == "params"
