@@ -96,11 +96,12 @@ def predicted_peak(p: Plan, profile: ActivationProfile, optimizer: str, batch_si
 def plan_for_budget(workload: Workload, workers: int, budget: str | int, *, optimizer: str = "adamw",
                     batch_size: int, levels: tuple[str, ...] = LEVELS, seed: int = 0,
                     profile: ActivationProfile | None = None, profile_batch: int = 2,
-                    device: torch.device | str = "cpu") -> BudgetChoice:
+                    device: torch.device | str = "cpu", transitions: str = "keep") -> BudgetChoice:
     """Pick the largest coverage ``j/K`` (and level) whose predicted per-worker peak fits ``budget``.
 
     ``budget`` is bytes or a string such as ``"6GiB"``. The full model's activations are profiled
     once on ``profile_batch`` samples on ``device`` (or give ``profile``) and scaled to ``batch_size``.
+    ``transitions`` is passed to the block-level plans.
     Raises ``ValueError`` naming the smallest achievable peak when no plan fits.
     """
     limit = parse_bytes(budget)
@@ -116,7 +117,7 @@ def plan_for_budget(workload: Workload, workers: int, budget: str | int, *, opti
         for level in levels:
             try:  # balanced on memory, as the main job plans by default
                 p = memory_plan(workload.factory, workers, c, level, seed, profile=profile, optimizer=optimizer,
-                                batch_size=batch_size)
+                                batch_size=batch_size, transitions=transitions)
             except ValueError:  # e.g. a model without inner widths at neuron level
                 continue
             peak, worker = predicted_peak(p, profile, optimizer, batch_size)
@@ -227,7 +228,8 @@ def run_budget(args: argparse.Namespace) -> int:
     try:
         w = workload_for(args)
         choice = plan_for_budget(w, args.workers, args.budget, optimizer=args.optimizer,
-                                 batch_size=args.batch_size, seed=args.seed)
+                                 batch_size=args.batch_size, seed=args.seed,
+                                 transitions=getattr(args, "transitions", "keep"))
     except ValueError as e:
         print(f"subnetdp plan: error: {e}", file=sys.stderr)
         return 2
