@@ -30,7 +30,20 @@ Predicted, for a worker of a :class:`~subnetdp.plan.Plan`:
     inverted-scaling hook installed at factor 1 (used where ``f_g < 1``), so that whatever that hook
     saves is counted (it scales the consumer's output, which saves nothing extra today);
   - activations scale linearly with the batch (a profile taken at batch ``b0`` is multiplied by
-    ``b / b0``; the per-channel statistics that batch norm saves do not scale, a negligible error).
+    ``b / b0``; the per-channel statistics that batch norm saves do not scale, a negligible error);
+  - a transition block reduced to its shortcut (``transitions="shortcut"``) saves its shortcut's
+    bytes (always counted) plus its post-add ReLU's output;
+  - with block checkpointing (``activation_checkpointing=True``: every block the worker runs is wrapped
+    in non-reentrant ``torch.utils.checkpoint``), what runs outside the blocks plus each running block's
+    input (unless an uncheckpointed module saved that tensor already) plus what reduced transitions save;
+
+* the peak = model state + activations + the transient of the backward (two logits-sized loss buffers or
+  one gradient the size of the largest saved tensor, whichever is larger; with checkpointing, one
+  block's recompute), or the optimizer step's peak if larger (Adam(W)'s foreach step forms one
+  parameter-sized temporary). On a GPU the allocator also holds memory outside the step (CUDA library
+  workspaces), which is not predicted.
+
+:func:`memory_plan` balances plans on these predictions (``balance="memory"``).
 """
 
 from __future__ import annotations
