@@ -16,7 +16,11 @@ a LLaMA preset with AdamW) and K = 8 workers:
   over a step (reset before it), the saved-for-backward bytes and model state (``subnetdp.memory``),
   and the step time (forward + backward + optimizer step, timed on separate steps without the
   saved-tensor hooks; compute only: one GPU has no communication);
-  the plan's first-principles prediction stands next to it;
+  the plan's first-principles prediction stands next to it, with the predicted peak (saved bytes,
+  model state and the transient: ``predict_worker``'s ``peak_bytes``) against the measured allocator
+  peak; plans are made as ``subnetdp train`` makes them (memory balance, its default transitions), and
+  block level once more with the old default (transitions kept, parameter balance) unless
+  ``--no-old-default``;
 * DDP: the full model's step (**measured**; DDP's gradient buckets, one more gradient-sized buffer,
   are not allocated here and are listed as derived);
 * DDP + checkpointing: the full model with every block checkpointed (``subnetdp.checkpoint_blocks``,
@@ -92,6 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--vocab-size", type=int, default=32000)
     p.add_argument("--repeats", type=int, default=4, help="steps per worker (the first allocates optimizer state)")
+    p.add_argument("--old-default", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure block level with the old plan defaults (transitions kept, parameter balance)")
     p.add_argument("--skip-llama", action="store_true")
     p.add_argument("--budget-minutes", type=float, default=4.5,
                    help="memory phase: stop starting new workloads after this long (results so far are written)")
@@ -122,6 +128,14 @@ def _ms(values: list[float]) -> float:
     return statistics.median(values) * 1e3
 
 
+def _non_model_before(m: dict) -> float | None:
+    before = m.get("allocated_before_bytes")
+    if before is None:
+        return None
+    before = before["median"] if isinstance(before, dict) else before
+    return before - m["param_bytes"] - m["optimizer_bytes"]
+
+
 def summarise(part: dict, workers: int) -> list[dict]:
     """One row per strategy: worst-worker peak (allocated or, on CPU, state + saved), step time."""
     rows = []
@@ -149,10 +163,19 @@ def summarise(part: dict, workers: int) -> list[dict]:
         steps = [w["measured"]["step_s"]["median"] for w in ws]
         worst = max(range(len(ws)), key=peaks.__getitem__)
         pred = ws[worst]["predicted"].get("total_bytes")
+        pred_peak = ws[worst]["predicted"].get("peak_bytes")
         rows.append({
             "name": r["name"], "basis": "measured", "peak_bytes": peaks[worst], "peak_min_bytes": min(peaks),
             "peak_ratio_to_ddp": peaks[worst] / ddp_peak, "peak_ratio_to_ddp_ckpt": peaks[worst] / ckpt_peak,
             "predicted_bytes": pred,
+            "predicted_peak_bytes": pred_peak,
+            # the planner's claim: its predicted peak against the measured one (allocator peak on a GPU)
+            "measured_over_predicted_peak": peaks[worst] / pred_peak if pred_peak else None,
+            "worst_over_predicted_worst": peaks[worst] / max(w["predicted"]["peak_bytes"] for w in ws) if pred_peak else None,
+            # what the process held before the step besides the model's parameters and optimizer state (the
+            # batch, CUDA library workspaces such as cuBLAS's): outside the prediction, shown so that the step's
+            # own peak (measured peak minus it) can be compared with the prediction too
+            "non_model_before_bytes": _non_model_before(ws[worst]["measured"]),
             "saved_plus_state_bytes": ws[worst]["measured"]["total_bytes"],
             "step_ms": max(steps) * 1e3, "step_mean_ms": statistics.fmean(steps) * 1e3,
             "step_ratio_to_ddp": max(steps) / ddp["measured"]["step_s"]["median"],
@@ -166,7 +189,8 @@ def summarise(part: dict, workers: int) -> list[dict]:
 def markdown(rows: list[dict], cuda: bool) -> str:
     peak_name = "peak allocated MiB" if cuda else "state + saved MiB"
     head = (f"| configuration | basis | {peak_name} (worst worker) [best] | ratio to DDP | ratio to DDP+ckpt "
-            "| predicted state+activations MiB | step ms (slowest worker; mean) | step / DDP | step / DDP+ckpt "
+            "| predicted state+activations MiB | predicted peak MiB (measured / predicted) "
+            "| step ms (slowest worker; mean) | step / DDP | step / DDP+ckpt "
             "| all-reduce MiB/step; ring MiB (largest worker) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -175,8 +199,14 @@ def markdown(rows: list[dict], cuda: bool) -> str:
         step = f"{r['step_ms']:.1f}; {r['step_mean_ms']:.1f}" if r["step_ms"] is not None else "not measured"
         ratio = f"{r['step_ratio_to_ddp']:.2f}" if r["step_ratio_to_ddp"] is not None else "n/a"
         ratio_ckpt = f"{r['step_ratio_to_ddp_ckpt']:.2f}" if r["step_ratio_to_ddp_ckpt"] is not None else "n/a"
+        peak = (f"{r['predicted_peak_bytes'] / 2**20:.1f} ({r['measured_over_predicted_peak']:.3f}"
+                if r.get("predicted_peak_bytes") else "n/a")
+        if r.get("predicted_peak_bytes"):
+            other = r.get("non_model_before_bytes")
+            peak += (f"; without the {other / 2**20:.1f} MiB held before the step besides the model: "
+                     f"{(r['peak_bytes'] - other) / r['predicted_peak_bytes']:.3f})" if other is not None else ")")
         lines.append(f"| {r['name']} | {r['basis']} | {r['peak_bytes'] / 2**20:.1f}{best} | {r['peak_ratio_to_ddp']:.3f} "
-                     f"| {r['peak_ratio_to_ddp_ckpt']:.3f} | {pred} | {step} | {ratio} | {ratio_ckpt} "
+                     f"| {r['peak_ratio_to_ddp_ckpt']:.3f} | {pred} | {peak} | {step} | {ratio} | {ratio_ckpt} "
                      f"| {r['collective_bytes'] / 2**20:.1f}; {r['ring_bytes'] / 2**20:.1f} |")
     return "\n".join(lines)
 
@@ -373,7 +403,8 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         t0 = time.perf_counter()
         part = memory_part(spec, args.workers, coverages, levels, args.repeats, device,
-                           log=lambda s: print(s, flush=True), checkpointing=ckpt_modes)
+                           log=lambda s: print(s, flush=True), checkpointing=ckpt_modes,
+                           old_default=args.old_default)
         rows = summarise(part, args.workers)
         part["summary"], part["wall_s"] = rows, time.perf_counter() - t0
         result["workloads"].append(part)

@@ -26,8 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_memory_part_measures_every_strategy_and_worker():
     part = memory_part(TINY, 2, [0.5], ["block", "neuron"], 1, torch.device("cpu"), log=lambda s: None)
     rows = {r["name"]: r for r in part["rows"]}
+    old = "SDP block C=0.5 (old default: keep, params)"
     assert list(rows) == ["DDP", "DDP+ckpt", "FSDP2 (K=2)", "FSDP2+ckpt (K=2)", "SDP block C=0.5", "SDP neuron C=0.5",
-                          "SDP+ckpt block C=0.5", "SDP+ckpt neuron C=0.5"]
+                          old, "SDP+ckpt block C=0.5", "SDP+ckpt neuron C=0.5"]
+    assert "balance=memory" in rows["SDP block C=0.5"]["basis"] and "balance=params" in rows[old]["basis"]
     n = sum(p.numel() for p in sd.materialize(_factory()).parameters())
     ddp = rows["DDP"]["workers"][0]["measured"]
     assert ddp["param_bytes"] == ddp["grad_bytes"] == ddp["optimizer_bytes"] == 4 * n
@@ -37,7 +39,7 @@ def test_memory_part_measures_every_strategy_and_worker():
     assert ckpt["param_bytes"] == 4 * n and ckpt["activation_bytes"] < ddp["activation_bytes"]
     fsdp = rows["FSDP2 (K=2)"]["workers"][0]["measured"]
     assert fsdp["param_bytes"] == 4 * n / 2 and fsdp["activation_bytes"] == ddp["activation_bytes"]
-    for name in ("SDP block C=0.5", "SDP neuron C=0.5"):
+    for name in ("SDP block C=0.5", "SDP neuron C=0.5", old):
         workers = rows[name]["workers"]
         assert [w["worker"] for w in workers] == [0, 1]
         for w in workers:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from subnetdp.budget import add_budget_arguments, measure_choice, parse_bytes, plan_for_budget, predicted_peak, run_budget
-from subnetdp.memory import image_workload, profile_activations
+from subnetdp.memory import image_workload, memory_plan, profile_activations
 from subnetdp.plan import plan
 
 W = image_workload(width=4)
@@ -33,7 +33,8 @@ def test_parse_bytes_rejects_nonsense(text):
 
 
 def peaks(profile):
-    return {(c, lv): predicted_peak(plan(W.factory, K, c, lv), profile, OPT, BATCH)[0]
+    return {(c, lv): predicted_peak(memory_plan(W.factory, K, c, lv, profile=profile, optimizer=OPT, batch_size=BATCH),
+                                    profile, OPT, BATCH)[0]
             for c in (1.0, 0.75, 0.5, 0.25) for lv in ("block", "neuron")}
 
 
@@ -82,3 +83,43 @@ def test_command_line(capsys):
     assert "coverage C=1" in capsys.readouterr().out
     assert run_budget(p.parse_args(["--budget", "1KiB", "--batch-size", "4"])) == 2
     assert "smallest predicted peak" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_plan_json_parses_and_equals_the_library_prediction(capsys, checkpointing):
+    import json
+
+    from subnetdp.budget import plan_prediction, profile_workload
+    from subnetdp.cli import main
+    from subnetdp.memory import memory_plan, predict_worker
+
+    flags = ["plan", "--model", "resnet18", "--width", "4", "--workers", "4", "--coverage", "0.5", "--level", "block",
+             "--batch-size", "16", "--optimizer", "sgd-momentum", "--transitions", "shortcut", "--json"]
+    assert main(flags + (["--activation-checkpointing"] if checkpointing else [])) == 0
+    out = json.loads(capsys.readouterr().out)  # one JSON object, nothing else on stdout
+    assert {"workers", "coverage", "level", "optimizer", "batch_size", "activation_checkpointing", "peak_bytes",
+            "ddp_peak_bytes", "state_bytes", "activation_bytes"} <= set(out)
+    assert (out["workers"], out["coverage"], out["level"], out["batch_size"]) == (4, 0.5, "block", 16)
+    assert out["activation_checkpointing"] is checkpointing and out["balance"] == "memory"
+    profile = profile_workload(W)  # the CLI's workload: resnet18 width 4, 10 classes, profiled on 2 samples
+    p = memory_plan(W.factory, 4, 0.5, "block", profile=profile, optimizer="sgd-momentum", batch_size=16,
+                    transitions="shortcut", activation_checkpointing=checkpointing)
+    assert out["plan_digest"] == p.digest()
+    for k in range(4):
+        pred = predict_worker(p, k, "sgd-momentum", profile, 16, activation_checkpointing=checkpointing)
+        assert out["peak_bytes"][k] == pred["peak_bytes"]
+        assert out["state_bytes"][k] == pred["state_bytes"] and out["activation_bytes"][k] == pred["activation_bytes"]
+    ddp = predict_worker(plan(W.factory, 4, 1.0, "block"), 0, "sgd-momentum", profile, 16,
+                         activation_checkpointing=checkpointing)
+    assert out["ddp_peak_bytes"] == ddp["peak_bytes"] > max(out["peak_bytes"])
+    assert plan_prediction(W, 4, 0.5, optimizer="sgd-momentum", batch_size=16, transitions="shortcut",
+                           activation_checkpointing=checkpointing)[1] == {**out, "model": W.name}
+
+
+def test_plan_command_rejects_bad_values_in_one_line(capsys):
+    from subnetdp.cli import main
+
+    assert main(["plan", "--width", "4", "--workers", "4", "--coverage", "0.3", "--json"]) == 2
+    assert "coverage=0.3" in capsys.readouterr().err
+    assert main(["plan", "--width", "4", "--batch-size", "0", "--json"]) == 2
+    assert "--batch-size 0" in capsys.readouterr().err

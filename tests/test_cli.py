@@ -113,6 +113,8 @@ def test_language_model_on_tiny_shakespeare(tmp_path):
     (["--coverage", "1.5"], "--coverage 1.5 is outside (0, 1]"),
     (["--simulate", "4", "--coverage", "0.3"], "--coverage 0.3 with 4 workers"),
     (["--strategy", "zero3"], "--strategy 'zero3' is not allowed"),
+    (["--transitions", "skip"], "--transitions 'skip' is not allowed; choose one of: keep, shortcut"),
+    (["--balance", "flops"], "--balance 'flops' is not allowed; choose one of: memory, params"),
     (["--model", "gpt9"], "--model 'gpt9' is unknown"),
     (["--batch-size", "0"], "--batch-size 0"),
     (["--epochs", "x"], "argument --epochs: invalid float value: 'x'"),
@@ -340,3 +342,15 @@ def test_flop_matched_step_arithmetic():
     assert total_steps(TrainConfig(coverage=0.5, epochs=2.0, flop_matched=True), 97) == 388
     assert total_steps(TrainConfig(coverage=0.25, epochs=1.0), 97) == 97  # not FLOP-matched
     assert total_steps(TrainConfig(strategy="ddp", coverage=0.5, steps=30, flop_matched=True), 97) == 30  # DDP: C=1
+def test_shortcut_transitions_and_memory_balance_in_the_main_job(tmp_path):
+    """Every block a unit, plan balanced on predicted memory (the default), evaluated with residual scaling."""
+    from subnetdp.plan import Plan
+
+    out = train(tmp_path, "sc", "--simulate", "4", "--coverage", "0.5", "--transitions", "shortcut", "--steps", "2")
+    p = Plan.from_json((out / "plan.json").read_text())
+    assert p.balance == "memory" and p.transitions == "shortcut" and len(p.units) == 8
+    assert {len(p.holders(u)) for u in p.units} == {2}
+    assert "balanced on memory" in (out / "plan.txt").read_text()
+    assert 0 <= json.loads((out / "summary.json").read_text())["final"]["test_acc"] <= 1
+    params = train(tmp_path, "params", "--simulate", "4", "--coverage", "0.5", "--balance", "params", "--steps", "1")
+    assert Plan.from_json((params / "plan.json").read_text()).balance == "params"

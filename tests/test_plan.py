@@ -143,3 +143,39 @@ def test_user_named_blocks_and_width_pairs():
     pairs = sd.plan(lambda: nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2)), 2, 0.5, "neuron",
                     width_pairs=[("0", "2")])
     assert pairs.groups[0].size == 8 and pairs.param_count(0) == 8 // 2 * (3 + 1) + 2 * 4 + 2
+
+
+@pytest.mark.parametrize("level", ["block", "neuron"])
+def test_many_workers_plan_quickly_and_stay_uniform(level):
+    """K=256 exercises the sampled arrangement (K > 8); planning time itself is benchmarked, not tested."""
+    f = functools.partial(resnet18, width=8)
+    p = sd.plan(f, 256, 0.5, level, transitions="shortcut" if level == "block" else "keep")
+    assert {len(p.holders(u)) for u in p.units} == {128}
+    kept = p.param_count(0) - sum(u.numel for u in p.units_of(0))
+    for k in (0, 77, 255):  # the fast paths (slot lists, cyclic prefix sums) agree with holds()
+        held = tuple(u for u in p.units if p.holds(k, u))
+        assert p.units_of(k) == held
+        assert p.param_count(k) == kept + sum(u.numel for u in held)
+        assert p.held_per_group(k) == {g.name: sum(1 for u in held if u.group == g.name) for g in p.groups}
+    assert sum(len(p.units_of(k)) for k in range(256)) == 128 * len(p.units)
+
+
+def test_arrangement_minimises_the_window_spread_for_small_k():
+    """For K <= 8 every arrangement is scored: a shuffled bin order never beats the chosen one."""
+    import itertools
+    import random
+
+    from subnetdp.plan import _arrange
+
+    loads = [9.0, 1.0, 7.0, 3.0, 5.0, 2.0, 8.0, 4.0]
+
+    def spread(slot_of_bin):
+        at = [0.0] * 8
+        for b, s in enumerate(slot_of_bin):
+            at[s] = loads[b]
+        sums = [sum(at[(k + j) % 8] for j in range(4)) for k in range(8)]
+        return max(sums) - min(sums)
+
+    chosen = spread(_arrange(loads, 8, 4, random.Random(0)))
+    best = min(spread([p.index(b) for b in range(8)]) for p in itertools.permutations(range(8)))
+    assert chosen == best

@@ -226,3 +226,30 @@ def test_clipping_uses_the_full_models_averaged_gradient_norm():
     assert norm == pytest.approx(float(expected), rel=1e-5)
     for g, p in zip(before, sim.workers[0].parameters()):  # scaled by max_norm / norm on every worker
         torch.testing.assert_close(p.grad, g * 0.5, rtol=1e-4, atol=1e-7)
+
+
+def test_residual_scaling_of_a_shortcut_plan_keeps_the_shortcut_path_unscaled():
+    """Transition block held by r of K: relu(shortcut(x)) + (r/K) * (block(x) - relu(shortcut(x)))."""
+    f = FACTORIES["resnet"]
+    p = sd.plan(f, 4, 0.5, "block", transitions="shortcut")
+    transitions = [b.name for b in p.blocks if b.transition]
+    assert transitions and all(any(u.name == t for u in p.units) for t in transitions)
+    model = sd.materialize(f).eval()
+    x = torch.randn(4, 3, 32, 32)
+    plain = model(x)
+    block = model.get_submodule(transitions[0])
+    h = torch.randn(4, block.conv1.in_channels, 16, 16)
+    with torch.no_grad():
+        skip = torch.relu(block.downsample(h))
+        expected = skip + 0.5 * (block(h) - skip)
+    handles = sd.scale_residual_branches(model, p)
+    with torch.no_grad():
+        torch.testing.assert_close(block(h), expected)
+        assert torch.isfinite(model(x)).all() and not torch.allclose(model(x), plain)
+    for handle in handles:
+        handle.remove()
+    torch.testing.assert_close(model(x), plain)
+    handles = sd.scale_residual_branches(model, sd.plan(f, 4, 1.0, "block", transitions="shortcut"))
+    torch.testing.assert_close(model(x), plain)  # every block on every worker: nothing changes
+    for handle in handles:
+        handle.remove()

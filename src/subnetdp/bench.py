@@ -59,9 +59,11 @@ from torch import nn
 
 from subnetdp.buckets import build_buckets
 from subnetdp.checkpointing import checkpoint_blocks
+from subnetdp.config import TrainConfig
 from subnetdp.init import build_meta, materialize
 from subnetdp.memory import (
     ActivationProfile,
+    memory_plan,
     Workload,
     image_workload,
     make_optimizer,
@@ -98,6 +100,23 @@ def workload_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
     return specs
 
 
+DEFAULT_TRANSITIONS = TrainConfig.transitions  # the main job's default, measured as "SDP"
+
+
+def sdp_plan(w: Workload, workers: int, coverage: float, level: str, seed: int, profile: ActivationProfile | None,
+             optimizer: str, batch_size: int, transitions: str, balance: str,
+             activation_checkpointing: bool = False) -> Plan:
+    """The plan the main job would make (both parts of the benchmark measure the same plans)."""
+    if balance == "memory":
+        if profile is None:
+            profile = profile_activations(w.factory, w.make_batch(batch_size, torch.device("cpu"), seed), w.loss_fn,
+                                          batch_size, seed=seed)
+        return memory_plan(w.factory, workers, coverage, level, seed, profile=profile, optimizer=optimizer,
+                           batch_size=batch_size, transitions=transitions,
+                           activation_checkpointing=activation_checkpointing)
+    return plan(w.factory, workers, coverage, level, seed, transitions=transitions)
+
+
 # ---- part 1: memory per worker, in this process ------------------------------------------------------
 def _measure(model: nn.Module, optimizer_name: str, batch: Any, w: Workload, repeats: int,
              device: torch.device) -> dict[str, Any]:
@@ -126,9 +145,13 @@ def _ratios(measured: dict[str, Any], predicted: dict[str, int]) -> dict[str, fl
 
 def memory_part(spec: dict[str, Any], workers: int, coverages: Sequence[float], levels: Sequence[str],
                 repeats: int, device: torch.device, seed: int = 0, log=print,
-                checkpointing: Sequence[str] = ("none", "blocks")) -> dict[str, Any]:
+                checkpointing: Sequence[str] = ("none", "blocks"), *,
+                transitions: str = DEFAULT_TRANSITIONS, balance: str = "memory", old_default: bool = True
+                ) -> dict[str, Any]:
     """Memory per worker of every strategy for one workload (see the module docstring).
 
+    SDP plans are made as the main job makes them (``balance``, ``transitions``); with ``old_default``
+    block level is measured once more with the former defaults (transitions kept, parameter balance).
     ``checkpointing`` says which SDP variants to measure: without (``"none"``) and with activation
     checkpointing of every block a worker has (``"blocks"``, rows ``SDP+ckpt ...``).
     """
@@ -162,8 +185,10 @@ def memory_part(spec: dict[str, Any], workers: int, coverages: Sequence[float], 
     ckpt = checkpoint_blocks(materialize(w.factory, seed, device))
     m_ckpt = _measure(ckpt, opt_name, batch, w, repeats, device)
     largest = max(profile.block_bytes.values(), default=0)
-    add("DDP+ckpt", "ddp-ckpt", None, 1.0, [{"worker": 0, "measured": m_ckpt, "predicted": {},
-                                             "ratio": {}, "derived": {**ddp_extra, "recompute_peak_bytes": largest},
+    p_ckpt = predict_worker(full_plan, 0, opt_name, profile, batch_size, activation_checkpointing=True)
+    add("DDP+ckpt", "ddp-ckpt", None, 1.0, [{"worker": 0, "measured": m_ckpt, "predicted": p_ckpt,
+                                             "ratio": _ratios(m_ckpt, p_ckpt),
+                                             "derived": {**ddp_extra, "recompute_peak_bytes": largest},
                                              "comm": ddp_comm}],
         "measured (full model, every block checkpointed); recompute of one block derived", ckpt=True)
     del ckpt
@@ -184,24 +209,28 @@ def memory_part(spec: dict[str, Any], workers: int, coverages: Sequence[float], 
             f"derived: full-model state / K + {'DDP+ckpt' if ckpt_on else 'full-model'} activations (measured) "
             "+ the largest block unsharded", ckpt=ckpt_on)
 
+    variants = [(level, transitions, balance, "") for level in levels]
+    if old_default and "block" in levels and (transitions, balance) != ("keep", "params"):
+        variants.append(("block", "keep", "params", " (old default: keep, params)"))
     for ckpt_mode in checkpointing:
-        for level in levels:
+        ckpt = ckpt_mode == "blocks"
+        for level, trans, bal, label in variants:
+            if ckpt and label:  # the old default is shown without checkpointing only
+                continue
             for c in coverages:
-                p = plan(w.factory, workers, c, level, seed)
+                p = sdp_plan(w, workers, c, level, seed, profile, opt_name, batch_size, trans, bal, ckpt)
                 per_worker = []
                 for k in range(workers):
                     sub = build_subnetwork(w.factory, p, k, seed=seed, device=device, checkpointing=ckpt_mode)
                     m = _measure(sub, opt_name, batch, w, repeats, device)
-                    # the prediction does not model checkpointing yet: none for those rows
-                    pr = predict_worker(p, k, opt_name, profile, batch_size) if ckpt_mode == "none" else {}
+                    pr = predict_worker(p, k, opt_name, profile, batch_size, activation_checkpointing=ckpt)
                     per_worker.append({"worker": k, "measured": m, "predicted": pr, "ratio": _ratios(m, pr),
                                        "param_fraction": p.param_count(k) / p.total_params,
                                        "comm": bucket_traffic(sub, p, k)})
                     del sub
-                add(f"{sdp_name(ckpt_mode == 'blocks')} {level} C={c:g}", "sdp", level, c, per_worker,
-                    "measured (each worker's subnetwork step)" + (", every block it has checkpointed"
-                                                                  if ckpt_mode == "blocks" else ""),
-                    ckpt=ckpt_mode == "blocks")
+                add(f"{sdp_name(ckpt)} {level} C={c:g}{label}", "sdp", level, c, per_worker,
+                    "measured (each worker's subnetwork step" + (", every block it has checkpointed" if ckpt else "")
+                    + f"); plan: balance={bal}" + (f", transitions={trans}" if level == "block" else ""), ckpt=ckpt)
     return {"workload": w.name, "spec": spec, "profile": _profile_json(profile), "rows": rows}
 
 
@@ -299,10 +328,15 @@ def _dist_time(spec_path: str) -> None:
         fsdp_model = fully_shard(base)
         configs.append(_Config(f"FSDP2{suffix} (K={world})", "fsdp", fsdp_model,
                                make_optimizer(opt_name, fsdp_model.parameters()), checkpointing=ckpt))
+    profile = None
+    if spec.get("balance", "params") == "memory":  # the memory part's profile: same batch, same plans
+        profile = profile_activations(w.factory, w.make_batch(batch_size, torch.device("cpu"), seed), w.loss_fn,
+                                      batch_size, seed=seed)
     for ckpt_mode in spec["checkpointing"]:
         for level in spec["levels"]:
             for c in spec["coverages"]:
-                p = plan(w.factory, world, c, level, seed)
+                p = sdp_plan(w, world, c, level, seed, profile, opt_name, batch_size, spec.get("transitions", "keep"),
+                             spec.get("balance", "params"), ckpt_mode == "blocks")
                 sdp = SubnetDataParallel(w.factory, p, seed=seed, checkpointing=ckpt_mode)
                 configs.append(_Config(f"{sdp_name(ckpt_mode == 'blocks')} {level} C={c:g}", "sdp", sdp,
                                        make_optimizer(opt_name, sdp.parameters()), level, c, ckpt_mode == "blocks"))
@@ -407,15 +441,17 @@ def _summarise_time(gathered: list[list[dict]], batch: int, world: int) -> list[
 
 def time_part(spec: dict[str, Any], ranks: int, coverages: Sequence[float], levels: Sequence[str], steps: int,
               warmup: int, rounds: int, seed: int = 0, timeout: float = 900,
-              checkpointing: Sequence[str] = ("none", "blocks")) -> dict[str, Any]:
-    """Run :func:`_dist_time` under ``torchrun --nproc-per-node ranks`` and return its JSON."""
+              checkpointing: Sequence[str] = ("none", "blocks"), *,
+              transitions: str = DEFAULT_TRANSITIONS, balance: str = "memory") -> dict[str, Any]:
+    """Run :func:`_dist_time` under ``torchrun --nproc-per-node ranks`` and return its JSON (SDP plans as
+    :func:`sdp_plan` makes them)."""
     valid = [c for c in coverages if abs(c * ranks - round(c * ranks)) < 1e-9 and c < 1]
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, out = Path(tmp) / "spec.json", Path(tmp) / "time.json"
         spec_path.write_text(json.dumps({"workload": spec, "levels": list(levels), "coverages": valid,
                                          "checkpointing": list(checkpointing),
                                          "steps": steps, "warmup": warmup, "rounds": rounds, "seed": seed,
-                                         "out": str(out)}))
+                                         "transitions": transitions, "balance": balance, "out": str(out)}))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
                "-m", "subnetdp.bench", "--dist-time", str(spec_path)]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -580,6 +616,11 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sdp-checkpointing", default="both", choices=("none", "blocks", "both"),
                    help="SDP rows without activation checkpointing, with it (SDP+ckpt), or both")
     p.add_argument("--repeats", type=int, default=3, help="measured steps per worker in the memory part")
+    p.add_argument("--transitions", choices=("keep", "shortcut"), default=DEFAULT_TRANSITIONS,
+                   help="SDP block plans of the memory part (the old default, keep with params balance, is "
+                        "measured as an extra row)")
+    p.add_argument("--balance", choices=("memory", "params"), default="memory",
+                   help="what SDP plans of the memory part balance (as subnetdp train --balance)")
     p.add_argument("--time-ranks", type=int, default=4, help="torchrun processes for the timing part (0: skip it)")
     p.add_argument("--time-steps", type=int, default=5, help="timed steps per configuration per round")
     p.add_argument("--time-warmup", type=int, default=2, help="untimed steps before the timed ones")
@@ -624,12 +665,14 @@ def run_bench(args: argparse.Namespace, log=print) -> dict[str, Any]:
     md = [f"Machine: {result['meta']['machine']}, torch {torch.__version__}, {torch.get_num_threads()} threads "
           f"in the memory part."]
     for spec in workload_specs(args):
-        part = memory_part(spec, args.workers, coverages, levels, args.repeats, device, args.seed, log, ckpt_modes)
+        part = memory_part(spec, args.workers, coverages, levels, args.repeats, device, args.seed, log, ckpt_modes,
+                           transitions=args.transitions, balance=args.balance)
         timing = None
         if args.time_ranks:
             log(f"  timing under torchrun, {args.time_ranks} ranks ...")
             timing = time_part(spec, args.time_ranks, coverages, levels, args.time_steps, args.time_warmup,
-                               args.rounds, args.seed, args.time_limit, ckpt_modes)
+                               args.rounds, args.seed, args.time_limit, ckpt_modes,
+                               transitions=args.transitions, balance=args.balance)
         stem = spec["model"] + (f"_w{spec['width']}" if spec["kind"] == "image" else "")
         plots = plot(part, timing, out, stem)
         part["timing"], part["plots"] = timing, [p.name for p in plots]

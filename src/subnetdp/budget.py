@@ -1,9 +1,10 @@
 """A memory-budget planner: the largest coverage whose predicted per-worker peak fits a budget.
 
-For each valid coverage ``j/K`` (largest first) and each level, the predicted peak of a worker is its
-model state (parameters, gradients, optimizer state; from the plan) plus its predicted activations
-(from an :class:`~subnetdp.memory.ActivationProfile` of the full model, measured once on a small
-batch and scaled to the batch size), and a plan's peak is the largest over its workers. The planner
+For each valid coverage ``j/K`` (largest first) and each level, a plan balanced on memory (as the main
+job makes it) is predicted per worker: model state (parameters, gradients, optimizer state; from the
+plan) plus predicted activations (from an :class:`~subnetdp.memory.ActivationProfile` of the full
+model, measured once on a small batch and scaled to the batch size) plus the backward's transient
+(``predict_worker``'s ``peak_bytes``), and a plan's peak is the largest over its workers. The planner
 returns the largest coverage at which some level fits; when both levels fit at that coverage it takes
 block level, which the method's evidence favours (DESIGN.md section 1). Nothing fitting is an error
 that names the smallest peak any plan reaches.
@@ -28,6 +29,7 @@ from subnetdp.memory import (
     Workload,
     make_optimizer,
     measure_step,
+    memory_plan,
     predict_worker,
     profile_activations,
 )
@@ -85,8 +87,8 @@ class BudgetChoice:
 
 
 def predicted_peak(p: Plan, profile: ActivationProfile, optimizer: str, batch_size: int) -> tuple[int, int]:
-    """``(bytes, worker)``: the largest predicted model state + activations over ``p``'s workers."""
-    totals = [predict_worker(p, k, optimizer, profile, batch_size)["total_bytes"] for k in range(p.workers)]
+    """``(bytes, worker)``: the largest predicted peak (model state + activations + transient) over ``p``'s workers."""
+    totals = [predict_worker(p, k, optimizer, profile, batch_size)["peak_bytes"] for k in range(p.workers)]
     worker = max(range(p.workers), key=totals.__getitem__)
     return totals[worker], worker
 
@@ -94,11 +96,12 @@ def predicted_peak(p: Plan, profile: ActivationProfile, optimizer: str, batch_si
 def plan_for_budget(workload: Workload, workers: int, budget: str | int, *, optimizer: str = "adamw",
                     batch_size: int, levels: tuple[str, ...] = LEVELS, seed: int = 0,
                     profile: ActivationProfile | None = None, profile_batch: int = 2,
-                    device: torch.device | str = "cpu") -> BudgetChoice:
+                    device: torch.device | str = "cpu", transitions: str = "keep") -> BudgetChoice:
     """Pick the largest coverage ``j/K`` (and level) whose predicted per-worker peak fits ``budget``.
 
     ``budget`` is bytes or a string such as ``"6GiB"``. The full model's activations are profiled
     once on ``profile_batch`` samples on ``device`` (or give ``profile``) and scaled to ``batch_size``.
+    ``transitions`` is passed to the block-level plans.
     Raises ``ValueError`` naming the smallest achievable peak when no plan fits.
     """
     limit = parse_bytes(budget)
@@ -112,8 +115,9 @@ def plan_for_budget(workload: Workload, workers: int, budget: str | int, *, opti
     candidates = []
     for c in sorted(valid_coverages(workers), reverse=True):
         for level in levels:
-            try:
-                p = plan(workload.factory, workers, c, level, seed)
+            try:  # balanced on memory, as the main job plans by default
+                p = memory_plan(workload.factory, workers, c, level, seed, profile=profile, optimizer=optimizer,
+                                batch_size=batch_size, transitions=transitions)
             except ValueError:  # e.g. a model without inner widths at neuron level
                 continue
             peak, worker = predicted_peak(p, profile, optimizer, batch_size)
@@ -156,14 +160,55 @@ def measure_choice(choice: BudgetChoice, workload: Workload, *, seed: int = 0,
     return out
 
 
+def profile_workload(workload: Workload, *, seed: int = 0, profile_batch: int = 2,
+                     device: torch.device | str = "cpu") -> ActivationProfile:
+    """The full model's activation profile on ``profile_batch`` synthetic samples (scaled where used)."""
+    batch = workload.make_batch(profile_batch, torch.device(device), seed)
+    return profile_activations(workload.factory, batch, workload.loss_fn, profile_batch, seed=seed, device=device)
+
+
+def plan_prediction(workload: Workload, workers: int, coverage: float, level: str = "block", *, optimizer: str,
+                    batch_size: int, seed: int = 0, transitions: str = "keep", balance: str = "memory",
+                    activation_checkpointing: bool = False, profile: ActivationProfile | None = None
+                    ) -> tuple[Plan, dict[str, Any]]:
+    """A plan as the main job makes it, and its predicted bytes per worker beside DDP's (``plan --json``).
+
+    The DDP figure is the full model under the same optimizer, batch and checkpointing choice.
+    """
+    if profile is None:
+        profile = profile_workload(workload, seed=seed)
+    if balance == "memory":
+        p = memory_plan(workload.factory, workers, coverage, level, seed, profile=profile, optimizer=optimizer,
+                        batch_size=batch_size, transitions=transitions,
+                        activation_checkpointing=activation_checkpointing)
+    elif balance == "params":
+        p = plan(workload.factory, workers, coverage, level, seed, transitions=transitions)
+    else:
+        raise ValueError(f"balance={balance!r}: choose memory or params")
+    per = [predict_worker(p, k, optimizer, profile, batch_size, activation_checkpointing=activation_checkpointing)
+           for k in range(workers)]
+    ddp = predict_worker(plan(workload.factory, workers, 1.0, "block", seed), 0, optimizer, profile, batch_size,
+                         activation_checkpointing=activation_checkpointing)
+    return p, {
+        "model": workload.name, "workers": workers, "coverage": coverage, "level": level, "optimizer": optimizer,
+        "batch_size": batch_size, "activation_checkpointing": activation_checkpointing,
+        "transitions": transitions, "balance": balance, "seed": seed,
+        "peak_bytes": [w["peak_bytes"] for w in per], "ddp_peak_bytes": ddp["peak_bytes"],
+        "state_bytes": [w["state_bytes"] for w in per], "activation_bytes": [w["activation_bytes"] for w in per],
+        "transient_bytes": [w["transient_bytes"] for w in per],
+        "param_counts": p.param_counts(), "plan_digest": p.digest(),
+    }
+
+
 # ---- command line -----------------------------------------------------------------------------------
 def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags for ``subnetdp plan --budget 6GiB``: pick the coverage and level from a memory budget."""
     parser.add_argument("--budget", default=None,
                         help="memory per worker (e.g. 6GiB, 512MiB): choose the largest coverage and the level "
                              "whose predicted peak fits, instead of --coverage/--level")
-    parser.add_argument("--batch-size", type=int, default=128, help="samples per worker per step (the predicted activations and peak)")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sample for language models (the predicted activations and peak)")
+    parser.add_argument("--batch-size", type=int, default=128,
+                        help="samples per worker per step (the predictions and --balance memory scale to it)")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sample for language models")
     parser.add_argument("--measure", action="store_true",
                         help="with --budget: run one step of the chosen plan's worst worker here and report "
                              "measured / predicted")
@@ -183,7 +228,8 @@ def run_budget(args: argparse.Namespace) -> int:
     try:
         w = workload_for(args)
         choice = plan_for_budget(w, args.workers, args.budget, optimizer=args.optimizer,
-                                 batch_size=args.batch_size, seed=args.seed)
+                                 batch_size=args.batch_size, seed=args.seed,
+                                 transitions=getattr(args, "transitions", "keep"))
     except ValueError as e:
         print(f"subnetdp plan: error: {e}", file=sys.stderr)
         return 2

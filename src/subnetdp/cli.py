@@ -92,40 +92,58 @@ def _plan_factory(args: argparse.Namespace) -> typing.Callable[[], typing.Any]:
 
 
 def _plan_command(args: argparse.Namespace) -> int:
+    import json
+
+    from subnetdp.budget import plan_prediction, workload_for
     from subnetdp.metrics import format_bytes
     from subnetdp.plan import plan
 
+    if args.batch_size < 1:
+        print(f"subnetdp plan: error: --batch-size {args.batch_size}: must be > 0", file=sys.stderr)
+        return 2
+    user_model = ":" in args.model
     try:
-        p = plan(_plan_factory(args), args.workers, args.coverage, args.level, args.seed)
+        if user_model:  # no workload to profile: balance parameter counts, predict model state only
+            p, prediction = plan(_plan_factory(args), args.workers, args.coverage, args.level, args.seed,
+                                 transitions=args.transitions), None
+        else:
+            p, prediction = plan_prediction(
+                workload_for(args), args.workers, args.coverage, args.level, optimizer=args.optimizer,
+                batch_size=args.batch_size, seed=args.seed, transitions=args.transitions, balance=args.balance,
+                activation_checkpointing=args.activation_checkpointing)
     except ValueError as e:
         print(f"subnetdp plan: error: {e}", file=sys.stderr)
         return 2
-    print(p.summary(args.optimizer))
-    print()
-    if ":" in args.model:
-        print(f"activations: not predicted for a 'module:callable' model (subnetdp does not know its inputs); "
-              f"the state above is params + grads + {args.optimizer} state")
+    if args.json:
+        if prediction is None:
+            print("subnetdp plan: error: --json needs a zoo model (a 'module:callable' model has no known inputs "
+                  "to predict activations from)", file=sys.stderr)
+            return 2
+        print(json.dumps(prediction))
     else:
-        from subnetdp.budget import workload_for
-        from subnetdp.memory import predict_worker, profile_activations
-
-        w = workload_for(args)
-        batch = w.make_batch(2, __import__("torch").device("cpu"), args.seed)
-        profile = profile_activations(w.factory, batch, w.loss_fn, 2, seed=args.seed, device="cpu")
-        per = [predict_worker(p, k, args.optimizer, profile, args.batch_size) for k in range(p.workers)]
-        what = f"batch {args.batch_size} per worker" + (f" x {args.seq_len} tokens" if args.model.startswith("llama") else "")
-        print(f"predicted memory per worker ({what}, fp32, {args.optimizer}; --batch-size sets the batch):")
-        print("| worker | model state | activations | predicted peak |")
-        print("|---|---|---|---|")
-        for k, m in enumerate(per):
-            print(f"| {k} | {format_bytes(m['state_bytes'])} | {format_bytes(m['activation_bytes'])} | "
-                  f"{format_bytes(m['total_bytes'])} |")
-        worst = max(range(len(per)), key=lambda k: per[k]["total_bytes"])
-        print(f"worst worker: {worst}, predicted peak {format_bytes(per[worst]['total_bytes'])}")
+        print(p.summary(args.optimizer))
+        print()
+        if prediction is None:
+            print(f"activations: not predicted for a 'module:callable' model (subnetdp does not know its inputs); "
+                  f"the state above is params + grads + {args.optimizer} state; the plan balances parameter counts")
+        else:
+            what = f"batch {args.batch_size} per worker" + (f" x {args.seq_len} tokens" if args.model.startswith("llama") else "")
+            ckpt = ", block checkpointing" if args.activation_checkpointing else ""
+            print(f"predicted memory per worker ({what}, fp32, {args.optimizer}{ckpt}; --batch-size sets the batch):")
+            print("| worker | model state | activations | predicted peak |")
+            print("|---|---|---|---|")
+            for k in range(p.workers):
+                print(f"| {k} | {format_bytes(prediction['state_bytes'][k])} | "
+                      f"{format_bytes(prediction['activation_bytes'][k])} | {format_bytes(prediction['peak_bytes'][k])} |")
+            worst = max(range(p.workers), key=lambda k: prediction["peak_bytes"][k])
+            ddp = prediction["ddp_peak_bytes"]
+            print(f"worst worker: {worst}, predicted peak {format_bytes(prediction['peak_bytes'][worst])} = "
+                  f"{prediction['peak_bytes'][worst] / ddp:.3f} x DDP's {format_bytes(ddp)}")
     if args.save:
         with open(args.save, "w") as f:
             f.write(p.to_json())
-        print(f"plan saved to {args.save}")
+        if not args.json:
+            print(f"plan saved to {args.save}")
     return 0
 
 
@@ -169,6 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--seed", type=int, default=0, help="seed of the plan")
     pl.add_argument("--optimizer", choices=("sgd", "sgd-momentum", "adamw"), default="sgd-momentum",
                     help="optimizer whose state the prediction counts")
+    pl.add_argument("--transitions", choices=("keep", "shortcut"), default="keep",
+                    help="block level: keep transition blocks on every worker, or make them units (as in train)")
+    pl.add_argument("--balance", choices=("memory", "params"), default="memory",
+                    help="what the plan balances: predicted memory (as train does by default) or parameter counts")
+    pl.add_argument("--activation-checkpointing", action="store_true",
+                    help="predict (and balance) with every block of each worker's subnetwork checkpointed")
+    pl.add_argument("--json", action="store_true",
+                    help="print one JSON object: the settings, peak/state/activation bytes per worker and DDP's peak")
     pl.add_argument("--save", help="write the plan as JSON to this file (default: not saved)")
     add_budget_arguments(pl)  # --budget, --batch-size, --seq-len, --measure
 

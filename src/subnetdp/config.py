@@ -44,6 +44,12 @@ class TrainConfig:
                 "SDP: the blocks a worker has; --strategy ddp-ckpt is ddp with this on)"})
     level: str = field(default="block", metadata={"help": "SDP units: block (residual blocks) or neuron (inner widths)"})
     coverage: float = field(default=0.5, metadata={"help": "SDP coverage C in (0, 1]: fraction of units per worker"})
+    transitions: str = field(default="keep", metadata={
+        "help": "SDP block level: keep (strided/channel-changing blocks on every worker) or shortcut (they are "
+                "units too; a worker that skips one runs its shortcut path; see docs/evaluation.md)"})
+    balance: str = field(default="memory", metadata={
+        "help": "SDP: what the plan balances across workers: memory (predicted model state + saved activations) "
+                "or params (parameter counts)"})
     simulate: int | None = field(default=None, metadata={"help": "run K SDP workers in this one process"})
     workers: int | None = field(default=None, metadata={"help": "start K processes on this machine (torchrun's launcher)"})
     max_restarts: int = field(default=0, metadata={
@@ -143,6 +149,8 @@ def validate(cfg: TrainConfig) -> None:
     _choice("strategy", cfg.strategy, STRATEGIES)
     _choice("level", cfg.level, ("block", "neuron"))
     _choice("sync", cfg.sync, ("grads", "params"))
+    _choice("transitions", cfg.transitions, ("keep", "shortcut"))
+    _choice("balance", cfg.balance, ("memory", "params"))
     _choice("neuron-scaling", cfg.neuron_scaling, ("inverted", "none"))
     _choice("optimizer", cfg.optimizer, ("sgd", "adamw"))
     _choice("schedule", cfg.schedule, ("cosine", "onecycle", "constant"))

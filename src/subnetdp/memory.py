@@ -30,7 +30,20 @@ Predicted, for a worker of a :class:`~subnetdp.plan.Plan`:
     inverted-scaling hook installed at factor 1 (used where ``f_g < 1``), so that whatever that hook
     saves is counted (it scales the consumer's output, which saves nothing extra today);
   - activations scale linearly with the batch (a profile taken at batch ``b0`` is multiplied by
-    ``b / b0``; the per-channel statistics that batch norm saves do not scale, a negligible error).
+    ``b / b0``; the per-channel statistics that batch norm saves do not scale, a negligible error);
+  - a transition block reduced to its shortcut (``transitions="shortcut"``) saves its shortcut's
+    bytes (always counted) plus its post-add ReLU's output;
+  - with block checkpointing (``activation_checkpointing=True``: every block the worker runs is wrapped
+    in non-reentrant ``torch.utils.checkpoint``), what runs outside the blocks plus each running block's
+    input (unless an uncheckpointed module saved that tensor already) plus what reduced transitions save;
+
+* the peak = model state + activations + the transient of the backward (two logits-sized loss buffers or
+  one gradient the size of the largest saved tensor, whichever is larger; with checkpointing, one
+  block's recompute), or the optimizer step's peak if larger (Adam(W)'s foreach step forms one
+  parameter-sized temporary). On a GPU the allocator also holds memory outside the step (CUDA library
+  workspaces), which is not predicted.
+
+:func:`memory_plan` balances plans on these predictions (``balance="memory"``).
 """
 
 from __future__ import annotations
@@ -48,6 +61,7 @@ from torch import nn
 
 from subnetdp.init import ModelFactory, materialize
 from subnetdp.plan import OPTIMIZER_STATES, Plan
+from subnetdp.plan import plan as plan_units
 from subnetdp.subnet import inverted_scaling_hook
 from subnetdp.units import find_blocks, find_width_groups
 
@@ -101,6 +115,7 @@ class SavedTensorMeter:
         self.buffer_bytes = 0
         self.saves = 0  # pack calls, duplicates included
         self.by_owner: dict[Hashable, int] = {}
+        self.owner_of: dict[Hashable, tuple[Hashable, int]] = {}  # activation storage -> (owner, bytes)
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         self.saves += 1
@@ -117,6 +132,7 @@ class SavedTensorMeter:
             if self._owner is not None:
                 o = self._owner()
                 self.by_owner[o] = self.by_owner.get(o, 0) + nbytes
+                self.owner_of[key] = (o, nbytes)
         # Detached: the same storage, without the grad_fn. Returning ``t`` itself would make a saved
         # output reference its own grad_fn, a cycle that no garbage collector frees when the graph is
         # dropped without a backward (as profiling does): its activations would stay allocated.
@@ -383,6 +399,11 @@ class ActivationProfile:
     ``block_bytes[name]``: bytes first saved inside block ``name`` (its shortcut excluded);
     ``group_bytes[g]`` / ``group_bytes_scaled[g]``: width group ``g``'s width-dependent bytes as the
     full model runs / with the inverted-scaling input hooks at factor 1 (see the module docstring).
+    For block checkpointing and the transient: ``block_input_bytes[name]`` (the block's input),
+    ``input_saved_by_kept`` (blocks whose input an always-kept module saves anyway),
+    ``block_output_bytes[name]``, ``block_largest[name]`` / ``kept_largest`` (the largest single saved
+    tensor inside a block / outside every block), ``output_bytes`` (the model's output: the logits) and
+    ``relu_blocks`` (blocks with a ``relu`` module, which a transition reduced to its shortcut runs).
     """
 
     batch_size: int
@@ -392,6 +413,13 @@ class ActivationProfile:
     group_bytes_scaled: dict[str, int]
     shortcut_bytes: dict[str, int] = field(default_factory=dict)
     total_scaled: int = 0
+    block_input_bytes: dict[str, int] = field(default_factory=dict)
+    input_saved_by_kept: frozenset[str] = frozenset()
+    block_output_bytes: dict[str, int] = field(default_factory=dict)
+    block_largest: dict[str, int] = field(default_factory=dict)
+    kept_largest: int = 0
+    output_bytes: int = 0
+    relu_blocks: frozenset[str] = frozenset()  # blocks with a ``relu`` module (ShortcutOnly runs it)
 
     def kept_bytes(self, plan: Plan) -> int:
         """Bytes that every worker saves at this batch size, at ``plan``'s level."""
@@ -399,35 +427,120 @@ class ActivationProfile:
             return self.total - sum(self.block_bytes.get(u.name, 0) for u in plan.units)
         return self.total - sum(self.group_bytes.get(g.name, 0) for g in plan.groups)
 
+    def _reduced_bytes(self, plan: Plan, block: str) -> int:
+        """What a transition reduced to its shortcut saves besides the shortcut: its ReLU's output."""
+        info = next((b for b in plan.blocks if b.name == block), None)
+        return self.block_output_bytes.get(block, 0) if info and info.transition and block in self.relu_blocks else 0
+
     def predict(self, plan: Plan, worker: int, batch_size: int | None = None,
-                neuron_scaling: str = "inverted") -> int:
+                neuron_scaling: str = "inverted", activation_checkpointing: bool = False) -> int:
         """Predicted activation bytes of ``worker``'s subnetwork (see the module docstring)."""
         scale = (batch_size or self.batch_size) / self.batch_size
+        if activation_checkpointing:
+            return round(self._checkpointed(plan, worker) * scale)
         total = self.kept_bytes(plan)
         if plan.level == "block":
             total += sum(self.block_bytes.get(u.name, 0) for u in plan.units_of(worker))
+            total += sum(self._reduced_bytes(plan, b.name) for b in plan.dropped_blocks(worker) if b.transition)
         else:
-            held: dict[str, int] = {}
-            for u in plan.units_of(worker):
-                held[u.group] = held.get(u.group, 0) + 1
+            held = plan.held_per_group(worker)
             for g in plan.groups:
                 f = held.get(g.name, 0) / g.size
                 part = self.group_bytes if f == 1 or neuron_scaling == "none" else self.group_bytes_scaled
                 total += f * part.get(g.name, 0)
         return round(total * scale)
 
+    def _checkpointed(self, plan: Plan, worker: int) -> float:
+        """Saved bytes when every block ``worker`` runs is checkpointed (at the profile's batch size).
+
+        What is outside every block, plus each running block's input unless an uncheckpointed module
+        saved that very tensor already (the stem's ReLU, or a transition reduced to its shortcut and
+        ReLU), plus what such reduced transitions save (they run uncheckpointed: their input too). A neuron-level worker runs every block, each
+        one's input at full width (the residual stream is never sliced).
+        """
+        outside = self.total - sum(self.block_bytes.values()) - sum(self.shortcut_bytes.values())
+        dropped = {b.name for b in plan.dropped_blocks(worker)} if plan.level == "block" else set()
+        total, carried = float(outside), False
+        for b in plan.blocks:
+            carried = carried or b.name in self.input_saved_by_kept
+            if b.name not in dropped:
+                total += 0 if carried else self.block_input_bytes.get(b.name, 0)
+                carried = False  # the next block's input comes out of a checkpointed block
+            elif b.transition:  # reduced to its shortcut, uncheckpointed: its first layer saves the input
+                total += 0 if carried else self.block_input_bytes.get(b.name, 0)
+                total += self.shortcut_bytes.get(b.name, 0) + self._reduced_bytes(plan, b.name)
+                carried = b.name in self.relu_blocks
+        return total
+
+    def transient(self, plan: Plan, worker: int, batch_size: int | None = None,
+                  activation_checkpointing: bool = False) -> int:
+        """Bytes alive at the backward's peak on top of the saved activations and the model state.
+
+        The loss's buffers (the gradient of the logits and of their log-softmax: two logits-sized
+        tensors), or the largest gradient formed while its activation is still saved (one tensor the
+        size of the largest saved one), whichever is larger; with checkpointing, a block's recompute
+        (the largest running block's saved bytes) plus that block's largest gradient.
+        """
+        scale = (batch_size or self.batch_size) / self.batch_size
+        dropped = {b.name for b in plan.dropped_blocks(worker)} if plan.level == "block" else set()
+        running = [b.name for b in plan.blocks if b.name not in dropped]
+        largest = max([self.kept_largest] + [self.block_largest.get(n, 0) for n in running])
+        out = max(2 * self.output_bytes, largest)
+        if activation_checkpointing and running:
+            recompute = max(self.block_bytes.get(n, 0) + self.shortcut_bytes.get(n, 0)
+                            + self.block_largest.get(n, 0) for n in running)
+            out = max(out, recompute)
+        return round(out * scale)
+
 
 def _measure_saved(model: nn.Module, batch: Any, loss_fn: LossFn, blocks: Sequence, groups: Sequence
-                   ) -> SavedTensorMeter:
+                   ) -> tuple[SavedTensorMeter, dict[str, Any]]:
+    """The forward's saves by owner, and per block: its input/output bytes, whether a kept module saved its input."""
     attribution = _Attribution(model, blocks, groups)
+    seen: dict[str, Any] = {"input": {}, "output": {}, "kept_input": set()}
+    modules = dict(model.named_modules())
+    handles = []
+    meter = SavedTensorMeter(model, owner=attribution.owner)
+
+    def pre(name: str) -> Callable:
+        def fn(_m: nn.Module, args: tuple) -> None:
+            if args and isinstance(args[0], torch.Tensor):
+                key, nbytes = _storage_key(args[0])
+                seen["input"][name] = nbytes
+                if meter.owner_of.get(key, (("",),))[0][0] == "kept":
+                    seen["kept_input"].add(name)
+        return fn
+
+    def post(name: str) -> Callable:
+        def fn(_m: nn.Module, _args: tuple, out: object) -> None:
+            if isinstance(out, torch.Tensor):
+                seen["output"][name] = _storage_key(out)[1]
+        return fn
+
+    for b in blocks:
+        handles.append(modules[b.name].register_forward_pre_hook(pre(b.name)))
+        handles.append(modules[b.name].register_forward_hook(post(b.name)))
     try:
         model.train()
-        with SavedTensorMeter(model, owner=attribution.owner) as meter:
-            loss = _loss_of(loss_fn(model, batch))
-        del loss  # frees the graph: only the forward's saves matter
+        with meter:
+            out = loss_fn(model, batch)
+            loss = _loss_of(out)
+        del loss, out  # frees the graph: only the forward's saves matter
     finally:
         attribution.remove()
-    return meter
+        for h in handles:
+            h.remove()
+    return meter, seen
+
+
+def _output_bytes(model: nn.Module, batch: Any) -> int:
+    """Bytes of the model's output for ``batch`` (the logits), without building a graph."""
+    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    with torch.no_grad():
+        out = model(x)
+    out = getattr(out, "logits", out)
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    return out.numel() * out.element_size() if isinstance(out, torch.Tensor) else 0
 
 
 def profile_activations(model: nn.Module | ModelFactory, batch: Any, loss_fn: LossFn, batch_size: int,
@@ -438,7 +551,7 @@ def profile_activations(model: nn.Module | ModelFactory, batch: Any, loss_fn: Lo
     ``model`` is a factory (materialised on ``device`` with ``seed``) or a real full model; ``batch``
     holds ``batch_size`` samples. ``blocks``/``groups`` default to discovery; pass a plan's
     ``plan.blocks``/``plan.groups`` when it names its units. Runs the forward twice (without and with
-    the scaling hooks at factor 1).
+    the scaling hooks at factor 1) and once more without a graph, for the size of the output.
     """
     full = model if isinstance(model, nn.Module) and not _is_meta(model) else materialize(model, seed, device)
     if blocks is None:
@@ -448,17 +561,21 @@ def profile_activations(model: nn.Module | ModelFactory, batch: Any, loss_fn: Lo
             groups = find_width_groups(full)
         except ValueError:  # no inner widths: block level only
             groups = []
-    plain = _measure_saved(full, batch, loss_fn, blocks, groups)
+    plain, seen = _measure_saved(full, batch, loss_fn, blocks, groups)
     handles = []
     modules = dict(full.named_modules())
     for g in groups:
         for c in g.consumers:  # the subnetwork's inverted scaling, at factor 1: same values, its copies
             handles.append(modules[c].register_forward_hook(inverted_scaling_hook(1.0)))
     try:
-        scaled = _measure_saved(full, batch, loss_fn, blocks, groups)
+        scaled, _ = _measure_saved(full, batch, loss_fn, blocks, groups)
     finally:
         for h in handles:
             h.remove()
+    largest: dict[str, int] = {}
+    for (owner, _group), nbytes in plain.owner_of.values():
+        name = owner.split(":", 1)[1] if ":" in owner else "kept"
+        largest[name] = max(largest.get(name, 0), nbytes)
     return ActivationProfile(
         batch_size=batch_size,
         total=plain.activation_bytes,
@@ -467,6 +584,13 @@ def profile_activations(model: nn.Module | ModelFactory, batch: Any, loss_fn: Lo
         group_bytes_scaled=_sum_by(scaled.by_owner, 1, ""),
         shortcut_bytes=_sum_by(plain.by_owner, 0, "shortcut:"),
         total_scaled=scaled.activation_bytes,
+        block_input_bytes=seen["input"],
+        input_saved_by_kept=frozenset(seen["kept_input"]),
+        block_output_bytes=seen["output"],
+        block_largest={n: v for n, v in largest.items() if n != "kept"},
+        kept_largest=largest.get("kept", 0),
+        output_bytes=_output_bytes(full, batch),
+        relu_blocks=frozenset(b.name for b in blocks if isinstance(getattr(modules[b.name], "relu", None), nn.Module)),
     )
 
 
@@ -483,9 +607,21 @@ def _sum_by(by_owner: dict, index: int, prefix: str) -> dict[str, int]:
     return out
 
 
+# optimizer-step temporaries, in parameter bytes: the foreach Adam(W) step (the default on a GPU) forms
+# one parameter-sized list (the denominator sqrt(v) + eps) at once; SGD updates in place
+_STEP_TEMPORARIES = {"sgd": 0, "sgd-momentum": 0, "adamw": 1, "adam": 1}
+
+
 def predict_worker(plan: Plan, worker: int, optimizer: str, profile: ActivationProfile | None = None,
-                   batch_size: int | None = None, neuron_scaling: str = "inverted") -> dict[str, int]:
-    """First-principles bytes of ``worker``: parameters, gradients, optimizer state, activations, total."""
+                   batch_size: int | None = None, neuron_scaling: str = "inverted",
+                   activation_checkpointing: bool = False) -> dict[str, int]:
+    """First-principles bytes of ``worker``: parameters, gradients, optimizer state, activations, peak.
+
+    ``total_bytes`` = model state + saved activations (what the meters account); ``peak_bytes`` adds
+    the transient (:meth:`ActivationProfile.transient`), or is the optimizer step's peak (state plus
+    its temporaries) when that is larger. ``activation_checkpointing=True`` predicts a worker whose
+    every block runs under ``torch.utils.checkpoint`` (non-reentrant), as ``bench.checkpointed`` does.
+    """
     if optimizer not in OPTIMIZER_STATES:
         raise ValueError(f"optimizer {optimizer!r} unknown; choose one of {sorted(OPTIMIZER_STATES)}")
     n = plan.param_count(worker) * BYTES_PER_ELEMENT
@@ -493,6 +629,54 @@ def predict_worker(plan: Plan, worker: int, optimizer: str, profile: ActivationP
     out["state_bytes"] = plan.model_state_bytes(worker, optimizer, BYTES_PER_ELEMENT)
     assert out["state_bytes"] == sum(out[k] for k in ("param_bytes", "grad_bytes", "optimizer_bytes"))
     if profile is not None:
-        out["activation_bytes"] = profile.predict(plan, worker, batch_size, neuron_scaling)
+        out["activation_bytes"] = profile.predict(plan, worker, batch_size, neuron_scaling, activation_checkpointing)
         out["total_bytes"] = out["state_bytes"] + out["activation_bytes"]
+        out["transient_bytes"] = profile.transient(plan, worker, batch_size, activation_checkpointing)
+        out["peak_bytes"] = max(out["total_bytes"] + out["transient_bytes"],
+                                out["state_bytes"] + n * _STEP_TEMPORARIES[optimizer])
     return out
+
+
+def memory_cost(plan: Plan, profile: ActivationProfile, optimizer: str, batch_size: int | None = None,
+                activation_checkpointing: bool = False) -> tuple[dict[int, float], float]:
+    """Each unit's predicted bytes (its model state + its saved activations) and the always-kept part's.
+
+    Returns ``(cost per unit index, kept cost)``: what :func:`memory_plan` balances across workers.
+    With checkpointing a block unit's activations are its input (the recompute is a transient).
+    """
+    if optimizer not in OPTIMIZER_STATES:
+        raise ValueError(f"optimizer {optimizer!r} unknown; choose one of {sorted(OPTIMIZER_STATES)}")
+    scale = (batch_size or profile.batch_size) / profile.batch_size
+    per_param = BYTES_PER_ELEMENT * (2 + OPTIMIZER_STATES[optimizer])
+    sizes = {g.name: g.size for g in plan.groups}
+    costs: dict[int, float] = {}
+    for u in plan.units:
+        if plan.level == "neuron":
+            saved = profile.group_bytes_scaled.get(u.group, 0) / sizes[u.group]
+        elif activation_checkpointing:
+            saved = profile.block_input_bytes.get(u.name, 0)
+        else:
+            saved = profile.block_bytes.get(u.name, 0) - profile._reduced_bytes(plan, u.name)
+        costs[u.index] = u.numel * per_param + saved * scale
+    if activation_checkpointing:
+        kept_saved = profile.total - sum(profile.block_bytes.values()) - sum(profile.shortcut_bytes.values())
+    else:
+        kept_saved = profile.kept_bytes(plan)
+        if plan.level == "block":  # a transition unit's reduced form saves its ReLU's output on every worker
+            kept_saved += sum(profile._reduced_bytes(plan, u.name) for u in plan.units)
+    return costs, plan._kept_params * per_param + kept_saved * scale
+
+
+def memory_plan(model: nn.Module | ModelFactory, workers: int, coverage: float, level: str = "block",
+                seed: int = 0, *, profile: ActivationProfile, optimizer: str, batch_size: int | None = None,
+                activation_checkpointing: bool = False, **plan_kwargs: Any) -> Plan:
+    """A plan balanced on predicted memory per worker (``balance="memory"``), from one activation profile.
+
+    Same units and uniform representation as :func:`subnetdp.plan` (every unit exactly ``r``
+    holders); only the slots differ, chosen so that the workers' model state plus saved activations
+    (for ``optimizer`` at ``batch_size``) spread least. ``plan_kwargs`` go to :func:`subnetdp.plan`.
+    """
+    base = plan_units(model, workers, coverage, level, seed, **plan_kwargs)
+    costs, kept = memory_cost(base, profile, optimizer, batch_size, activation_checkpointing)
+    return plan_units(model, workers, coverage, level, seed, cost=lambda u: costs[u.index], balance="memory",
+                      kept_cost=kept, **plan_kwargs)

@@ -4,9 +4,13 @@ Assignment (DESIGN.md section 4): every unit gets a *slot* in ``0..K-1``; worker
 slots ``k, k+1, .., k+r-1 (mod K)``, so a unit in slot ``s`` is held by exactly ``r = C*K`` workers,
 ``s-r+1 .. s (mod K)``, and there are at most ``K`` distinct holder sets besides the world.
 
-Slots are filled to balance parameters (or a user cost) per worker:
+Slots are filled to balance a cost per worker: parameter counts (``balance="params"``), each unit's
+predicted memory (model state for the optimizer plus saved activations; ``subnetdp.memory.memory_cost``
+builds that cost from one activation profile), or any user cost:
 - block level: longest-processing-time first into slots (ties broken by a seeded shuffle), then the
-  slots are arranged around the cycle to minimise the spread of the window sums;
+  slots are arranged around the cycle to minimise the spread of the window sums (every arrangement
+  for ``K <= 8``, else 3072 seeded samples scored with cyclic prefix sums, ``O(K)`` each, so planning
+  stays near-linear in ``K``);
 - neuron level: each width group is shuffled (seeded) and dealt round robin over the slots, starting
   with the lightest, so every worker holds ``C * size`` units of each group when ``K`` divides it;
   a group smaller than ``K`` is spread evenly, so each worker holds at least ``floor(r*size/K)``.
@@ -15,6 +19,7 @@ Slots are filled to balance parameters (or a user cost) per worker:
 from __future__ import annotations
 
 import hashlib
+import heapq
 import itertools
 import json
 import random
@@ -22,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 
+import numpy as np
 from torch import nn
 
 from subnetdp.init import ModelFactory, build_meta
@@ -39,6 +45,7 @@ from subnetdp.units import (
 
 LEVELS = ("block", "neuron")
 TRANSITIONS = ("keep", "shortcut")
+BALANCES = ("params", "memory", "cost")
 OPTIMIZER_STATES = {"sgd": 0, "sgd-momentum": 1, "adamw": 2, "adam": 2}
 
 
@@ -69,6 +76,9 @@ class Plan:
     groups: tuple[WidthGroup, ...] = ()
     transitions: str = "keep"
     aliases: tuple[tuple[str, str], ...] = ()  # (alias, canonical) for tied parameters
+    balance: str = "params"  # what the slots balance: "params", "memory" (bytes) or "cost" (a user cost)
+    unit_costs: tuple[float, ...] = ()  # the balanced quantity per unit (empty: parameter counts)
+    kept_cost: float = 0.0  # the balanced quantity every worker carries besides its units
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     # ---- holders ---------------------------------------------------------------------------------
@@ -86,8 +96,47 @@ class Plan:
         return (s - worker) % self.workers < self.holders_per_unit
 
     def units_of(self, worker: int) -> tuple[Unit, ...]:
+        """The units ``worker`` holds, in unit order: those in slots ``worker .. worker+r-1 (mod K)``."""
         self._check_worker(worker)
-        return tuple(u for u in self.units if self.holds(worker, u))
+        if len(self.units) <= self.holders_per_unit:  # few units (blocks): test each
+            return tuple(u for u in self.units if self.holds(worker, u))
+        held = [i for j in range(self.holders_per_unit) for i in self._by_slot[(worker + j) % self.workers]]
+        return tuple(self.units[i] for i in sorted(held))
+
+    def _window(self, per_slot: np.ndarray, worker: int) -> np.ndarray:
+        """Sum of ``per_slot`` (slots on axis 0) over ``worker``'s window, from cached cyclic prefix sums."""
+        key = ("prefix", id(per_slot))
+        if key not in self._cache:
+            self._cache[key] = np.concatenate([np.zeros((1, *per_slot.shape[1:]), per_slot.dtype),
+                                               np.cumsum(np.concatenate([per_slot, per_slot]), axis=0)])
+        prefix = self._cache[key]
+        return prefix[worker + self.holders_per_unit] - prefix[worker]
+
+    @cached_property
+    def _slot_stats(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """Per slot: parameter elements of its units, and its units per width group (neuron level)."""
+        names = [g.name for g in self.groups]
+        column = {n: i for i, n in enumerate(names)}
+        numel = np.zeros(self.workers, dtype=np.int64)
+        counts = np.zeros((self.workers, len(names)), dtype=np.int64)
+        for u, s in zip(self.units, self.slots):
+            numel[s] += u.numel
+            if u.group is not None:
+                counts[s, column[u.group]] += 1
+        return numel, counts, names
+
+    def held_per_group(self, worker: int) -> dict[str, int]:
+        """How many units of each width group ``worker`` holds (neuron level), in ``O(groups)``."""
+        self._check_worker(worker)
+        _, counts, names = self._slot_stats
+        return dict(zip(names, self._window(counts, worker).tolist()))
+
+    @cached_property
+    def _by_slot(self) -> list[list[int]]:
+        out: list[list[int]] = [[] for _ in range(self.workers)]
+        for i, s in enumerate(self.slots):
+            out[s].append(i)
+        return out
 
     def holder_sets(self) -> list[tuple[int, ...]]:
         """Distinct holder sets of the units (the world set too when something is always kept)."""
@@ -181,16 +230,18 @@ class Plan:
     def attrs(self, worker: int) -> list[tuple[AttrSpec, int]]:
         """Unit-counting attributes and their values in ``worker``'s subnetwork."""
         out = []
+        per_group = self.held_per_group(worker)
         for g in self.groups:
-            held = sum(1 for u in self.units if u.group == g.name and self.holds(worker, u))
+            held = per_group[g.name]
             out += [(a, a.per_unit * held) for a in g.attrs]
         return out
 
     def consumer_scales(self, worker: int) -> dict[str, float]:
         """``size / held`` per consumer module of each width group: the inverted-scaling factors."""
         out = {}
+        per_group = self.held_per_group(worker)
         for g in self.groups:
-            held = sum(1 for u in self.units if u.group == g.name and self.holds(worker, u))
+            held = per_group[g.name]
             for c in g.consumers:
                 out[c] = g.size / held if held else 0.0
         return out
@@ -203,8 +254,12 @@ class Plan:
     def param_count(self, worker: int) -> int:
         """Exact parameter elements in ``worker``'s subnetwork."""
         self._check_worker(worker)
-        kept = sum(_prod(self.shapes[n]) for n in self.params if n in self.always_kept)
-        return kept + sum(u.numel for u in self.units_of(worker))
+        return self._kept_params + int(self._window(self._slot_stats[0], worker))
+
+    @cached_property
+    def _kept_params(self) -> int:
+        kept = set(self.always_kept)
+        return sum(_prod(self.shapes[n]) for n in self.params if n in kept)
 
     def param_counts(self) -> list[int]:
         return [self.param_count(k) for k in range(self.workers)]
@@ -216,6 +271,29 @@ class Plan:
         """(max - min) / mean of the per-worker parameter counts: 0 is perfect balance."""
         counts = self.param_counts()
         return (max(counts) - min(counts)) / (sum(counts) / len(counts))
+
+    def loads(self) -> list[float]:
+        """The balanced quantity per worker: ``kept_cost`` plus the costs of the units it holds.
+
+        For ``balance="memory"`` this is the predicted peak bytes the plan was balanced on; for
+        ``balance="params"`` it is the parameter count.
+        """
+        if not self.unit_costs:
+            return [float(c) for c in self.param_counts()]
+        key = "slot_costs"
+        if key not in self._cache:
+            per_slot = np.zeros(self.workers)
+            for c, s in zip(self.unit_costs, self.slots):
+                per_slot[s] += c
+            self._cache[key] = per_slot
+        return [self.kept_cost + float(self._window(self._cache[key], k)) for k in range(self.workers)]
+
+    def balance_stats(self) -> dict[str, float]:
+        """Worst, mean, worst / mean and spread ((max - min) / mean) of :meth:`loads`."""
+        loads = self.loads()
+        mean = sum(loads) / len(loads)
+        return {"worst": max(loads), "mean": mean, "worst_over_mean": max(loads) / mean if mean else 1.0,
+                "spread": (max(loads) - min(loads)) / mean if mean else 0.0}
 
     def model_state_bytes(self, worker: int, optimizer: str = "adamw", bytes_per_element: int = 4) -> int:
         """Predicted bytes of parameters + gradients + optimizer state on ``worker``."""
@@ -232,16 +310,22 @@ class Plan:
             f"units: {len(self.units)} ({'blocks' if self.level == 'block' else 'width slices'}), "
             f"distinct holder sets: {len(self.holder_sets())}, full model: {full:,} parameters",
             f"always kept: {len(self.always_kept)} tensors, "
-            f"{sum(_prod(self.shapes[n]) for n in self.params if n in self.always_kept):,} parameters",
+            f"{self._kept_params:,} parameters",
             "",
             f"{'worker':>6}  {'units':>6}  {'params':>12}  {'fraction':>8}  {'state MiB (' + optimizer + ')':>18}  held",
         ]
         for k in range(self.workers):
-            held = self.units_of(k)
+            if self.level == "block":
+                held = self.units_of(k)
+                n_held, text = len(held), ", ".join(u.name for u in held)
+            else:
+                per_group = {g: n for g, n in self.held_per_group(k).items() if n}
+                n_held = sum(per_group.values())
+                text = ", ".join(f"{g} x{n}" for g, n in list(per_group.items())[:3])
+                text += f", ... ({len(per_group)} groups)" if len(per_group) > 3 else ""
             count = self.param_count(k)
             state = self.model_state_bytes(k, optimizer) / 2**20
-            lines.append(f"{k:>6}  {len(held):>6}  {count:>12,}  {count / full:>8.3f}  {state:>18.2f}  "
-                         f"{_describe(held, self.level)}")
+            lines.append(f"{k:>6}  {n_held:>6}  {count:>12,}  {count / full:>8.3f}  {state:>18.2f}  {text}")
         counts = self.param_counts()
         lines += [
             "",
@@ -249,6 +333,13 @@ class Plan:
             f"{self.spread():.3f}; mean fraction {sum(counts) / len(counts) / full:.3f}",
             f"holders per unit: {sorted({len(self.holders(u)) for u in self.units})}",
         ]
+        if self.unit_costs:
+            b = self.balance_stats()
+            what = "predicted MiB, state + saved activations," if self.balance == "memory" else "cost"
+            div = 2**20 if self.balance == "memory" else 1
+            lines.append(f"balanced on {self.balance} ({what} per worker): worst {b['worst'] / div:,.2f}  "
+                         f"mean {b['mean'] / div:,.2f}  worst/mean {b['worst_over_mean']:.3f}  "
+                         f"spread (max-min)/mean {b['spread']:.3f}")
         return "\n".join(lines)
 
     # ---- serialisation ---------------------------------------------------------------------------
@@ -269,6 +360,8 @@ class Plan:
                                     tuple(AttrSpec(**a) for a in g["attrs"]), tuple(g["consumers"]))
                          for g in d["groups"]),
             transitions=d["transitions"], aliases=tuple((a, c) for a, c in d["aliases"]),
+            balance=d.get("balance", "params"), unit_costs=tuple(d.get("unit_costs", ())),
+            kept_cost=d.get("kept_cost", 0.0),
         )
 
     def digest(self) -> str:
@@ -281,16 +374,6 @@ def _prod(shape: Sequence[int]) -> int:
     for s in shape:
         n *= s
     return n
-
-
-def _describe(units: Sequence[Unit], level: str) -> str:
-    if level == "block":
-        return ", ".join(u.name for u in units)
-    per: dict[str, int] = {}
-    for u in units:
-        per[u.group] = per.get(u.group, 0) + 1
-    text = ", ".join(f"{g} x{n}" for g, n in list(per.items())[:3])
-    return text + (f", ... ({len(per)} groups)" if len(per) > 3 else "")
 
 
 def valid_coverages(workers: int) -> list[float]:
@@ -318,21 +401,32 @@ def _check_args(workers: int, coverage: float, level: str, transitions: str) -> 
 
 
 def _arrange(loads: list[float], workers: int, r: int, rng: random.Random) -> list[int]:
-    """Place slot bins on the cycle so window sums (worker loads) spread least. Returns bin -> slot."""
+    """Place slot bins on the cycle so window sums (worker loads) spread least. Returns bin -> slot.
+
+    Every arrangement is tried for ``K <= 8``; above, 3072 seeded permutations, each scored in
+    ``O(K)`` with cyclic prefix sums (vectorised), so a plan for thousands of workers takes seconds.
+    """
     if r == workers or len(set(loads)) == 1:
         return list(range(workers))
-
-    def spread(order: Sequence[int]) -> float:
-        sums = [sum(loads[order[(k + j) % workers]] for j in range(r)) for k in range(workers)]
-        return max(sums) - min(sums)
-
     if workers <= 8:
-        candidates = ((0, *p) for p in itertools.permutations(range(1, workers)))
+        every = np.array([(0, *p) for p in itertools.permutations(range(1, workers))], dtype=np.int64)
+        chunks = (every[i:i + 256] for i in range(0, len(every), 256))
     else:
-        candidates = (tuple(rng.sample(range(workers), workers)) for _ in range(3000))
-    best = min(candidates, key=spread)
+        gen = np.random.default_rng(rng.getrandbits(63))
+        chunks = (np.argsort(gen.random((256, workers)), axis=1) for _ in range(0, 3000, 256))
+    weights = np.asarray(loads, dtype=np.float64)
+    best, best_spread = None, np.inf
+    for chunk in chunks:
+        w = weights[chunk]  # (n, K): the load at each cycle position
+        prefix = np.concatenate([np.zeros((len(w), 1)), np.cumsum(np.concatenate([w, w[:, :r]], axis=1), axis=1)],
+                                axis=1)
+        sums = prefix[:, r:r + workers] - prefix[:, :workers]  # window k covers positions k..k+r-1
+        spreads = sums.max(axis=1) - sums.min(axis=1)
+        i = int(np.argmin(spreads))  # the first minimum: the same choice on every rank
+        if spreads[i] < best_spread:
+            best, best_spread = chunk[i], spreads[i]
     slot_of_bin = [0] * workers
-    for pos, b in enumerate(best):
+    for pos, b in enumerate(best.tolist()):
         slot_of_bin[b] = pos
     return slot_of_bin
 
@@ -349,6 +443,8 @@ def plan(
     transitions: str = "keep",
     cost: Callable[[Unit], float] | None = None,
     example_input: object = None,
+    balance: str | None = None,
+    kept_cost: float = 0.0,
 ) -> Plan:
     """Assign ``model``'s units to ``workers`` workers, each holding a fraction ``coverage`` of them.
 
@@ -357,9 +453,17 @@ def plan(
     the blocks instead of discovering them; ``width_pairs`` adds neuron-level ``(producer,
     consumer)`` or ``(producer, norm, consumer)`` paths. ``transitions="shortcut"`` lets blocks
     whose shapes change be reduced to their shortcut path instead of always kept. ``cost(unit)``
-    replaces the parameter count as the quantity balanced across workers.
+    replaces the parameter count as the quantity balanced across workers; ``balance`` names it in the
+    plan (``"cost"`` by default, ``"memory"`` from :func:`subnetdp.memory.memory_plan`) and
+    ``kept_cost`` is its always-kept part, so that :meth:`Plan.balance_stats` reports whole workers.
     """
     r = _check_args(workers, coverage, level, transitions)
+    balance = balance or ("cost" if cost else "params")
+    if balance not in BALANCES:
+        raise ValueError(f"balance={balance!r}: choose one of {BALANCES}")
+    if (balance == "params") != (cost is None):
+        raise ValueError(f"balance={balance!r} needs {'no cost function' if cost else 'a cost function'}: "
+                         "balance='params' balances parameter counts; for memory use subnetdp.memory.memory_plan")
     module = model if isinstance(model, nn.Module) else build_meta(model)
     named_params = dict(module.named_parameters())
     canonical = {id(t): n for n, t in named_params.items()}
@@ -405,10 +509,13 @@ def plan(
         order = list(range(len(units)))
         rng.shuffle(order)
         order.sort(key=lambda i: -costs[i])
+        lightest = [(0.0, rank[s], s) for s in range(workers)]  # a heap: O(log K) per unit
+        heapq.heapify(lightest)
         for i in order:
-            b = min(range(workers), key=lambda s: (loads[s], rank[s]))
+            _, tie, b = heapq.heappop(lightest)
             slots[i] = b
             loads[b] += costs[i]
+            heapq.heappush(lightest, (loads[b], tie, b))
         slot_of_bin = _arrange(loads, workers, r, rng)
         slots = [slot_of_bin[b] for b in slots]
     else:
@@ -424,5 +531,6 @@ def plan(
     return Plan(
         workers=workers, coverage=float(coverage), level=level, seed=seed, units=tuple(units),
         slots=tuple(slots), tensors=tensors, params=tuple(named_params), blocks=tuple(found_blocks),
-        groups=tuple(groups), transitions=transitions, aliases=aliases,
+        groups=tuple(groups), transitions=transitions, aliases=aliases, balance=balance,
+        unit_costs=tuple(costs) if cost else (), kept_cost=float(kept_cost) if cost else 0.0,
     )

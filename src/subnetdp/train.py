@@ -28,6 +28,7 @@ from subnetdp.checkpoint import CheckpointError, RunFileError, atomic_write, fin
 from subnetdp.config import TrainConfig, validate, world_size_of
 from subnetdp.evaluation import recalibrate_batchnorm, scale_residual_branches
 from subnetdp.init import materialize
+from subnetdp.memory import memory_plan, profile_activations
 from subnetdp.metrics import MetricsLog, format_bytes
 from subnetdp.plan import Plan, plan as make_plan
 from subnetdp.tasks import make_task
@@ -241,7 +242,7 @@ def _train(cfg: TrainConfig, device: torch.device, distributed: bool,
     n_epochs = math.ceil(total / steps_per_epoch)
     plan: Plan | None = None
     if cfg.strategy == "sdp":
-        plan = make_plan(factory, world, cfg.coverage, cfg.level, cfg.seed)
+        plan = _sdp_plan(cfg, task, factory, world)
     backend = SimulatedSDP(cfg, factory, plan, device, total) if cfg.simulate else Distributed(
         cfg, factory, plan, device, total)
     ranks_here = list(range(world)) if cfg.simulate else [rank]
@@ -398,6 +399,20 @@ def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
     if cfg.steps:
         return max(1, math.ceil(cfg.steps * scale - 1e-9))
     return max(1, math.ceil(cfg.epochs * scale * steps_per_epoch - 1e-9))
+def _sdp_plan(cfg: TrainConfig, task: Any, factory: Any, world: int) -> Plan:
+    """The run's plan: balanced on predicted memory (``--balance memory``) or on parameter counts.
+
+    Memory balancing profiles the full model's saved activations once, on the CPU on two samples of
+    the training data (scaled to ``--batch-size``), so every rank derives the same plan.
+    """
+    if cfg.balance == "params":
+        return make_plan(factory, world, cfg.coverage, cfg.level, cfg.seed, transitions=cfg.transitions)
+    with torch.random.fork_rng(devices=[]):  # drawing the sample leaves the training's random streams alone
+        batch = next(task.epoch_batches(task.loader(0, world), 10_000, 0))
+    sample = tuple(t[:2].cpu() for t in batch)
+    profile = profile_activations(factory, sample, task.loss, len(sample[0]), seed=cfg.seed, device="cpu")
+    return memory_plan(factory, world, cfg.coverage, cfg.level, cfg.seed, profile=profile,
+                       optimizer=_opt_name(cfg), batch_size=cfg.batch_size, transitions=cfg.transitions)
 
 
 def _opt_name(cfg: TrainConfig) -> str:
