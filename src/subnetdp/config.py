@@ -28,7 +28,8 @@ class ConfigError(ValueError):
 class TrainConfig:
     # what to train
     model: str = field(default="resnet18", metadata={"help": f"zoo model ({', '.join(MODELS)}) or 'module:callable'"})
-    width: int | None = field(default=None, metadata={"help": "ResNet base width (resnet18 default 64)"})
+    width: int | None = field(default=None, metadata={
+        "help": "ResNet base width (resnet18 default 64); swin_t_cifar embedding width (default 96)"})
     dataset: str = field(default="cifar10-jpeg", metadata={
         "help": f"{', '.join(VISION_DATASETS)}, tinyshakespeare, a UTF-8 text file/folder, or a token file "
                 "(subnetdp.data.write_token_file; memory-mapped)"})
@@ -176,8 +177,8 @@ def validate(cfg: TrainConfig) -> None:
     elif cfg.model.startswith("llama"):
         raise ConfigError(f"--model {cfg.model} is a language model but --dataset {cfg.dataset} is images; "
                           "use --dataset tinyshakespeare or a text file")
-    if cfg.width is not None and cfg.model not in ("resnet18", "resnet50"):
-        raise ConfigError(f"--width applies to resnet18 and resnet50, not {cfg.model}")
+    if cfg.width is not None and cfg.model not in ("resnet18", "resnet50", "swin_t_cifar"):
+        raise ConfigError(f"--width applies to resnet18, resnet50 and swin_t_cifar (embedding width), not {cfg.model}")
 
 
 def load_file(path: str | Path) -> dict[str, Any]:
