@@ -179,3 +179,30 @@ def test_language_model_on_a_memory_mapped_token_file(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final"]["val_loss"] > 0
     llama_tiny(vocab_size=tok.vocab_size, max_seq_len=32).load_state_dict(load_file(out / "model.safetensors"))
+
+
+def test_backward_masking_run_records_its_regime_and_assembles_any_workers_copy(tmp_path):
+    out = train(tmp_path, "bwd", "--simulate", "4", "--coverage", "0.5", "--level", "block", "--steps", "3",
+                "--masking", "backward")
+    summary = json.loads((out / "summary.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    assert config["masking"] == summary["masking"] == "backward"
+    # the full forward trained every block: no residual rescaling or BatchNorm recalibration at evaluation
+    assert summary["evaluation"] == {"residual_scaling": False, "bn_recalibrate": 0}
+    full = sum(p.numel() for p in resnet18(width=4).parameters())
+    assert all(m["param_bytes"] == full * 4 for m in summary["memory_per_worker"])  # every worker holds all
+    assert all(0 < m["grad_bytes"] < full * 4 for m in summary["memory_per_worker"])  # only held units have them
+    resnet18(width=4).load_state_dict(load_file(out / "model.safetensors"))
+
+
+def test_backward_masking_is_an_sdp_regime(tmp_path, capsys):
+    assert main(["train", *TINY, "--out", str(tmp_path / "x"), "--strategy", "ddp", "--masking", "backward"]) == 2
+    assert "--masking backward is an SDP regime" in capsys.readouterr().err
+
+
+def test_swin_trains_at_both_levels_from_the_zoo(tmp_path):
+    for level in ("block", "neuron"):
+        out = train(tmp_path, f"swin-{level}", "--model", "swin_t_cifar", "--width", "12", "--simulate", "2",
+                    "--coverage", "0.5", "--level", level, "--steps", "2", "--optimizer", "adamw")
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["model"] == "swin_t_cifar" and 0 <= summary["final"]["test_acc"] <= 1

@@ -46,6 +46,9 @@ class TrainConfig:
     sync: str = field(default="grads", metadata={"help": "SDP sync: grads (every step) or params (every --sync-every steps)"})
     sync_every: int = field(default=1, metadata={"help": "steps between parameter averages with --sync params"})
     neuron_scaling: str = field(default="inverted", metadata={"help": "neuron level: inverted (scale kept width by 1/C) or none"})
+    masking: str = field(default="forward", metadata={
+        "help": "SDP regime: forward (units not held are absent) or backward (full forward on every worker, "
+                "gradients and updates only for held units; docs/masking.md)"})
     seed: int = field(default=0, metadata={"help": "seed for init, plan and data"})
     # recipe
     epochs: float = field(default=1.0, metadata={"help": "epochs (text: --steps-per-epoch steps each)"})
@@ -96,6 +99,8 @@ class TrainConfig:
         if self.out:
             return Path(self.out)
         tag = f"{self.strategy}-{self.level}-C{self.coverage:g}" if self.strategy == "sdp" else self.strategy
+        if self.strategy == "sdp" and self.masking == "backward":
+            tag += "-backward"
         return Path("runs") / f"{tag}-{self.model.replace(':', '_')}-s{self.seed}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -128,6 +133,11 @@ def validate(cfg: TrainConfig) -> None:
     _choice("level", cfg.level, ("block", "neuron"))
     _choice("sync", cfg.sync, ("grads", "params"))
     _choice("neuron-scaling", cfg.neuron_scaling, ("inverted", "none"))
+    _choice("masking", cfg.masking, ("forward", "backward"))
+    if cfg.masking == "backward" and cfg.strategy != "sdp":
+        raise ConfigError(f"--masking backward is an SDP regime; --strategy {cfg.strategy} has no masking")
+    if cfg.masking == "backward" and cfg.sync != "grads":
+        raise ConfigError("--masking backward averages gradients every step; use --sync grads")
     _choice("optimizer", cfg.optimizer, ("sgd", "adamw"))
     _choice("schedule", cfg.schedule, ("cosine", "onecycle", "constant"))
     _choice("device", cfg.device, ("auto", "cpu", "cuda"))

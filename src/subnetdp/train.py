@@ -261,7 +261,8 @@ def _evaluate(cfg: TrainConfig, task: Any, state: dict[str, torch.Tensor] | None
     model = materialize(factory, seed=cfg.seed, device=device)
     model.load_state_dict(state)
     handles = []
-    partial = plan is not None and plan.holders_per_unit < plan.workers
+    # backward masking trains the full forward on every worker: nothing to rescale or recalibrate
+    partial = plan is not None and plan.holders_per_unit < plan.workers and cfg.masking == "forward"
     if partial and cfg.residual_scaling and plan.level == "block":
         handles = scale_residual_branches(model, plan)
     if partial and cfg.bn_recalibrate:
@@ -291,15 +292,16 @@ def _summary(cfg: TrainConfig, backend: SimulatedSDP | Distributed, plan: Plan |
     return {
         "strategy": cfg.strategy, "level": cfg.level if cfg.strategy == "sdp" else None,
         "coverage": cfg.coverage if cfg.strategy == "sdp" else 1.0, "model": cfg.model, "width": cfg.width,
+        "masking": cfg.masking if cfg.strategy == "sdp" else None,
         "dataset": "CIFAR-10 (JPEG)" if cfg.dataset == "cifar10-jpeg" else cfg.dataset,
         "workers": world, "simulated": bool(cfg.simulate), "device": str(device),
         "steps": steps, "wall_s": wall, "samples_per_s": samples / wall if wall > 0 else None,
         "final": last_eval,
         # how "final" was evaluated; model.safetensors holds the assembled state itself (see docs/evaluation.md)
         "evaluation": {"residual_scaling": bool(cfg.residual_scaling and plan is not None and plan.level == "block"
-                                                and plan.holders_per_unit < plan.workers),
+                                                and plan.holders_per_unit < plan.workers and cfg.masking == "forward"),
                        "bn_recalibrate": cfg.bn_recalibrate if plan is not None and plan.holders_per_unit < plan.workers
-                       else 0},
+                       and cfg.masking == "forward" else 0},
         "params_per_worker": plan.param_counts() if plan is not None else None,
         "full_params": total_params,
         "model_state_bytes_per_worker": [sum(m.values()) for m in memory],
@@ -323,7 +325,8 @@ def _save_full_model(state: dict[str, torch.Tensor] | None, out: Path) -> None:
 def _print_header(cfg: TrainConfig, world: int, device: torch.device, plan: Plan | None, total: int,
                   epochs: int) -> None:
     mode = f"simulated in one process ({world} workers)" if cfg.simulate else f"{world} process(es)"
-    what = f"SDP level={cfg.level} C={cfg.coverage:g}" if cfg.strategy == "sdp" else cfg.strategy.upper()
+    what = (f"SDP level={cfg.level} C={cfg.coverage:g} masking={cfg.masking}" if cfg.strategy == "sdp"
+            else cfg.strategy.upper())
     print(f"subnetdp train: {what} | {cfg.model} on {cfg.dataset} | {mode} on {device} | "
           f"{total} steps in {epochs} epoch(s), batch {cfg.batch_size}/worker | run dir {cfg.run_dir()}")
     if plan is not None:
