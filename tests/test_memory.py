@@ -148,3 +148,29 @@ def test_activations_scale_with_the_batch():
     large = profile_activations(w.factory, w.make_batch(4, torch.device("cpu"), 0), w.loss_fn, 4)
     p = sd.plan(functools.partial(llama_tiny, vocab_size=65, max_seq_len=16), 4, 0.5, "block")
     assert small.predict(p, 0, batch_size=4) == pytest.approx(large.predict(p, 0), rel=0.01)
+
+
+@pytest.mark.parametrize("name,w,batch,optimizer", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("level", ["block", "neuron"])
+def test_backward_masking_prediction_matches_measurement_per_worker(name, w, batch, optimizer, level):
+    """Full parameters, held-fraction gradients and state, the full forward minus weight-only saves."""
+    from subnetdp.masking import build_backward_worker
+    from subnetdp.memory import predict_backward_worker, profile_weight_grads
+
+    cpu = torch.device("cpu")
+    data = w.make_batch(batch, cpu, 0)
+    profile = profile_activations(w.factory, data, w.loss_fn, batch)
+    p = sd.plan(w.factory, 4, 0.5, level)
+    weight_grads = profile_weight_grads(w.factory, data, w.loss_fn, p)
+    for k in range(p.workers):
+        model = build_backward_worker(w.factory, p, k)
+        m = measure_step(model, make_optimizer(optimizer, model.parameters()), data, w.loss_fn)
+        pred = predict_backward_worker(p, k, optimizer, profile, weight_grads, batch)
+        assert m["param_bytes"] == pred["param_bytes"] == 4 * p.total_params
+        assert m["grad_bytes"] == pred["grad_bytes"]
+        assert m["state_bytes"] == pytest.approx(pred["state_bytes"], rel=1e-3)  # AdamW's step counters
+        assert m["activation_bytes"] == pytest.approx(pred["activation_bytes"], rel=0.15), k
+        assert m["activation_bytes"] == pytest.approx(pred["activation_bytes"], rel=1e-3), k  # and in fact exact
+        assert m["activation_bytes"] <= profile.total
+        if level == "block":
+            assert m["grad_bytes"] == 4 * p.param_count(k)

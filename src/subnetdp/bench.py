@@ -59,10 +59,13 @@ from subnetdp.memory import (
     image_workload,
     make_optimizer,
     measure_step,
+    predict_backward_worker,
     predict_worker,
     profile_activations,
+    profile_weight_grads,
     text_workload,
 )
+from subnetdp.masking import broadcast_buckets, build_backward_worker, full_buckets, held_buckets
 from subnetdp.plan import Plan, plan
 from subnetdp.subnet import build_subnetwork
 from subnetdp.units import find_blocks
@@ -127,7 +130,8 @@ def _ratios(measured: dict[str, Any], predicted: dict[str, int]) -> dict[str, fl
 
 
 def memory_part(spec: dict[str, Any], workers: int, coverages: Sequence[float], levels: Sequence[str],
-                repeats: int, device: torch.device, seed: int = 0, log=print) -> dict[str, Any]:
+                repeats: int, device: torch.device, seed: int = 0, log=print,
+                maskings: Sequence[str] = ("forward",)) -> dict[str, Any]:
     """Memory per worker of every strategy for one workload (see the module docstring)."""
     w = workload_from_spec(spec)
     batch_size, opt_name = spec["batch"], spec["optimizer"]
@@ -179,7 +183,7 @@ def memory_part(spec: dict[str, Any], workers: int, coverages: Sequence[float], 
                                                      "comm": {"collective_bytes": handed, "ring_bytes": ring}}],
         "derived: full-model state / K + full-model activations (measured) + the largest block unsharded")
 
-    for level in levels:
+    for level in levels if "forward" in maskings else ():
         for c in coverages:
             p = plan(w.factory, workers, c, level, seed)
             per_worker = []
@@ -192,7 +196,53 @@ def memory_part(spec: dict[str, Any], workers: int, coverages: Sequence[float], 
                                    "comm": bucket_traffic(sub, p, k)})
                 del sub
             add(f"SDP {level} C={c:g}", "sdp", level, c, per_worker, "measured (each worker's subnetwork step)")
+    if "backward" in maskings:
+        rows += backward_rows(w, batch, batch_size, opt_name, profile, workers, coverages, levels, repeats, device,
+                              seed, log)
     return {"workload": w.name, "spec": spec, "profile": _profile_json(profile), "rows": rows}
+
+
+def backward_rows(w: Workload, batch: Any, batch_size: int, opt_name: str, profile: ActivationProfile, workers: int,
+                  coverages: Sequence[float], levels: Sequence[str], repeats: int, device: torch.device, seed: int,
+                  log=print) -> list[dict[str, Any]]:
+    """Backward masking: each worker's full model, trainable where it holds, measured like the others."""
+    rows = []
+    for level in levels:
+        weight_grads = None
+        for c in coverages:
+            p = plan(w.factory, workers, c, level, seed)
+            if weight_grads is None:  # units do not depend on the coverage
+                weight_grads = profile_weight_grads(w.factory, batch, w.loss_fn, p, seed=seed, device=device)
+            per_worker = []
+            for k in range(workers):
+                model = build_backward_worker(w.factory, p, k, seed=seed, device=device)
+                m = _measure(model, opt_name, batch, w, repeats, device)
+                pr = predict_backward_worker(p, k, opt_name, profile, weight_grads, batch_size)
+                per_worker.append({"worker": k, "measured": m, "predicted": pr, "ratio": _ratios(m, pr),
+                                   "param_fraction": p.param_count(k) / p.total_params,
+                                   "comm": backward_traffic(model, p, k)})
+                del model
+            name = f"SDP backward {level} C={c:g}"
+            rows.append({"name": name, "strategy": "sdp-backward", "level": level, "coverage": c,
+                         "basis": "measured (each worker's full model, trainable where it holds)",
+                         "workers": per_worker})
+            worst = max(per_worker, key=lambda r: r["measured"]["total_bytes"])
+            log(f"  {name:<24} worst worker total {worst['measured']['total_bytes'] / 2**20:8.2f} MiB "
+                f"(activations {worst['measured']['activation_bytes'] / 2**20:.2f} MiB)")
+    return rows
+
+
+def backward_traffic(module: nn.Module, p: Plan, worker: int, bytes_per_element: int = 4) -> dict[str, float]:
+    """Per-step traffic of ``worker`` under backward masking: held gradients' all-reduces plus the broadcasts.
+
+    ``ring_bytes`` counts a ring all-reduce as ``2 (n-1)/n`` and a (pipelined) broadcast as 1 per element.
+    """
+    every = full_buckets(module, p)
+    reduced = [b for b in held_buckets(every, worker).values() if len(b.holders) > 1]
+    sent = sum(b.numel for b in broadcast_buckets(every, p.workers).values()) * bytes_per_element
+    handed = sum(b.numel for b in reduced) * bytes_per_element
+    ring = sum(2 * (len(b.holders) - 1) / len(b.holders) * b.numel * bytes_per_element for b in reduced)
+    return {"collective_bytes": handed + sent, "ring_bytes": ring + sent, "broadcast_bytes": sent}
 
 
 def bucket_traffic(module: nn.Module, p: Plan, worker: int, bytes_per_element: int = 4) -> dict[str, float]:
@@ -496,12 +546,15 @@ def plot(part: dict[str, Any], timing: dict[str, Any] | None, out: Path, stem: s
     fig, axes = plt.subplots(1, 2 if timing else 1, figsize=(9 if timing else 5, 3.4), dpi=90, squeeze=False)
     ax = axes[0][0]
     ref = {r["strategy"]: worst_worker(r)["measured"]["total_bytes"] / 2**20 for r in rows if r["strategy"] != "sdp"}
-    for level in sorted({r["level"] for r in rows if r["level"]}):
-        pts = sorted((r["coverage"], worst_worker(r)["measured"]["total_bytes"] / 2**20,
-                      worst_worker(r)["predicted"]["total_bytes"] / 2**20) for r in rows if r["level"] == level)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"SDP {level} (measured)")
-        ax.plot([p[0] for p in pts], [p[2] for p in pts], "x--", color=ax.lines[-1].get_color(), alpha=0.6,
-                label=f"SDP {level} (predicted)")
+    for strategy, regime in (("sdp", ""), ("sdp-backward", " backward")):
+        for level in sorted({r["level"] for r in rows if r["level"] and r["strategy"] == strategy}):
+            pts = sorted((r["coverage"], worst_worker(r)["measured"]["total_bytes"] / 2**20,
+                          worst_worker(r)["predicted"]["total_bytes"] / 2**20) for r in rows
+                         if r["level"] == level and r["strategy"] == strategy)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if not regime else "s-",
+                    label=f"SDP{regime} {level} (measured)")
+            ax.plot([p[0] for p in pts], [p[2] for p in pts], "x--", color=ax.lines[-1].get_color(), alpha=0.6,
+                    label=f"SDP{regime} {level} (predicted)")
     for strategy, style in (("ddp", "k-"), ("ddp-ckpt", "k:"), ("fsdp", "k-.")):
         if strategy in ref:
             ax.axhline(ref[strategy], linestyle=style[1:], color="k", lw=1,
@@ -544,6 +597,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=8, help="K for the memory part (subnetworks measured in-process)")
     p.add_argument("--coverages", default="0.875,0.75,0.5,0.25", help="comma-separated SDP coverages")
     p.add_argument("--levels", default="block,neuron")
+    p.add_argument("--masking", default="forward", choices=("forward", "backward", "both"),
+                   help="SDP regime(s) of the memory part; backward adds its rows (docs/masking.md)")
     p.add_argument("--repeats", type=int, default=3, help="measured steps per worker in the memory part")
     p.add_argument("--time-ranks", type=int, default=4, help="torchrun processes for the timing part (0: skip it)")
     p.add_argument("--time-steps", type=int, default=5, help="timed steps per configuration per round")
@@ -587,7 +642,8 @@ def run_bench(args: argparse.Namespace, log=print) -> dict[str, Any]:
     md = [f"Machine: {result['meta']['machine']}, torch {torch.__version__}, {torch.get_num_threads()} threads "
           f"in the memory part."]
     for spec in workload_specs(args):
-        part = memory_part(spec, args.workers, coverages, levels, args.repeats, device, args.seed, log)
+        maskings = ("forward", "backward") if args.masking == "both" else (args.masking,)
+        part = memory_part(spec, args.workers, coverages, levels, args.repeats, device, args.seed, log, maskings)
         timing = None
         if args.time_ranks:
             log(f"  timing under torchrun, {args.time_ranks} ranks ...")
