@@ -107,7 +107,8 @@ class SimulatedSDP:
         for k in range(self.plan.workers):
             shared = sum(b.numel for b in self.sim._grad_buckets[k].values() if len(b.holders) > 1)
             if self.cfg.masking == "backward":
-                shared += sum(b.numel for b in self.sim._value_buckets[k].values() if len(b.holders) < self.plan.workers)
+                shared += sum(b.numel for b in self.sim._value_buckets[k].values()
+                              if len(b.holders) < self.plan.workers)
             out.append(shared * 4)
         return out
 

@@ -405,7 +405,9 @@ class SubnetDataParallel(nn.Module):
         """
         self.average_buffers()
         if self.masking == "backward":  # every rank holds the full model, identical after each step
-            return {n: t.detach().cpu().clone() for n, t in self.module.state_dict().items()} if self.rank == 0 else None
+            if self.rank != 0:
+                return None
+            return {n: t.detach().cpu().clone() for n, t in self.module.state_dict().items()}
         tmap = self.plan.tensor_map(self.rank)
         state = self.module.state_dict()
         where: dict[str, tuple[int, list[int]] | None] = {}
