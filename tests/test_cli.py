@@ -206,3 +206,14 @@ def test_swin_trains_at_both_levels_from_the_zoo(tmp_path):
                     "--coverage", "0.5", "--level", level, "--steps", "2", "--optimizer", "adamw")
         summary = json.loads((out / "summary.json").read_text())
         assert summary["model"] == "swin_t_cifar" and 0 <= summary["final"]["test_acc"] <= 1
+
+
+def test_backward_masking_resume_equals_uninterrupted(tmp_path):
+    flags = ["--simulate", "2", "--masking", "backward", "--schedule", "constant", "--warmup", "0",
+             "--optimizer", "adamw"]
+    straight = train(tmp_path, "straight", *flags, "--steps", "4")
+    train(tmp_path, "stopped", *flags, "--steps", "2")
+    resumed = train(tmp_path, "stopped", *flags, "--steps", "4", "--resume")
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    for k in (n for n, _ in resnet18(width=4).named_parameters()):
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
