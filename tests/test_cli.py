@@ -217,3 +217,19 @@ def test_backward_masking_resume_equals_uninterrupted(tmp_path):
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     for k in (n for n, _ in resnet18(width=4).named_parameters()):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_backward_masking_on_two_processes_equals_its_simulation(tmp_path):
+    common = [*TINY, "--steps", "2", "--threads", "1", "--masking", "backward", "--coverage", "0.5",
+              "--optimizer", "adamw", "--schedule", "constant", "--warmup", "0"]
+    out = tmp_path / "procs"
+    cmd = [sys.executable, "-m", "subnetdp", "train", *common, "--workers", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sim = train(tmp_path, "sim", *common[len(TINY):], "--simulate", "2")
+    a, b = load_file(out / "model.safetensors"), load_file(sim / "model.safetensors")
+    for k in (n for n, _ in resnet18(width=4).named_parameters()):
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    procs, simulated = (json.loads((d / "summary.json").read_text()) for d in (out, sim))
+    assert procs["masking"] == "backward"
+    assert procs["comm_bytes_per_step_per_worker"] == simulated["comm_bytes_per_step_per_worker"]
