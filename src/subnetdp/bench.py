@@ -18,6 +18,9 @@ Two parts, each labelled in the output with what is measured and what is derived
      optimizer state sharded ``1/K`` (the full model's measured state / K), activations those of the
      full model (FSDP does not shrink them; measured DDP activations), plus the unsharded
      parameters of the largest block in flight. The torchrun part measures the local shard sizes.
+   - SDP with backward masking (``--masking backward`` or ``both``; docs/masking.md): each worker's
+     full model, trainable where it holds, measured the same way; predicted by
+     :func:`subnetdp.memory.predict_backward_worker`; its traffic adds the broadcasts of new values.
 
 2. **Communication and time per step under torchrun** (``--time-ranks N`` processes, gloo on CPU):
    all configurations built once, then run in interleaved rounds (order reversed every other round)
