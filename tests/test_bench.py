@@ -152,3 +152,23 @@ def test_gpu_measure_smoke_on_cpu(tmp_path):
     assert align["train_images"] == 64 and set(align["results"]) == {"block C=0.5", "neuron C=0.5"}
     for rows in align["results"].values():
         assert [r["step"] for r in rows] == [0, 2, 4] and all(-1 <= r["held"] <= 1 for r in rows)
+
+
+def test_memory_part_measures_backward_masking_per_worker():
+    part = memory_part(TINY, 2, [0.5], ["block", "neuron"], 1, torch.device("cpu"), log=lambda s: None,
+                       maskings=("backward",))
+    rows = {r["name"]: r for r in part["rows"]}
+    assert list(rows) == ["DDP", "DDP+ckpt", "FSDP2 (K=2)", "SDP backward block C=0.5", "SDP backward neuron C=0.5"]
+    n = sum(p.numel() for p in sd.materialize(_factory()).parameters())
+    ddp = rows["DDP"]["workers"][0]["measured"]
+    for name in ("SDP backward block C=0.5", "SDP backward neuron C=0.5"):
+        for w in rows[name]["workers"]:
+            assert w["measured"]["param_bytes"] == 4 * n  # every worker holds the full model
+            assert w["ratio"]["state_bytes"] == pytest.approx(1, rel=1e-3)
+            assert w["ratio"]["activation_bytes"] == pytest.approx(1, rel=1e-3)
+            assert w["measured"]["total_bytes"] <= ddp["total_bytes"]
+            # K=2, r=1: every unit is broadcast to the other worker after each step
+            sent = w["comm"]["broadcast_bytes"]
+            assert 0 < sent < w["comm"]["collective_bytes"] <= 4 * n + sent
+    block = rows["SDP backward block C=0.5"]["workers"]
+    assert all(w["measured"]["grad_bytes"] < 4 * n for w in block)

@@ -354,3 +354,55 @@ def test_shortcut_transitions_and_memory_balance_in_the_main_job(tmp_path):
     assert 0 <= json.loads((out / "summary.json").read_text())["final"]["test_acc"] <= 1
     params = train(tmp_path, "params", "--simulate", "4", "--coverage", "0.5", "--balance", "params", "--steps", "1")
     assert Plan.from_json((params / "plan.json").read_text()).balance == "params"
+def test_backward_masking_run_records_its_regime_and_assembles_any_workers_copy(tmp_path):
+    out = train(tmp_path, "bwd", "--simulate", "4", "--coverage", "0.5", "--level", "block", "--steps", "3",
+                "--masking", "backward")
+    summary = json.loads((out / "summary.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    assert config["masking"] == summary["masking"] == "backward"
+    # the full forward trained every block: no residual rescaling or BatchNorm recalibration at evaluation
+    assert summary["evaluation"] == {"residual_scaling": False, "bn_recalibrate": 0}
+    full = sum(p.numel() for p in resnet18(width=4).parameters())
+    assert all(m["param_bytes"] == full * 4 for m in summary["memory_per_worker"])  # every worker holds all
+    assert all(0 < m["grad_bytes"] < full * 4 for m in summary["memory_per_worker"])  # only held units have them
+    resnet18(width=4).load_state_dict(load_file(out / "model.safetensors"))
+
+
+def test_backward_masking_is_an_sdp_regime(tmp_path, capsys):
+    assert main(["train", *TINY, "--out", str(tmp_path / "x"), "--strategy", "ddp", "--masking", "backward"]) == 2
+    assert "--masking backward is an SDP regime" in capsys.readouterr().err
+
+
+def test_swin_trains_at_both_levels_from_the_zoo(tmp_path):
+    for level in ("block", "neuron"):
+        out = train(tmp_path, f"swin-{level}", "--model", "swin_t_cifar", "--width", "12", "--simulate", "2",
+                    "--coverage", "0.5", "--level", level, "--steps", "2", "--optimizer", "adamw")
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["model"] == "swin_t_cifar" and 0 <= summary["final"]["test_acc"] <= 1
+
+
+def test_backward_masking_resume_equals_uninterrupted(tmp_path):
+    flags = ["--simulate", "2", "--masking", "backward", "--schedule", "constant", "--warmup", "0",
+             "--optimizer", "adamw"]
+    straight = train(tmp_path, "straight", *flags, "--steps", "4")
+    train(tmp_path, "stopped", *flags, "--steps", "2")
+    resumed = train(tmp_path, "stopped", *flags, "--steps", "4", "--resume")
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    for k in (n for n, _ in resnet18(width=4).named_parameters()):
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_backward_masking_on_two_processes_equals_its_simulation(tmp_path):
+    common = [*TINY, "--steps", "2", "--threads", "1", "--masking", "backward", "--coverage", "0.5",
+              "--optimizer", "adamw", "--schedule", "constant", "--warmup", "0"]
+    out = tmp_path / "procs"
+    cmd = [sys.executable, "-m", "subnetdp", "train", *common, "--workers", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sim = train(tmp_path, "sim", *common[len(TINY):], "--simulate", "2")
+    a, b = load_file(out / "model.safetensors"), load_file(sim / "model.safetensors")
+    for k in (n for n, _ in resnet18(width=4).named_parameters()):
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    procs, simulated = (json.loads((d / "summary.json").read_text()) for d in (out, sim))
+    assert procs["masking"] == "backward"
+    assert procs["comm_bytes_per_step_per_worker"] == simulated["comm_bytes_per_step_per_worker"]

@@ -151,17 +151,6 @@ def test_activations_scale_with_the_batch():
     assert small.predict(p, 0, batch_size=4) == pytest.approx(large.predict(p, 0), rel=0.01)
 
 
-def _checkpoint_blocks(sub: nn.Module, p: sd.Plan, worker: int) -> nn.Module:
-    """Every block ``worker`` runs under non-reentrant checkpointing, as ``subnetdp.bench.checkpointed`` wraps
-    a full model's blocks (discovery finds no blocks in a subnetwork whose stages lost a block, so they are named)."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
-
-    dropped = {b.name for b in p.dropped_blocks(worker)}
-    running = {id(sub.get_submodule(b.name)) for b in p.blocks if b.name not in dropped}
-    apply_activation_checkpointing(sub, check_fn=lambda m: id(m) in running)
-    return sub
-
-
 MEMORY_CASES = [
     ("resnet-keep", image_workload(width=4), 4, "sgd-momentum", "block", "keep"),
     ("resnet-shortcut", image_workload(width=4), 4, "sgd-momentum", "block", "shortcut"),
@@ -183,9 +172,7 @@ def test_memory_balanced_plans_predict_accounted_bytes_with_and_without_checkpoi
                     transitions=transitions, activation_checkpointing=checkpointing)
     assert p.balance == "memory" and {len(p.holders(u)) for u in p.units} == {2}
     for k in range(p.workers):
-        sub = sd.build_subnetwork(w.factory, p, k)
-        if checkpointing:
-            sub = _checkpoint_blocks(sub, p, k)
+        sub = sd.build_subnetwork(w.factory, p, k, checkpointing="blocks" if checkpointing else None)
         m = measure_step(sub, make_optimizer(optimizer, sub.parameters()), data, w.loss_fn)
         pred = predict_worker(p, k, optimizer, profile, batch, activation_checkpointing=checkpointing)
         assert m["activation_bytes"] == pytest.approx(pred["activation_bytes"], rel=0.10), k
@@ -227,3 +214,27 @@ def test_memory_balance_keeps_uniform_representation_and_a_worst_worker_near_the
     assert "balanced on memory" in text and "worst/mean" in text and "spread" in text
     again = sd.Plan.from_json(p.to_json())  # the balanced costs travel with the plan (plan.json of a run)
     assert again == p and again.balance_stats() == p.balance_stats()
+@pytest.mark.parametrize("name,w,batch,optimizer", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("level", ["block", "neuron"])
+def test_backward_masking_prediction_matches_measurement_per_worker(name, w, batch, optimizer, level):
+    """Full parameters, held-fraction gradients and state, the full forward minus weight-only saves."""
+    from subnetdp.masking import build_backward_worker
+    from subnetdp.memory import predict_backward_worker, profile_weight_grads
+
+    cpu = torch.device("cpu")
+    data = w.make_batch(batch, cpu, 0)
+    profile = profile_activations(w.factory, data, w.loss_fn, batch)
+    p = sd.plan(w.factory, 4, 0.5, level)
+    weight_grads = profile_weight_grads(w.factory, data, w.loss_fn, p)
+    for k in range(p.workers):
+        model = build_backward_worker(w.factory, p, k)
+        m = measure_step(model, make_optimizer(optimizer, model.parameters()), data, w.loss_fn)
+        pred = predict_backward_worker(p, k, optimizer, profile, weight_grads, batch)
+        assert m["param_bytes"] == pred["param_bytes"] == 4 * p.total_params
+        assert m["grad_bytes"] == pred["grad_bytes"]
+        assert m["state_bytes"] == pytest.approx(pred["state_bytes"], rel=1e-3)  # AdamW's step counters
+        assert m["activation_bytes"] == pytest.approx(pred["activation_bytes"], rel=0.15), k
+        assert m["activation_bytes"] == pytest.approx(pred["activation_bytes"], rel=1e-3), k  # and in fact exact
+        assert m["activation_bytes"] <= profile.total
+        if level == "block":
+            assert m["grad_bytes"] == 4 * p.param_count(k)

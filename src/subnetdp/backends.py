@@ -75,7 +75,7 @@ class SimulatedSDP:
         self.cfg, self.plan = cfg, plan
         self.sim = Simulation(factory, plan, lambda ps: make_optimizer(cfg, ps), seed=cfg.seed, device=device,
                               neuron_scaling=cfg.neuron_scaling, sync=cfg.sync, sync_every=cfg.sync_every,
-                              checkpointing=cfg.checkpointing)
+                              checkpointing=cfg.checkpointing, masking=cfg.masking)
         for w in self.sim.workers:
             _channels_last(cfg, w, device)
         self.schedulers = [make_scheduler(cfg, o, total) for o in self.sim.optimizers]
@@ -101,10 +101,16 @@ class SimulatedSDP:
         return self.sim.full_state_dict()
 
     def comm_bytes_per_step(self) -> list[int]:
-        """Per worker: bytes it would hand to collectives per sync (its elements held by others too)."""
+        """Per worker: bytes it would hand to collectives per sync (its elements held by others too).
+
+        Under backward masking, plus the broadcast after each step (every element some worker lacks).
+        """
         out = []
         for k in range(self.plan.workers):
             shared = sum(b.numel for b in self.sim._grad_buckets[k].values() if len(b.holders) > 1)
+            if self.cfg.masking == "backward":
+                shared += sum(b.numel for b in self.sim._value_buckets[k].values()
+                              if len(b.holders) < self.plan.workers)
             out.append(shared * 4)
         return out
 
@@ -147,7 +153,7 @@ class Distributed:
             assert plan is not None
             self.sdp = SubnetDataParallel(factory, plan, seed=cfg.seed, device=device, sync=cfg.sync,
                                           sync_every=cfg.sync_every, neuron_scaling=cfg.neuron_scaling,
-                                          checkpointing=cfg.checkpointing)
+                                          checkpointing=cfg.checkpointing, masking=cfg.masking)
             _channels_last(cfg, self.sdp.module, device)
             model: nn.Module = self.sdp
         else:
@@ -166,7 +172,7 @@ class Distributed:
                 model = nn.parallel.DistributedDataParallel(base, device_ids=ids)
         self.model = model
         self.opt = make_optimizer(cfg, model.parameters())
-        if self.sdp is not None and cfg.sync == "params":
+        if self.sdp is not None and (cfg.sync == "params" or cfg.masking == "backward"):
             self.sdp.attach_optimizer(self.opt)
         self.scheduler = make_scheduler(cfg, self.opt, total)
         self.models = [model]

@@ -22,6 +22,9 @@ Two parts, each labelled in the output with what is measured and what is derived
    - FSDP2 + checkpointing: derived the same way, with DDP+ckpt's measured activations.
    - SDP + checkpointing (``SDP+ckpt``): each worker's subnetwork with every block it has
      checkpointed (``build_subnetwork(..., checkpointing="blocks")``), measured like SDP.
+   - SDP with backward masking (``--masking backward`` or ``both``; docs/masking.md): each worker's
+     full model, trainable where it holds, measured the same way; predicted by
+     :func:`subnetdp.memory.predict_backward_worker`; its traffic adds the broadcasts of new values.
 
 2. **Communication and time per step under torchrun** (``--time-ranks N`` processes, gloo on CPU):
    all configurations built once, then run in interleaved rounds (order reversed every other round)
@@ -68,10 +71,13 @@ from subnetdp.memory import (
     image_workload,
     make_optimizer,
     measure_step,
+    predict_backward_worker,
     predict_worker,
     profile_activations,
+    profile_weight_grads,
     text_workload,
 )
+from subnetdp.masking import broadcast_buckets, build_backward_worker, full_buckets, held_buckets
 from subnetdp.plan import Plan, plan
 from subnetdp.subnet import build_subnetwork
 from subnetdp.units import find_blocks
@@ -146,14 +152,15 @@ def _ratios(measured: dict[str, Any], predicted: dict[str, int]) -> dict[str, fl
 def memory_part(spec: dict[str, Any], workers: int, coverages: Sequence[float], levels: Sequence[str],
                 repeats: int, device: torch.device, seed: int = 0, log=print,
                 checkpointing: Sequence[str] = ("none", "blocks"), *,
-                transitions: str = DEFAULT_TRANSITIONS, balance: str = "memory", old_default: bool = True
-                ) -> dict[str, Any]:
+                transitions: str = DEFAULT_TRANSITIONS, balance: str = "memory", old_default: bool = True,
+                maskings: Sequence[str] = ("forward",)) -> dict[str, Any]:
     """Memory per worker of every strategy for one workload (see the module docstring).
 
     SDP plans are made as the main job makes them (``balance``, ``transitions``); with ``old_default``
     block level is measured once more with the former defaults (transitions kept, parameter balance).
     ``checkpointing`` says which SDP variants to measure: without (``"none"``) and with activation
-    checkpointing of every block a worker has (``"blocks"``, rows ``SDP+ckpt ...``).
+    checkpointing of every block a worker has (``"blocks"``, rows ``SDP+ckpt ...``). ``maskings``
+    adds backward-masking rows (``"backward"``) beside forward masking's (``"forward"``).
     """
     w = workload_from_spec(spec)
     batch_size, opt_name = spec["batch"], spec["optimizer"]
@@ -212,7 +219,7 @@ def memory_part(spec: dict[str, Any], workers: int, coverages: Sequence[float], 
     variants = [(level, transitions, balance, "") for level in levels]
     if old_default and "block" in levels and (transitions, balance) != ("keep", "params"):
         variants.append(("block", "keep", "params", " (old default: keep, params)"))
-    for ckpt_mode in checkpointing:
+    for ckpt_mode in checkpointing if "forward" in maskings else ():
         ckpt = ckpt_mode == "blocks"
         for level, trans, bal, label in variants:
             if ckpt and label:  # the old default is shown without checkpointing only
@@ -231,11 +238,57 @@ def memory_part(spec: dict[str, Any], workers: int, coverages: Sequence[float], 
                 add(f"{sdp_name(ckpt)} {level} C={c:g}{label}", "sdp", level, c, per_worker,
                     "measured (each worker's subnetwork step" + (", every block it has checkpointed" if ckpt else "")
                     + f"); plan: balance={bal}" + (f", transitions={trans}" if level == "block" else ""), ckpt=ckpt)
+    if "backward" in maskings:
+        rows += backward_rows(w, batch, batch_size, opt_name, profile, workers, coverages, levels, repeats, device,
+                              seed, log)
     return {"workload": w.name, "spec": spec, "profile": _profile_json(profile), "rows": rows}
 
 
 def sdp_name(checkpointing: bool) -> str:
     return "SDP+ckpt" if checkpointing else "SDP"
+
+
+def backward_rows(w: Workload, batch: Any, batch_size: int, opt_name: str, profile: ActivationProfile, workers: int,
+                  coverages: Sequence[float], levels: Sequence[str], repeats: int, device: torch.device, seed: int,
+                  log=print) -> list[dict[str, Any]]:
+    """Backward masking: each worker's full model, trainable where it holds, measured like the others."""
+    rows = []
+    for level in levels:
+        weight_grads = None
+        for c in coverages:
+            p = plan(w.factory, workers, c, level, seed)
+            if weight_grads is None:  # units do not depend on the coverage
+                weight_grads = profile_weight_grads(w.factory, batch, w.loss_fn, p, seed=seed, device=device)
+            per_worker = []
+            for k in range(workers):
+                model = build_backward_worker(w.factory, p, k, seed=seed, device=device)
+                m = _measure(model, opt_name, batch, w, repeats, device)
+                pr = predict_backward_worker(p, k, opt_name, profile, weight_grads, batch_size)
+                per_worker.append({"worker": k, "measured": m, "predicted": pr, "ratio": _ratios(m, pr),
+                                   "param_fraction": p.param_count(k) / p.total_params,
+                                   "comm": backward_traffic(model, p, k)})
+                del model
+            name = f"SDP backward {level} C={c:g}"
+            rows.append({"name": name, "strategy": "sdp-backward", "level": level, "coverage": c,
+                         "basis": "measured (each worker's full model, trainable where it holds)",
+                         "workers": per_worker})
+            worst = max(per_worker, key=lambda r: r["measured"]["total_bytes"])
+            log(f"  {name:<24} worst worker total {worst['measured']['total_bytes'] / 2**20:8.2f} MiB "
+                f"(activations {worst['measured']['activation_bytes'] / 2**20:.2f} MiB)")
+    return rows
+
+
+def backward_traffic(module: nn.Module, p: Plan, worker: int, bytes_per_element: int = 4) -> dict[str, float]:
+    """Per-step traffic of ``worker`` under backward masking: held gradients' all-reduces plus the broadcasts.
+
+    ``ring_bytes`` counts a ring all-reduce as ``2 (n-1)/n`` and a (pipelined) broadcast as 1 per element.
+    """
+    every = full_buckets(module, p)
+    reduced = [b for b in held_buckets(every, worker).values() if len(b.holders) > 1]
+    sent = sum(b.numel for b in broadcast_buckets(every, p.workers).values()) * bytes_per_element
+    handed = sum(b.numel for b in reduced) * bytes_per_element
+    ring = sum(2 * (len(b.holders) - 1) / len(b.holders) * b.numel * bytes_per_element for b in reduced)
+    return {"collective_bytes": handed + sent, "ring_bytes": ring + sent, "broadcast_bytes": sent}
 
 
 def bucket_traffic(module: nn.Module, p: Plan, worker: int, bytes_per_element: int = 4) -> dict[str, float]:
@@ -557,18 +610,21 @@ def plot(part: dict[str, Any], timing: dict[str, Any] | None, out: Path, stem: s
 
     fig, axes = plt.subplots(1, 2 if timing else 1, figsize=(9 if timing else 5, 3.4), dpi=90, squeeze=False)
     ax = axes[0][0]
-    sdp_lines = sorted({(r["level"], r.get("checkpointing", False)) for r in rows if r["level"]})
-    for level, ckpt in sdp_lines:
-        mine = [r for r in rows if r["level"] == level and r.get("checkpointing", False) == ckpt]
+    sdp_lines = sorted({(r["strategy"], r["level"], r.get("checkpointing", False), "old default" in r["name"])
+                        for r in rows if r["level"]})
+    for strategy, level, ckpt, old in sdp_lines:
+        mine = [r for r in rows if (r["strategy"], r["level"], r.get("checkpointing", False),
+                                    "old default" in r["name"]) == (strategy, level, ckpt, old)]
         pts = sorted((r["coverage"], worst_worker(r)["measured"]["total_bytes"] / 2**20,
                       worst_worker(r)["predicted"].get("total_bytes", 0) / 2**20) for r in mine)
-        name = f"{sdp_name(ckpt)} {level}"
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if not ckpt else "s-", label=f"{name} (measured)")
+        name = ("SDP backward" if strategy == "sdp-backward" else sdp_name(ckpt)) + f" {level}" + (" (old default)" if old else "")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "s-" if (ckpt or strategy != "sdp") else ("^-" if old else "o-"),
+                label=f"{name} (measured)")
         if all(p[2] for p in pts):
             ax.plot([p[0] for p in pts], [p[2] for p in pts], "x--", color=ax.lines[-1].get_color(), alpha=0.6,
                     label=f"{name} (predicted)")
     for r in rows:
-        if r["strategy"] != "sdp":
+        if r["strategy"] not in ("sdp", "sdp-backward"):
             ax.axhline(worst_worker(r)["measured"]["total_bytes"] / 2**20, color="k" if not r.get("checkpointing") else "C7",
                        lw=1, linestyle={"ddp": "-", "ddp-ckpt": ":", "fsdp": "-."}[r["strategy"]],
                        label=r["name"] + (" (derived)" if r["strategy"] == "fsdp" else ""))
@@ -615,6 +671,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--levels", default="block,neuron", help="comma-separated SDP levels")
     p.add_argument("--sdp-checkpointing", default="both", choices=("none", "blocks", "both"),
                    help="SDP rows without activation checkpointing, with it (SDP+ckpt), or both")
+    p.add_argument("--masking", default="forward", choices=("forward", "backward", "both"),
+                   help="SDP regime(s) of the memory part; backward adds its rows (docs/masking.md)")
     p.add_argument("--repeats", type=int, default=3, help="measured steps per worker in the memory part")
     p.add_argument("--transitions", choices=("keep", "shortcut"), default=DEFAULT_TRANSITIONS,
                    help="SDP block plans of the memory part (the old default, keep with params balance, is "
@@ -665,8 +723,9 @@ def run_bench(args: argparse.Namespace, log=print) -> dict[str, Any]:
     md = [f"Machine: {result['meta']['machine']}, torch {torch.__version__}, {torch.get_num_threads()} threads "
           f"in the memory part."]
     for spec in workload_specs(args):
+        maskings = ("forward", "backward") if args.masking == "both" else (args.masking,)
         part = memory_part(spec, args.workers, coverages, levels, args.repeats, device, args.seed, log, ckpt_modes,
-                           transitions=args.transitions, balance=args.balance)
+                           transitions=args.transitions, balance=args.balance, maskings=maskings)
         timing = None
         if args.time_ranks:
             log(f"  timing under torchrun, {args.time_ranks} ranks ...")

@@ -29,7 +29,8 @@ class ConfigError(ValueError):
 class TrainConfig:
     # what to train
     model: str = field(default="resnet18", metadata={"help": f"zoo model ({', '.join(MODELS)}) or 'module:callable'"})
-    width: int | None = field(default=None, metadata={"help": "ResNet base width (resnet18 default 64)"})
+    width: int | None = field(default=None, metadata={
+        "help": "ResNet base width (resnet18 default 64); swin_t_cifar embedding width (default 96)"})
     dataset: str = field(default="cifar10-jpeg", metadata={
         "help": f"{', '.join(VISION_DATASETS)}, tinyshakespeare, a UTF-8 text file/folder, or a token file "
                 "(subnetdp.data.write_token_file; memory-mapped)"})
@@ -60,6 +61,9 @@ class TrainConfig:
     sync: str = field(default="grads", metadata={"help": "SDP sync: grads (every step) or params (every --sync-every steps)"})
     sync_every: int = field(default=1, metadata={"help": "steps between parameter averages with --sync params"})
     neuron_scaling: str = field(default="inverted", metadata={"help": "neuron level: inverted (scale kept width by 1/C) or none"})
+    masking: str = field(default="forward", metadata={
+        "help": "SDP regime: forward (units not held are absent) or backward (full forward on every worker, "
+                "gradients and updates only for held units; docs/masking.md)"})
     seed: int = field(default=0, metadata={"help": "seed for init, plan and data"})
     # recipe
     epochs: float = field(default=1.0, metadata={"help": "epochs (text: --steps-per-epoch steps each)"})
@@ -116,6 +120,8 @@ class TrainConfig:
         if self.out:
             return Path(self.out)
         tag = f"{self.strategy}-{self.level}-C{self.coverage:g}" if self.strategy == "sdp" else self.strategy
+        if self.strategy == "sdp" and self.masking == "backward":
+            tag += "-backward"
         return Path("runs") / f"{tag}-{self.model.replace(':', '_')}-s{self.seed}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -152,6 +158,11 @@ def validate(cfg: TrainConfig) -> None:
     _choice("transitions", cfg.transitions, ("keep", "shortcut"))
     _choice("balance", cfg.balance, ("memory", "params"))
     _choice("neuron-scaling", cfg.neuron_scaling, ("inverted", "none"))
+    _choice("masking", cfg.masking, ("forward", "backward"))
+    if cfg.masking == "backward" and cfg.strategy != "sdp":
+        raise ConfigError(f"--masking backward is an SDP regime; --strategy {cfg.strategy} has no masking")
+    if cfg.masking == "backward" and cfg.sync != "grads":
+        raise ConfigError("--masking backward averages gradients every step; use --sync grads")
     _choice("optimizer", cfg.optimizer, ("sgd", "adamw"))
     _choice("schedule", cfg.schedule, ("cosine", "onecycle", "constant"))
     _choice("device", cfg.device, ("auto", "cpu", "cuda"))
@@ -210,8 +221,8 @@ def validate(cfg: TrainConfig) -> None:
     elif cfg.model.startswith("llama"):
         raise ConfigError(f"--model {cfg.model} is a language model but --dataset {cfg.dataset} is images; "
                           "use --dataset tinyshakespeare or a text file")
-    if cfg.width is not None and cfg.model not in ("resnet18", "resnet50"):
-        raise ConfigError(f"--width applies to resnet18 and resnet50, not {cfg.model}")
+    if cfg.width is not None and cfg.model not in ("resnet18", "resnet50", "swin_t_cifar"):
+        raise ConfigError(f"--width applies to resnet18, resnet50 and swin_t_cifar (embedding width), not {cfg.model}")
 
 
 def load_file(path: str | Path) -> dict[str, Any]:

@@ -26,6 +26,14 @@ from torch import nn
 from subnetdp.assemble import assemble_state_dict
 from subnetdp.buckets import Bucket, Entry, build_buckets
 from subnetdp.init import ModelFactory, structure_of
+from subnetdp.masking import (
+    broadcast_buckets,
+    buffer_bucket,
+    build_backward_worker,
+    check_masking,
+    full_buckets,
+    held_buckets,
+)
 from subnetdp.plan import Plan
 from subnetdp.subnet import build_subnetwork
 
@@ -55,6 +63,7 @@ class CommStats:
     wait_s: float = 0.0
     syncs: int = 0
     per_step_bytes: list[int] = field(default_factory=list)
+    broadcast_bytes: int = 0  # backward masking: the holders' new values sent after each step (in ``bytes`` too)
 
 
 @dataclass
@@ -100,6 +109,10 @@ class SubnetDataParallel(nn.Module):
 
     ``checkpointing="blocks"`` recomputes each of the subnetwork's blocks in backward instead of
     keeping its activations (see :func:`subnetdp.build_subnetwork`); the math is unchanged.
+
+    ``masking="backward"`` holds the full model on every rank and trains only the held units (see
+    :mod:`subnetdp.masking`); attach the optimizer with :meth:`attach_optimizer`, so that after
+    each step the holders' new values reach the other ranks.
     """
 
     def __init__(
@@ -115,6 +128,7 @@ class SubnetDataParallel(nn.Module):
         checkpointing: str | None = None,
         bucket_elements: int = DEFAULT_BUCKET_ELEMENTS,
         measure: bool = False,
+        masking: str = "forward",
     ) -> None:
         super().__init__()
         if not dist.is_initialized():
@@ -125,9 +139,11 @@ class SubnetDataParallel(nn.Module):
             raise ValueError(f"sync={sync!r}: choose one of {SYNC_MODES}")
         if sync_every < 1:
             raise ValueError(f"sync_every={sync_every}: need a positive number of steps")
+        check_masking(masking, sync)
+        self.masking = masking
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         structure = structure_of(model)[0]
-        self._agree(plan, structure, seed, sync, sync_every, neuron_scaling)
+        self._agree(plan, structure, seed, sync, sync_every, neuron_scaling, masking)
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
         self.plan, self.sync, self.sync_every, self.measure = plan, sync, sync_every, measure
@@ -135,14 +151,25 @@ class SubnetDataParallel(nn.Module):
         # The full model's meta structure (for assembling), kept out of the module tree: registered as a
         # submodule it would add the full model's (meta) parameters to parameters() and state_dict().
         self.__dict__["structure"] = structure
-        self.module = build_subnetwork(model, plan, self.rank, seed=seed, device=device,
-                                       neuron_scaling=neuron_scaling, checkpointing=checkpointing)
+        self._broadcast: dict[tuple[int, ...], Bucket] = {}
+        self._optimizer_attached = False
+        if masking == "backward":
+            self.module = build_backward_worker(model, plan, self.rank, seed=seed, device=device,
+                                                checkpointing=checkpointing)
+        else:
+            self.module = build_subnetwork(model, plan, self.rank, seed=seed, device=device,
+                                           neuron_scaling=neuron_scaling, checkpointing=checkpointing)
         self.stats = CommStats()
         self._groups = self._make_groups(plan)
         order = {n: i for i, (n, _) in enumerate(plan.tensors)}
         params = dict(self.module.named_parameters())
         self._chunks: list[_Chunk] = []
-        self._all_buckets = build_buckets(self.module, plan, self.rank)
+        if masking == "backward":
+            every = full_buckets(self.module, plan)
+            self._all_buckets = list(held_buckets(every, self.rank).values())
+            self._broadcast = broadcast_buckets(every, self.world_size)
+        else:
+            self._all_buckets = build_buckets(self.module, plan, self.rank)
         for b in self._all_buckets:
             if len(b.holders) < 2:
                 continue  # held by this rank alone: nothing to average
@@ -150,7 +177,13 @@ class SubnetDataParallel(nn.Module):
                 members = list({id(params[e.name]): params[e.name] for e in piece.entries}.values())
                 self._chunks.append(_Chunk(key, piece, self._groups[b.holders], members))
         self._chunks.sort(key=lambda c: c.key)
-        self._buffer_buckets = [b for b in build_buckets(self.module, plan, self.rank, "buffers") if len(b.holders) > 1]
+        if masking == "backward":  # every rank computes every buffer in its full forward
+            whole = buffer_bucket(self.module, self.world_size)
+            self._buffer_buckets = [whole] if whole is not None and self.world_size > 1 else []
+            self._groups.setdefault(tuple(range(self.world_size)), dist.group.WORLD)
+        else:
+            self._buffer_buckets = [b for b in build_buckets(self.module, plan, self.rank, "buffers")
+                                    if len(b.holders) > 1]
         self._chunks_of: dict[int, list[_Chunk]] = {}
         for c in self._chunks:
             for p in c.params:
@@ -166,7 +199,8 @@ class SubnetDataParallel(nn.Module):
                     p.register_post_accumulate_grad_hook(self._on_grad_ready)
 
     # ---- setup ------------------------------------------------------------------------------------
-    def _agree(self, plan: Plan, structure: nn.Module, seed: int, sync: str, every: int, scaling: str) -> None:
+    def _agree(self, plan: Plan, structure: nn.Module, seed: int, sync: str, every: int, scaling: str,
+               masking: str = "forward") -> None:
         """Every rank checks the same facts and raises the same error, so nothing hangs."""
         mine = {
             "plan": plan.digest(),
@@ -174,11 +208,12 @@ class SubnetDataParallel(nn.Module):
             "plan architecture": plan_architecture_digest(plan, type(structure).__qualname__),
             "plan workers": plan.workers,
             "options": (seed, sync, every, scaling),
+            "masking": masking,
         }
         everyone: list[dict] = [None] * self.world_size  # type: ignore[list-item]
         dist.all_gather_object(everyone, mine)
         problems = []
-        for key in ("plan", "architecture", "options"):
+        for key in ("plan", "architecture", "options", "masking"):
             values = [d[key] for d in everyone]
             if len(set(map(str, values))) > 1:
                 problems.append(f"ranks disagree on the {key}: " + ", ".join(f"rank {r}: {v}" for r, v in enumerate(values)))
@@ -202,6 +237,9 @@ class SubnetDataParallel(nn.Module):
 
     # ---- the usual nn.Module surface --------------------------------------------------------------
     def forward(self, *args: object, **kwargs: object) -> object:
+        if self.masking == "backward" and not self._optimizer_attached and torch.is_grad_enabled():
+            raise RuntimeError("masking='backward' needs sdp.attach_optimizer(optimizer) before training: after "
+                               "each optimizer step the holders' new values must reach the other ranks")
         return self.module(*args, **kwargs)
 
     @contextlib.contextmanager
@@ -264,8 +302,36 @@ class SubnetDataParallel(nn.Module):
         self._callback_queued = False
 
     def predicted_bytes_per_sync(self) -> int:
-        """Bytes this rank hands to collectives per sync: its elements held by more than one worker."""
-        return sum(c.bucket.numel for c in self._chunks) * 4
+        """Bytes this rank hands to collectives per sync: its elements held by more than one worker.
+
+        Under backward masking, plus the broadcast after each step: every element some rank does not hold.
+        """
+        return (sum(c.bucket.numel for c in self._chunks) + sum(b.numel for b in self._broadcast.values())) * 4
+
+    @torch.no_grad()
+    def broadcast_parameters(self) -> None:
+        """Backward masking: each holder set's new values go from its lowest holder to every rank.
+
+        One broadcast per holder set over the world: every non-holder needs the values, and a
+        broadcast moves each element once, where an all-reduce of zero-filled buffers would move
+        it about twice and needs the zeros. Holders receive values they already have.
+        """
+        start = time.perf_counter()
+        works = []
+        for h, b in self._broadcast.items():  # same order on every rank
+            flat = b.gather(grads=False)
+            works.append((h, b, flat, dist.broadcast(flat, src=h[0], async_op=True)))
+            nbytes = flat.numel() * flat.element_size()
+            self.stats.bytes += nbytes
+            self.stats.broadcast_bytes += nbytes
+            if self.stats.per_step_bytes:
+                self.stats.per_step_bytes[-1] += nbytes
+            self.stats.calls += 1
+        for h, b, flat, work in works:
+            work.wait()
+            if self.rank not in h:
+                b.scatter(flat, grads=False)
+        self.stats.wait_s += time.perf_counter() - start
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> float:
@@ -304,9 +370,21 @@ class SubnetDataParallel(nn.Module):
         self._record_sync()
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """In ``sync="params"`` mode: average parameters after every ``sync_every`` optimizer steps."""
+        """In ``sync="params"`` mode: average parameters after every ``sync_every`` optimizer steps.
+
+        Under ``masking="backward"``: send the holders' new values to the other ranks after every step.
+        """
+        if self.masking == "backward":
+            def broadcast_after(_opt: torch.optim.Optimizer, _args: tuple, _kwargs: dict) -> None:
+                self._optimizer_steps += 1
+                self.broadcast_parameters()
+
+            optimizer.register_step_post_hook(broadcast_after)
+            self._optimizer_attached = True
+            return
         if self.sync != "params":
-            raise ValueError("attach_optimizer is for sync='params'; gradient sync needs no optimizer hook")
+            raise ValueError("attach_optimizer is for sync='params' or masking='backward'; "
+                             "gradient sync needs no optimizer hook")
 
         def after_step(_opt: torch.optim.Optimizer, _args: tuple, _kwargs: dict) -> None:
             self._optimizer_steps += 1
@@ -332,6 +410,10 @@ class SubnetDataParallel(nn.Module):
         Each element travels once, from its lowest-numbered holder. Collective: call on every rank.
         """
         self.average_buffers()
+        if self.masking == "backward":  # every rank holds the full model, identical after each step
+            if self.rank != 0:
+                return None
+            return {n: t.detach().cpu().clone() for n, t in self.module.state_dict().items()}
         tmap = self.plan.tensor_map(self.rank)
         state = self.module.state_dict()
         where: dict[str, tuple[int, list[int]] | None] = {}

@@ -680,3 +680,94 @@ def memory_plan(model: nn.Module | ModelFactory, workers: int, coverage: float, 
     costs, kept = memory_cost(base, profile, optimizer, batch_size, activation_checkpointing)
     return plan_units(model, workers, coverage, level, seed, cost=lambda u: costs[u.index], balance="memory",
                       kept_cost=kept, **plan_kwargs)
+# ---- backward masking (docs/masking.md) ----------------------------------------------------------------
+def _frozen_sets(plan: Plan) -> dict[str, list[str]]:
+    """Per unit key (block name, or width group at neuron level): the parameters it would freeze."""
+    if plan.level == "block":
+        out: dict[str, list[str]] = {u.name: [] for u in plan.units}
+        for name in plan.params:
+            unit = plan.block_of(name)
+            if unit is not None:
+                out[unit.name].append(name)
+        return out
+    return {g.name: [s.tensor for s in g.slices if s.tensor in set(plan.params)] for g in plan.groups}
+
+
+def profile_weight_grads(model: nn.Module | ModelFactory, batch: Any, loss_fn: LossFn, plan: Plan,
+                         *, seed: int = 0, device: torch.device | str = "cpu") -> dict[str, int]:
+    """Saved bytes that only the weight gradients of each unit need, measured on the full model.
+
+    For each block (or width group), the full forward's saved bytes with and without that unit's
+    parameters requiring gradients; the difference is what backward masking saves on a worker that
+    does not hold it (inputs of linear layers and convolutions that nothing else saves). One forward
+    per unit at the batch of ``batch``.
+    """
+    full = model if isinstance(model, nn.Module) and not _is_meta(model) else materialize(model, seed, device)
+    full.train()
+    params = dict(full.named_parameters())
+
+    def saved() -> int:
+        with SavedTensorMeter(full) as meter:
+            loss = _loss_of(loss_fn(full, batch))
+        del loss
+        return meter.activation_bytes
+
+    base = saved()
+    out = {}
+    for key, names in _frozen_sets(plan).items():
+        for n in names:
+            params[n].requires_grad_(False)
+        try:
+            out[key] = base - saved()
+        finally:
+            for n in names:
+                params[n].requires_grad_(True)
+    return out
+
+
+def backward_trainable_elements(plan: Plan, worker: int) -> int:
+    """Parameter elements that require gradients on ``worker`` under backward masking.
+
+    Block level: exactly the worker's parameters in the plan. Neuron level: every tensor with a held
+    element, whole (a partly held tensor has a full-size gradient whose other slices are zeroed).
+    """
+    if plan.level == "block":
+        return plan.param_count(worker)
+    tmap = plan.tensor_map(worker)
+    return sum(_prod(plan.shapes[n]) for n in plan.params
+               if n in tmap and (tmap[n] is None or len(tmap[n][1]) > 0))
+
+
+def _prod(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def predict_backward_worker(plan: Plan, worker: int, optimizer: str, profile: ActivationProfile | None = None,
+                            weight_grads: dict[str, int] | None = None,
+                            batch_size: int | None = None) -> dict[str, int]:
+    """Bytes of ``worker`` under backward masking: the full model's parameters, gradients and optimizer
+    state of its trainable elements (:func:`backward_trainable_elements`), and the full forward's
+    activations minus what only the weight gradients of the units it does not train would save
+    (``weight_grads`` from :func:`profile_weight_grads`; a neuron-level group counts only when the
+    worker holds none of it).
+    """
+    if optimizer not in OPTIMIZER_STATES:
+        raise ValueError(f"optimizer {optimizer!r} unknown; choose one of {sorted(OPTIMIZER_STATES)}")
+    trained = backward_trainable_elements(plan, worker) * BYTES_PER_ELEMENT
+    out = {"param_bytes": plan.total_params * BYTES_PER_ELEMENT, "grad_bytes": trained,
+           "optimizer_bytes": trained * OPTIMIZER_STATES[optimizer]}
+    out["state_bytes"] = out["param_bytes"] + out["grad_bytes"] + out["optimizer_bytes"]
+    if profile is not None:
+        scale = (batch_size or profile.batch_size) / profile.batch_size
+        if plan.level == "block":
+            idle = [u.name for u in plan.units if not plan.holds(worker, u)]
+        else:
+            held = {u.group for u in plan.units_of(worker)}
+            idle = [g.name for g in plan.groups if g.name not in held]
+        spared = sum((weight_grads or {}).get(key, 0) for key in idle)
+        out["activation_bytes"] = round((profile.total - spared) * scale)
+        out["total_bytes"] = out["state_bytes"] + out["activation_bytes"]
+    return out

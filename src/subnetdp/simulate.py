@@ -11,6 +11,14 @@ from torch import nn
 from subnetdp.assemble import assemble_state_dict
 from subnetdp.buckets import Bucket, build_buckets
 from subnetdp.init import ModelFactory, structure_of
+from subnetdp.masking import (
+    broadcast_buckets,
+    buffer_bucket,
+    build_backward_worker,
+    check_masking,
+    full_buckets,
+    held_buckets,
+)
 from subnetdp.plan import Plan
 from subnetdp.subnet import build_subnetwork
 
@@ -32,8 +40,9 @@ class Simulation:
     """``plan.workers`` SDP workers in one process, each with its subnetwork, optimizer and data.
 
     Same math as :class:`subnetdp.SubnetDataParallel`, including ``sync="params"`` (average
-    parameters over holders every ``sync_every`` steps instead of gradients every step), and
-    ``checkpointing="blocks"`` (activation checkpointing of every block a worker has).
+    parameters over holders every ``sync_every`` steps instead of gradients every step),
+    ``checkpointing="blocks"`` (activation checkpointing of every block a worker has) and
+    ``masking="backward"`` (full forward on every worker; see :mod:`subnetdp.masking`).
 
     >>> sim = Simulation(factory, plan, lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))
     >>> losses = sim.step(batches, lambda model, batch: F.cross_entropy(model(batch[0]), batch[1]))
@@ -52,11 +61,16 @@ class Simulation:
         sync: str = "grads",
         sync_every: int = 1,
         checkpointing: str | None = None,
+        masking: str = "forward",
     ) -> None:
         if sync not in ("grads", "params"):
             raise ValueError(f"sync={sync!r}: choose one of ('grads', 'params')")
-        self.plan, self.sync, self.sync_every = plan, sync, sync_every
+        check_masking(masking, sync)
+        self.plan, self.sync, self.sync_every, self.masking = plan, sync, sync_every, masking
         self.structure = structure_of(model)[0]
+        if masking == "backward":
+            self._init_backward(model, optimizer, seed, device, checkpointing)
+            return
         self.workers = [
             build_subnetwork(model, plan, k, seed=seed, device=device, neuron_scaling=neuron_scaling,
                              checkpointing=checkpointing)
@@ -68,6 +82,28 @@ class Simulation:
             {b.holders: b for b in build_buckets(w, plan, k, "buffers")} for k, w in enumerate(self.workers)
         ]
         self.steps = 0
+
+    def _init_backward(self, model: nn.Module | ModelFactory, optimizer: OptimizerFactory, seed: int,
+                       device: torch.device | str, checkpointing: str | None) -> None:
+        k_all = range(self.plan.workers)
+        self.workers = [build_backward_worker(model, self.plan, k, seed=seed, device=device,
+                                              checkpointing=checkpointing) for k in k_all]
+        # every parameter goes to the optimizer; those without a gradient (units not held) get no state
+        self.optimizers = [optimizer(w.parameters()) for w in self.workers]
+        self._value_buckets = [full_buckets(w, self.plan) for w in self.workers]
+        self._grad_buckets = [held_buckets(b, k) for k, b in enumerate(self._value_buckets)]
+        buffers = [buffer_bucket(w, self.plan.workers) for w in self.workers]
+        self._buffer_buckets = [{b.holders: b} if b is not None else {} for b in buffers]
+        self.steps = 0
+
+    @torch.no_grad()
+    def broadcast_parameters(self) -> None:
+        """Backward masking: every worker takes each holder set's elements from its lowest holder."""
+        for h in broadcast_buckets(self._value_buckets[0], self.plan.workers):
+            values = self._value_buckets[h[0]][h].gather(grads=False)
+            for k in range(self.plan.workers):
+                if k not in h:
+                    self._value_buckets[k][h].scatter(values, grads=False)
 
     def train(self, mode: bool = True) -> Simulation:
         for w in self.workers:
@@ -127,6 +163,8 @@ class Simulation:
             self.clip_grad_norm_(max_grad_norm)
         for opt in self.optimizers:
             opt.step()
+        if self.masking == "backward":
+            self.broadcast_parameters()
         self.steps += 1
         if self.sync == "params" and self.steps % self.sync_every == 0:
             self.average_parameters()
@@ -135,5 +173,7 @@ class Simulation:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The assembled full model's state dict (buffers averaged over holders first)."""
         self.average_buffers()
+        if self.masking == "backward":  # every worker holds the full model, identical after each step
+            return {n: t.detach().cpu().clone() for n, t in self.workers[0].state_dict().items()}
         return assemble_state_dict(((self.plan.tensor_map(k), w.state_dict()) for k, w in enumerate(self.workers)),
                                    self.plan, self.structure)

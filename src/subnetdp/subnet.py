@@ -107,9 +107,10 @@ def build_subnetwork(
     were multiplied by ``size / held``, so activations keep the full model's scale and the assembled model needs
     no rescaling at evaluation (as width-sliced federated methods do).
 
-    ``checkpointing="blocks"`` runs every block the worker has (held or narrowed; a transition
-    reduced to its shortcut too) under activation checkpointing (:mod:`subnetdp.checkpointing`),
-    as DDP+ckpt does for the full model; names and state-dict keys are unchanged.
+    ``checkpointing="blocks"`` runs every block the worker trains (held or narrowed) under activation
+    checkpointing (:mod:`subnetdp.checkpointing`), as DDP+ckpt does for the full model; a transition
+    reduced to its shortcut (a 1x1 convolution) runs plainly, as the memory prediction assumes. Names
+    and state-dict keys are unchanged.
     """
     plan._check_worker(worker)
     if neuron_scaling not in NEURON_SCALINGS:
@@ -153,7 +154,8 @@ def build_subnetwork(
             if factor != 1.0:
                 structure.get_submodule(path).register_forward_hook(inverted_scaling_hook(factor))
     if checkpointing == "blocks":
-        present = [b.name for b in plan.blocks if not isinstance(structure.get_submodule(b.name), SkippedBlock)]
+        present = [b.name for b in plan.blocks
+                   if not isinstance(structure.get_submodule(b.name), (SkippedBlock, ShortcutOnly))]
         if present:  # a worker holding no block has nothing to checkpoint
             checkpoint_blocks(structure, present)
     leftover = [n for n, t in structure.named_parameters() if t.is_meta]

@@ -58,6 +58,10 @@ class ImageTask:
                 kwargs["width"] = self.cfg.width
         elif self.cfg.model == "vit_s4":
             kwargs.update(in_channels=self.in_channels, img_size=self.train.images.shape[-1])
+        elif self.cfg.model == "swin_t_cifar":
+            kwargs.update(in_channels=self.in_channels, img_size=self.train.images.shape[-1])
+            if self.cfg.width is not None:
+                kwargs["width"] = self.cfg.width
         if ":" in self.cfg.model:
             return functools.partial(load_model_factory(self.cfg.model), **kwargs)
         return functools.partial(get_model, self.cfg.model, **kwargs)

@@ -483,7 +483,8 @@ def apply_conventions(model: torch.nn.Module, cfg: TrainConfig, plan: Plan | Non
     statistics re-estimated on ``--bn-recalibrate`` training batches. The result is the model
     that is evaluated and written to ``model.safetensors``.
     """
-    partial = plan is not None and plan.holders_per_unit < plan.workers
+    # backward masking trains the full forward on every worker: nothing to rescale or recalibrate
+    partial = plan is not None and plan.holders_per_unit < plan.workers and cfg.masking == "forward"
     applied: dict[str, Any] = {"residual_scaling": False, "bn_recalibrate": 0}
     if partial and cfg.residual_scaling and plan.level == "block":
         layers = scale_residual_branches(model, plan)
@@ -558,6 +559,7 @@ def _summary(cfg: TrainConfig, backend: SimulatedSDP | Distributed, plan: Plan |
         "strategy": cfg.strategy, "level": cfg.level if cfg.strategy == "sdp" else None,
         "activation_checkpointing": cfg.checkpointing == "blocks",
         "coverage": cfg.coverage if cfg.strategy == "sdp" else 1.0, "model": cfg.model, "width": cfg.width,
+        "masking": cfg.masking if cfg.strategy == "sdp" else None,
         "dataset": "CIFAR-10 (JPEG)" if cfg.dataset == "cifar10-jpeg" else cfg.dataset,
         "workers": world, "simulated": bool(cfg.simulate), "device": str(device),
         # steps, wall time, samples and epoch means cover the whole run, also across --resume
@@ -590,7 +592,8 @@ def _save_models(model: dict[str, torch.Tensor] | None, raw: dict[str, torch.Ten
 def _print_header(cfg: TrainConfig, world: int, device: torch.device, plan: Plan | None, total: int,
                   epochs: int) -> None:
     mode = f"simulated in one process ({world} workers)" if cfg.simulate else f"{world} process(es)"
-    what = f"SDP level={cfg.level} C={cfg.coverage:g}" if cfg.strategy == "sdp" else cfg.strategy.upper()
+    what = (f"SDP level={cfg.level} C={cfg.coverage:g} masking={cfg.masking}" if cfg.strategy == "sdp"
+            else cfg.strategy.upper())
     if cfg.checkpointing == "blocks" and cfg.strategy != "ddp-ckpt":
         what += " + activation checkpointing"
     print(f"subnetdp train: {what} | {cfg.model} on {cfg.dataset} | {mode} on {device} | "

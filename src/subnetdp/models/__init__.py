@@ -1,4 +1,4 @@
-"""The model zoo: CIFAR ResNets, a small-image ViT and a LLaMA-style decoder.
+"""The model zoo: CIFAR ResNets, a small-image ViT, Swin-T (timm) and a LLaMA-style decoder.
 
 Every model defines ``init_weights(module, name)`` (see :mod:`subnetdp.init`), builds on the meta
 device, and reads layer widths at forward time so that SDP can make layers physically narrower.
@@ -13,6 +13,7 @@ from torch import nn
 
 from .llama import Llama, LlamaConfig, llama, llama_125m, llama_char_small, llama_tiny
 from .resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet50, wide_resnet18
+from .swin import swin_t_cifar
 from .vit import VisionTransformer, vit_small_patch4
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -20,6 +21,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "wide_resnet18": wide_resnet18,
     "resnet50": resnet50,
     "vit_s4": vit_small_patch4,
+    "swin_t_cifar": swin_t_cifar,  # timm's Swin (optional extra [hf])
     "llama_tiny": llama_tiny,
     "llama_char_small": llama_char_small,
     "llama_125m": llama_125m,
@@ -66,6 +68,6 @@ def load_model_factory(spec: str) -> Callable[..., nn.Module]:
 __all__ = [
     "MODELS", "get_model", "load_model_factory",
     "ResNet", "BasicBlock", "Bottleneck", "resnet18", "wide_resnet18", "resnet50",
-    "VisionTransformer", "vit_small_patch4",
+    "VisionTransformer", "vit_small_patch4", "swin_t_cifar",
     "Llama", "LlamaConfig", "llama", "llama_tiny", "llama_char_small", "llama_125m",
 ]

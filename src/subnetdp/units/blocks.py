@@ -2,8 +2,10 @@
 
 A block is found by one rule, with no model-specific names in the engine: a child of an
 ``nn.Sequential`` or ``nn.ModuleList`` that itself has submodules, in a container holding at least
-two children of the same class (ResNet stages, ViT ``blocks``, GPT ``h``, LLaMA ``layers``, Swin
-stages). Users may name blocks instead (module paths or a predicate).
+two children of the same class (ResNet stages, ViT ``blocks``, GPT ``h``, LLaMA ``layers``). When such
+a child is a stage whose own child holds repeated blocks (timm's Swin and ConvNeXt stages: patch
+merging or downsampling, then ``blocks``), the blocks inside are the units and the stage's other
+parts are always kept. Users may name blocks instead (module paths or a predicate).
 
 A block whose output shape differs from its input (a strided or channel-changing "transition") can
 not be skipped: the identity would carry the wrong shape. It is detected by a ``downsample`` or
@@ -41,19 +43,29 @@ def _shortcut_of(block: nn.Module) -> str | None:
     return None
 
 
+def _repeated(container: nn.Module, prefix: str) -> list[str]:
+    """Children of a Sequential/ModuleList that repeat (two or more of one class) and have submodules."""
+    if not isinstance(container, (nn.Sequential, nn.ModuleList)):
+        return []
+    children = list(container.named_children())
+    return [f"{prefix}.{n}" if prefix else n for n, c in children
+            if sum(type(o) is type(c) for _, o in children) >= 2 and any(True for _ in c.children())]
+
+
 def _auto_blocks(model: nn.Module) -> list[str]:
     found: list[str] = []
     for name, module in model.named_modules():
         if any(name == b or name.startswith(b + ".") for b in found):
             continue
-        if not isinstance(module, (nn.Sequential, nn.ModuleList)):
-            continue
-        children = list(module.named_children())
-        for child_name, child in children:
-            same = sum(type(c) is type(child) for _, c in children)
-            if same >= 2 and any(True for _ in child.children()):
-                found.append(f"{name}.{child_name}" if name else child_name)
-    return found
+        found += _repeated(module, name)
+    # a stage (Swin, ConvNeXt) is a repeated module whose own child is a container of repeated blocks:
+    # its blocks are the units, and the rest of the stage (patch merging, downsampling) is always kept
+    out: list[str] = []
+    for path in found:
+        stage = model.get_submodule(path)
+        inner = [b for n, c in stage.named_children() for b in _repeated(c, f"{path}.{n}")]
+        out += inner or [path]
+    return out
 
 
 def _shape_changes(model: nn.Module, paths: Sequence[str], example_input: object) -> set[str]:

@@ -13,7 +13,8 @@ Recognised without user code (names as in torchvision, timm, nanoGPT/LLaMA, Hugg
   ``o`` and ``i``, which cyclic windows do not guarantee; see DESIGN.md invariant 1);
 - MLPs: ``fc1 -> fc2``, ``c_fc -> c_proj``, SwiGLU ``gate_proj, up_proj -> down_proj``;
 - attention with fused ``qkv`` and ``proj`` and a ``num_heads`` attribute (one unit per head;
-  timm's ``attn_dim`` and gated attention's ``gate`` follow the heads);
+  timm's ``attn_dim``, gated attention's ``gate`` and Swin's ``relative_position_bias_table``
+  columns follow the heads; Swin's shifted-window mask is per window, shared by all heads);
 - GPT-2 attention: fused ``c_attn -> c_proj`` with a ``num_heads`` attribute (one unit per head;
   ``num_heads`` and ``split_size`` are rewritten, ``head_dim`` is kept);
 - attention with ``q_proj, k_proj, v_proj -> o_proj`` (one unit per key/value head with its query
@@ -183,6 +184,9 @@ def _fused_heads(path: str, m: nn.Module, qkv: str, proj: str) -> list[WidthGrou
     attrs += [AttrSpec(path, a, hd) for a in ("attn_dim", "split_size") if isinstance(getattr(m, a, None), int)]
     attrs += _width_attrs(getattr(m, qkv), _join(path, qkv), 3 * hd)
     attrs += _width_attrs(getattr(m, proj), _join(path, proj), 0, hd)
+    table = getattr(m, "relative_position_bias_table", None)  # Swin: one bias column per head
+    if isinstance(table, nn.Parameter) and table.dim() == 2 and table.shape[1] == heads:
+        slices.append(SliceSpec(_join(path, "relative_position_bias_table"), 1))
     gate = getattr(m, "gate", None)  # timm's gated attention: a sigmoid gate per attention output
     if _is_linear(gate):
         slices += _producer(gate, _join(path, "gate"), group=hd)
