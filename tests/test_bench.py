@@ -53,11 +53,13 @@ def test_memory_part_measures_every_strategy_and_worker():
     assert rows["FSDP2 (K=2)"]["workers"][0]["comm"]["collective_bytes"] == fsdp2_bytes(4 * n, 2)[0]
     fsdp_ckpt = rows["FSDP2+ckpt (K=2)"]["workers"][0]["measured"]
     assert fsdp_ckpt["param_bytes"] == fsdp["param_bytes"] and fsdp_ckpt["activation_bytes"] == ckpt["activation_bytes"]
-    for level in ("block", "neuron"):
-        for plain, with_ckpt in zip(rows[f"SDP {level} C=0.5"]["workers"], rows[f"SDP+ckpt {level} C=0.5"]["workers"]):
-            a, b = plain["measured"], with_ckpt["measured"]
-            assert b["state_bytes"] == a["state_bytes"] and b["activation_bytes"] < a["activation_bytes"]
-            assert with_ckpt["comm"] == plain["comm"]
+    for level in ("block", "neuron"):  # checkpointing-aware balance may move units; the workers' sums do not change
+        plain, with_ckpt = rows[f"SDP {level} C=0.5"]["workers"], rows[f"SDP+ckpt {level} C=0.5"]["workers"]
+        assert sum(w["measured"]["state_bytes"] for w in plain) == sum(w["measured"]["state_bytes"] for w in with_ckpt)
+        assert (max(w["measured"]["activation_bytes"] for w in with_ckpt)
+                < max(w["measured"]["activation_bytes"] for w in plain))
+        assert (sum(w["comm"]["collective_bytes"] for w in with_ckpt)
+                == pytest.approx(sum(w["comm"]["collective_bytes"] for w in plain)))
 
 
 def _factory():

@@ -342,6 +342,8 @@ def test_flop_matched_step_arithmetic():
     assert total_steps(TrainConfig(coverage=0.5, epochs=2.0, flop_matched=True), 97) == 388
     assert total_steps(TrainConfig(coverage=0.25, epochs=1.0), 97) == 97  # not FLOP-matched
     assert total_steps(TrainConfig(strategy="ddp", coverage=0.5, steps=30, flop_matched=True), 97) == 30  # DDP: C=1
+
+
 def test_shortcut_transitions_and_memory_balance_in_the_main_job(tmp_path):
     """Every block a unit, plan balanced on predicted memory (the default), evaluated with residual scaling."""
     from subnetdp.plan import Plan
@@ -354,6 +356,8 @@ def test_shortcut_transitions_and_memory_balance_in_the_main_job(tmp_path):
     assert 0 <= json.loads((out / "summary.json").read_text())["final"]["test_acc"] <= 1
     params = train(tmp_path, "params", "--simulate", "4", "--coverage", "0.5", "--balance", "params", "--steps", "1")
     assert Plan.from_json((params / "plan.json").read_text()).balance == "params"
+
+
 def test_backward_masking_run_records_its_regime_and_assembles_any_workers_copy(tmp_path):
     out = train(tmp_path, "bwd", "--simulate", "4", "--coverage", "0.5", "--level", "block", "--steps", "3",
                 "--masking", "backward")

@@ -214,6 +214,8 @@ def test_memory_balance_keeps_uniform_representation_and_a_worst_worker_near_the
     assert "balanced on memory" in text and "worst/mean" in text and "spread" in text
     again = sd.Plan.from_json(p.to_json())  # the balanced costs travel with the plan (plan.json of a run)
     assert again == p and again.balance_stats() == p.balance_stats()
+
+
 @pytest.mark.parametrize("name,w,batch,optimizer", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("level", ["block", "neuron"])
 def test_backward_masking_prediction_matches_measurement_per_worker(name, w, batch, optimizer, level):

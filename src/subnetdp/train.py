@@ -399,6 +399,8 @@ def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
     if cfg.steps:
         return max(1, math.ceil(cfg.steps * scale - 1e-9))
     return max(1, math.ceil(cfg.epochs * scale * steps_per_epoch - 1e-9))
+
+
 def _sdp_plan(cfg: TrainConfig, task: Any, factory: Any, world: int) -> Plan:
     """The run's plan: balanced on predicted memory (``--balance memory``) or on parameter counts.
 
@@ -412,7 +414,8 @@ def _sdp_plan(cfg: TrainConfig, task: Any, factory: Any, world: int) -> Plan:
     sample = tuple(t[:2].cpu() for t in batch)
     profile = profile_activations(factory, sample, task.loss, len(sample[0]), seed=cfg.seed, device="cpu")
     return memory_plan(factory, world, cfg.coverage, cfg.level, cfg.seed, profile=profile,
-                       optimizer=_opt_name(cfg), batch_size=cfg.batch_size, transitions=cfg.transitions)
+                       optimizer=_opt_name(cfg), batch_size=cfg.batch_size, transitions=cfg.transitions,
+                       activation_checkpointing=cfg.checkpointing == "blocks")
 
 
 def _opt_name(cfg: TrainConfig) -> str:
