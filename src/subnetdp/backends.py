@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from subnetdp.config import TrainConfig
-from subnetdp.engine import SubnetDataParallel
+from subnetdp.engine import SubnetDataParallel, agree_finite
 from subnetdp.init import ModelFactory, materialize, structure_of
 from subnetdp.memory import state_bytes as count_state_bytes
 from subnetdp.plan import Plan
@@ -72,7 +72,8 @@ class SimulatedSDP:
     def __init__(self, cfg: TrainConfig, factory: ModelFactory, plan: Plan, device: torch.device, total: int) -> None:
         self.cfg, self.plan = cfg, plan
         self.sim = Simulation(factory, plan, lambda ps: make_optimizer(cfg, ps), seed=cfg.seed, device=device,
-                              neuron_scaling=cfg.neuron_scaling, sync=cfg.sync, sync_every=cfg.sync_every)
+                              neuron_scaling=cfg.neuron_scaling, sync=cfg.sync, sync_every=cfg.sync_every,
+                              init=cfg.init)
         for w in self.sim.workers:
             _channels_last(cfg, w, device)
         self.schedulers = [make_scheduler(cfg, o, total) for o in self.sim.optimizers]
@@ -124,12 +125,6 @@ class SimulatedSDP:
         return self.optimizers[0].param_groups[0]["lr"]
 
 
-def _check_finite(loss: torch.Tensor, worker: int) -> None:
-    value = float(loss.detach())
-    if not math.isfinite(value):
-        raise FloatingPointError(f"worker {worker} got a non-finite loss ({value}); lower --lr or check the data")
-
-
 class Distributed:
     """One worker per process under torch.distributed: SDP, DDP, FSDP2 or DDP with checkpointing."""
 
@@ -143,11 +138,12 @@ class Distributed:
         if cfg.strategy == "sdp":
             assert plan is not None
             self.sdp = SubnetDataParallel(factory, plan, seed=cfg.seed, device=device, sync=cfg.sync,
-                                          sync_every=cfg.sync_every, neuron_scaling=cfg.neuron_scaling)
+                                          sync_every=cfg.sync_every, neuron_scaling=cfg.neuron_scaling,
+                                          init=cfg.init)
             _channels_last(cfg, self.sdp.module, device)
             model: nn.Module = self.sdp
         else:
-            base = materialize(factory, seed=cfg.seed, device=device)
+            base = materialize(factory, seed=cfg.seed, device=device, init=cfg.init)
             base = _channels_last(cfg, base, device)
             if cfg.strategy == "fsdp":
                 from torch.distributed.fsdp import fully_shard
@@ -177,7 +173,7 @@ class Distributed:
         self.opt.zero_grad(set_to_none=True)
         with autocast():
             loss, m = loss_fn(self.model, batches[0])
-        _check_finite(loss, self.rank)
+        agree_finite(loss, self.scheduler.last_epoch)  # every rank raises the same error, none waits in a collective
         loss.backward()
         if self.cfg.grad_clip:
             if self.sdp is not None:

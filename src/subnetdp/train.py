@@ -258,7 +258,7 @@ def _evaluate(cfg: TrainConfig, task: Any, state: dict[str, torch.Tensor] | None
     """Evaluate the assembled full model (``state``; None on processes other than the lead)."""
     if state is None:
         return None
-    model = materialize(factory, seed=cfg.seed, device=device)
+    model = materialize(factory, seed=cfg.seed, device=device, init=cfg.init)
     model.load_state_dict(state)
     handles = []
     partial = plan is not None and plan.holders_per_unit < plan.workers
