@@ -128,6 +128,13 @@ class _PipeSafeStdout(io.TextIOBase):
     def isatty(self) -> bool:
         return self.stream.isatty()
 
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return self.stream.encoding  # tqdm picks its bar characters by it
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.stream, name)
+
 
 # what a user can cause (a bad value, file or setting); anything else is a bug and keeps its traceback
 USER_ERRORS = (ValueError, OSError, FloatingPointError, ImportError)

@@ -97,6 +97,12 @@ class SubnetDataParallel(nn.Module):
     ``sync="grads"`` (default) averages gradients over holders in every backward.
     ``sync="params"`` instead averages parameters after every ``sync_every`` optimizer steps
     (local-SGD style); attach the optimizer with :meth:`attach_optimizer`.
+
+    A factory's initial values are its own under ``torch.manual_seed(seed)`` (``init="full"``, built
+    once in host memory and sliced) or module by module (``init="per-module"``, for models too large
+    for host memory); see :mod:`subnetdp.init`. Setup compares the holders' initial values across
+    ranks and fails on every rank if they differ. Call :func:`agree_finite` on the loss before
+    backward so that a non-finite loss on one rank stops every rank with the same error.
     """
 
     def __init__(
