@@ -152,15 +152,16 @@ def build_subnetwork(
 
 
 def check_heads(plan: Plan) -> None:
-    """Reject a neuron-level plan in which some worker holds none of an attention layer's heads.
+    """Reject a neuron-level plan in which some worker holds none of a GPT-2 attention layer's heads.
 
-    Attention with zero heads cannot run its forward (it splits its projection by head), so such a
-    plan would crash at the first step. The check covers every worker, so that under
+    GPT-2's attention splits its fused projection by ``split_size``, which is 0 with zero heads, so
+    its forward fails (the zoo's, timm's and Hugging Face Llama's attention run with zero heads and
+    return the output projection's bias). The check covers every worker, so that under
     torch.distributed every rank raises the same error at setup instead of one rank failing alone.
     """
     held: dict[str, list[int]] = {}
     for g in plan.groups:
-        if g.name.endswith(":heads"):
+        if g.name.endswith(":heads") and any(a.attr == "split_size" for a in g.attrs):
             held[g.name] = [0] * plan.workers
     if not held:
         return
@@ -175,7 +176,7 @@ def check_heads(plan: Plan) -> None:
             need = -(-plan.workers // g.size) / plan.workers  # ceil(K / heads) holders per unit
             raise ValueError(
                 f"worker {counts.index(0)} would hold none of the {g.size} heads of {g.name.split(':')[0]} "
-                f"(K={plan.workers} workers, C={plan.coverage:g}, r={r}); attention with zero heads cannot run. "
+                f"(K={plan.workers} workers, C={plan.coverage:g}, r={r}); GPT-2 attention with zero heads cannot run. "
                 f"Use a coverage of at least {need:g}, fewer workers, or level='block'")
 
 
