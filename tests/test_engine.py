@@ -161,6 +161,11 @@ def mismatched(rank: int, world: int, what: str) -> None:
     elif what == "architecture":
         g = FACTORIES["resnet" if rank == 0 else "vit"]
         sd.SubnetDataParallel(g, sd.plan(g, world, 0.5, "block"))
+    elif what == "bucket_elements":
+        sd.SubnetDataParallel(f, sd.plan(f, world, 0.5, "block"), bucket_elements=1000 + rank)
+    elif what == "values":
+        torch.manual_seed(rank)  # an unseeded real model: each rank draws its own values
+        sd.SubnetDataParallel(f(), sd.plan(f, world, 0.5, "block"))
     else:
         sd.SubnetDataParallel(f, sd.plan(f, 4, 0.5, "block"))
 
@@ -169,6 +174,8 @@ def mismatched(rank: int, world: int, what: str) -> None:
     ("plan", "ranks disagree on the plan"),
     ("architecture", "ranks disagree on the architecture"),
     ("world", "the plan is for 4 workers but the world size is 2"),
+    ("bucket_elements", "'bucket_elements': 1000"),
+    ("values", "initial values differ between the holders parameters of [0, 1]"),
 ])
 def test_mismatch_fails_fast_with_one_clear_error_on_every_rank(what, message):
     results = run_ranks(mismatched, 2, what, timeout=60)
@@ -292,3 +299,75 @@ def test_parameters_and_state_dict_hold_only_the_subnetwork():
         assert r["same_params"] and r["subnet_numel"] == r["planned"] < r["total"]
         assert r["keys_under_module"] and not r["any_meta"]
         assert r["structure_numel"] == r["total"]
+
+
+def failed_backward_then_step(rank: int, world: int) -> dict:
+    f = FACTORIES["resnet"]
+    sdp = sd.SubnetDataParallel(f, sd.plan(f, world, 1.0, "block"), seed=3)
+    o = torch.optim.SGD(sdp.parameters(), lr=0.1)
+    # raises when the stem's gradient arrives, i.e. after the other buckets' hooks ran: no end-of-backward
+    handle = sdp.module.conv1.weight.register_hook(lambda g: (_ for _ in ()).throw(RuntimeError("injected")))
+    try:
+        ce_loss(sdp, batches_for(0, world)[rank]).backward()
+    except RuntimeError as e:
+        assert "injected" in str(e)
+    handle.remove()
+    o.zero_grad()
+    ce_loss(sdp, batches_for(1, world)[rank]).backward()
+    o.step()
+    return {"params": {n: t.detach().clone() for n, t in sdp.module.named_parameters()}, "syncs": sdp.stats.syncs}
+
+
+def test_a_failed_backward_does_not_leave_the_next_step_unsynced():
+    """Issue 11 item 3a: per-step state is reset at every forward, as DDP does."""
+    a, b = values(run_ranks(failed_backward_then_step, 2, timeout=60))
+    assert a["syncs"] == b["syncs"] == 1
+    for n, t in a["params"].items():
+        torch.testing.assert_close(t, b["params"][n], rtol=0, atol=0)
+
+
+def nan_on_one_rank(rank: int, world: int) -> None:
+    f = FACTORIES["resnet"]
+    sdp = sd.SubnetDataParallel(f, sd.plan(f, world, 0.5, "block"))
+    for step in range(3):
+        loss = ce_loss(sdp, batches_for(step, world)[rank])
+        if rank == 1 and step == 2:
+            loss = loss * float("nan")
+        sd.agree_finite(loss, step)
+        loss.backward()
+
+
+def test_a_non_finite_loss_on_one_rank_raises_the_same_error_on_every_rank():
+    errors = [r.get("error", "") for r in run_ranks(nan_on_one_rank, 2, timeout=60)]
+    assert errors[0] == errors[1], errors
+    assert errors[0].startswith("FloatingPointError: non-finite loss on rank(s) [1] at step 2"), errors
+
+
+def state_around_full_state_dict(rank: int, world: int) -> tuple[bool, dict | None]:
+    f = FACTORIES["resnet"]
+    sdp = sd.SubnetDataParallel(f, sd.plan(f, world, 0.5, "block"))
+    ce_loss(sdp, batches_for(0, world)[rank]).backward()  # train-mode forward: each rank's own BN statistics
+    before = {k: v.clone() for k, v in sdp.module.state_dict().items()}
+    full = sdp.full_state_dict()
+    after = sdp.module.state_dict()
+    return all(torch.equal(before[k], after[k]) for k in before), full
+
+
+def test_full_state_dict_is_a_pure_read():
+    """Issue 11 item 3d: BatchNorm buffers are averaged into copies, not into the workers' state."""
+    (same0, full), (same1, _) = values(run_ranks(state_around_full_state_dict, 2, timeout=60))
+    assert same0 and same1
+    f = FACTORIES["resnet"]
+    sim = sd.Simulation(f, sd.plan(f, 2, 0.5, "block"), lambda ps: torch.optim.SGD(ps, lr=0.0))
+    for k, w in enumerate(sim.workers):
+        ce_loss(w, batches_for(0, 2)[k]).backward()
+    before = [{k: v.clone() for k, v in w.state_dict().items()} for w in sim.workers]
+    ref = sim.full_state_dict()
+    for b, w in zip(before, sim.workers):
+        assert all(torch.equal(v, w.state_dict()[k]) for k, v in b.items())
+    # the distributed and simulated gathers average the same statistics
+    for k, v in ref.items():
+        torch.testing.assert_close(full[k], v, rtol=1e-6, atol=1e-7)
+    # stem BatchNorm: held by both, so averaged (and the workers' own statistics differ)
+    assert not torch.equal(before[0]["bn1.running_mean"], before[1]["bn1.running_mean"])
+    torch.testing.assert_close(ref["bn1.running_mean"], (before[0]["bn1.running_mean"] + before[1]["bn1.running_mean"]) / 2)

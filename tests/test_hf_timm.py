@@ -88,11 +88,11 @@ def test_blocks_and_widths_are_found(name):
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_seeded_init_follows_the_library_rule(name):
-    """Every tensor has the distribution the library's own init gives it (buffers exactly)."""
+    """``init="per-module"``: every tensor has the distribution the library's own init gives it (buffers exactly)."""
     f = factory(name)
     torch.manual_seed(0)
     theirs = f()
-    ours = sd.materialize(f, seed=1)
+    ours = sd.materialize(f, seed=1, init="per-module")
     for (n, a), b in zip(theirs.state_dict().items(), ours.state_dict().values()):
         a, b = a.detach().float(), b.detach().float()
         if n in dict(theirs.named_buffers()) or float(a.std()) == 0:  # rotary tables, zeros, ones
@@ -100,7 +100,7 @@ def test_seeded_init_follows_the_library_rule(name):
         elif a.numel() >= 64:  # enough elements for the moments to say which rule drew them
             assert abs(float(b.std()) - float(a.std())) < 0.2 * float(a.std()), n
             assert abs(float(b.mean()) - float(a.mean())) < 0.2 * float(a.std()), n
-    assert not torch.equal(next(ours.parameters()), next(sd.materialize(f, seed=2).parameters()))
+    assert not torch.equal(next(ours.parameters()), next(sd.materialize(f, seed=2, init="per-module").parameters()))
     if name == "gpt2":  # tied head; residual projections scaled by 1/sqrt(2 * n_layer) by their parent module
         assert ours.lm_head.weight is ours.transformer.wte.weight
         assert abs(float(ours.transformer.h[0].mlp.c_proj.weight.detach().std()) - 0.01) < 0.002

@@ -10,7 +10,7 @@ from subnetdp.checkpointing import checkpoint_blocks
 from subnetdp.evaluation import recalibrate_batchnorm, scale_residual_branches
 from subnetdp.init import materialize
 from subnetdp.plan import Plan, Unit, plan, valid_coverages
-from subnetdp.engine import SubnetDataParallel
+from subnetdp.engine import SubnetDataParallel, agree_finite
 from subnetdp.simulate import Simulation
 from subnetdp.subnet import build_subnetwork
 
@@ -20,6 +20,7 @@ __all__ = [
     "Simulation",
     "SubnetDataParallel",
     "Unit",
+    "agree_finite",
     "assemble_state_dict",
     "build_buckets",
     "build_subnetwork",

@@ -19,7 +19,7 @@ from torch import nn
 
 from subnetdp.checkpointing import checkpoint_blocks
 from subnetdp.config import TrainConfig
-from subnetdp.engine import SubnetDataParallel
+from subnetdp.engine import SubnetDataParallel, agree_finite
 from subnetdp.init import ModelFactory, materialize, structure_of
 from subnetdp.memory import state_bytes as count_state_bytes
 from subnetdp.plan import Plan
@@ -75,7 +75,7 @@ class SimulatedSDP:
         self.cfg, self.plan = cfg, plan
         self.sim = Simulation(factory, plan, lambda ps: make_optimizer(cfg, ps), seed=cfg.seed, device=device,
                               neuron_scaling=cfg.neuron_scaling, sync=cfg.sync, sync_every=cfg.sync_every,
-                              checkpointing=cfg.checkpointing, masking=cfg.masking)
+                              checkpointing=cfg.checkpointing, masking=cfg.masking, init=cfg.init)
         for w in self.sim.workers:
             _channels_last(cfg, w, device)
         self.schedulers = [make_scheduler(cfg, o, total) for o in self.sim.optimizers]
@@ -133,12 +133,6 @@ class SimulatedSDP:
         return self.optimizers[0].param_groups[0]["lr"]
 
 
-def _check_finite(loss: torch.Tensor, worker: int) -> None:
-    value = float(loss.detach())
-    if not math.isfinite(value):
-        raise FloatingPointError(f"worker {worker} got a non-finite loss ({value}); lower --lr or check the data")
-
-
 class Distributed:
     """One worker per process under torch.distributed: SDP, DDP or FSDP2, each optionally with checkpointing."""
 
@@ -153,11 +147,11 @@ class Distributed:
             assert plan is not None
             self.sdp = SubnetDataParallel(factory, plan, seed=cfg.seed, device=device, sync=cfg.sync,
                                           sync_every=cfg.sync_every, neuron_scaling=cfg.neuron_scaling,
-                                          checkpointing=cfg.checkpointing, masking=cfg.masking)
+                                          checkpointing=cfg.checkpointing, masking=cfg.masking, init=cfg.init)
             _channels_last(cfg, self.sdp.module, device)
             model: nn.Module = self.sdp
         else:
-            base = materialize(factory, seed=cfg.seed, device=device)
+            base = materialize(factory, seed=cfg.seed, device=device, init=cfg.init)
             base = _channels_last(cfg, base, device)
             if cfg.checkpointing == "blocks":  # before fully_shard, as torchtitan orders them
                 checkpoint_blocks(base)
@@ -182,7 +176,7 @@ class Distributed:
         self.opt.zero_grad(set_to_none=True)
         with autocast():
             loss, m = loss_fn(self.model, batches[0])
-        _check_finite(loss, self.rank)
+        agree_finite(loss, self.scheduler.last_epoch)  # every rank raises the same error, none waits in a collective
         loss.backward()
         if self.cfg.grad_clip:
             if self.sdp is not None:

@@ -228,7 +228,9 @@ def memory_part(spec: dict[str, Any], workers: int, coverages: Sequence[float], 
                 p = sdp_plan(w, workers, c, level, seed, profile, opt_name, batch_size, trans, bal, ckpt)
                 per_worker = []
                 for k in range(workers):
-                    sub = build_subnetwork(w.factory, p, k, seed=seed, device=device, checkpointing=ckpt_mode)
+                    # memory and traffic do not depend on the values: never build the full model K times here
+                    sub = build_subnetwork(w.factory, p, k, seed=seed, device=device, checkpointing=ckpt_mode,
+                                           init="per-module")
                     m = _measure(sub, opt_name, batch, w, repeats, device)
                     pr = predict_worker(p, k, opt_name, profile, batch_size, activation_checkpointing=ckpt)
                     per_worker.append({"worker": k, "measured": m, "predicted": pr, "ratio": _ratios(m, pr),
@@ -700,8 +702,35 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+def check_bench_args(args: argparse.Namespace) -> None:
+    """Reject bad ``subnetdp bench`` values before any work, naming the flag and what it accepts."""
+    for flag in ("width", "batch", "llama_batch", "seq_len", "workers", "repeats", "time_steps", "rounds"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be a positive whole number")
+    for flag in ("time_ranks", "time_warmup", "threads"):
+        if getattr(args, flag) < 0:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be 0 or more")
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not models or any(m not in ("resnet18", "llama") for m in models):
+        raise ValueError(f"--models {args.models!r}: give a comma-separated list of resnet18, llama")
+    levels = [lv.strip() for lv in args.levels.split(",") if lv.strip()]
+    if not levels or any(lv not in ("block", "neuron") for lv in levels):
+        raise ValueError(f"--levels {args.levels!r}: give a comma-separated list of block, neuron")
+    try:
+        coverages = [float(c) for c in args.coverages.split(",") if c.strip()]
+    except ValueError:
+        coverages = []
+    if not coverages or any(not 0 < c <= 1 for c in coverages):
+        raise ValueError(f"--coverages {args.coverages!r}: give comma-separated numbers in (0, 1], e.g. 0.75,0.5")
+    try:
+        torch.device(args.device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {args.device!r}: not a device ({e}); use cpu or cuda") from e
+
+
 def run_bench(args: argparse.Namespace, log=print) -> dict[str, Any]:
     """Run the benchmark (both parts, every workload) and write its outputs; returns the JSON."""
+    check_bench_args(args)
     if args.full:
         args.width, args.batch = 64, 128
     if args.threads:

@@ -72,6 +72,12 @@ class Bucket:
             offset += n
 
 
+def rebind(bucket: Bucket, tensors: dict[str, torch.Tensor]) -> Bucket:
+    """The same bucket laid over other tensors (by full-model name), e.g. copies to average without
+    touching the originals."""
+    return Bucket(bucket.holders, [Entry(e.name, tensors[e.name], e.dim, e.index) for e in bucket.entries])
+
+
 def sync_tensors(module: nn.Module, kind: str) -> dict[str, torch.Tensor]:
     """The tensors to average: ``"params"`` (trainable ones) or ``"buffers"`` (persistent float ones)."""
     if kind == "params":

@@ -148,7 +148,8 @@ def measure_choice(choice: BudgetChoice, workload: Workload, *, seed: int = 0,
     predicted peak; on CUDA also ``peak_ratio`` = ``torch.cuda.max_memory_allocated`` / predicted.
     """
     device = torch.device(device)
-    sub = build_subnetwork(workload.factory, choice.plan, choice.worker, seed=seed, device=device)
+    # memory does not depend on the values: per-module init never builds the full model in host memory
+    sub = build_subnetwork(workload.factory, choice.plan, choice.worker, seed=seed, device=device, init="per-module")
     opt = make_optimizer(choice.optimizer, sub.parameters())
     batch = workload.make_batch(choice.batch_size, device, seed)
     measure_step(sub, opt, batch, workload.loss_fn, device)  # the first step creates the optimizer state

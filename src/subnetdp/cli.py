@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
+import os
 import sys
 import types
 import typing
@@ -101,6 +103,12 @@ def _plan_command(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         print(f"subnetdp plan: error: --batch-size {args.batch_size}: must be > 0", file=sys.stderr)
         return 2
+    for flag in ("width", "num_classes", "vocab_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            print(f"subnetdp plan: error: --{flag.replace('_', '-')} {value}: must be a positive whole number",
+                  file=sys.stderr)
+            return 2
     user_model = ":" in args.model
     try:
         if user_model:  # no workload to profile: balance parameter counts, predict model state only
@@ -140,8 +148,13 @@ def _plan_command(args: argparse.Namespace) -> int:
             print(f"worst worker: {worst}, predicted peak {format_bytes(prediction['peak_bytes'][worst])} = "
                   f"{prediction['peak_bytes'][worst] / ddp:.3f} x DDP's {format_bytes(ddp)}")
     if args.save:
-        with open(args.save, "w") as f:
-            f.write(p.to_json())
+        try:
+            with open(args.save, "w") as f:
+                f.write(p.to_json())
+        except OSError as e:
+            print(f"subnetdp plan: error: --save {args.save}: {e.strerror}; give a file in an existing, writable "
+                  "folder", file=sys.stderr)
+            return 2
         if not args.json:
             print(f"plan saved to {args.save}")
     return 0
@@ -213,8 +226,72 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _PipeSafeStdout(io.TextIOBase):
+    """stdout that goes quiet when its reader closes (``subnetdp train | head``), so the job keeps
+    running and still writes its outputs: after the first broken pipe, writes go to /dev/null."""
+
+    def __init__(self, stream: typing.TextIO) -> None:
+        self.stream = stream
+
+    def _quiet(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self.stream.fileno())  # also silences the interpreter's flush at exit
+        os.close(devnull)
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self._quiet()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self._quiet()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return self.stream.encoding  # tqdm picks its bar characters by it
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.stream, name)
+
+
+# what a user can cause (a bad value, file or setting); anything else is a bug and keeps its traceback
+USER_ERRORS = (ValueError, OSError, FloatingPointError, ImportError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; a user error ends in one line on stderr and exit status 2, never a traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), "")
+    wrapped = sys.stdout is not None and sys.stdout is sys.__stdout__
+    if wrapped:
+        sys.stdout = _PipeSafeStdout(sys.stdout)  # type: ignore[assignment]
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        return 0
+    except USER_ERRORS as e:
+        detail = " ".join(str(e).split()) or type(e).__name__
+        if isinstance(e, OSError) and e.filename and str(e.filename) not in detail:
+            detail += f" ({e.filename})"
+        print(f"subnetdp {command}: error: {detail}".replace("subnetdp : ", "subnetdp: "), file=sys.stderr)
+        return 2
+    finally:
+        if wrapped:
+            sys.stdout = sys.stdout.stream if isinstance(sys.stdout, _PipeSafeStdout) else sys.stdout
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "plan":

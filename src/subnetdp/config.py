@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from subnetdp.data import VISION_DATASETS
+from subnetdp.init import INIT_MODES
 from subnetdp.models import MODELS
 
 STRATEGIES = ("sdp", "ddp", "fsdp", "ddp-ckpt")
@@ -65,6 +66,9 @@ class TrainConfig:
         "help": "SDP regime: forward (units not held are absent) or backward (full forward on every worker, "
                 "gradients and updates only for held units; docs/masking.md)"})
     seed: int = field(default=0, metadata={"help": "seed for init, plan and data"})
+    init: str = field(default="full", metadata={
+        "help": "initial values: full (the model's own init, built once in host memory and sliced) or "
+                "per-module (module by module, never the full model: for models too large for host memory)"})
     # recipe
     epochs: float = field(default=1.0, metadata={"help": "epochs (text: --steps-per-epoch steps each)"})
     steps: int | None = field(default=None, metadata={"help": "total optimizer steps (overrides --epochs)"})
@@ -141,8 +145,8 @@ def _choice(flag: str, value: object, allowed: tuple) -> None:
 def _positive(flag: str, value: float | None, allow_none: bool = True, allow_zero: bool = False) -> None:
     if value is None and allow_none:
         return
-    if value is None or value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"--{flag} {value!r}: must be {'>= 0' if allow_zero else '> 0'}")
+    if value is None or not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"--{flag} {value!r}: must be a finite number {'>= 0' if allow_zero else '> 0'}")
 
 
 def world_size_of(cfg: TrainConfig) -> int:
@@ -167,6 +171,7 @@ def validate(cfg: TrainConfig) -> None:
     _choice("schedule", cfg.schedule, ("cosine", "onecycle", "constant"))
     _choice("device", cfg.device, ("auto", "cpu", "cuda"))
     _choice("precision", cfg.precision, ("auto", "fp32", "bf16"))
+    _choice("init", cfg.init, INIT_MODES)
     if cfg.model not in MODELS and ":" not in cfg.model:
         raise ConfigError(f"--model {cfg.model!r} is unknown; choose one of: {', '.join(MODELS)}, "
                           "or give your own as 'package.module:callable'")
@@ -178,6 +183,8 @@ def validate(cfg: TrainConfig) -> None:
         _positive(flag.replace("_", "-"), getattr(cfg, flag))
     for flag in ("weight_decay", "eval_every", "bn_recalibrate", "checkpoint_every", "momentum"):
         _positive(flag.replace("_", "-"), getattr(cfg, flag), allow_zero=True)
+    if not 0 <= cfg.momentum < 1:
+        raise ConfigError(f"--momentum {cfg.momentum!r}: must be in [0, 1) (0.9 is usual; 0 turns it off)")
     if not 0 <= cfg.warmup < 1:
         raise ConfigError(f"--warmup {cfg.warmup!r}: a fraction of the steps in [0, 1)")
     if not 0 <= cfg.label_smoothing < 1:
@@ -221,6 +228,9 @@ def validate(cfg: TrainConfig) -> None:
     elif cfg.model.startswith("llama"):
         raise ConfigError(f"--model {cfg.model} is a language model but --dataset {cfg.dataset} is images; "
                           "use --dataset tinyshakespeare or a text file")
+    if cfg.data_dir is not None and not Path(cfg.data_dir).expanduser().exists() and not cfg.download:
+        raise ConfigError(f"--data-dir {cfg.data_dir}: no such file or folder; give the folder that holds "
+                          "the data set (or add --download for torchvision data sets)")
     if cfg.width is not None and cfg.model not in ("resnet18", "resnet50", "swin_t_cifar"):
         raise ConfigError(f"--width applies to resnet18, resnet50 and swin_t_cifar (embedding width), not {cfg.model}")
 
@@ -230,7 +240,10 @@ def load_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--config {path}: no such file")
-    text = p.read_text()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--config {path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from e
     if p.suffix == ".toml":
         try:
             import tomllib
@@ -245,7 +258,10 @@ def load_file(path: str | Path) -> dict[str, Any]:
             import yaml
         except ModuleNotFoundError as e:
             raise ConfigError(f"--config {path}: YAML needs PyYAML (pip install pyyaml); or use TOML") from e
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {path}: not valid YAML ({' '.join(str(e).split())}); fix the line named") from e
     else:
         raise ConfigError(f"--config {path}: use a .toml, .yaml or .yml file")
     if not isinstance(data, dict):

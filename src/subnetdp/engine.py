@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from subnetdp.assemble import assemble_state_dict
-from subnetdp.buckets import Bucket, Entry, build_buckets
+from subnetdp.buckets import Bucket, Entry, build_buckets, rebind
 from subnetdp.init import ModelFactory, structure_of
 from subnetdp.masking import (
     broadcast_buckets,
@@ -113,6 +113,12 @@ class SubnetDataParallel(nn.Module):
     ``masking="backward"`` holds the full model on every rank and trains only the held units (see
     :mod:`subnetdp.masking`); attach the optimizer with :meth:`attach_optimizer`, so that after
     each step the holders' new values reach the other ranks.
+
+    A factory's initial values are its own under ``torch.manual_seed(seed)`` (``init="full"``, built
+    once in host memory and sliced) or module by module (``init="per-module"``, for models too large
+    for host memory); see :mod:`subnetdp.init`. Setup compares the holders' initial values across
+    ranks and fails on every rank if they differ. Call :func:`agree_finite` on the loss before
+    backward so that a non-finite loss on one rank stops every rank with the same error.
     """
 
     def __init__(
@@ -129,6 +135,7 @@ class SubnetDataParallel(nn.Module):
         bucket_elements: int = DEFAULT_BUCKET_ELEMENTS,
         measure: bool = False,
         masking: str = "forward",
+        init: str = "full",
     ) -> None:
         super().__init__()
         if not dist.is_initialized():
@@ -137,13 +144,15 @@ class SubnetDataParallel(nn.Module):
                                "only sets the environment it reads; it does not initialise the group)")
         if sync not in SYNC_MODES:
             raise ValueError(f"sync={sync!r}: choose one of {SYNC_MODES}")
-        if sync_every < 1:
-            raise ValueError(f"sync_every={sync_every}: need a positive number of steps")
+        if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
+            raise ValueError(f"sync_every={sync_every!r}: need a positive whole number of steps")
+        if isinstance(bucket_elements, bool) or not isinstance(bucket_elements, int) or bucket_elements < 1:
+            raise ValueError(f"bucket_elements={bucket_elements!r}: need a positive whole number of elements")
         check_masking(masking, sync)
         self.masking = masking
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        structure = structure_of(model)[0]
-        self._agree(plan, structure, seed, sync, sync_every, neuron_scaling, masking)
+        structure, source = structure_of(model, seed, init)  # init="full": the factory's own model, on the host
+        self._agree(plan, structure, seed, sync, sync_every, neuron_scaling, bucket_elements, init, masking)
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
         self.plan, self.sync, self.sync_every, self.measure = plan, sync, sync_every, measure
@@ -153,12 +162,14 @@ class SubnetDataParallel(nn.Module):
         self.__dict__["structure"] = structure
         self._broadcast: dict[tuple[int, ...], Bucket] = {}
         self._optimizer_attached = False
+        values = source if source is not None else model
         if masking == "backward":
-            self.module = build_backward_worker(model, plan, self.rank, seed=seed, device=device,
+            self.module = build_backward_worker(values, plan, self.rank, seed=seed, device=device,
                                                 checkpointing=checkpointing)
         else:
-            self.module = build_subnetwork(model, plan, self.rank, seed=seed, device=device,
-                                           neuron_scaling=neuron_scaling, checkpointing=checkpointing)
+            self.module = build_subnetwork(values, plan, self.rank, seed=seed, device=device,
+                                           neuron_scaling=neuron_scaling, checkpointing=checkpointing, init=init)
+        del source, values  # the full model built for init="full" is freed here
         self.stats = CommStats()
         self._groups = self._make_groups(plan)
         order = {n: i for i, (n, _) in enumerate(plan.tensors)}
@@ -184,6 +195,7 @@ class SubnetDataParallel(nn.Module):
         else:
             self._buffer_buckets = [b for b in build_buckets(self.module, plan, self.rank, "buffers")
                                     if len(b.holders) > 1]
+        self._check_initial_values()
         self._chunks_of: dict[int, list[_Chunk]] = {}
         for c in self._chunks:
             for p in c.params:
@@ -200,14 +212,16 @@ class SubnetDataParallel(nn.Module):
 
     # ---- setup ------------------------------------------------------------------------------------
     def _agree(self, plan: Plan, structure: nn.Module, seed: int, sync: str, every: int, scaling: str,
-               masking: str = "forward") -> None:
+               bucket_elements: int, init: str, masking: str = "forward") -> None:
         """Every rank checks the same facts and raises the same error, so nothing hangs."""
         mine = {
             "plan": plan.digest(),
             "architecture": architecture_digest(structure),
             "plan architecture": plan_architecture_digest(plan, type(structure).__qualname__),
             "plan workers": plan.workers,
-            "options": (seed, sync, every, scaling),
+            # bucket_elements sets the chunk boundaries, hence which collectives every rank issues
+            "options": {"seed": seed, "sync": sync, "sync_every": every, "neuron_scaling": scaling,
+                        "bucket_elements": bucket_elements, "init": init},
             "masking": masking,
         }
         everyone: list[dict] = [None] * self.world_size  # type: ignore[list-item]
@@ -226,6 +240,26 @@ class SubnetDataParallel(nn.Module):
         if problems:
             raise ValueError("SubnetDataParallel setup failed on every rank: " + "; ".join(problems))
 
+    @torch.no_grad()
+    def _check_initial_values(self) -> None:
+        """Holders must start from identical values (DDP broadcasts them; here they are compared).
+
+        Each rank sends one exact integer checksum per holder set it belongs to (its elements' bits
+        weighted by position), so a single differing bit on any rank is caught, at the cost of one
+        small ``all_gather_object``. Every rank raises the same error.
+        """
+        sums = {(kind, b.holders): _checksum(b.gather(grads=False))
+                for kind, buckets in (("parameters", self._all_buckets), ("buffers", self._buffer_buckets))
+                for b in buckets if len(b.holders) > 1}
+        everyone: list[dict] = [None] * self.world_size  # type: ignore[list-item]
+        dist.all_gather_object(everyone, sums)
+        bad = sorted({k for d in everyone for k in d if len({everyone[r].get(k) for r in k[1]}) > 1})
+        if bad:
+            raise ValueError(
+                "SubnetDataParallel setup failed on every rank: initial values differ between the holders "
+                f"{', '.join(f'{kind} of {list(h)}' for kind, h in bad[:5])}; give a factory (seeded by seed=) or the same real model on every rank "
+                "(e.g. call torch.manual_seed with one seed on every rank before building it)")
+
     def _make_groups(self, plan: Plan) -> dict[tuple[int, ...], object]:
         groups: dict[tuple[int, ...], object] = {}
         for h in plan.holder_sets():  # same order on every rank; every rank takes part in every new_group
@@ -240,7 +274,18 @@ class SubnetDataParallel(nn.Module):
         if self.masking == "backward" and not self._optimizer_attached and torch.is_grad_enabled():
             raise RuntimeError("masking='backward' needs sdp.attach_optimizer(optimizer) before training: after "
                                "each optimizer step the holders' new values must reach the other ranks")
+        if torch.is_grad_enabled():
+            self._reset_step()
         return self.module(*args, **kwargs)
+
+    def _reset_step(self) -> None:
+        """Start every step clean, as DDP does: a backward that raised part-way never ran its
+        end-of-backward callback, and its leftover state would otherwise skip the next step's sync."""
+        self._next = 0
+        self._callback_queued = False
+        self._step_bytes = 0
+        for c in self._chunks:
+            c.pending, c.work, c.flat = 0, None, None
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -404,18 +449,27 @@ class SubnetDataParallel(nn.Module):
 
     # ---- the full model -----------------------------------------------------------------------------
     @torch.no_grad()
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """Gather the full model onto rank 0 (other ranks get ``None``); buffers averaged first.
+    def averaged_buffers(self) -> dict[str, torch.Tensor]:
+        """Copies of the buffers, averaged over their holders; the workers' own buffers are untouched. Collective."""
+        copies = {e.name: e.tensor.detach().clone() for b in self._buffer_buckets for e in b.entries}
+        for b in self._buffer_buckets:
+            flat = b.gather(grads=False)
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self._groups[b.holders])
+            rebind(b, copies).scatter(flat / len(b.holders), grads=False)
+        return copies
 
-        Each element travels once, from its lowest-numbered holder. Collective: call on every rank.
+    @torch.no_grad()
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Gather the full model onto rank 0 (other ranks get ``None``), buffers averaged over holders.
+
+        A pure read: the workers' state is unchanged. Each element travels once, from its
+        lowest-numbered holder. Collective: call on every rank.
         """
-        self.average_buffers()
         if self.masking == "backward":  # every rank holds the full model, identical after each step
-            if self.rank != 0:
-                return None
-            return {n: t.detach().cpu().clone() for n, t in self.module.state_dict().items()}
+            state = {**self.module.state_dict(), **self.averaged_buffers()}
+            return {n: t.detach().cpu().clone() for n, t in state.items()} if self.rank == 0 else None
         tmap = self.plan.tensor_map(self.rank)
-        state = self.module.state_dict()
+        state = {**self.module.state_dict(), **self.averaged_buffers()}
         where: dict[str, tuple[int, list[int]] | None] = {}
         piece: dict[str, torch.Tensor] = {}
         for name, loc in tmap.items():
@@ -439,6 +493,36 @@ class SubnetDataParallel(nn.Module):
 
     def reset_stats(self) -> None:
         self.stats = CommStats()
+
+
+def _checksum(flat: torch.Tensor) -> int:
+    """An exact, order-independent checksum of ``flat``'s bits: sum of bits times (position mod p + 1)."""
+    ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()]
+    bits = flat.contiguous().view(ints)
+    total = torch.zeros((), dtype=torch.int64, device=flat.device)
+    step = 1 << 20  # bounded extra memory
+    for start in range(0, bits.numel(), step):
+        part = bits[start:start + step].to(torch.int64)
+        weight = torch.arange(start, start + part.numel(), device=flat.device, dtype=torch.int64) % 65521 + 1
+        total += (part * weight).sum()
+    return int(total)
+
+
+def agree_finite(loss: torch.Tensor, step: int | None = None, group: object = None) -> None:
+    """Raise the same ``FloatingPointError`` on every rank when any rank's loss is not finite.
+
+    One all-reduce of ``world size`` numbers (each rank marks its own slot), before backward, so no
+    rank starts gradient collectives that another will never join. Collective: call on every rank.
+    """
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    flags = torch.zeros(world, device=loss.device)
+    flags[rank] = float(not torch.isfinite(loss.detach()).all())
+    dist.all_reduce(flags, op=dist.ReduceOp.SUM, group=group)
+    if flags.any():
+        bad = [r for r in range(world) if flags[r] > 0]
+        at = f" at step {step}" if step is not None else ""
+        raise FloatingPointError(f"non-finite loss on rank(s) {bad}{at} (every rank stops here); "
+                                 "lower the learning rate (--lr), clip gradients (--grad-clip) or check the data")
 
 
 def _canonical(plan: Plan, name: str) -> str:

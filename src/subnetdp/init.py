@@ -1,4 +1,10 @@
-"""Seeded, module-by-module initialisation.
+"""Seeded initial values: the factory's own (default, ``init="full"``) or module by module.
+
+By default (``init="full"``) a model given as a factory gets exactly the values the factory itself
+gives under ``torch.manual_seed(seed)``: the full model is built once in host memory, each worker
+takes its slice, and the full model is freed (torchvision's ``zero_init_residual``, Hugging Face's
+``post_init`` and any custom init are kept). ``init="per-module"`` never builds the full model, for
+models too large for host memory; it gives each module its value as below.
 
 SDP needs a worker's subnetwork to equal the matching slice of the full model initialised from the
 same seed (DESIGN.md invariant 3), without ever building the full model on the worker's device. So
@@ -40,6 +46,14 @@ import torch
 from torch import nn
 
 ModelFactory = Callable[[], nn.Module]
+INIT_MODES = ("full", "per-module")
+
+
+def check_init(init: str) -> None:
+    """Reject an unknown ``init`` mode, naming the choices."""
+    if init not in INIT_MODES:
+        raise ValueError(f"init={init!r}: choose 'full' (the factory's own initialisation, built once in host "
+                         "memory) or 'per-module' (module by module, for models too large for host memory)")
 
 
 def module_seed(seed: int, name: str) -> int:
@@ -172,9 +186,27 @@ def meta_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def structure_of(model: nn.Module | ModelFactory) -> tuple[nn.Module, nn.Module | None]:
-    """``(meta structure, source of values or None)`` for a factory, a meta model or a real model."""
+def build_full(factory: ModelFactory, seed: int) -> nn.Module:
+    """The factory's own model in host memory, built under ``torch.manual_seed(seed)`` (caller's RNG kept)."""
+    with seeded(seed), torch.device("cpu"):
+        model = factory()
     if not isinstance(model, nn.Module):
+        raise TypeError(f"the model factory returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def structure_of(model: nn.Module | ModelFactory, seed: int = 0,
+                 init: str = "per-module") -> tuple[nn.Module, nn.Module | None]:
+    """``(meta structure, source of values or None)`` for a factory, a meta model or a real model.
+
+    With ``init="full"`` a factory's source is its own model built under ``seed`` (see
+    :func:`build_full`); a meta model has no own values, so it is initialised per module.
+    """
+    check_init(init)
+    if not isinstance(model, nn.Module):
+        if init == "full":
+            full = build_full(model, seed)
+            return meta_copy(full), full
         return build_meta(model), None
     if all(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
         return meta_copy(model), None
@@ -232,11 +264,13 @@ def materialize_(
 
 
 def materialize(
-    model: nn.Module | ModelFactory, seed: int = 0, device: torch.device | str = "cpu"
+    model: nn.Module | ModelFactory, seed: int = 0, device: torch.device | str = "cpu", *, init: str = "full"
 ) -> nn.Module:
     """The full model with subnetdp's seeded initialisation: the reference for invariant 3.
 
     ``model`` is a factory or a model on the meta device (a real model is copied as it is).
+    ``init="full"`` gives a factory's own values under ``torch.manual_seed(seed)``; ``"per-module"``
+    the module-by-module values (see the module docstring).
     """
-    structure, source = structure_of(model)
+    structure, source = structure_of(model, seed, init)
     return materialize_(structure, seed, source=source, device=device)

@@ -350,7 +350,18 @@ class Plan:
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
-        d = json.loads(text)
+        """The plan saved by :meth:`to_json`; anything else raises ``ValueError`` saying what is wrong."""
+        try:
+            return cls._from_dict(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"not a plan: invalid JSON ({e}); give the text written by Plan.to_json "
+                             "(subnetdp plan --save FILE)") from e
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"not a plan: missing or malformed field ({type(e).__name__}: {e}); give the text "
+                             "written by Plan.to_json (subnetdp plan --save FILE)") from e
+
+    @classmethod
+    def _from_dict(cls, d: dict) -> Plan:
         return cls(
             workers=d["workers"], coverage=d["coverage"], level=d["level"], seed=d["seed"],
             units=tuple(Unit(**u) for u in d["units"]), slots=tuple(d["slots"]),
@@ -381,7 +392,7 @@ def valid_coverages(workers: int) -> list[float]:
 
 
 def _check_args(workers: int, coverage: float, level: str, transitions: str) -> int:
-    if not isinstance(workers, int) or workers < 1:
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers={workers!r}: need a positive integer number of workers")
     if level not in LEVELS:
         raise ValueError(f"level={level!r}: choose one of {LEVELS}")

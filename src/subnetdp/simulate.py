@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from subnetdp.assemble import assemble_state_dict
-from subnetdp.buckets import Bucket, build_buckets
+from subnetdp.buckets import Bucket, build_buckets, rebind
 from subnetdp.init import ModelFactory, structure_of
 from subnetdp.masking import (
     broadcast_buckets,
@@ -62,20 +62,26 @@ class Simulation:
         sync_every: int = 1,
         checkpointing: str | None = None,
         masking: str = "forward",
+        init: str = "full",
     ) -> None:
         if sync not in ("grads", "params"):
             raise ValueError(f"sync={sync!r}: choose one of ('grads', 'params')")
+        if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
+            raise ValueError(f"sync_every={sync_every!r}: need a positive whole number of steps")
         check_masking(masking, sync)
         self.plan, self.sync, self.sync_every, self.masking = plan, sync, sync_every, masking
-        self.structure = structure_of(model)[0]
+        self.structure, source = structure_of(model, seed, init)
+        # init="full": the factory's model is built once and every worker slices it, then it is freed
+        values = source if source is not None else model
         if masking == "backward":
-            self._init_backward(model, optimizer, seed, device, checkpointing)
+            self._init_backward(values, optimizer, seed, device, checkpointing)
             return
         self.workers = [
-            build_subnetwork(model, plan, k, seed=seed, device=device, neuron_scaling=neuron_scaling,
-                             checkpointing=checkpointing)
+            build_subnetwork(values, plan, k, seed=seed, device=device, neuron_scaling=neuron_scaling,
+                             checkpointing=checkpointing, init=init)
             for k in range(plan.workers)
         ]
+        del source, values
         self.optimizers = [optimizer(w.parameters()) for w in self.workers]
         self._grad_buckets = [{b.holders: b for b in build_buckets(w, plan, k)} for k, w in enumerate(self.workers)]
         self._buffer_buckets = [
@@ -170,10 +176,19 @@ class Simulation:
             self.average_parameters()
         return losses
 
+    @torch.no_grad()
+    def averaged_buffers(self) -> list[dict[str, torch.Tensor]]:
+        """Per worker, copies of its buffers averaged over their holders; the workers' own are untouched."""
+        copies = [{e.name: e.tensor.detach().clone() for b in per.values() for e in b.entries}
+                  for per in self._buffer_buckets]
+        average_over_holders([{h: rebind(b, copies[k]) for h, b in per.items()}
+                              for k, per in enumerate(self._buffer_buckets)], grads=False)
+        return copies
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The assembled full model's state dict (buffers averaged over holders first)."""
-        self.average_buffers()
+        """The assembled full model's state dict, buffers averaged over holders (a pure read)."""
+        buffers = self.averaged_buffers()
         if self.masking == "backward":  # every worker holds the full model, identical after each step
-            return {n: t.detach().cpu().clone() for n, t in self.workers[0].state_dict().items()}
-        return assemble_state_dict(((self.plan.tensor_map(k), w.state_dict()) for k, w in enumerate(self.workers)),
-                                   self.plan, self.structure)
+            return {n: t.detach().cpu().clone() for n, t in {**self.workers[0].state_dict(), **buffers[0]}.items()}
+        return assemble_state_dict(((self.plan.tensor_map(k), {**w.state_dict(), **buffers[k]})
+                                    for k, w in enumerate(self.workers)), self.plan, self.structure)

@@ -96,12 +96,15 @@ def build_subnetwork(
     device: torch.device | str = "cpu",
     neuron_scaling: str = "inverted",
     checkpointing: str | None = None,
+    init: str = "full",
 ) -> nn.Module:
     """Build ``worker``'s subnetwork of ``model`` under ``plan``.
 
-    ``model`` is a factory (called on the meta device; tensors initialised from ``seed`` module by
-    module, so the result equals the slice of :func:`subnetdp.materialize` with the same seed), a
-    model on the meta device (same), or a real model (its current values are sliced).
+    ``model`` is a factory, a model on the meta device, or a real model (its current values are
+    sliced). A factory's values: with ``init="full"`` (default) its own, built once in host memory
+    under ``torch.manual_seed(seed)`` and sliced; with ``init="per-module"`` each module's from
+    ``(seed, module path)`` on its own, never building the full model (a meta model always so). Either
+    way the result equals the slice of :func:`subnetdp.materialize` with the same ``seed`` and ``init``.
 
     ``neuron_scaling="inverted"`` scales each layer that sums over a sliced width as if its input
     were multiplied by ``size / held``, so activations keep the full model's scale and the assembled model needs
@@ -119,7 +122,8 @@ def build_subnetwork(
     if checkpointing == "blocks" and not plan.blocks:
         raise ValueError("checkpointing='blocks': the plan knows no residual blocks of this model; "
                          "make the plan with blocks=[...] (module paths) or use checkpointing=None")
-    structure, source = structure_of(model)
+    check_heads(plan)
+    structure, source = structure_of(model, seed, init)
     check_architecture(structure, plan)
     tmap = plan.tensor_map(worker)
     dropped = plan.dropped_blocks(worker)
@@ -161,6 +165,35 @@ def build_subnetwork(
     leftover = [n for n, t in structure.named_parameters() if t.is_meta]
     assert not leftover, f"internal error: tensors left on meta: {leftover[:5]}"
     return structure
+
+
+def check_heads(plan: Plan) -> None:
+    """Reject a neuron-level plan in which some worker holds none of a GPT-2 attention layer's heads.
+
+    GPT-2's attention splits its fused projection by ``split_size``, which is 0 with zero heads, so
+    its forward fails (the zoo's, timm's and Hugging Face Llama's attention run with zero heads and
+    return the output projection's bias). The check covers every worker, so that under
+    torch.distributed every rank raises the same error at setup instead of one rank failing alone.
+    """
+    held: dict[str, list[int]] = {}
+    for g in plan.groups:
+        if g.name.endswith(":heads") and any(a.attr == "split_size" for a in g.attrs):
+            held[g.name] = [0] * plan.workers
+    if not held:
+        return
+    for u in plan.units:
+        if u.group in held:
+            for k in plan.holders(u):
+                held[u.group][k] += 1
+    for g in plan.groups:
+        counts = held.get(g.name)
+        if counts is not None and 0 in counts:
+            r = plan.holders_per_unit
+            need = -(-plan.workers // g.size) / plan.workers  # ceil(K / heads) holders per unit
+            raise ValueError(
+                f"worker {counts.index(0)} would hold none of the {g.size} heads of {g.name.split(':')[0]} "
+                f"(K={plan.workers} workers, C={plan.coverage:g}, r={r}); GPT-2 attention with zero heads cannot run. "
+                f"Use a coverage of at least {need:g}, fewer workers, or level='block'")
 
 
 def check_architecture(model: nn.Module, plan: Plan) -> None:

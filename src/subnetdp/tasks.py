@@ -67,14 +67,17 @@ class ImageTask:
         return functools.partial(get_model, self.cfg.model, **kwargs)
 
     def loader(self, rank: int, world: int) -> TensorImageLoader:
-        if len(self.train.labels) // world < self.cfg.batch_size:
-            raise ValueError(f"--batch-size {self.cfg.batch_size} is larger than a worker's shard "
-                             f"({len(self.train.labels) // world} examples); lower it")
+        self.steps_per_epoch(world)
         return TensorImageLoader.from_dataset(self.train, self.cfg.batch_size, rank=rank, world_size=world,
                                               seed=self.cfg.seed, device=self.device)
 
     def steps_per_epoch(self, world: int) -> int:
-        return (len(self.train.labels) // world) // self.cfg.batch_size
+        shard = len(self.train.labels) // world
+        if shard < self.cfg.batch_size:
+            raise ValueError(f"--batch-size {self.cfg.batch_size} is larger than a worker's shard ({shard} of "
+                             f"{len(self.train.labels)} training examples over {world} workers); lower "
+                             "--batch-size, use fewer workers, or a larger --train-subset")
+        return shard // self.cfg.batch_size
 
     def epoch_batches(self, loader: TensorImageLoader, epoch: int, start_step: int) -> Iterator[Batch]:
         loader.set_epoch(epoch)

@@ -510,7 +510,7 @@ def _evaluate(cfg: TrainConfig, task: Any, state: dict[str, torch.Tensor] | None
     """
     if state is None:
         return previous, None
-    model = materialize(factory, seed=cfg.seed, device=device)
+    model = materialize(factory, seed=cfg.seed, device=device, init=cfg.init)
     model.load_state_dict(state)
     applied = apply_conventions(model, cfg, plan, task)
     result: dict[str, Any] = dict(task.evaluate(model, autocast))

@@ -164,8 +164,20 @@ def load_text(path_or_dir: str | Path | None = None) -> str:
         files = sorted(path.rglob("*.txt"))
         if not files:
             raise FileNotFoundError(f"no *.txt files under {path}")
-        return "\n".join(f.read_text(encoding="utf-8") for f in files)
-    return path.read_text(encoding="utf-8")
+        return "\n".join(_read_utf8(f) for f in files)
+    return _read_utf8(path)
+
+
+def _read_utf8(path: Path) -> str:
+    """A training text file's contents; a file that is empty or not UTF-8 is named with the cause."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8 "
+                         "(e.g. iconv -t UTF-8)") from e
+    if not text:
+        raise ValueError(f"{path}: the text file is empty; give a file with training text")
+    return text
 
 
 def train_val_split(tokens: np.ndarray | Tensor,
@@ -216,7 +228,8 @@ def read_token_file(path: str | Path) -> np.ndarray:
     dtype, length = np.dtype(header["dtype"]), int(header["length"])
     if path.stat().st_size != length * dtype.itemsize:
         raise ValueError(f"{path} has {path.stat().st_size} bytes; its header says "
-                         f"{length} tokens of {dtype}")
+                         f"{length} tokens of {dtype} (truncated or overwritten?); "
+                         "write it again with subnetdp.data.write_token_file")
     if length == 0:
         return np.empty(0, dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r", shape=(length,))

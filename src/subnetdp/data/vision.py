@@ -79,8 +79,12 @@ def load_cifar10_jpeg(path: str | Path, cache_dir: str | Path | None = None,
         with np.load(cache) as z:
             return (z["x_train"], z["y_train"]), (z["x_test"], z["y_test"])
 
-    with np.load(path) as z:
-        blob, ends, y, is_train = z["blob"], z["ends"], z["y"], z["train"]
+    try:
+        with np.load(path) as z:
+            blob, ends, y, is_train = z["blob"], z["ends"], z["y"], z["train"]
+    except Exception as e:  # noqa: BLE001 - zip, pickle and key errors all mean one thing: a bad file
+        raise ValueError(f"{path}: not a readable CIFAR-10 (JPEG) file ({type(e).__name__}: {e}); "
+                         "copy it again from the shared data folder") from e
     starts = np.concatenate([[0], ends[:-1]])
     splits = []
     for mask, label in ((is_train, "train"), (~is_train, "test")):
@@ -110,7 +114,7 @@ def load_cifar10_jpeg(path: str | Path, cache_dir: str | Path | None = None,
 def _find_cifar10_jpeg(data_dir: str | Path | None) -> Path:
     roots = [Path(data_dir)] if data_dir is not None else []
     shared = shared_data_dir()
-    if shared is not None:
+    if shared is not None and data_dir is None:  # a --data-dir given is the only place looked at
         roots.append(shared)
     for root in roots:
         for candidate in (root, root / "cifar10_jpeg.npz", root / "cifar10-jpeg" / "cifar10_jpeg.npz"):
