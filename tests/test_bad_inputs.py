@@ -229,7 +229,7 @@ def _api_cases(tmp: Path) -> list[tuple[str, object, type, str]]:
         ("subnetwork-worker", lambda: sd.build_subnetwork(f, p, 5), ValueError, "5"),
         ("subnetwork-scaling", lambda: sd.build_subnetwork(f, p, 0, neuron_scaling="half"), ValueError,
          "neuron_scaling='half'"),
-        ("engine-without-process-group", lambda: sd.SubnetDataParallel(f, p), RuntimeError, "dist.init_process_group"),
+        ("engine-without-process-group", lambda: sd.SubnetDataParallel(f, p), RuntimeError, r"init_process_group\(\) first"),
         ("text-empty", lambda: load_text(tmp / "empty.txt"), ValueError, "empty.txt: the text file is empty"),
         ("text-not-utf8", lambda: load_text(tmp / "latin1.txt"), ValueError, "latin1.txt: not UTF-8 text"),
         ("token-file-truncated", lambda: read_token_file(tmp / "t.bin"), ValueError, "t.bin has 7 bytes"),

@@ -140,7 +140,7 @@ def test_gpu_measure_smoke_on_cpu(tmp_path):
         rows = {r["name"]: r for r in part["summary"]}
         assert rows["FSDP2+ckpt (K=4)"]["peak_bytes"] < rows["FSDP2 (K=4)"]["peak_bytes"]
         for r in part["summary"]:
-            if r["name"].startswith("SDP "):
+            if r["name"].startswith("SDP ") and "old default" not in r["name"]:
                 assert r["peak_ratio_to_ddp"] < 1
                 assert r["saved_plus_state_bytes"] == pytest.approx(r["predicted_bytes"], rel=0.15)
                 ckpt = rows[r["name"].replace("SDP ", "SDP+ckpt ")]
@@ -160,7 +160,8 @@ def test_memory_part_measures_backward_masking_per_worker():
     part = memory_part(TINY, 2, [0.5], ["block", "neuron"], 1, torch.device("cpu"), log=lambda s: None,
                        maskings=("backward",))
     rows = {r["name"]: r for r in part["rows"]}
-    assert list(rows) == ["DDP", "DDP+ckpt", "FSDP2 (K=2)", "SDP backward block C=0.5", "SDP backward neuron C=0.5"]
+    assert list(rows) == ["DDP", "DDP+ckpt", "FSDP2 (K=2)", "FSDP2+ckpt (K=2)", "SDP backward block C=0.5",
+                          "SDP backward neuron C=0.5"]
     n = sum(p.numel() for p in sd.materialize(_factory()).parameters())
     ddp = rows["DDP"]["workers"][0]["measured"]
     for name in ("SDP backward block C=0.5", "SDP backward neuron C=0.5"):

@@ -230,6 +230,18 @@ def test_a_second_run_on_a_locked_folder_fails_fast_naming_the_holder(tmp_path):
     assert _simulated(out).returncode == 0  # a lock dies with its holder: nothing stale remains
 
 
+def _descends_from(pid: int, ancestor: int) -> bool:
+    """Whether ``pid`` is ``ancestor`` or below it (the launcher runs torchrun as a child process)."""
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+    return False
+
+
 def _worker_pid(launcher: int, rank: int, attempt: int = 0) -> int | None:
     """The pid of ``rank``'s worker process below ``launcher`` on torchrun attempt ``attempt``."""
     for proc in Path("/proc").iterdir():
@@ -240,7 +252,7 @@ def _worker_pid(launcher: int, rank: int, attempt: int = 0) -> int | None:
             parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):
             continue
-        if (parent == launcher and env.get("RANK") == str(rank)
+        if (_descends_from(parent, launcher) and env.get("RANK") == str(rank)
                 and env.get("TORCHELASTIC_RESTART_COUNT", "0") == str(attempt)):
             return int(proc.name)
     return None
