@@ -12,7 +12,8 @@
 #   OUT=/tmp/gs SUBNETDP_GPU_SMOKE=1 bash benchmarks/gpu_session.sh   # CPU smoke test: same steps, tiny
 #   OUT=... bash benchmarks/gpu_session.sh --coverages 0.5 --seeds 0 1 2   # arguments go to reproduce.py
 #
-# Budgets (seconds, overridable): REPRO_MINUTES (4.8) for the grid, MEASURE_SECONDS (150) for (b).
+# Budgets (seconds, overridable): REPRO_MINUTES (4.8) for the grid, MEASURE_SECONDS (150) for (b);
+# MEASURE_ARGS adds arguments to gpu_measure.py (e.g. "--batches 64" to measure batch 64 and the LLaMA only).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder the results go to}"
@@ -60,6 +61,6 @@ echo "reproduce.py exit ${PIPESTATUS[0]}" | tee -a "$LOG"
 echo "== (b) gpu_measure memory phase, ${MEASURE_SECONDS} s" | tee -a "$LOG"
 timeout -s INT -k 10 "$MEASURE_SECONDS" $PY benchmarks/gpu_measure.py --out "$WORK/gpu_measure" \
     --skip-planner --skip-alignment --budget-minutes "$(awk "BEGIN {print ($MEASURE_SECONDS - 30) / 60}")" \
-    "${MEASURE_EXTRA[@]}" 2>&1 | tee -a "$LOG"
+    "${MEASURE_EXTRA[@]}" ${MEASURE_ARGS:-} 2>&1 | tee -a "$LOG"
 echo "gpu_measure.py exit ${PIPESTATUS[0]}" | tee -a "$LOG"
 echo "== $(date -u +%FT%TZ) done" | tee -a "$LOG"
