@@ -7,6 +7,7 @@ import argparse
 import pytest
 import torch
 
+import subnetdp as sd
 from subnetdp.budget import add_budget_arguments, measure_choice, parse_bytes, plan_for_budget, predicted_peak, run_budget
 from subnetdp.memory import image_workload, memory_plan, profile_activations
 from subnetdp.plan import plan
@@ -114,6 +115,35 @@ def test_plan_json_parses_and_equals_the_library_prediction(capsys, checkpointin
     assert out["ddp_peak_bytes"] == ddp["peak_bytes"] > max(out["peak_bytes"])
     assert plan_prediction(W, 4, 0.5, optimizer="sgd-momentum", batch_size=16, transitions="shortcut",
                            activation_checkpointing=checkpointing)[1] == {**out, "model": W.name}
+
+
+def test_plan_json_predicts_backward_masking(capsys):
+    """--masking backward: full parameters, held gradients and optimizer state (issue 14's prediction)."""
+    import json
+
+    from subnetdp.budget import profile_workload
+    from subnetdp.cli import main
+    from subnetdp.memory import memory_plan, predict_backward_worker, profile_weight_grads
+
+    flags = ["plan", "--model", "resnet18", "--width", "4", "--workers", "4", "--coverage", "0.5", "--level", "block",
+             "--batch-size", "16", "--optimizer", "sgd-momentum", "--json"]
+    assert main(flags) == 0
+    forward = json.loads(capsys.readouterr().out)
+    assert main(flags + ["--masking", "backward"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["masking"] == "backward" and forward["masking"] == "forward"
+    profile = profile_workload(W)
+    p = memory_plan(W.factory, 4, 0.5, "block", profile=profile, optimizer="sgd-momentum", batch_size=16)
+    grads = profile_weight_grads(W.factory, W.make_batch(profile.batch_size, torch.device("cpu"), 0), W.loss_fn, p)
+    full_params = sum(t.numel() for t in sd.materialize(W.factory).parameters()) * 4
+    for k in range(4):
+        pred = predict_backward_worker(p, k, "sgd-momentum", profile, grads, 16)
+        assert out["state_bytes"][k] == pred["state_bytes"] > forward["state_bytes"][k]  # full parameters
+        assert out["activation_bytes"][k] == pred["activation_bytes"]
+        assert out["peak_bytes"][k] == pred["total_bytes"] + out["transient_bytes"][k]
+        assert pred["param_bytes"] == full_params
+    assert main(flags + ["--masking", "backward", "--activation-checkpointing"]) == 2
+    assert "does not model backward masking with activation checkpointing" in capsys.readouterr().err
 
 
 def test_plan_command_rejects_bad_values_in_one_line(capsys):

@@ -30,8 +30,10 @@ from subnetdp.memory import (
     make_optimizer,
     measure_step,
     memory_plan,
+    predict_backward_worker,
     predict_worker,
     profile_activations,
+    profile_weight_grads,
 )
 from subnetdp.plan import LEVELS, Plan, plan, valid_coverages
 from subnetdp.subnet import build_subnetwork
@@ -170,12 +172,20 @@ def profile_workload(workload: Workload, *, seed: int = 0, profile_batch: int = 
 
 def plan_prediction(workload: Workload, workers: int, coverage: float, level: str = "block", *, optimizer: str,
                     batch_size: int, seed: int = 0, transitions: str = "keep", balance: str = "memory",
-                    activation_checkpointing: bool = False, profile: ActivationProfile | None = None
-                    ) -> tuple[Plan, dict[str, Any]]:
+                    activation_checkpointing: bool = False, profile: ActivationProfile | None = None,
+                    masking: str = "forward") -> tuple[Plan, dict[str, Any]]:
     """A plan as the main job makes it, and its predicted bytes per worker beside DDP's (``plan --json``).
 
     The DDP figure is the full model under the same optimizer, batch and checkpointing choice.
+    ``masking="backward"`` predicts backward masking (:func:`subnetdp.memory.predict_backward_worker`:
+    full parameters, held gradients and optimizer state, the full forward's activations less what only
+    the weight gradients of units not held would save); its transient is taken as the full model's.
     """
+    if masking not in ("forward", "backward"):
+        raise ValueError(f"masking={masking!r}: choose forward or backward")
+    if masking == "backward" and activation_checkpointing:
+        raise ValueError("the prediction does not model backward masking with activation checkpointing; "
+                         "predict one of them (drop --activation-checkpointing or --masking backward)")
     if profile is None:
         profile = profile_workload(workload, seed=seed)
     if balance == "memory":
@@ -186,14 +196,22 @@ def plan_prediction(workload: Workload, workers: int, coverage: float, level: st
         p = plan(workload.factory, workers, coverage, level, seed, transitions=transitions)
     else:
         raise ValueError(f"balance={balance!r}: choose memory or params")
-    per = [predict_worker(p, k, optimizer, profile, batch_size, activation_checkpointing=activation_checkpointing)
-           for k in range(workers)]
     ddp = predict_worker(plan(workload.factory, workers, 1.0, "block", seed), 0, optimizer, profile, batch_size,
                          activation_checkpointing=activation_checkpointing)
+    if masking == "backward":
+        sample = workload.make_batch(profile.batch_size, torch.device("cpu"), seed)
+        weight_grads = profile_weight_grads(workload.factory, sample, workload.loss_fn, p, seed=seed)
+        per = [predict_backward_worker(p, k, optimizer, profile, weight_grads, batch_size) for k in range(workers)]
+        for w in per:  # the full forward on every worker: the full model's transient
+            w["transient_bytes"] = ddp["transient_bytes"]
+            w["peak_bytes"] = w["total_bytes"] + w["transient_bytes"]
+    else:
+        per = [predict_worker(p, k, optimizer, profile, batch_size, activation_checkpointing=activation_checkpointing)
+               for k in range(workers)]
     return p, {
         "model": workload.name, "workers": workers, "coverage": coverage, "level": level, "optimizer": optimizer,
         "batch_size": batch_size, "activation_checkpointing": activation_checkpointing,
-        "transitions": transitions, "balance": balance, "seed": seed,
+        "transitions": transitions, "balance": balance, "masking": masking, "seed": seed,
         "peak_bytes": [w["peak_bytes"] for w in per], "ddp_peak_bytes": ddp["peak_bytes"],
         "state_bytes": [w["state_bytes"] for w in per], "activation_bytes": [w["activation_bytes"] for w in per],
         "transient_bytes": [w["transient_bytes"] for w in per],

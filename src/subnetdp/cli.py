@@ -118,7 +118,7 @@ def _plan_command(args: argparse.Namespace) -> int:
             p, prediction = plan_prediction(
                 workload_for(args), args.workers, args.coverage, args.level, optimizer=args.optimizer,
                 batch_size=args.batch_size, seed=args.seed, transitions=args.transitions, balance=args.balance,
-                activation_checkpointing=args.activation_checkpointing)
+                activation_checkpointing=args.activation_checkpointing, masking=args.masking)
     except ValueError as e:
         print(f"subnetdp plan: error: {e}", file=sys.stderr)
         return 2
@@ -206,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="what the plan balances: predicted memory (as train does by default) or parameter counts")
     pl.add_argument("--activation-checkpointing", action="store_true",
                     help="predict (and balance) with every block of each worker's subnetwork checkpointed")
+    pl.add_argument("--masking", choices=("forward", "backward"), default="forward",
+                    help="SDP regime the prediction is for (as train --masking; docs/masking.md)")
     pl.add_argument("--json", action="store_true",
                     help="print one JSON object: the settings, peak/state/activation bytes per worker and DDP's peak")
     pl.add_argument("--save", help="write the plan as JSON to this file (default: not saved)")
