@@ -284,6 +284,11 @@ def test_report_tells_runs_apart_and_mixes_images_and_text(tmp_path, capsys):
     from subnetdp.report import _label, load_run
     labels = [_label(load_run(d)) for d in (a, b, lm)]
     assert len(set(labels)) == 3 and labels[0].startswith("run-a")
+    from subnetdp.report import worst_worker_peak
+
+    s = json.loads((a / "summary.json").read_text())  # simulated: the planner's peak (state + activations)
+    peak, basis = worst_worker_peak(s)
+    assert basis == "predicted" and peak == max(s["predicted_peak_bytes_per_worker"]) > max(s["model_state_bytes_per_worker"])
 
 
 def test_plan_takes_module_callable_and_predicts_the_peak(capsys):

@@ -34,13 +34,16 @@ def _metric(r: dict[str, Any]) -> str | None:
     return next((m for m in ("test_acc", "val_loss") if m in final), None)
 
 
-def worst_worker_peak(s: dict[str, Any]) -> tuple[int, bool]:
-    """``(bytes, measured_peak)``: the worst worker's peak memory (state + activations), measured as its
-    process's peak when each worker had its own process; a run simulated in one process has no
-    per-worker peak, so its worst worker's model state stands in (``measured_peak`` False)."""
+def worst_worker_peak(s: dict[str, Any]) -> tuple[int, str]:
+    """``(bytes, basis)``: the worst worker's peak memory (state + activations). ``basis`` is
+    ``"measured"`` (the process's peak, when each worker had its own process), ``"predicted"`` (a run
+    simulated in one process: the planner's predicted peak of its worst worker, state + saved
+    activations + transient) or ``"state"`` (older runs without a prediction: model state only)."""
     if not s.get("simulated"):
-        return _peak(s), True
-    return max(s["model_state_bytes_per_worker"]), False
+        return _peak(s), "measured"
+    if s.get("predicted_peak_bytes_per_worker"):
+        return max(s["predicted_peak_bytes_per_worker"]), "predicted"
+    return max(s["model_state_bytes_per_worker"]), "state"
 
 
 def _peak(s: dict[str, Any]) -> int:
@@ -102,13 +105,13 @@ def write_report(run_dirs: list[str], out: str | Path) -> Path:
         if not _metric(r):
             continue
         ax = axes[metrics.index(_metric(r))]
-        peak, measured = worst_worker_peak(r["summary"])
+        peak, basis = worst_worker_peak(r["summary"])
         x, y = peak / 2**20, r["summary"]["final"][_metric(r)]
-        ax.scatter(x, y, marker="o" if measured else "s")
-        ax.annotate(_label(r) + ("" if measured else " (simulated: state only)"), (x, y), fontsize=8,
-                    xytext=(3, 3), textcoords="offset points")
+        ax.scatter(x, y, marker={"measured": "o", "predicted": "^", "state": "s"}[basis])
+        note = {"measured": "", "predicted": " (simulated: predicted peak)", "state": " (simulated: state only)"}[basis]
+        ax.annotate(_label(r) + note, (x, y), fontsize=8, xytext=(3, 3), textcoords="offset points")
     for i, metric in enumerate(metrics):
-        axes[i].set(xlabel="worst worker's peak memory, MiB (process peak; simulated runs: model state)", ylabel=metric,
+        axes[i].set(xlabel="worst worker's peak memory, MiB (process peak; simulated runs: predicted peak)", ylabel=metric,
                     title=f"{metric} vs per-worker peak memory")
         axes[i].grid(alpha=0.3)
     fig.tight_layout()

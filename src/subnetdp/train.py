@@ -22,13 +22,13 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from subnetdp.backends import Distributed, SimulatedSDP, autocast_for
 from subnetdp import rundir, supervise
+from subnetdp.backends import Distributed, SimulatedSDP, autocast_for
 from subnetdp.checkpoint import CheckpointError, RunFileError, atomic_write, find_resumable, load_checkpoint, save_checkpoint
 from subnetdp.config import TrainConfig, validate, world_size_of
 from subnetdp.evaluation import recalibrate_batchnorm, scale_residual_branches
 from subnetdp.init import materialize
-from subnetdp.memory import memory_plan, profile_activations
+from subnetdp.memory import ActivationProfile, memory_plan, predict_worker, profile_activations
 from subnetdp.metrics import MetricsLog, format_bytes
 from subnetdp.plan import Plan, plan as make_plan
 from subnetdp.tasks import make_task
@@ -241,8 +241,9 @@ def _train(cfg: TrainConfig, device: torch.device, distributed: bool,
     total = total_steps(cfg, steps_per_epoch)
     n_epochs = math.ceil(total / steps_per_epoch)
     plan: Plan | None = None
+    profile: ActivationProfile | None = None
     if cfg.strategy == "sdp":
-        plan = _sdp_plan(cfg, task, factory, world)
+        plan, profile = _sdp_plan(cfg, task, factory, world)
     backend = SimulatedSDP(cfg, factory, plan, device, total) if cfg.simulate else Distributed(
         cfg, factory, plan, device, total)
     ranks_here = list(range(world)) if cfg.simulate else [rank]
@@ -370,6 +371,7 @@ def _train(cfg: TrainConfig, device: torch.device, distributed: bool,
         raw_state = backend.full_state_dict()
         last_eval, model_state = _evaluate(cfg, task, raw_state, factory, plan, device, autocast, last_eval)
     summary = _summary(cfg, backend, plan, world, wall, progress, step, device, last_eval, distributed)
+    summary["predicted_peak_bytes_per_worker"] = _predicted_peaks(cfg, plan, profile)
     if lead:
         _save_models(model_state, raw_state, out)
         atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -401,21 +403,32 @@ def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
     return max(1, math.ceil(cfg.epochs * scale * steps_per_epoch - 1e-9))
 
 
-def _sdp_plan(cfg: TrainConfig, task: Any, factory: Any, world: int) -> Plan:
-    """The run's plan: balanced on predicted memory (``--balance memory``) or on parameter counts.
+def _sdp_plan(cfg: TrainConfig, task: Any, factory: Any, world: int) -> tuple[Plan, ActivationProfile]:
+    """The run's plan, balanced on predicted memory (``--balance memory``) or on parameter counts, and
+    the activation profile behind its predicted peak per worker (reported in the summary).
 
-    Memory balancing profiles the full model's saved activations once, on the CPU on two samples of
-    the training data (scaled to ``--batch-size``), so every rank derives the same plan.
+    The profile is the full model's saved activations, measured once on the CPU on two samples of the
+    training data (scaled to ``--batch-size``), so every rank derives the same plan.
     """
-    if cfg.balance == "params":
-        return make_plan(factory, world, cfg.coverage, cfg.level, cfg.seed, transitions=cfg.transitions)
     with torch.random.fork_rng(devices=[]):  # drawing the sample leaves the training's random streams alone
         batch = next(task.epoch_batches(task.loader(0, world), 10_000, 0))
     sample = tuple(t[:2].cpu() for t in batch)
     profile = profile_activations(factory, sample, task.loss, len(sample[0]), seed=cfg.seed, device="cpu")
+    if cfg.balance == "params":
+        return make_plan(factory, world, cfg.coverage, cfg.level, cfg.seed, transitions=cfg.transitions), profile
     return memory_plan(factory, world, cfg.coverage, cfg.level, cfg.seed, profile=profile,
                        optimizer=_opt_name(cfg), batch_size=cfg.batch_size, transitions=cfg.transitions,
-                       activation_checkpointing=cfg.checkpointing == "blocks")
+                       activation_checkpointing=cfg.checkpointing == "blocks"), profile
+
+
+def _predicted_peaks(cfg: TrainConfig, plan: Plan | None, profile: ActivationProfile | None) -> list[int] | None:
+    """The planner's predicted peak per worker (state + saved activations + transient, fp32), for forward
+    masking; a run simulated in one process has no per-worker measured peak, so reports use these."""
+    if plan is None or profile is None or cfg.masking != "forward":
+        return None
+    return [predict_worker(plan, k, _opt_name(cfg), profile, cfg.batch_size,
+                           activation_checkpointing=cfg.checkpointing == "blocks")["peak_bytes"]
+            for k in range(plan.workers)]
 
 
 def _opt_name(cfg: TrainConfig) -> str:
