@@ -393,7 +393,7 @@ def load_results(out: Path) -> list[dict[str, Any]]:
 def _describe(settings: dict[str, Any], grid: str, results: list[dict[str, Any]]) -> str:
     flags = settings[grid]["flags"]
     f = {flags[i]: flags[i + 1] for i in range(0, len(flags) - 1, 2) if flags[i].startswith("--")}
-    r = next((x for x in results if x["run"]["grid"] == grid), None)
+    r = next((x for x in results if x["run"]["grid"] == grid and x["summary"].get("full_params")), None)
     params = f"{r['summary']['full_params']:,} parameters" if r and r["summary"].get("full_params") else ""
     if grid == "image":
         subset = f"{int(f['--train-subset']):,}-image subset" if "--train-subset" in f else "all 50,000 images"
