@@ -516,15 +516,15 @@ def _plot_curves(plt: Any, by_config: dict, panels: list, path: Path) -> None:
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(6 * max(len(panels), 1), 4.2), squeeze=False)
     for ax, (grid, k) in zip(axes[0], panels):
         metric = "test_acc" if grid == "image" else "val_loss"
-        for cfg, rs in sorted(by_config.items(), key=lambda kv: _order(kv[1][0]["run"])):
+        shown = [rs for _, rs in sorted(by_config.items(), key=lambda kv: _order(kv[1][0]["run"]))
+                 if rs[0]["run"]["grid"] == grid and rs[0]["run"]["workers"] == k]
+        for i, rs in enumerate(shown):  # tab20: a colour per configuration (the default cycle repeats after 10)
             run = rs[0]["run"]
-            if run["grid"] != grid or run["workers"] != k:
-                continue
             steps, values = _mean_curve(rs, metric)
             values = [v * (100.0 if metric == "test_acc" else 1.0) for v in values]
             style = "--" if run["regime"] == "flop-matched" else "-"
             label = rs[0]["label"] + (" FLOP-m." if run["regime"] == "flop-matched" else "")
-            ax.plot(steps, values, style, marker=".", label=f"{label} (n={len(rs)})")
+            ax.plot(steps, values, style, marker=".", color=plt.cm.tab20(i % 20), label=f"{label} (n={len(rs)})")
         ax.set(xlabel="optimizer step", ylabel="test accuracy %" if metric == "test_acc" else "validation loss",
                title=f"{grid}, K={k}: assembled model, mean over seeds")
         ax.grid(alpha=0.3)
