@@ -9,7 +9,8 @@ Every run is one ``python -m subnetdp train`` process with its own fresh ``--out
 defaults, whatever they are when the grid runs: plans, evaluation conventions, masking), and writes
 ``OUT/results/<run>.json`` from the run's ``summary.json`` and ``metrics.jsonl``. Run again with the same
 ``--out`` to resume: finished runs (their JSON exists) are skipped, an interrupted run continues from
-its latest checkpoint (``--resume``), a run that left no checkpoint starts again in a fresh folder.
+its latest checkpoint (``--resume``), a run that left no checkpoint starts again in a fresh folder; a
+result whose memory was measured by an older version of this script is re-collected, not retrained.
 
 Memory: the worst worker's measured peak of one training step per configuration, measured in this
 process by ``subnetdp.bench.memory_part`` (each worker's subnetwork at the run's model, batch and
@@ -47,6 +48,9 @@ from pathlib import Path
 from typing import Any
 
 REGIMES = ("same-steps", "flop-matched")
+# bumped when the memory measurement changes: cached memory and results that carry an older one are
+# measured again and re-collected (finished runs are not trained again). 2: SDP rows without checkpointing.
+MEMORY_VERSION = 2
 
 # Sizes per scale and grid. "flags" go to `subnetdp train`; "memory" describes the same step for
 # subnetdp.bench.memory_part. Axes: workers K, coverages, levels, baselines, seeds.
@@ -216,7 +220,7 @@ def measure_memory(out: Path, run: Run, runs: Sequence[Run], settings: dict[str,
     path = out / "memory" / f"{run.grid}-K{run.workers}-s{run.seed}.json"
     if path.exists():
         cached = json.loads(path.read_text())
-        if memory_key(run) in cached["configs"]:
+        if cached.get("version") == MEMORY_VERSION and memory_key(run) in cached["configs"]:
             return cached
     same = [r for r in runs if (r.grid, r.workers, r.strategy) == (run.grid, run.workers, "sdp")]
     coverages = sorted({r.coverage for r in same}, reverse=True)
@@ -228,8 +232,10 @@ def measure_memory(out: Path, run: Run, runs: Sequence[Run], settings: dict[str,
     g = settings[run.grid]
     spec = dict(g["memory"])
     t0 = time.perf_counter()
+    # the SDP runs train without checkpointing on the main job's plan: measure only those SDP rows
+    # (memory_part's SDP+ckpt and old-default rows share their strategy, level and coverage)
     part = memory_part(spec, run.workers, coverages, levels, repeats=2, device=torch.device(device),
-                       seed=run.seed, log=lambda *a: None)
+                       seed=run.seed, log=lambda *a: None, checkpointing=("none",), old_default=False)
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.empty_cache()  # leave the device to the training runs
@@ -240,8 +246,12 @@ def measure_memory(out: Path, run: Run, runs: Sequence[Run], settings: dict[str,
         peaks = [w["measured"]["peak_allocated_bytes"]["median"] if cuda else w["measured"]["total_bytes"]
                  for w in row["workers"]]
         key = row["strategy"] if row["strategy"] != "sdp" else f"sdp-{row['level']}-C{row['coverage']:g}"
+        if key in table:
+            raise RuntimeError(f"memory_part gave two rows for {key} ({row['name']!r} among them); "
+                               "each configuration of the grid must have exactly one")
         table[key] = {"worst_worker_peak_bytes": max(peaks), "per_worker_peak_bytes": peaks}
-    result = {"basis": ("torch.cuda.max_memory_allocated over the step" if cuda else
+    result = {"version": MEMORY_VERSION,
+              "basis": ("torch.cuda.max_memory_allocated over the step" if cuda else
                         "parameters + gradients + optimizer state + saved activations"),
               "device": device, "spec": spec, "seed": run.seed, "seconds": time.perf_counter() - t0,
               "configs": table}
@@ -300,7 +310,7 @@ def collect(run: Run, argv: list[str], run_dir: Path, memory: dict[str, Any], se
     return {"run": dataclasses.asdict(run), "name": run.name, "config": run.config, "label": run.label,
             "argv": argv, "metric": metric, "final": summary["final"][metric], "steps": summary["steps"],
             "summary": summary, "curve": curve, "train_curve": train_curve,
-            "memory": {**memory["configs"][memory_key(run)], "basis": memory["basis"]},
+            "memory": {**memory["configs"][memory_key(run)], "basis": memory["basis"], "version": memory["version"]},
             "process_wall_s": seconds}
 
 
@@ -335,7 +345,8 @@ def _run_all(out: Path, runs: Sequence[Run], settings: dict[str, Any], device: s
              args: argparse.Namespace, deadline: float | None) -> None:
     for i, run in enumerate(runs):
         result_path = out / "results" / f"{run.name}.json"
-        if result_path.exists():
+        previous = json.loads(result_path.read_text()) if result_path.exists() else None
+        if previous is not None and previous["memory"].get("version") == MEMORY_VERSION:
             continue
         if deadline is not None and deadline - time.time() < args.min_run_seconds:
             print(f"time box of {args.minutes:g} min reached: {len(runs) - i} runs left for the next invocation")
@@ -346,6 +357,8 @@ def _run_all(out: Path, runs: Sequence[Run], settings: dict[str, Any], device: s
         t0 = time.time()
         status = execute(run, argv, run_dir, out / "logs" / f"{run.name}.log", deadline)
         seconds = time.time() - t0
+        if previous is not None:  # re-collected for its memory: the training process's time stays
+            seconds = previous["process_wall_s"]
         if status == "done":
             result = collect(run, argv, run_dir, memory, seconds)
             _write_json(result_path, result)
@@ -380,7 +393,7 @@ def load_results(out: Path) -> list[dict[str, Any]]:
 def _describe(settings: dict[str, Any], grid: str, results: list[dict[str, Any]]) -> str:
     flags = settings[grid]["flags"]
     f = {flags[i]: flags[i + 1] for i in range(0, len(flags) - 1, 2) if flags[i].startswith("--")}
-    r = next((x for x in results if x["run"]["grid"] == grid), None)
+    r = next((x for x in results if x["run"]["grid"] == grid and x["summary"].get("full_params")), None)
     params = f"{r['summary']['full_params']:,} parameters" if r and r["summary"].get("full_params") else ""
     if grid == "image":
         subset = f"{int(f['--train-subset']):,}-image subset" if "--train-subset" in f else "all 50,000 images"
@@ -503,15 +516,15 @@ def _plot_curves(plt: Any, by_config: dict, panels: list, path: Path) -> None:
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(6 * max(len(panels), 1), 4.2), squeeze=False)
     for ax, (grid, k) in zip(axes[0], panels):
         metric = "test_acc" if grid == "image" else "val_loss"
-        for cfg, rs in sorted(by_config.items(), key=lambda kv: _order(kv[1][0]["run"])):
+        shown = [rs for _, rs in sorted(by_config.items(), key=lambda kv: _order(kv[1][0]["run"]))
+                 if rs[0]["run"]["grid"] == grid and rs[0]["run"]["workers"] == k]
+        for i, rs in enumerate(shown):  # tab20: a colour per configuration (the default cycle repeats after 10)
             run = rs[0]["run"]
-            if run["grid"] != grid or run["workers"] != k:
-                continue
             steps, values = _mean_curve(rs, metric)
             values = [v * (100.0 if metric == "test_acc" else 1.0) for v in values]
             style = "--" if run["regime"] == "flop-matched" else "-"
             label = rs[0]["label"] + (" FLOP-m." if run["regime"] == "flop-matched" else "")
-            ax.plot(steps, values, style, marker=".", label=f"{label} (n={len(rs)})")
+            ax.plot(steps, values, style, marker=".", color=plt.cm.tab20(i % 20), label=f"{label} (n={len(rs)})")
         ax.set(xlabel="optimizer step", ylabel="test accuracy %" if metric == "test_acc" else "validation loss",
                title=f"{grid}, K={k}: assembled model, mean over seeds")
         ax.grid(alpha=0.3)

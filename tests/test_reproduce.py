@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from subnetdp.data import shared_data_dir
 
@@ -60,6 +61,34 @@ def test_tiny_grid_writes_runs_resumes_and_the_page(tmp_path, capsys):
     sdp = next(line for line in page.splitlines() if line.startswith("| SDP block C=0.5 |"))
     assert sdp.count("(n=2)") == 2 and f"| {same['steps']} / {flop['steps']} |" in sdp
     assert (out / "curves.png").stat().st_size > 0 and (out / "frontier.png").stat().st_size > 0
+
+    # the SDP runs train without activation checkpointing: their memory is the plain SDP row of the
+    # benchmark (not its SDP+ckpt or old-default rows, which share level and coverage)
+    from subnetdp.bench import memory_part
+
+    settings = reproduce.scale_settings("cpu", True)
+    part = memory_part(settings["image"]["memory"], 2, [0.5], ["block"], repeats=2, device=torch.device("cpu"),
+                       seed=0, log=lambda *a: None)
+    plain = next(r for r in part["rows"] if r["name"] == "SDP block C=0.5")
+    ckpt = next(r for r in part["rows"] if r["name"] == "SDP+ckpt block C=0.5")
+    worst = max(w["measured"]["total_bytes"] for w in plain["workers"])
+    assert worst != max(w["measured"]["total_bytes"] for w in ckpt["workers"])
+    assert same["memory"]["worst_worker_peak_bytes"] == worst == flop["memory"]["worst_worker_peak_bytes"]
+
+    # a result from an older memory measurement is re-collected (not retrained), keeping its wall time
+    stale_path = out / "results" / "image-K2-sdp-block-C0.5-same-steps-s0.json"
+    stale = json.loads(stale_path.read_text())
+    stale["memory"] = {"worst_worker_peak_bytes": 1, "per_worker_peak_bytes": [1, 1], "basis": "old"}
+    stale_path.write_text(json.dumps(stale))
+    (out / "memory" / "image-K2-s0.json").unlink()
+    capsys.readouterr()
+    assert reproduce.main([*GRID, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "same-steps-s0:" in printed and "flop-matched-s0:" not in printed
+    fresh = json.loads(stale_path.read_text())
+    assert fresh["memory"]["worst_worker_peak_bytes"] == worst and fresh["memory"]["version"] == reproduce.MEMORY_VERSION
+    assert fresh["process_wall_s"] == stale["process_wall_s"] and fresh["final"] == stale["final"]
+    assert "--resume" not in (out / "logs" / f"{stale_path.stem}.log").read_text()
 
 
 def test_interrupted_run_resumes_from_its_checkpoint(tmp_path):
