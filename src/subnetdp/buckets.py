@@ -9,7 +9,7 @@ order. Averaging over ``H`` is then a sum of those buffers divided by ``len(H)``
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -88,8 +88,18 @@ def sync_tensors(module: nn.Module, kind: str) -> dict[str, torch.Tensor]:
 
 def build_buckets(module: nn.Module, plan: Plan, worker: int, kind: str = "params") -> list[Bucket]:
     """``worker``'s buckets, one per holder set it belongs to, in one global order (sorted holder sets)."""
-    tensors = sync_tensors(module, kind)
     tmap = plan.tensor_map(worker)
+    return list(layout_buckets(sync_tensors(module, kind), plan, lambda name, _size: tmap[name][1]).values())
+
+
+def layout_buckets(tensors: dict[str, torch.Tensor], plan: Plan,
+                   full_positions: Callable[[str, int], Sequence[int]]) -> dict[Holders, Bucket]:
+    """Buckets over ``tensors`` (full-model names), one per holder set, sorted by holder set.
+
+    Tensor order is the plan's, then increasing local index; ``full_positions(name, size)`` gives, for
+    each local index along a sliced tensor's dim (``size`` long in the full model), its position in the
+    full model (a subnetwork's narrowed tensor: the plan's tensor map; a full-size tensor: ``range(size)``).
+    """
     buckets: dict[Holders, Bucket] = {}
     for name, _ in plan.tensors:
         if name not in tensors:
@@ -100,12 +110,12 @@ def build_buckets(module: nn.Module, plan: Plan, worker: int, kind: str = "param
             buckets.setdefault(holders[0], Bucket(holders[0])).entries.append(Entry(name, t))
             continue
         by_set: dict[Holders, list[int]] = {}
-        for local, full in enumerate(tmap[name][1]):
+        for local, full in enumerate(full_positions(name, len(holders))):
             by_set.setdefault(holders[full], []).append(local)
         for hs, locals_ in by_set.items():
             idx = torch.tensor(locals_, dtype=torch.long, device=t.device)
             buckets.setdefault(hs, Bucket(hs)).entries.append(Entry(name, t, dim, idx))
-    return [buckets[h] for h in sorted(buckets)]
+    return {h: buckets[h] for h in sorted(buckets)}
 
 
 def bucket_numel(buckets: Iterable[Bucket], shared_only: bool = False) -> int:

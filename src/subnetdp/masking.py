@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from subnetdp.checkpointing import check_checkpointing, checkpoint_blocks
-from subnetdp.buckets import Bucket, Entry, Holders, sync_tensors
+from subnetdp.buckets import Bucket, Entry, Holders, layout_buckets, sync_tensors
 from subnetdp.init import ModelFactory, materialize_, structure_of
 from subnetdp.plan import Plan
 from subnetdp.subnet import check_architecture
@@ -97,28 +97,12 @@ def build_backward_worker(
 
 
 def full_buckets(module: nn.Module, plan: Plan) -> dict[Holders, Bucket]:
-    """One bucket per holder set of the plan over ``module``'s full-size parameters.
+    """One bucket per holder set of the plan over ``module``'s full-size parameters (trainable or not).
 
-    Laid out as :func:`subnetdp.buckets.build_buckets` does (tensor order, then increasing index),
-    with indices that are full-model positions, so every worker builds the same buckets.
+    Laid out as :func:`subnetdp.buckets.build_buckets` does, with indices that are full-model
+    positions, so every worker builds the same buckets.
     """
-    tensors = dict(module.named_parameters())
-    buckets: dict[Holders, Bucket] = {}
-    for name, _ in plan.tensors:
-        if name not in tensors:
-            continue
-        t = tensors[name]
-        dim, holders = plan.element_holders(name)
-        if dim is None:
-            buckets.setdefault(holders[0], Bucket(holders[0])).entries.append(Entry(name, t))
-            continue
-        by_set: dict[Holders, list[int]] = {}
-        for i, hs in enumerate(holders):
-            by_set.setdefault(hs, []).append(i)
-        for hs, positions in by_set.items():
-            idx = torch.tensor(positions, dtype=torch.long, device=t.device)
-            buckets.setdefault(hs, Bucket(hs)).entries.append(Entry(name, t, dim, idx))
-    return {h: buckets[h] for h in sorted(buckets)}
+    return layout_buckets(dict(module.named_parameters()), plan, lambda _name, size: range(size))
 
 
 def held_buckets(buckets: dict[Holders, Bucket], worker: int) -> dict[Holders, Bucket]:

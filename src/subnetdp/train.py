@@ -403,19 +403,19 @@ def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
     return max(1, math.ceil(cfg.epochs * scale * steps_per_epoch - 1e-9))
 
 
-def _sdp_plan(cfg: TrainConfig, task: Any, factory: Any, world: int) -> tuple[Plan, ActivationProfile]:
+def _sdp_plan(cfg: TrainConfig, task: Any, factory: Any, world: int) -> tuple[Plan, ActivationProfile | None]:
     """The run's plan, balanced on predicted memory (``--balance memory``) or on parameter counts, and
-    the activation profile behind its predicted peak per worker (reported in the summary).
+    with memory balance the activation profile behind it (also the summary's predicted peak per worker).
 
     The profile is the full model's saved activations, measured once on the CPU on two samples of the
     training data (scaled to ``--batch-size``), so every rank derives the same plan.
     """
+    if cfg.balance == "params":  # no profile: the escape hatch for models too large to profile on the host
+        return make_plan(factory, world, cfg.coverage, cfg.level, cfg.seed, transitions=cfg.transitions), None
     with torch.random.fork_rng(devices=[]):  # drawing the sample leaves the training's random streams alone
         batch = next(task.epoch_batches(task.loader(0, world), 10_000, 0))
     sample = tuple(t[:2].cpu() for t in batch)
     profile = profile_activations(factory, sample, task.loss, len(sample[0]), seed=cfg.seed, device="cpu")
-    if cfg.balance == "params":
-        return make_plan(factory, world, cfg.coverage, cfg.level, cfg.seed, transitions=cfg.transitions), profile
     return memory_plan(factory, world, cfg.coverage, cfg.level, cfg.seed, profile=profile,
                        optimizer=_opt_name(cfg), batch_size=cfg.batch_size, transitions=cfg.transitions,
                        activation_checkpointing=cfg.checkpointing == "blocks"), profile
