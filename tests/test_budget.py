@@ -10,7 +10,7 @@ import torch
 import subnetdp as sd
 from subnetdp.budget import add_budget_arguments, measure_choice, parse_bytes, plan_for_budget, predicted_peak, run_budget
 from subnetdp.memory import image_workload, memory_plan, profile_activations
-from subnetdp.plan import plan
+from subnetdp.planning import plan
 
 W = image_workload(width=4)
 K, BATCH, OPT = 4, 8, "sgd-momentum"

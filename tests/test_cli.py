@@ -351,7 +351,7 @@ def test_flop_matched_step_arithmetic():
 
 def test_shortcut_transitions_and_memory_balance_in_the_main_job(tmp_path):
     """Every block a unit, plan balanced on predicted memory (the default), evaluated with residual scaling."""
-    from subnetdp.plan import Plan
+    from subnetdp.planning import Plan
 
     out = train(tmp_path, "sc", "--simulate", "4", "--coverage", "0.5", "--transitions", "shortcut", "--steps", "2")
     p = Plan.from_json((out / "plan.json").read_text())

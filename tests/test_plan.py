@@ -165,7 +165,7 @@ def test_arrangement_minimises_the_window_spread_for_small_k():
     import itertools
     import random
 
-    from subnetdp.plan import _arrange
+    from subnetdp.planning import _arrange
 
     loads = [9.0, 1.0, 7.0, 3.0, 5.0, 2.0, 8.0, 4.0]
 
@@ -179,3 +179,13 @@ def test_arrangement_minimises_the_window_spread_for_small_k():
     chosen = spread(_arrange(loads, 8, 4, random.Random(0)))
     best = min(spread([p.index(b) for b in range(8)]) for p in itertools.permutations(range(8)))
     assert chosen == best
+
+
+def test_the_planning_module_is_not_shadowed_by_the_plan_function():
+    import importlib
+
+    import subnetdp
+
+    module = importlib.import_module("subnetdp.planning")
+    assert module.__name__ == "subnetdp.planning" and module.plan is subnetdp.plan
+    assert callable(subnetdp.plan) and not hasattr(subnetdp.plan, "__path__")

@@ -9,7 +9,7 @@ from subnetdp.buckets import Bucket, build_buckets
 from subnetdp.checkpointing import checkpoint_blocks
 from subnetdp.evaluation import recalibrate_batchnorm, scale_residual_branches
 from subnetdp.init import materialize
-from subnetdp.plan import Plan, Unit, plan, valid_coverages
+from subnetdp.planning import Plan, Unit, plan, valid_coverages
 from subnetdp.engine import SubnetDataParallel, agree_finite
 from subnetdp.simulate import Simulation
 from subnetdp.subnet import build_subnetwork

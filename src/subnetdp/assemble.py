@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from subnetdp.plan import Plan
+from subnetdp.planning import Plan
 
 
 Where = dict[str, "tuple[int, list[int]] | None"]

@@ -22,7 +22,7 @@ from subnetdp.config import TrainConfig
 from subnetdp.engine import SubnetDataParallel, agree_finite
 from subnetdp.init import ModelFactory, materialize, structure_of
 from subnetdp.memory import state_bytes as count_state_bytes
-from subnetdp.plan import Plan
+from subnetdp.planning import Plan
 from subnetdp.simulate import Simulation
 from subnetdp.units import find_blocks
 

@@ -79,7 +79,7 @@ from subnetdp.memory import (
     text_workload,
 )
 from subnetdp.masking import broadcast_buckets, build_backward_worker, full_buckets, held_buckets
-from subnetdp.plan import Plan, plan
+from subnetdp.planning import Plan, plan
 from subnetdp.subnet import build_subnetwork
 from subnetdp.units import find_blocks
 

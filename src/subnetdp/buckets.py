@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from subnetdp.plan import Plan
+from subnetdp.planning import Plan
 
 Holders = tuple[int, ...]
 

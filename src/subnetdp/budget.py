@@ -35,7 +35,7 @@ from subnetdp.memory import (
     profile_activations,
     profile_weight_grads,
 )
-from subnetdp.plan import LEVELS, Plan, plan, valid_coverages
+from subnetdp.planning import LEVELS, Plan, plan, valid_coverages
 from subnetdp.subnet import build_subnetwork
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from subnetdp.plan import Plan
+from subnetdp.planning import Plan
 
 LATEST = "latest"
 MANIFEST = "manifest.json"

@@ -98,7 +98,7 @@ def _plan_command(args: argparse.Namespace) -> int:
 
     from subnetdp.budget import plan_prediction, workload_for
     from subnetdp.metrics import format_bytes
-    from subnetdp.plan import plan
+    from subnetdp.planning import plan
 
     if args.batch_size < 1:
         print(f"subnetdp plan: error: --batch-size {args.batch_size}: must be > 0", file=sys.stderr)

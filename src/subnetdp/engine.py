@@ -34,7 +34,7 @@ from subnetdp.masking import (
     full_buckets,
     held_buckets,
 )
-from subnetdp.plan import Plan
+from subnetdp.planning import Plan
 from subnetdp.subnet import build_subnetwork
 
 SYNC_MODES = ("grads", "params")

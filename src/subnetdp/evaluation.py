@@ -21,7 +21,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from subnetdp.plan import Plan
+from subnetdp.planning import Plan
 from subnetdp.units.widths import find_width_groups
 
 

@@ -31,7 +31,7 @@ from torch import nn
 from subnetdp.checkpointing import check_checkpointing, checkpoint_blocks
 from subnetdp.buckets import Bucket, Entry, Holders, layout_buckets, sync_tensors
 from subnetdp.init import ModelFactory, materialize_, structure_of
-from subnetdp.plan import Plan
+from subnetdp.planning import Plan
 from subnetdp.subnet import check_architecture
 
 MASKINGS = ("forward", "backward")

@@ -12,7 +12,7 @@ Measured (DESIGN.md section 5), for one module and its optimizer:
   high-water mark, which is process-wide (everything the process ever allocated counts, including
   the allocator's caches), so it is a coarse check only.
 
-Predicted, for a worker of a :class:`~subnetdp.plan.Plan`:
+Predicted, for a worker of a :class:`~subnetdp.planning.Plan`:
 
 * model state = parameter elements x 4 bytes x (1 parameter + 1 gradient + optimizer states), with
   0 states for plain SGD, 1 for SGD with momentum, 2 for Adam(W) (fp32 throughout);
@@ -60,8 +60,8 @@ import torch
 from torch import nn
 
 from subnetdp.init import ModelFactory, materialize
-from subnetdp.plan import OPTIMIZER_STATES, Plan
-from subnetdp.plan import plan as plan_units
+from subnetdp.planning import OPTIMIZER_STATES, Plan
+from subnetdp.planning import plan as plan_units
 from subnetdp.subnet import inverted_scaling_hook
 from subnetdp.units import find_blocks, find_width_groups
 

@@ -19,7 +19,7 @@ from subnetdp.masking import (
     full_buckets,
     held_buckets,
 )
-from subnetdp.plan import Plan
+from subnetdp.planning import Plan
 from subnetdp.subnet import build_subnetwork
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]

@@ -18,7 +18,7 @@ from torch import nn
 
 from subnetdp.checkpointing import check_checkpointing, checkpoint_blocks
 from subnetdp.init import ModelFactory, materialize_, structure_of
-from subnetdp.plan import Plan
+from subnetdp.planning import Plan
 
 NEURON_SCALINGS = ("inverted", "none")
 

@@ -30,7 +30,7 @@ from subnetdp.evaluation import recalibrate_batchnorm, scale_residual_branches
 from subnetdp.init import materialize
 from subnetdp.memory import ActivationProfile, memory_plan, predict_worker, profile_activations
 from subnetdp.metrics import MetricsLog, format_bytes
-from subnetdp.plan import Plan, plan as make_plan
+from subnetdp.planning import Plan, plan as make_plan
 from subnetdp.tasks import make_task
 
 
