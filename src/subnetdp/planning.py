@@ -7,10 +7,14 @@ slots ``k, k+1, .., k+r-1 (mod K)``, so a unit in slot ``s`` is held by exactly 
 Slots are filled to balance a cost per worker: parameter counts (``balance="params"``), each unit's
 predicted memory (model state for the optimizer plus saved activations; ``subnetdp.memory.memory_cost``
 builds that cost from one activation profile), or any user cost:
-- block level: longest-processing-time first into slots (ties broken by a seeded shuffle), then the
-  slots are arranged around the cycle to minimise the spread of the window sums (every arrangement
-  for ``K <= 8``, else 3072 seeded samples scored with cyclic prefix sums, ``O(K)`` each, so planning
-  stays near-linear in ``K``);
+- block level: the worst worker's load (the largest window sum) is minimised, then the lightest
+  worker's raised. First longest-processing-time into slots (ties broken by a seeded shuffle) and
+  the slots arranged around the cycle (every arrangement for ``K <= 8``, else 3072 seeded samples
+  scored with cyclic prefix sums). When there are few assignments (``K**(n-1) <= 2**21`` for ``n``
+  units) every one is scored and the optimum replaces that placement unless it is already optimal
+  (the seed choosing among equally good ones); otherwise single-unit moves and pairwise swaps run
+  while they lower the worst window (skipped when ``n*K*K`` is too large, so planning stays
+  near-linear in ``K``);
 - neuron level: each width group is shuffled (seeded) and dealt round robin over the slots, starting
   with the lightest, so every worker holds ``C * size`` units of each group when ``K`` divides it;
   a group smaller than ``K`` is spread evenly, so each worker holds at least ``floor(r*size/K)``.
@@ -442,6 +446,116 @@ def _arrange(loads: list[float], workers: int, r: int, rng: random.Random) -> li
     return slot_of_bin
 
 
+_EXACT_LIMIT = 2**21  # assignments scored one by one (vectorised) when there are at most this many
+_LOCAL_LIMIT = 2 * 10**7  # n * K * K above which the local search is skipped
+
+
+def _window_matrix(workers: int, r: int) -> np.ndarray:
+    """``M[s, k] = 1`` when worker ``k`` (window ``k .. k+r-1``) holds slot ``s``."""
+    s = np.arange(workers)[:, None]
+    k = np.arange(workers)[None, :]
+    return (((s - k) % workers) < r).astype(np.float64)
+
+
+def _better(a: tuple[float, float], b: tuple[float, float], eps: float) -> bool:
+    """Is (worst, lightest) ``a`` better than ``b``: a lower worst window, then a heavier lightest."""
+    return a[0] < b[0] - eps or (abs(a[0] - b[0]) <= eps and a[1] > b[1] + eps)
+
+
+def _place_exact(costs: np.ndarray, workers: int, r: int, rng: random.Random) -> list[int] | None:
+    """Score every assignment of units to slots (the largest unit fixed in slot 0: rotations are
+    equivalent); return the best, the seed choosing among ties, or None when there are too many."""
+    n = len(costs)
+    if workers ** (n - 1) > _EXACT_LIMIT:
+        return None
+    order = np.argsort(-costs, kind="stable")  # largest first; it is pinned to slot 0
+    c = costs[order]
+    window = _window_matrix(workers, r)
+    eps = 1e-9 * max(float(costs.sum()), 1.0)
+    best: tuple[float, float] = (np.inf, -np.inf)
+    ties: list[np.ndarray] = []
+    total = workers ** (n - 1)
+    step = 1 << 16
+    for start in range(0, total, step):
+        idx = np.arange(start, min(start + step, total), dtype=np.int64)
+        assign = np.zeros((len(idx), n), dtype=np.int64)
+        for j in range(n - 1, 0, -1):  # mixed-radix digits of idx: the slots of units 1..n-1
+            assign[:, j] = idx % workers
+            idx //= workers
+        bins = np.zeros((len(assign), workers))
+        for j in range(n):
+            bins[np.arange(len(assign)), assign[:, j]] += c[j]
+        loads = bins @ window  # (m, K): each worker's load
+        worst, light = loads.max(axis=1), loads.min(axis=1)
+        w_best = float(worst.min())
+        cand = np.flatnonzero(worst <= w_best + eps)
+        l_best = float(light[cand].max())
+        cand = cand[light[cand] >= l_best - eps]
+        key = (w_best, l_best)
+        if _better(key, best, eps):
+            best, ties = key, [assign[i] for i in cand]
+        elif not _better(best, key, eps):
+            ties.extend(assign[i] for i in cand)
+    chosen = ties[rng.randrange(len(ties))]
+    rotation = rng.randrange(workers)
+    slots = [0] * n
+    for j, unit in enumerate(order.tolist()):
+        slots[unit] = int((chosen[j] + rotation) % workers)
+    return slots
+
+
+def _search(costs: np.ndarray, greedy: list[int], workers: int, r: int, rng: random.Random) -> list[int]:
+    """The greedy placement when it is already optimal (so plans that were optimal before stay
+    the same), else the exhaustive optimum, else the greedy placement improved by local search."""
+    exact = _place_exact(costs, workers, r, rng)
+    if exact is None:
+        return _improve(costs, greedy, workers, r)
+    window = _window_matrix(workers, r)
+    eps = 1e-9 * max(float(costs.sum()), 1.0)
+
+    def key(slots: list[int]) -> tuple[float, float]:
+        loads = np.bincount(np.asarray(slots), weights=costs, minlength=workers) @ window
+        return float(loads.max()), float(loads.min())
+
+    return exact if _better(key(exact), key(greedy), eps) else greedy
+
+
+def _improve(costs: np.ndarray, slots: list[int], workers: int, r: int) -> list[int]:
+    """Single-unit moves and pairwise swaps, best first, while they lower the worst window (then
+    raise the lightest). Deterministic: the first best candidate wins."""
+    n = len(costs)
+    if n * workers * workers > _LOCAL_LIMIT:
+        return slots
+    window = _window_matrix(workers, r)
+    eps = 1e-9 * max(float(costs.sum()), 1.0)
+    s = np.asarray(slots, dtype=np.int64)
+    for _ in range(4 * n * workers):
+        loads = np.bincount(s, weights=costs, minlength=workers) @ window
+        cur = (float(loads.max()), float(loads.min()))
+        best, move = cur, None
+        for i in range(n):  # move unit i to slot b: loads - c_i M[s_i] + c_i M[b]
+            cand = loads[None, :] - costs[i] * window[s[i]][None, :] + costs[i] * window
+            worst, light = cand.max(axis=1), cand.min(axis=1)
+            for b in np.flatnonzero(worst <= worst.min() + eps).tolist():
+                if _better((float(worst[b]), float(light[b])), best, eps):
+                    best, move = (float(worst[b]), float(light[b])), ("move", i, b)
+        for i in range(n):  # swap units i and j: loads + (c_j - c_i) (M[s_i] - M[s_j])
+            for j in range(i + 1, n):
+                if s[i] == s[j] or costs[i] == costs[j]:
+                    continue
+                cand = loads + (costs[j] - costs[i]) * (window[s[i]] - window[s[j]])
+                key = (float(cand.max()), float(cand.min()))
+                if _better(key, best, eps):
+                    best, move = key, ("swap", i, j)
+        if move is None:
+            break
+        if move[0] == "move":
+            s[move[1]] = move[2]
+        else:
+            s[move[1]], s[move[2]] = s[move[2]], s[move[1]]
+    return s.tolist()
+
+
 def plan(
     model: nn.Module | ModelFactory,
     workers: int,
@@ -529,6 +643,8 @@ def plan(
             heapq.heappush(lightest, (loads[b], tie, b))
         slot_of_bin = _arrange(loads, workers, r, rng)
         slots = [slot_of_bin[b] for b in slots]
+        if r < workers:
+            slots = _search(np.asarray(costs), slots, workers, r, rng)
     else:
         for g in groups:
             ids = [u.index for u in units if u.group == g.name]
