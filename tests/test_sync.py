@@ -92,7 +92,8 @@ def test_workers_shares_of_the_squared_norm_count_every_element_once():
     sim = sd.Simulation(ResidualMLP, p, lambda ps: torch.optim.SGD(ps, lr=0.0), seed=1)
     g = torch.Generator().manual_seed(0)
     for m in sim.workers:
-        torch.nn.functional.cross_entropy(m(torch.randn(5, 4, generator=g)), torch.randint(0, 3, (5,), generator=g)).backward()
+        x, y = torch.randn(5, 4, generator=g), torch.randint(0, 3, (5,), generator=g)
+        torch.nn.functional.cross_entropy(m(x), y).backward()
     sim.sync_gradients()
     # after sync, every holder of an element has the same value: the full gradient is any holder's
     full = {}

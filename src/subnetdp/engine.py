@@ -3,8 +3,9 @@
 One process per worker (rank = worker). Each rank builds only its subnetwork. After backward every
 gradient element is averaged over the ranks that hold it: gradients sharing a holder set are packed
 into flat buckets, and each bucket is all-reduced (``SUM``, then divided by the holder count in
-:func:`subnetdp.sync.divide_by_holders_`) in the process group of its holder set, launched asynchronously as soon as its gradients are ready so that
-communication overlaps the rest of backward, as DDP does.
+:func:`subnetdp.sync.divide_by_holders_`) in the process group of its holder set, launched
+asynchronously as soon as its gradients are ready so that communication overlaps the rest of
+backward, as DDP does. The arithmetic is :mod:`subnetdp.sync`'s; this module is the distributed part.
 
 Deadlock freedom: buckets carry a key computed from their content only (their holder set and the
 position of their first tensor), identical on every member, and each rank launches its buckets in

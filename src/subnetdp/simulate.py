@@ -100,7 +100,8 @@ class Simulation:
         Under backward masking, plus the broadcast after each step (every element some worker lacks).
         """
         self.plan.check_worker(worker)
-        broadcast = broadcast_buckets(self._value_buckets[worker], self.plan.workers) if self.masking == "backward" else {}
+        backward = self.masking == "backward"
+        broadcast = broadcast_buckets(self._value_buckets[worker], self.plan.workers) if backward else {}
         return int(traffic(self._grad_buckets[worker].values(), broadcast.values())["collective_bytes"])
 
     @torch.no_grad()
