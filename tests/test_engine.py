@@ -154,6 +154,29 @@ def test_parameter_averaging_mode_equals_simulation():
             torch.testing.assert_close(t, mine[n].detach(), rtol=1e-5, atol=1e-6)
 
 
+def resumed_params_mode(rank: int, world: int) -> tuple[int, int, str]:
+    """Resuming after 1 of ``sync_every=2`` steps: the next step is the 2nd, so it averages."""
+    f = FACTORIES["resnet"]
+    sdp = sd.SubnetDataParallel(f, sd.plan(f, world, 0.5, "block"), seed=2, sync="params", sync_every=2)
+    o = torch.optim.SGD(sdp.parameters(), lr=0.05)
+    sdp.attach_optimizer(o)
+    sdp.optimizer_steps = 1
+    ce_loss(sdp, batches_for(0, world)[rank]).backward()
+    o.step()
+    try:
+        sdp.optimizer_steps = -1
+        bad = ""
+    except ValueError as e:
+        bad = str(e)
+    return sdp.optimizer_steps, sdp.stats.syncs, bad
+
+
+def test_restored_optimizer_steps_keep_the_parameter_averaging_cadence():
+    for steps, syncs, bad in values(run_ranks(resumed_params_mode, 2)):
+        assert (steps, syncs) == (2, 1)
+        assert "optimizer_steps=-1" in bad
+
+
 def mismatched(rank: int, world: int, what: str) -> None:
     f = FACTORIES["resnet"]
     if what == "plan":

@@ -105,14 +105,7 @@ class SimulatedSDP:
 
         Under backward masking, plus the broadcast after each step (every element some worker lacks).
         """
-        out = []
-        for k in range(self.plan.workers):
-            shared = sum(b.numel for b in self.sim._grad_buckets[k].values() if len(b.holders) > 1)
-            if self.cfg.masking == "backward":
-                shared += sum(b.numel for b in self.sim._value_buckets[k].values()
-                              if len(b.holders) < self.plan.workers)
-            out.append(shared * 4)
-        return out
+        return [self.sim.predicted_bytes_per_sync(k) for k in range(self.plan.workers)]
 
     def memory(self) -> list[dict[str, int]]:
         return [state_bytes(m, o) for m, o in zip(self.sim.workers, self.sim.optimizers)]
@@ -210,13 +203,13 @@ class Distributed:
         return [state_bytes(self.model, self.opt)]
 
     def state(self) -> dict[str, Any]:
-        steps = self.sdp._optimizer_steps if self.sdp is not None else 0
+        steps = self.sdp.optimizer_steps if self.sdp is not None else 0
         return {"scheduler": self.scheduler.state_dict(), "optimizer_steps": steps}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.sdp is not None:
-            self.sdp._optimizer_steps = state["optimizer_steps"]  # keeps the --sync-every cadence
+            self.sdp.optimizer_steps = state["optimizer_steps"]  # keeps the --sync-every cadence
 
     @property
     def lr(self) -> float:

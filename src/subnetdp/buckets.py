@@ -4,12 +4,13 @@ Every element of a worker's subnetwork has a holder set (DESIGN.md section 4). T
 share a holder set ``H`` are laid out in one flat buffer, in full-model order (tensor order, then
 increasing full index), so every worker in ``H`` lays out exactly the same elements in the same
 order. Averaging over ``H`` is then a sum of those buffers divided by ``len(H)``: in one process
-(:class:`subnetdp.Simulation`) or as one ``all_reduce`` in ``H``'s process group.
+(:class:`subnetdp.Simulation`) or as one ``all_reduce`` in ``H``'s process group. This module is the
+layout only; the arithmetic over buckets (the division, clip norm, traffic) is :mod:`subnetdp.sync`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -44,6 +45,11 @@ class Bucket:
     @property
     def numel(self) -> int:
         return sum(e.numel for e in self.entries)
+
+    @property
+    def shared(self) -> bool:
+        """Held by more than one worker: something to average (a worker's own elements need no sync)."""
+        return len(self.holders) > 1
 
     def gather(self, grads: bool) -> torch.Tensor:
         """One flat buffer of the bucket's elements (gradients, or values when ``grads`` is False)."""
@@ -117,7 +123,3 @@ def layout_buckets(tensors: dict[str, torch.Tensor], plan: Plan,
             buckets.setdefault(hs, Bucket(hs)).entries.append(Entry(name, t, dim, idx))
     return {h: buckets[h] for h in sorted(buckets)}
 
-
-def bucket_numel(buckets: Iterable[Bucket], shared_only: bool = False) -> int:
-    """Elements in ``buckets``; with ``shared_only``, only those held by more than one worker."""
-    return sum(b.numel for b in buckets if not shared_only or len(b.holders) > 1)

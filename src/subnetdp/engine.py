@@ -2,9 +2,10 @@
 
 One process per worker (rank = worker). Each rank builds only its subnetwork. After backward every
 gradient element is averaged over the ranks that hold it: gradients sharing a holder set are packed
-into flat buckets, and each bucket is all-reduced (``SUM``, then divided by the holder count) in the
-process group of its holder set, launched asynchronously as soon as its gradients are ready so that
-communication overlaps the rest of backward, as DDP does.
+into flat buckets, and each bucket is all-reduced (``SUM``, then divided by the holder count in
+:func:`subnetdp.sync.divide_by_holders_`) in the process group of its holder set, launched
+asynchronously as soon as its gradients are ready so that communication overlaps the rest of
+backward, as DDP does. The arithmetic is :mod:`subnetdp.sync`'s; this module is the distributed part.
 
 Deadlock freedom: buckets carry a key computed from their content only (their holder set and the
 position of their first tensor), identical on every member, and each rank launches its buckets in
@@ -36,6 +37,7 @@ from subnetdp.masking import (
 )
 from subnetdp.planning import Plan
 from subnetdp.subnet import build_subnetwork
+from subnetdp.sync import clip_gradients_, divide_by_holders_, holder_weighted_sq_norm, traffic
 
 SYNC_MODES = ("grads", "params")
 DEFAULT_BUCKET_ELEMENTS = 25 * 2**20 // 4  # DDP's default 25 MiB of fp32
@@ -182,7 +184,7 @@ class SubnetDataParallel(nn.Module):
         else:
             self._all_buckets = build_buckets(self.module, plan, self.rank)
         for b in self._all_buckets:
-            if len(b.holders) < 2:
+            if not b.shared:
                 continue  # held by this rank alone: nothing to average
             for key, piece in _split(b, bucket_elements, order):
                 members = list({id(params[e.name]): params[e.name] for e in piece.entries}.values())
@@ -193,8 +195,7 @@ class SubnetDataParallel(nn.Module):
             self._buffer_buckets = [whole] if whole is not None and self.world_size > 1 else []
             self._groups.setdefault(tuple(range(self.world_size)), dist.group.WORLD)
         else:
-            self._buffer_buckets = [b for b in build_buckets(self.module, plan, self.rank, "buffers")
-                                    if len(b.holders) > 1]
+            self._buffer_buckets = [b for b in build_buckets(self.module, plan, self.rank, "buffers") if b.shared]
         self._check_initial_values()
         self._chunks_of: dict[int, list[_Chunk]] = {}
         for c in self._chunks:
@@ -250,7 +251,7 @@ class SubnetDataParallel(nn.Module):
         """
         sums = {(kind, b.holders): _checksum(b.gather(grads=False))
                 for kind, buckets in (("parameters", self._all_buckets), ("buffers", self._buffer_buckets))
-                for b in buckets if len(b.holders) > 1}
+                for b in buckets if b.shared}
         everyone: list[dict] = [None] * self.world_size  # type: ignore[list-item]
         dist.all_gather_object(everyone, sums)
         bad = sorted({k for d in everyone for k in d if len({everyone[r].get(k) for r in k[1]}) > 1})
@@ -330,8 +331,7 @@ class SubnetDataParallel(nn.Module):
             self._next += 1
         for c in self._chunks:
             c.work.wait()
-            c.flat /= len(c.bucket.holders)  # sum over holders / holder count, never ReduceOp.AVG
-            c.bucket.scatter(c.flat, grads=True)
+            c.bucket.scatter(divide_by_holders_(c.flat, c.bucket.holders), grads=True)
             c.work, c.flat = None, None
         if self.measure and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -351,7 +351,7 @@ class SubnetDataParallel(nn.Module):
 
         Under backward masking, plus the broadcast after each step: every element some rank does not hold.
         """
-        return (sum(c.bucket.numel for c in self._chunks) + sum(b.numel for b in self._broadcast.values())) * 4
+        return int(traffic(self._all_buckets, self._broadcast.values())["collective_bytes"])
 
     @torch.no_grad()
     def broadcast_parameters(self) -> None:
@@ -386,15 +386,10 @@ class SubnetDataParallel(nn.Module):
         sum over ranks is then exactly the full gradient's squared norm, the same on every rank, so
         holders of a unit scale it by the same factor and stay identical. Returns the norm.
         """
-        parts = [b.gather(grads=True).float().pow(2).sum() / len(b.holders) for b in self._all_buckets]
-        local = torch.stack(parts).sum() if parts else torch.zeros((), device=self.device)
+        local = holder_weighted_sq_norm(self._all_buckets, self.device)
         dist.all_reduce(local, op=dist.ReduceOp.SUM)
         norm = float(local.sqrt())
-        scale = max_norm / (norm + 1e-6)
-        if scale < 1:
-            for p in self.module.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(scale)
+        clip_gradients_(self.module.parameters(), norm, max_norm)
         return norm
 
     # ---- parameter averaging ----------------------------------------------------------------------
@@ -410,7 +405,7 @@ class SubnetDataParallel(nn.Module):
             self.stats.calls += 1
         for c, flat, work in works:
             work.wait()
-            c.bucket.scatter(flat / len(c.bucket.holders), grads=False)
+            c.bucket.scatter(divide_by_holders_(flat, c.bucket.holders), grads=False)
         self.stats.wait_s += time.perf_counter() - start
         self._record_sync()
 
@@ -438,14 +433,23 @@ class SubnetDataParallel(nn.Module):
 
         optimizer.register_step_post_hook(after_step)
 
+    @property
+    def optimizer_steps(self) -> int:
+        """Steps of the attached optimizer so far: what ``sync_every`` counts. Save it with a checkpoint
+        and set it on resume, so that parameter averaging keeps its cadence."""
+        return self._optimizer_steps
+
+    @optimizer_steps.setter
+    def optimizer_steps(self, steps: int) -> None:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"optimizer_steps={steps!r}: need a whole number of steps, 0 or more")
+        self._optimizer_steps = steps
+
     @torch.no_grad()
     def average_buffers(self) -> None:
         """Average BatchNorm running statistics over their holders (before evaluation and checkpoints)."""
         for b in self._buffer_buckets:
-            flat = b.gather(grads=False)
-            group = self._groups[b.holders]
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-            b.scatter(flat / len(b.holders), grads=False)
+            b.scatter(self._buffer_average(b), grads=False)
 
     # ---- the full model -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -453,10 +457,14 @@ class SubnetDataParallel(nn.Module):
         """Copies of the buffers, averaged over their holders; the workers' own buffers are untouched. Collective."""
         copies = {e.name: e.tensor.detach().clone() for b in self._buffer_buckets for e in b.entries}
         for b in self._buffer_buckets:
-            flat = b.gather(grads=False)
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self._groups[b.holders])
-            rebind(b, copies).scatter(flat / len(b.holders), grads=False)
+            rebind(b, copies).scatter(self._buffer_average(b), grads=False)
         return copies
+
+    def _buffer_average(self, b: Bucket) -> torch.Tensor:
+        """``b``'s buffer values averaged over its holders (a new flat tensor; ``b`` is untouched)."""
+        flat = b.gather(grads=False)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self._groups[b.holders])
+        return divide_by_holders_(flat, b.holders)
 
     @torch.no_grad()
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
@@ -490,9 +498,6 @@ class SubnetDataParallel(nn.Module):
         if self.rank != 0:
             return None
         return assemble_state_dict(pieces, self.plan, self.structure)
-
-    def reset_stats(self) -> None:
-        self.stats = CommStats()
 
 
 def _checksum(flat: torch.Tensor) -> int:

@@ -68,7 +68,7 @@ def build_backward_worker(
     ``checkpointing="blocks"`` runs every block of the full forward under activation checkpointing.
     """
     checkpointing = check_checkpointing(checkpointing)
-    plan._check_worker(worker)
+    plan.check_worker(worker)
     structure, source = structure_of(model)
     check_architecture(structure, plan)
     materialize_(structure, seed, source=source, device=device)

@@ -101,7 +101,7 @@ class Plan:
 
     def units_of(self, worker: int) -> tuple[Unit, ...]:
         """The units ``worker`` holds, in unit order: those in slots ``worker .. worker+r-1 (mod K)``."""
-        self._check_worker(worker)
+        self.check_worker(worker)
         if len(self.units) <= self.holders_per_unit:  # few units (blocks): test each
             return tuple(u for u in self.units if self.holds(worker, u))
         held = [i for j in range(self.holders_per_unit) for i in self._by_slot[(worker + j) % self.workers]]
@@ -131,7 +131,7 @@ class Plan:
 
     def held_per_group(self, worker: int) -> dict[str, int]:
         """How many units of each width group ``worker`` holds (neuron level), in ``O(groups)``."""
-        self._check_worker(worker)
+        self.check_worker(worker)
         _, counts, names = self._slot_stats
         return dict(zip(names, self._window(counts, worker).tolist()))
 
@@ -149,7 +149,8 @@ class Plan:
             sets.add(tuple(range(self.workers)))
         return sorted(sets)
 
-    def _check_worker(self, worker: int) -> None:
+    def check_worker(self, worker: int) -> None:
+        """Raise a ValueError naming ``worker`` unless it is one of this plan's workers."""
         if not isinstance(worker, int) or not 0 <= worker < self.workers:
             raise ValueError(f"worker {worker!r} is out of range: this plan has workers 0..{self.workers - 1}")
 
@@ -207,7 +208,7 @@ class Plan:
         ``(dim, indices)``: the subnetwork tensor is the full one's ``index_select(dim, indices)``.
         Tensors the worker does not hold are absent.
         """
-        self._check_worker(worker)
+        self.check_worker(worker)
         key = ("tensor_map", worker)
         if key not in self._cache:
             out: dict[str, tuple[int, list[int]] | None] = {}
@@ -257,7 +258,7 @@ class Plan:
 
     def param_count(self, worker: int) -> int:
         """Exact parameter elements in ``worker``'s subnetwork."""
-        self._check_worker(worker)
+        self.check_worker(worker)
         return self._kept_params + int(self._window(self._slot_stats[0], worker))
 
     @cached_property

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from subnetdp.assemble import assemble_state_dict
-from subnetdp.buckets import Bucket, build_buckets, rebind
+from subnetdp.buckets import build_buckets, rebind
 from subnetdp.init import ModelFactory, structure_of
 from subnetdp.masking import (
     broadcast_buckets,
@@ -21,19 +21,10 @@ from subnetdp.masking import (
 )
 from subnetdp.planning import Plan
 from subnetdp.subnet import build_subnetwork
+from subnetdp.sync import average_over_holders, clip_gradients_, holder_weighted_sq_norm, traffic
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 LossFn = Callable[[nn.Module, object], torch.Tensor]
-
-
-def average_over_holders(buckets: Sequence[dict[tuple[int, ...], Bucket]], grads: bool) -> None:
-    """For every holder set ``H``: each holder's elements <- sum over ``H`` / ``len(H)`` (in place)."""
-    sets = sorted({h for per_worker in buckets for h in per_worker})
-    for h in sets:
-        flats = [buckets[k][h].gather(grads) for k in h]
-        mean = torch.stack(flats).sum(0) / len(h)
-        for k in h:
-            buckets[k][h].scatter(mean, grads)
 
 
 class Simulation:
@@ -102,6 +93,17 @@ class Simulation:
         self._buffer_buckets = [{b.holders: b} if b is not None else {} for b in buffers]
         self.steps = 0
 
+    def predicted_bytes_per_sync(self, worker: int) -> int:
+        """Bytes ``worker`` would hand to collectives per sync, as :class:`subnetdp.SubnetDataParallel`
+        on that rank does: its elements held by others too (:func:`subnetdp.sync.traffic`).
+
+        Under backward masking, plus the broadcast after each step (every element some worker lacks).
+        """
+        self.plan.check_worker(worker)
+        backward = self.masking == "backward"
+        broadcast = broadcast_buckets(self._value_buckets[worker], self.plan.workers) if backward else {}
+        return int(traffic(self._grad_buckets[worker].values(), broadcast.values())["collective_bytes"])
+
     @torch.no_grad()
     def broadcast_parameters(self) -> None:
         """Backward masking: every worker takes each holder set's elements from its lowest holder."""
@@ -137,14 +139,8 @@ class Simulation:
         Each element is counted once: a worker weighs its elements by ``1 / holder count``, and the
         workers' sums add up to the full gradient's squared norm. Returns the norm before clipping.
         """
-        total = sum(float(b.gather(True).pow(2).sum()) / len(h) for per in self._grad_buckets for h, b in per.items())
-        norm = math.sqrt(total)
-        scale = max_norm / (norm + 1e-6)
-        if scale < 1:
-            for w in self.workers:
-                for p in w.parameters():
-                    if p.grad is not None:
-                        p.grad.mul_(scale)
+        norm = math.sqrt(sum(float(holder_weighted_sq_norm(per.values())) for per in self._grad_buckets))
+        clip_gradients_((p for w in self.workers for p in w.parameters()), norm, max_norm)
         return norm
 
     def step(self, batches: Sequence[object], loss_fn: LossFn, max_grad_norm: float | None = None) -> list[float]:

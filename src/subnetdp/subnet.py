@@ -115,7 +115,7 @@ def build_subnetwork(
     reduced to its shortcut (a 1x1 convolution) runs plainly, as the memory prediction assumes. Names
     and state-dict keys are unchanged.
     """
-    plan._check_worker(worker)
+    plan.check_worker(worker)
     if neuron_scaling not in NEURON_SCALINGS:
         raise ValueError(f"neuron_scaling={neuron_scaling!r}: choose one of {NEURON_SCALINGS}")
     checkpointing = check_checkpointing(checkpointing)
