@@ -269,7 +269,8 @@ def test_registry_and_factory_specs() -> None:
     with pytest.raises(ValueError, match="resnet18.*vit_s4|known models"):
         get_model("resnet19")
     assert load_model_factory("subnetdp.models.resnet:resnet18") is resnet18
-    assert load_model_factory("subnetdp.models:MODELS.get") is not None
+    dotted = load_model_factory("subnetdp.models:MODELS.get")  # a dotted path after the colon
+    assert dotted == MODELS.get and dotted("resnet18") is resnet18
     for bad in ("subnetdp.models.resnet", "subnetdp.models.resnet:", ":resnet18",
                 "subnetdp.no_such_module:f", "subnetdp.models.resnet:resnet19"):
         with pytest.raises(ValueError, match=r"module:callable") as info:
