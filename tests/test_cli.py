@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CIFAR10_JPEG, TINY_SHAKESPEARE
 from safetensors.torch import load_file
 
 from subnetdp.cli import main
-from subnetdp.data import shared_data_dir
 from subnetdp.models import llama_tiny, resnet18
 
-pytestmark = pytest.mark.skipif(shared_data_dir() is None, reason="needs ../shared/data (CIFAR-10 JPEG, Tiny Shakespeare)")
+pytestmark = pytest.mark.shared_data(CIFAR10_JPEG, TINY_SHAKESPEARE)
 TINY = ["--width", "4", "--train-subset", "256", "--test-subset", "200", "--batch-size", "32", "--no-progress", "--log-every", "1"]
 
 

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CIFAR10_JPEG
 from distributed import run_ranks
 from safetensors.torch import load_file
-
-from subnetdp.data import shared_data_dir
 
 from subnetdp.checkpoint import (CheckpointError, RunFileError, atomic_write, find_resumable, load_checkpoint,
                                  save_checkpoint)
@@ -141,7 +140,7 @@ def test_a_rank_missing_at_a_boundary_is_named_by_rank_0():
 
 # ---- the run folder and the main job (real data, 2 gloo processes) --------------------------------------
 
-needs_data = pytest.mark.skipif(shared_data_dir() is None, reason="needs ../shared/data (CIFAR-10 JPEG)")
+needs_data = pytest.mark.shared_data(CIFAR10_JPEG)
 TINY = ["--width", "4", "--train-subset", "256", "--test-subset", "64", "--batch-size", "32", "--no-progress",
         "--log-every", "1", "--threads", "1", "--bn-recalibrate", "2", "--eval-every", "0"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
