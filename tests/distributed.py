@@ -83,6 +83,12 @@ def batches_for(step: int, world: int) -> list[tuple[torch.Tensor, torch.Tensor]
     return image_batches(world, n=4, seed=100 + step)
 
 
+def tiny_sdp(world: int, coverage: float, level: str, model: str = "resnet", **kw: object) -> sd.SubnetDataParallel:
+    """This rank's SubnetDataParallel of a tiny model (``conftest.FACTORIES``) on a plan for ``world`` workers."""
+    f = FACTORIES[model]
+    return sd.SubnetDataParallel(f, sd.plan(f, world, coverage, level), **kw)
+
+
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, step: int, rank: int, world: int) -> None:
     """One training step of ``model`` on rank ``rank``'s batch of step ``step``."""
     opt.zero_grad()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import FACTORIES, ce_loss, image_batches
 from distributed import (OPTIMIZERS, STEPS, assert_close_by_name, assert_ranks_equal_simulation, max_param_diff,
-                         params_of, run_ranks, simulate, train_step, values)
+                         params_of, run_ranks, simulate, tiny_sdp, train_step, values)
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import subnetdp as sd
@@ -74,8 +74,7 @@ def test_simulation_with_checkpointing_equals_without(level, opt):
 
 
 def sdp_ckpt_run(rank: int, world: int, level: str) -> dict:
-    f = FACTORIES["resnet"]
-    sdp = sd.SubnetDataParallel(f, sd.plan(f, world, 0.5, level), seed=7, checkpointing="blocks")
+    sdp = tiny_sdp(world, 0.5, level, seed=7, checkpointing="blocks")
     o = OPTIMIZERS["sgd"](sdp.parameters())
     for step in range(STEPS):
         train_step(sdp, o, step, rank, world)
@@ -93,10 +92,9 @@ def test_distributed_with_checkpointing_equals_simulation(level):
 
 
 def ddp_ckpt_vs_sdp_ckpt(rank: int, world: int, level: str) -> tuple[float, float]:
-    f = FACTORIES["resnet"]
-    sdp = sd.SubnetDataParallel(f, sd.plan(f, world, 1.0, level), seed=3, checkpointing="blocks")
+    sdp = tiny_sdp(world, 1.0, level, seed=3, checkpointing="blocks")
     # the ddp-ckpt strategy's model; buffers stay local, as SDP's do until they are averaged
-    ddp = DDP(checkpoint_blocks(sd.materialize(f, seed=3)), broadcast_buffers=False)
+    ddp = DDP(checkpoint_blocks(sd.materialize(FACTORIES["resnet"], seed=3)), broadcast_buffers=False)
     opts = [OPTIMIZERS["sgd"](m.parameters()) for m in (sdp, ddp)]
     for step in range(STEPS):
         for m, o in zip((sdp, ddp), opts):

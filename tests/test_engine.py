@@ -9,16 +9,16 @@ import torch
 import torch.distributed as dist
 from conftest import FACTORIES, ce_loss, image_batches
 from distributed import (OPTIMIZERS, STEPS, assert_close_by_name, assert_ranks_equal_simulation, batches_for,
-                         max_param_diff, params_of, run_ranks, simulate, train_step, values)
+                         max_param_diff, params_of, run_ranks, simulate, tiny_sdp, train_step, values)
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import subnetdp as sd
 from subnetdp.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
+
+
 def sdp_run(rank: int, world: int, model: str, level: str, coverage: float, opt: str) -> dict:
-    f = FACTORIES[model]
-    p = sd.plan(f, world, coverage, level)
-    sdp = sd.SubnetDataParallel(f, p, seed=7)
+    sdp = tiny_sdp(world, coverage, level, model, seed=7)
     o = OPTIMIZERS[opt](sdp.parameters())
     for step in range(STEPS):
         train_step(sdp, o, step, rank, world)
@@ -54,9 +54,8 @@ def test_communication_volume_matches_the_plan_and_is_below_ddp():
 
 
 def ddp_vs_sdp(rank: int, world: int, model: str) -> dict:
-    f = FACTORIES[model]
-    sdp = sd.SubnetDataParallel(f, sd.plan(f, world, 1.0, "block"), seed=3)
-    ddp = DDP(sd.materialize(f, seed=3))
+    sdp = tiny_sdp(world, 1.0, "block", model, seed=3)
+    ddp = DDP(sd.materialize(FACTORIES[model], seed=3))
     opts = [OPTIMIZERS["sgd"](m.parameters()) for m in (sdp, ddp)]
     for step in range(STEPS):
         for m, o in zip((sdp, ddp), opts):
@@ -71,8 +70,7 @@ def test_coverage_one_equals_ddp(model):
 
 
 def accumulate(rank: int, world: int) -> dict:
-    f = FACTORIES["resnet"]
-    sdp = sd.SubnetDataParallel(f, sd.plan(f, world, 0.5, "neuron"), seed=1)
+    sdp = tiny_sdp(world, 0.5, "neuron", seed=1)
     o = OPTIMIZERS["sgd"](sdp.parameters())
     micro = [image_batches(world, n=2, seed=s)[rank] for s in range(3)]
     o.zero_grad()
@@ -96,8 +94,7 @@ def test_no_sync_accumulates_then_syncs_once():
 
 
 def params_mode(rank: int, world: int) -> dict:
-    f = FACTORIES["resnet"]
-    sdp = sd.SubnetDataParallel(f, sd.plan(f, world, 0.5, "block"), seed=2, sync="params", sync_every=2)
+    sdp = tiny_sdp(world, 0.5, "block", seed=2, sync="params", sync_every=2)
     o = torch.optim.SGD(sdp.parameters(), lr=0.05)
     sdp.attach_optimizer(o)
     for step in range(4):
@@ -224,8 +221,7 @@ def test_buckets_are_launched_during_backward():
 
 
 def clipped_norm(rank: int, world: int) -> float:
-    f = FACTORIES["resnet"]
-    sdp = sd.SubnetDataParallel(f, sd.plan(f, world, 0.5, "block"), seed=5)
+    sdp = tiny_sdp(world, 0.5, "block", seed=5)
     ce_loss(sdp, batches_for(0, world)[rank]).backward()
     return sdp.clip_grad_norm_(1e-3)
 
@@ -264,8 +260,7 @@ def test_parameters_and_state_dict_hold_only_the_subnetwork():
 
 
 def failed_backward_then_step(rank: int, world: int) -> dict:
-    f = FACTORIES["resnet"]
-    sdp = sd.SubnetDataParallel(f, sd.plan(f, world, 1.0, "block"), seed=3)
+    sdp = tiny_sdp(world, 1.0, "block", seed=3)
     o = torch.optim.SGD(sdp.parameters(), lr=0.1)
     # raises when the stem's gradient arrives, i.e. after the other buckets' hooks ran: no end-of-backward
     handle = sdp.module.conv1.weight.register_hook(lambda g: (_ for _ in ()).throw(RuntimeError("injected")))
@@ -287,8 +282,7 @@ def test_a_failed_backward_does_not_leave_the_next_step_unsynced():
 
 
 def nan_on_one_rank(rank: int, world: int) -> None:
-    f = FACTORIES["resnet"]
-    sdp = sd.SubnetDataParallel(f, sd.plan(f, world, 0.5, "block"))
+    sdp = tiny_sdp(world, 0.5, "block")
     for step in range(3):
         loss = ce_loss(sdp, batches_for(step, world)[rank])
         if rank == 1 and step == 2:
@@ -304,8 +298,7 @@ def test_a_non_finite_loss_on_one_rank_raises_the_same_error_on_every_rank():
 
 
 def state_around_full_state_dict(rank: int, world: int) -> tuple[bool, dict | None]:
-    f = FACTORIES["resnet"]
-    sdp = sd.SubnetDataParallel(f, sd.plan(f, world, 0.5, "block"))
+    sdp = tiny_sdp(world, 0.5, "block")
     ce_loss(sdp, batches_for(0, world)[rank]).backward()  # train-mode forward: each rank's own BN statistics
     before = {k: v.clone() for k, v in sdp.module.state_dict().items()}
     full = sdp.full_state_dict()

@@ -7,15 +7,17 @@ import math
 import pytest
 import torch
 from conftest import FACTORIES, ce_loss, image_batches
-from distributed import OPTIMIZERS, STEPS, max_param_diff, params_of, run_ranks, simulate, train_step, values
+from distributed import (OPTIMIZERS, STEPS, max_param_diff, params_of, run_ranks, simulate, tiny_sdp, train_step,
+                         values)
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import subnetdp as sd
 from subnetdp.masking import broadcast_buckets, full_buckets
 
+
+
 def backward_run(rank: int, world: int, level: str, coverage: float, opt: str) -> dict:
-    f = FACTORIES["resnet"]
-    sdp = sd.SubnetDataParallel(f, sd.plan(f, world, coverage, level), seed=7, masking="backward")
+    sdp = tiny_sdp(world, coverage, level, seed=7, masking="backward")
     o = OPTIMIZERS[opt](sdp.parameters())
     sdp.attach_optimizer(o)
     after_each_step = []
@@ -73,9 +75,8 @@ def test_backward_masking_distributed_equals_simulation_and_workers_stay_identic
 
 
 def ddp_vs_backward(rank: int, world: int, model: str) -> float:
-    f = FACTORIES[model]
-    sdp = sd.SubnetDataParallel(f, sd.plan(f, world, 1.0, "block"), seed=3, masking="backward")
-    ddp = DDP(sd.materialize(f, seed=3))
+    sdp = tiny_sdp(world, 1.0, "block", model, seed=3, masking="backward")
+    ddp = DDP(sd.materialize(FACTORIES[model], seed=3))
     opts = [OPTIMIZERS["sgd"](m.parameters()) for m in (sdp, ddp)]
     sdp.attach_optimizer(opts[0])
     for step in range(STEPS):
@@ -123,8 +124,7 @@ def test_backward_masking_differs_from_forward_masking_but_not_at_coverage_one()
 
 
 def missing_attach(rank: int, world: int) -> str:
-    f = FACTORIES["resnet"]
-    sdp = sd.SubnetDataParallel(f, sd.plan(f, world, 0.5, "block"), masking="backward")
+    sdp = tiny_sdp(world, 0.5, "block", masking="backward")
     try:
         sdp(image_batches(1)[0][0])
     except RuntimeError as e:
