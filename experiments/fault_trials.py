@@ -17,7 +17,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -25,50 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from subnetdp.metrics import read_jsonl
-
-TINY = ["--width", "4", "--train-subset", "256", "--test-subset", "64", "--batch-size", "32", "--no-progress",
-        "--log-every", "1", "--threads", "1", "--bn-recalibrate", "2", "--eval-every", "0", "--workers", "2",
-        "--checkpoint-every", "1"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def start(out: Path, *flags: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "subnetdp", "train", *TINY, "--out", str(out), *flags],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-
-
-def worker_pid(launcher: int, rank: int) -> int | None:
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            env = dict(x.split("=", 1) for x in (proc / "environ").read_text().split("\0") if "=" in x)
-            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if parent == launcher and env.get("RANK") == str(rank) and env.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
-            return int(proc.name)
-    return None
-
-
-def steps_logged(out: Path) -> int:
-    try:
-        return max((r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "step"), default=0)
-    except (OSError, ValueError):
-        return 0
-
-
-def signal_at(proc: subprocess.Popen, out: Path, step: int, sig: int, rank: int) -> float | None:
-    while steps_logged(out) < step:
-        if proc.poll() is not None:
-            return None
-        time.sleep(0.02)
-    pid = worker_pid(proc.pid, rank)
-    if pid is None:
-        return None
-    os.kill(pid, sig)
-    return time.monotonic()
+from subnetdp.faults import signal_at_step, start_workers, worker_pid
 
 
 def watch_stderr(proc: subprocess.Popen, seen: dict[str, float]) -> None:
@@ -94,14 +50,14 @@ def main() -> None:
     shutil.rmtree(root, ignore_errors=True)
     rng = random.Random(args.seed)
     reference = root / "reference"
-    proc = start(reference, "--steps", "8")
+    proc = start_workers(reference, "--steps", "8")
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     results = []
     for i in range(args.trials):
         out, step, rank = root / f"kill-{i}", rng.randint(1, 7), rng.randint(0, 1)
-        proc = start(out, "--steps", "8", "--max-restarts", "2")
-        killed = signal_at(proc, out, step, signal.SIGKILL, rank)
+        proc = start_workers(out, "--steps", "8", "--max-restarts", "2")
+        killed = signal_at_step(proc, out, step, signal.SIGKILL, rank)
         try:
             stdout, stderr = proc.communicate(timeout=300)
             hung = False
@@ -119,11 +75,11 @@ def main() -> None:
     stalls = []
     for i in range(args.stalls):
         out = root / f"stall-{i}"
-        proc = start(out, "--steps", "400", "--timeout", f"{args.timeout:g}")
+        proc = start_workers(out, "--steps", "400", "--timeout", f"{args.timeout:g}")
         seen: dict[str, float] = {}
         reader = threading.Thread(target=watch_stderr, args=(proc, seen), daemon=True)
         reader.start()
-        stopped = signal_at(proc, out, 2 + i, signal.SIGSTOP, 1)
+        stopped = signal_at_step(proc, out, 2 + i, signal.SIGSTOP, 1)
         proc.wait(timeout=600)
         ended = time.monotonic()
         reader.join(timeout=10)

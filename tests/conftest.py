@@ -1,14 +1,17 @@
-"""Tiny models shared by the tests; each factory builds on the meta device."""
+"""Tiny models shared by the tests (each factory builds on the meta device), and the shared-data marker."""
 
 from __future__ import annotations
 
 import functools
+import os
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from subnetdp.data import shared_data_dir
 from subnetdp.models import llama_tiny, resnet18, resnet50
 from subnetdp.models.vit import VisionTransformer
 
@@ -56,4 +59,55 @@ def factory(request: pytest.FixtureRequest):
     return FACTORIES[request.param]
 
 
-__all__ = ["FACTORIES", "ResidualMLP", "ce_loss", "image_batches", "llama_tiny", "resnet50"]
+# ---- tests that read ../shared/data ---------------------------------------------------------------------
+# Mark them ``@pytest.mark.shared_data(CIFAR10_JPEG, ...)`` (paths inside the shared data folder), or call
+# ``require_shared_data`` where only some parameters need the data. Without the data they skip, naming the
+# missing path; under CI (``CI=true``) they fail instead: a CI job without its data is a broken setup.
+
+CIFAR10_JPEG = "cifar10-jpeg/cifar10_jpeg.npz"
+TINY_SHAKESPEARE = "tinyshakespeare/input.txt"
+
+
+def in_ci() -> bool:
+    """Whether the ``CI`` environment variable says this is a CI run (``true``, ``1`` or ``yes``)."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def require_shared_data(*relative: str, root: Path | None = None) -> Path:
+    """The shared data folder (``root``, else :func:`shared_data_dir`) if it holds every ``relative`` path.
+
+    Otherwise skips the calling test with a reason naming the first missing path, or, under CI, fails it.
+    """
+    base = root if root is not None else shared_data_dir()
+    if base is None:
+        missing = "../shared/data" + "".join(f"/{r}" for r in relative[:1])
+        problem = f"needs {missing}: no shared data folder found (set SUBNETDP_SHARED_DATA to its path)"
+    else:
+        absent = [base / r for r in relative if not (base / r).exists()]
+        if base.is_dir() and not absent:
+            return base
+        problem = f"needs {absent[0] if absent else base}: not found (set SUBNETDP_SHARED_DATA to the data folder)"
+    if in_ci():
+        pytest.fail(f"{problem}; CI={os.environ['CI']} so this fails instead of skipping (a broken setup)",
+                    pytrace=False)
+    pytest.skip(problem)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "shared_data(*paths): the test reads these paths inside ../shared/data; "
+                                       "skips naming a missing one, fails instead under CI=true")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for mark in item.iter_markers("shared_data"):
+        require_shared_data(*mark.args)
+
+
+@pytest.fixture
+def shared_data(request: pytest.FixtureRequest) -> Path:
+    """The shared data folder, holding every path the test's ``shared_data`` marks name."""
+    return require_shared_data(*(a for mark in request.node.iter_markers("shared_data") for a in mark.args))
+
+
+__all__ = ["CIFAR10_JPEG", "FACTORIES", "TINY_SHAKESPEARE", "ResidualMLP", "ce_loss", "image_batches", "in_ci",
+           "llama_tiny", "require_shared_data", "resnet50"]

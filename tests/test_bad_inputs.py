@@ -18,13 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CIFAR10_JPEG, TINY_SHAKESPEARE
 
 import subnetdp as sd
 from subnetdp.cli import main
-from subnetdp.data import shared_data_dir
 from subnetdp.data.text import load_text, read_token_file, write_token_file
 
-SHARED = shared_data_dir() is not None
 TRAIN = ["train", "--no-progress", "--threads", "1", "--simulate", "2"]
 
 
@@ -192,7 +191,7 @@ def test_bad_cli_input_ends_in_one_clear_line(case, tmp_path, capsys, monkeypatc
     _check(case, tmp_path, capsys)
 
 
-@pytest.mark.skipif(not SHARED, reason="needs ../shared/data (CIFAR-10 JPEG)")
+@pytest.mark.shared_data(CIFAR10_JPEG)
 @pytest.mark.parametrize("case", NEEDS_DATA, ids=[c[0] for c in NEEDS_DATA])
 def test_a_batch_that_a_shard_cannot_fill_ends_in_one_clear_line(case, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -293,7 +292,7 @@ def test_plan_piped_into_head_exits_quietly(tmp_path):
     assert r.returncode == 0 and r.stderr == "" and r.stdout.startswith("SDP plan:")
 
 
-@pytest.mark.skipif(not SHARED, reason="needs ../shared/data (Tiny Shakespeare)")
+@pytest.mark.shared_data(TINY_SHAKESPEARE)
 def test_train_piped_into_head_still_writes_its_final_model(tmp_path):
     out = tmp_path / "run"
     cmd, env, cwd = _cli("train", "--model", "llama_tiny", "--dataset", "tinyshakespeare", "--simulate", "2",

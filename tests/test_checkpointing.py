@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 from conftest import FACTORIES, ce_loss, image_batches
-from distributed import run_ranks, values
-from test_engine import OPTIMIZERS, STEPS, batches_for
+from distributed import (OPTIMIZERS, STEPS, assert_close_by_name, assert_ranks_equal_simulation, max_param_diff,
+                         params_of, run_ranks, simulate, tiny_sdp, train_step, values)
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import subnetdp as sd
@@ -68,61 +68,38 @@ def test_checkpointing_reduces_saved_bytes(level):
 @pytest.mark.parametrize("level,opt", [("block", "sgd"), ("neuron", "adamw")])
 def test_simulation_with_checkpointing_equals_without(level, opt):
     """Recomputation changes no value: parameters and BatchNorm statistics (updated once, not twice)."""
-    f = FACTORIES["resnet"]
-    p = sd.plan(f, 4, 0.5, level)
-    sims = [sd.Simulation(f, p, OPTIMIZERS[opt], seed=7, checkpointing=c) for c in (None, "blocks")]
-    for step in range(STEPS):
-        for sim in sims:
-            sim.step(batches_for(step, 4), ce_loss)
+    sims = [simulate("resnet", level, 0.5, opt, 4, checkpointing=c) for c in (None, "blocks")]
     for plain, ckpt in zip(*(s.workers for s in sims)):
-        theirs = plain.state_dict()
-        for name, t in ckpt.state_dict().items():
-            torch.testing.assert_close(t, theirs[name], rtol=1e-5, atol=1e-6)
+        assert_close_by_name(ckpt.state_dict(), plain.state_dict(), rtol=1e-5, atol=1e-6)
 
 
 def sdp_ckpt_run(rank: int, world: int, level: str) -> dict:
-    f = FACTORIES["resnet"]
-    sdp = sd.SubnetDataParallel(f, sd.plan(f, world, 0.5, level), seed=7, checkpointing="blocks")
+    sdp = tiny_sdp(world, 0.5, level, seed=7, checkpointing="blocks")
     o = OPTIMIZERS["sgd"](sdp.parameters())
     for step in range(STEPS):
-        o.zero_grad()
-        ce_loss(sdp, batches_for(step, world)[rank]).backward()
-        o.step()
-    return {"params": {n: t.detach().clone() for n, t in sdp.module.named_parameters()},
-            "full": sdp.full_state_dict()}
+        train_step(sdp, o, step, rank, world)
+    return {"params": params_of(sdp.module), "full": sdp.full_state_dict()}
 
 
 @pytest.mark.parametrize("level", ["block", "neuron"])
 def test_distributed_with_checkpointing_equals_simulation(level):
     """Invariant 5 with checkpointing on: 2 gloo ranks against the in-process simulation."""
     ranks = values(run_ranks(sdp_ckpt_run, 2, level))
-    f = FACTORIES["resnet"]
-    sim = sd.Simulation(f, sd.plan(f, 2, 0.5, level), OPTIMIZERS["sgd"], seed=7, checkpointing="blocks")
-    for step in range(STEPS):
-        sim.step(batches_for(step, 2), ce_loss)
-    for k, res in enumerate(ranks):
-        mine = dict(sim.workers[k].named_parameters())
-        for name, t in res["params"].items():
-            torch.testing.assert_close(t, mine[name].detach(), rtol=1e-5, atol=1e-6)
-    full = sim.full_state_dict()
-    for name, t in ranks[0]["full"].items():
-        torch.testing.assert_close(t, full[name], rtol=1e-5, atol=1e-6)
-    f().load_state_dict(ranks[0]["full"])
+    sim = simulate("resnet", level, 0.5, "sgd", 2, checkpointing="blocks")
+    assert_ranks_equal_simulation([res["params"] for res in ranks], sim, rtol=1e-5, atol=1e-6)
+    assert_close_by_name(ranks[0]["full"], sim.full_state_dict(), rtol=1e-5, atol=1e-6)
+    FACTORIES["resnet"]().load_state_dict(ranks[0]["full"])
 
 
 def ddp_ckpt_vs_sdp_ckpt(rank: int, world: int, level: str) -> tuple[float, float]:
-    f = FACTORIES["resnet"]
-    sdp = sd.SubnetDataParallel(f, sd.plan(f, world, 1.0, level), seed=3, checkpointing="blocks")
+    sdp = tiny_sdp(world, 1.0, level, seed=3, checkpointing="blocks")
     # the ddp-ckpt strategy's model; buffers stay local, as SDP's do until they are averaged
-    ddp = DDP(checkpoint_blocks(sd.materialize(f, seed=3)), broadcast_buffers=False)
+    ddp = DDP(checkpoint_blocks(sd.materialize(FACTORIES["resnet"], seed=3)), broadcast_buffers=False)
     opts = [OPTIMIZERS["sgd"](m.parameters()) for m in (sdp, ddp)]
     for step in range(STEPS):
         for m, o in zip((sdp, ddp), opts):
-            o.zero_grad()
-            ce_loss(m, batches_for(step, world)[rank]).backward()
-            o.step()
-    ref = dict(ddp.module.named_parameters())
-    params = max(float((t - ref[n]).abs().max()) for n, t in sdp.module.named_parameters())
+            train_step(m, o, step, rank, world)
+    params = max_param_diff(sdp.module, ddp.module)
     bufs = dict(ddp.module.named_buffers())
     buffers = max(float((t.float() - bufs[n].float()).abs().max()) for n, t in sdp.module.named_buffers())
     return params, buffers

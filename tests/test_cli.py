@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -12,13 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CIFAR10_JPEG, TINY_SHAKESPEARE
 from safetensors.torch import load_file
 
 from subnetdp.cli import main
-from subnetdp.data import shared_data_dir
 from subnetdp.models import llama_tiny, resnet18
 
-pytestmark = pytest.mark.skipif(shared_data_dir() is None, reason="needs ../shared/data (CIFAR-10 JPEG, Tiny Shakespeare)")
+pytestmark = pytest.mark.shared_data(CIFAR10_JPEG, TINY_SHAKESPEARE)
 TINY = ["--width", "4", "--train-subset", "256", "--test-subset", "200", "--batch-size", "32", "--no-progress", "--log-every", "1"]
 
 
@@ -124,7 +125,7 @@ def test_language_model_on_tiny_shakespeare(tmp_path):
          "workers: 1 (this is one worker: run K workers with --simulate K, --workers K or torchrun)"),
 ])
 def test_bad_flags_give_one_clear_line(flags, message, capsys):
-    with pytest.raises(SystemExit) if "invalid float" in message else _no_raise():
+    with pytest.raises(SystemExit) if "invalid float" in message else contextlib.nullcontext():
         code = main(["train", *flags])
         assert code == 2
     err = capsys.readouterr().err.strip()
@@ -167,14 +168,6 @@ def test_plan_command_prints_the_summary(capsys):
     out = capsys.readouterr().out
     assert "holders per unit r=2" in out and "spread" in out
     assert main(["plan", "--workers", "8", "--coverage", "0.3"]) == 2
-
-
-class _no_raise:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def test_readme_documents_every_train_flag():

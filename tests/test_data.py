@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import functools
 import gzip
-import os
 import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import CIFAR10_JPEG, TINY_SHAKESPEARE, require_shared_data
 from torch.utils.data import DistributedSampler
 
 import subnetdp.data.vision as vision
@@ -28,18 +28,64 @@ from subnetdp.data import (
     write_token_file,
 )
 
-SHARED = Path(os.environ.get("SUBNETDP_SHARED_DATA")
-              or Path(__file__).resolve().parents[2] / "shared" / "data")
-CIFAR_NPZ = SHARED / "cifar10-jpeg" / "cifar10_jpeg.npz"
-SHAKESPEARE = SHARED / "tinyshakespeare" / "input.txt"
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared data not found at {SHARED}")
+
+
+pytest_plugins = ["pytester"]
+
+
+# --------------------------------------------------------------------------- the shared-data marker
+
+def test_missing_shared_data_skips_naming_the_path_and_fails_under_ci(tmp_path: Path, monkeypatch) -> None:
+    import conftest
+
+    root = tmp_path / "data"
+    root.mkdir()
+    missing = root / CIFAR10_JPEG
+    for ci, outcome in ((None, pytest.skip.Exception), ("false", pytest.skip.Exception),
+                        ("true", pytest.fail.Exception), ("1", pytest.fail.Exception)):
+        if ci is None:
+            monkeypatch.delenv("CI", raising=False)
+        else:
+            monkeypatch.setenv("CI", ci)
+        with pytest.raises(outcome) as info:
+            require_shared_data(CIFAR10_JPEG, root=root)
+        assert f"needs {missing}: not found" in str(info.value), (ci, str(info.value))
+        assert ("fails instead of skipping" in str(info.value)) == (outcome is pytest.fail.Exception)
+    monkeypatch.setattr(conftest, "shared_data_dir", lambda: None)  # no shared data folder anywhere
+    with pytest.raises(pytest.fail.Exception, match="needs ../shared/data/tinyshakespeare/input.txt: no shared"):
+        require_shared_data(TINY_SHAKESPEARE)
+    monkeypatch.undo()
+    missing.parent.mkdir()
+    missing.write_bytes(b"")
+    monkeypatch.setenv("CI", "true")
+    assert require_shared_data(CIFAR10_JPEG, root=root) == root
+
+
+def test_the_shared_data_mark_skips_or_fails_at_setup(pytester: pytest.Pytester, monkeypatch) -> None:
+    pytester.makeconftest((Path(__file__).parent / "conftest.py").read_text())
+    pytester.makepyfile(test_marked="""
+        import pytest
+
+        @pytest.mark.shared_data("no-such-set/file.bin")
+        def test_reads_it():
+            raise AssertionError("ran without its data")
+    """)
+    monkeypatch.delenv("CI", raising=False)
+    skipped = pytester.runpytest("-rs")
+    skipped.assert_outcomes(skipped=1)
+    skipped.stdout.fnmatch_lines(["*needs *no-such-set/file.bin*"])
+    monkeypatch.setenv("CI", "true")
+    failed = pytester.runpytest()
+    failed.assert_outcomes(errors=1)
+    failed.stdout.fnmatch_lines(["*needs *no-such-set/file.bin*CI=true so this fails instead of skipping*"])
 
 
 # --------------------------------------------------------------------------- CIFAR-10 (JPEG)
 
-@needs_shared
-def test_cifar10_jpeg_decodes_both_splits_and_caches(tmp_path: Path, monkeypatch) -> None:
-    (x_tr, y_tr), (x_te, y_te) = load_cifar10_jpeg(CIFAR_NPZ, cache_dir=tmp_path, limit=200,
+@pytest.mark.shared_data(CIFAR10_JPEG)
+def test_cifar10_jpeg_decodes_both_splits_and_caches(tmp_path: Path, monkeypatch, shared_data: Path) -> None:
+    npz = shared_data / CIFAR10_JPEG
+    (x_tr, y_tr), (x_te, y_te) = load_cifar10_jpeg(npz, cache_dir=tmp_path, limit=200,
                                                    progress=False)
     for x, y in ((x_tr, y_tr), (x_te, y_te)):
         assert x.shape == (200, 32, 32, 3) and x.dtype == np.uint8
@@ -58,18 +104,19 @@ def test_cifar10_jpeg_decodes_both_splits_and_caches(tmp_path: Path, monkeypatch
         raise AssertionError("decoded again instead of reading the cache")
 
     monkeypatch.setattr(PIL.Image, "open", no_decoding)
-    (x_tr2, y_tr2), (x_te2, y_te2) = load_cifar10_jpeg(CIFAR_NPZ, cache_dir=tmp_path, limit=200)
+    (x_tr2, y_tr2), (x_te2, y_te2) = load_cifar10_jpeg(npz, cache_dir=tmp_path, limit=200)
     for a, b in ((x_tr, x_tr2), (y_tr, y_tr2), (x_te, x_te2), (y_te, y_te2)):
         np.testing.assert_array_equal(a, b)
     monkeypatch.setenv("SUBNETDP_CACHE", str(tmp_path))  # the environment variable finds it too
-    load_cifar10_jpeg(CIFAR_NPZ, limit=200)
+    load_cifar10_jpeg(npz, limit=200)
 
 
-@needs_shared
-def test_get_vision_dataset_cifar10_jpeg_is_nchw(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.shared_data(CIFAR10_JPEG)
+def test_get_vision_dataset_cifar10_jpeg_is_nchw(tmp_path: Path, monkeypatch, shared_data: Path) -> None:
     monkeypatch.setattr(vision, "load_cifar10_jpeg",
                         functools.partial(vision.load_cifar10_jpeg, limit=50, progress=False))
-    for data_dir in (SHARED, CIFAR_NPZ.parent, CIFAR_NPZ):
+    npz = shared_data / CIFAR10_JPEG
+    for data_dir in (shared_data, npz.parent, npz):
         ds = get_vision_dataset("cifar10-jpeg", data_dir=data_dir, train=False, cache_dir=tmp_path)
         assert ds.images.shape == (50, 3, 32, 32) and ds.images.dtype == torch.uint8
         assert ds.labels.dtype == torch.int64 and len(ds) == 50
@@ -222,9 +269,9 @@ def test_augmentation_is_a_padded_crop_and_flip() -> None:
 
 # --------------------------------------------------------------------------- text
 
-@needs_shared
-def test_char_tokenizer_round_trips_shakespeare(tmp_path: Path) -> None:
-    text = load_text(SHAKESPEARE)[:10_000]
+@pytest.mark.shared_data(TINY_SHAKESPEARE)
+def test_char_tokenizer_round_trips_shakespeare(tmp_path: Path, shared_data: Path) -> None:
+    text = load_text(shared_data / TINY_SHAKESPEARE)[:10_000]
     tok = CharTokenizer.from_text(text)
     assert tok.chars == sorted(set(text)) and tok.vocab_size == len(set(text))
     ids = tok.encode(text)
@@ -236,7 +283,7 @@ def test_char_tokenizer_round_trips_shakespeare(tmp_path: Path) -> None:
     assert loaded.chars == tok.chars and np.array_equal(loaded.encode(text), ids)
     with pytest.raises(ValueError, match="not in the tokenizer"):
         tok.encode("Ω")
-    assert len(load_text(SHAKESPEARE)) == 1_115_394
+    assert len(load_text(shared_data / TINY_SHAKESPEARE)) == 1_115_394
 
 
 def test_byte_tokenizer_and_text_folders(tmp_path: Path) -> None:

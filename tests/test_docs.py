@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import CIFAR10_JPEG, require_shared_data
 
 from subnetdp.cli import main
-from subnetdp.data import shared_data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -43,8 +43,8 @@ def test_the_docs_have_python_blocks():
 def test_snippet_runs_as_written(name, code, tmp_path):
     if "transformers" in code and importlib.util.find_spec("transformers") is None:
         pytest.skip("needs the [hf] extras (transformers)")
-    if ("get_vision_dataset" in code or 'Path("runs")' in code) and shared_data_dir() is None:
-        pytest.skip("needs ../shared/data")
+    if "get_vision_dataset" in code or 'Path("runs")' in code:
+        require_shared_data(CIFAR10_JPEG)
     if 'Path("runs")' in code:  # a tiny main-job run, evaluated on the full test set as the main job is
         assert main(["train", "--width", "4", "--train-subset", "256", "--batch-size", "32", "--simulate", "4",
                      "--steps", "2", "--no-progress", "--out", str(tmp_path / "runs" / "main-test")]) == 0

@@ -8,45 +8,23 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import FACTORIES, ce_loss, image_batches
-from distributed import run_ranks, values
+from distributed import (OPTIMIZERS, STEPS, assert_close_by_name, assert_ranks_equal_simulation, batches_for,
+                         max_param_diff, params_of, run_ranks, simulate, tiny_sdp, train_step, values)
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import subnetdp as sd
 from subnetdp.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
-OPTIMIZERS = {
-    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=1e-4),
-    # eps well above float32 noise: Adam's first steps are ~lr*sign(g), which magnifies rounding
-    # differences of near-zero gradients (4-way sums are ordered differently by gloo and the simulation)
-    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01, eps=1e-5),
-}
-STEPS = 3
-
-
-def batches_for(step: int, world: int) -> list:
-    return image_batches(world, n=4, seed=100 + step)
 
 
 def sdp_run(rank: int, world: int, model: str, level: str, coverage: float, opt: str) -> dict:
-    f = FACTORIES[model]
-    p = sd.plan(f, world, coverage, level)
-    sdp = sd.SubnetDataParallel(f, p, seed=7)
+    sdp = tiny_sdp(world, coverage, level, model, seed=7)
     o = OPTIMIZERS[opt](sdp.parameters())
     for step in range(STEPS):
-        o.zero_grad()
-        ce_loss(sdp, batches_for(step, world)[rank]).backward()
-        o.step()
+        train_step(sdp, o, step, rank, world)
     full = sdp.full_state_dict()
-    return {"params": {n: t.detach().clone() for n, t in sdp.module.named_parameters()},
+    return {"params": params_of(sdp.module),
             "bytes": sdp.stats.per_step_bytes, "predicted": sdp.predicted_bytes_per_sync(), "full": full}
-
-
-def simulate(model: str, level: str, coverage: float, opt: str, world: int, **kw) -> sd.Simulation:
-    f = FACTORIES[model]
-    sim = sd.Simulation(f, sd.plan(f, world, coverage, level), OPTIMIZERS[opt], seed=7, **kw)
-    for step in range(STEPS):
-        sim.step(batches_for(step, world), ce_loss)
-    return sim
 
 
 @pytest.mark.parametrize("level,opt", [("block", "sgd"), ("neuron", "adamw"), ("neuron", "sgd"), ("block", "adamw")])
@@ -56,14 +34,9 @@ def test_distributed_run_equals_simulation(level, opt):
     sim = simulate("resnet", level, 0.5, opt, 4)
     # summation order differs between gloo's all-reduce and the simulation; Adam's 1/sqrt(v) magnifies it
     tol = dict(rtol=1e-5, atol=1e-6) if opt == "sgd" else dict(rtol=1e-4, atol=1e-5)
-    for k, res in enumerate(ranks):
-        mine = dict(sim.workers[k].named_parameters())
-        for name, t in res["params"].items():
-            torch.testing.assert_close(t, mine[name].detach(), **tol)
-    full = sim.full_state_dict()
+    assert_ranks_equal_simulation([res["params"] for res in ranks], sim, **tol)
     assert ranks[1]["full"] is None
-    for name, t in ranks[0]["full"].items():
-        torch.testing.assert_close(t, full[name], **tol)
+    assert_close_by_name(ranks[0]["full"], sim.full_state_dict(), **tol)
     FACTORIES["resnet"]().load_state_dict(ranks[0]["full"])
 
 
@@ -81,17 +54,13 @@ def test_communication_volume_matches_the_plan_and_is_below_ddp():
 
 
 def ddp_vs_sdp(rank: int, world: int, model: str) -> dict:
-    f = FACTORIES[model]
-    sdp = sd.SubnetDataParallel(f, sd.plan(f, world, 1.0, "block"), seed=3)
-    ddp = DDP(sd.materialize(f, seed=3))
+    sdp = tiny_sdp(world, 1.0, "block", model, seed=3)
+    ddp = DDP(sd.materialize(FACTORIES[model], seed=3))
     opts = [OPTIMIZERS["sgd"](m.parameters()) for m in (sdp, ddp)]
     for step in range(STEPS):
         for m, o in zip((sdp, ddp), opts):
-            o.zero_grad()
-            ce_loss(m, batches_for(step, world)[rank]).backward()
-            o.step()
-    ref = dict(ddp.module.named_parameters())
-    return max(float((t - ref[n]).abs().max()) for n, t in sdp.module.named_parameters())
+            train_step(m, o, step, rank, world)
+    return max_param_diff(sdp.module, ddp.module)
 
 
 @pytest.mark.parametrize("model", ["resnet", "vit"])
@@ -101,8 +70,7 @@ def test_coverage_one_equals_ddp(model):
 
 
 def accumulate(rank: int, world: int) -> dict:
-    f = FACTORIES["resnet"]
-    sdp = sd.SubnetDataParallel(f, sd.plan(f, world, 0.5, "neuron"), seed=1)
+    sdp = tiny_sdp(world, 0.5, "neuron", seed=1)
     o = OPTIMIZERS["sgd"](sdp.parameters())
     micro = [image_batches(world, n=2, seed=s)[rank] for s in range(3)]
     o.zero_grad()
@@ -112,7 +80,7 @@ def accumulate(rank: int, world: int) -> dict:
     assert sdp.stats.syncs == 0
     ce_loss(sdp, micro[2]).backward()
     o.step()
-    return {n: t.detach().clone() for n, t in sdp.module.named_parameters()}, sdp.stats.syncs
+    return params_of(sdp.module), sdp.stats.syncs
 
 
 def test_no_sync_accumulates_then_syncs_once():
@@ -121,23 +89,17 @@ def test_no_sync_accumulates_then_syncs_once():
     sim = sd.Simulation(f, sd.plan(f, 2, 0.5, "neuron"), OPTIMIZERS["sgd"], seed=1)
     micro = [image_batches(2, n=2, seed=s) for s in range(3)]
     sim.step([[m[k] for m in micro] for k in range(2)], lambda model, bs: sum(ce_loss(model, b) for b in bs))
-    for k, (params, syncs) in enumerate(ranks):
-        assert syncs == 1
-        mine = dict(sim.workers[k].named_parameters())
-        for n, t in params.items():
-            torch.testing.assert_close(t, mine[n].detach(), rtol=1e-5, atol=1e-6)
+    assert [syncs for _, syncs in ranks] == [1, 1]
+    assert_ranks_equal_simulation([params for params, _ in ranks], sim, rtol=1e-5, atol=1e-6)
 
 
 def params_mode(rank: int, world: int) -> dict:
-    f = FACTORIES["resnet"]
-    sdp = sd.SubnetDataParallel(f, sd.plan(f, world, 0.5, "block"), seed=2, sync="params", sync_every=2)
+    sdp = tiny_sdp(world, 0.5, "block", seed=2, sync="params", sync_every=2)
     o = torch.optim.SGD(sdp.parameters(), lr=0.05)
     sdp.attach_optimizer(o)
     for step in range(4):
-        o.zero_grad()
-        ce_loss(sdp, batches_for(step, world)[rank]).backward()
-        o.step()
-    return {n: t.detach().clone() for n, t in sdp.module.named_parameters()}, sdp.stats.syncs
+        train_step(sdp, o, step, rank, world)
+    return params_of(sdp.module), sdp.stats.syncs
 
 
 def test_parameter_averaging_mode_equals_simulation():
@@ -147,11 +109,8 @@ def test_parameter_averaging_mode_equals_simulation():
                         sync="params", sync_every=2)
     for step in range(4):
         sim.step(batches_for(step, 2), ce_loss)
-    for k, (params, syncs) in enumerate(ranks):
-        assert syncs == 2
-        mine = dict(sim.workers[k].named_parameters())
-        for n, t in params.items():
-            torch.testing.assert_close(t, mine[n].detach(), rtol=1e-5, atol=1e-6)
+    assert [syncs for _, syncs in ranks] == [2, 2]
+    assert_ranks_equal_simulation([params for params, _ in ranks], sim, rtol=1e-5, atol=1e-6)
 
 
 def resumed_params_mode(rank: int, world: int) -> tuple[int, int, str]:
@@ -224,7 +183,7 @@ def resumable(rank: int, world: int, ckpt: str, stop_at: int | None, resume: boo
             save_checkpoint(ckpt, step + 1, sdp, o, p)
         if stop_at is not None and step + 1 == stop_at:
             os._exit(0)  # killed: no cleanup, no final save
-    return {n: t.detach().clone() for n, t in sdp.module.named_parameters()}
+    return params_of(sdp.module)
 
 
 def test_checkpoint_kill_and_resume_equals_uninterrupted(tmp_path):
@@ -285,8 +244,7 @@ def test_buckets_are_launched_during_backward():
 
 
 def clipped_norm(rank: int, world: int) -> float:
-    f = FACTORIES["resnet"]
-    sdp = sd.SubnetDataParallel(f, sd.plan(f, world, 0.5, "block"), seed=5)
+    sdp = tiny_sdp(world, 0.5, "block", seed=5)
     ce_loss(sdp, batches_for(0, world)[rank]).backward()
     return sdp.clip_grad_norm_(1e-3)
 
@@ -325,8 +283,7 @@ def test_parameters_and_state_dict_hold_only_the_subnetwork():
 
 
 def failed_backward_then_step(rank: int, world: int) -> dict:
-    f = FACTORIES["resnet"]
-    sdp = sd.SubnetDataParallel(f, sd.plan(f, world, 1.0, "block"), seed=3)
+    sdp = tiny_sdp(world, 1.0, "block", seed=3)
     o = torch.optim.SGD(sdp.parameters(), lr=0.1)
     # raises when the stem's gradient arrives, i.e. after the other buckets' hooks ran: no end-of-backward
     handle = sdp.module.conv1.weight.register_hook(lambda g: (_ for _ in ()).throw(RuntimeError("injected")))
@@ -335,10 +292,8 @@ def failed_backward_then_step(rank: int, world: int) -> dict:
     except RuntimeError as e:
         assert "injected" in str(e)
     handle.remove()
-    o.zero_grad()
-    ce_loss(sdp, batches_for(1, world)[rank]).backward()
-    o.step()
-    return {"params": {n: t.detach().clone() for n, t in sdp.module.named_parameters()}, "syncs": sdp.stats.syncs}
+    train_step(sdp, o, 1, rank, world)
+    return {"params": params_of(sdp.module), "syncs": sdp.stats.syncs}
 
 
 def test_a_failed_backward_does_not_leave_the_next_step_unsynced():
@@ -350,8 +305,7 @@ def test_a_failed_backward_does_not_leave_the_next_step_unsynced():
 
 
 def nan_on_one_rank(rank: int, world: int) -> None:
-    f = FACTORIES["resnet"]
-    sdp = sd.SubnetDataParallel(f, sd.plan(f, world, 0.5, "block"))
+    sdp = tiny_sdp(world, 0.5, "block")
     for step in range(3):
         loss = ce_loss(sdp, batches_for(step, world)[rank])
         if rank == 1 and step == 2:
@@ -367,8 +321,7 @@ def test_a_non_finite_loss_on_one_rank_raises_the_same_error_on_every_rank():
 
 
 def state_around_full_state_dict(rank: int, world: int) -> tuple[bool, dict | None]:
-    f = FACTORIES["resnet"]
-    sdp = sd.SubnetDataParallel(f, sd.plan(f, world, 0.5, "block"))
+    sdp = tiny_sdp(world, 0.5, "block")
     ce_loss(sdp, batches_for(0, world)[rank]).backward()  # train-mode forward: each rank's own BN statistics
     before = {k: v.clone() for k, v in sdp.module.state_dict().items()}
     full = sdp.full_state_dict()

@@ -7,38 +7,22 @@ import math
 import pytest
 import torch
 from conftest import FACTORIES, ce_loss, image_batches
-from distributed import run_ranks, values
+from distributed import (OPTIMIZERS, STEPS, max_param_diff, params_of, run_ranks, simulate, tiny_sdp, train_step,
+                         values)
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import subnetdp as sd
 from subnetdp.masking import broadcast_buckets, full_buckets
 
-OPTIMIZERS = {
-    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=1e-4),
-    # eps well above float32 noise (see test_engine.py): gloo and the simulation sum in different orders
-    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01, eps=1e-5),
-}
-STEPS = 3
-
-
-def batches_for(step: int, world: int) -> list:
-    return image_batches(world, n=4, seed=100 + step)
-
-
-def params_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: t.detach().clone() for n, t in model.named_parameters()}
 
 
 def backward_run(rank: int, world: int, level: str, coverage: float, opt: str) -> dict:
-    f = FACTORIES["resnet"]
-    sdp = sd.SubnetDataParallel(f, sd.plan(f, world, coverage, level), seed=7, masking="backward")
+    sdp = tiny_sdp(world, coverage, level, seed=7, masking="backward")
     o = OPTIMIZERS[opt](sdp.parameters())
     sdp.attach_optimizer(o)
     after_each_step = []
     for step in range(STEPS):
-        o.zero_grad()
-        ce_loss(sdp, batches_for(step, world)[rank]).backward()
-        o.step()
+        train_step(sdp, o, step, rank, world)
         after_each_step.append(params_of(sdp.module))
     state_numel = sum(t.numel() for s in o.state.values() for t in s.values()
                       if isinstance(t, torch.Tensor) and t.dim() > 0)
@@ -47,20 +31,11 @@ def backward_run(rank: int, world: int, level: str, coverage: float, opt: str) -
             "state_numel": state_numel, "own": {n: t.detach().clone() for n, t in sdp.module.state_dict().items()}}
 
 
-def simulate(level: str, coverage: float, opt: str, world: int) -> tuple[sd.Simulation, list]:
-    f = FACTORIES["resnet"]
-    sim = sd.Simulation(f, sd.plan(f, world, coverage, level), OPTIMIZERS[opt], seed=7, masking="backward")
-    snapshots = []
-    for step in range(STEPS):
-        sim.step(batches_for(step, world), ce_loss)
-        snapshots.append([params_of(w) for w in sim.workers])
-    return sim, snapshots
-
-
 @pytest.mark.parametrize("level,opt", [("block", "sgd"), ("neuron", "adamw"), ("block", "adamw"), ("neuron", "sgd")])
 def test_backward_masking_distributed_equals_simulation_and_workers_stay_identical(level, opt):
     ranks = values(run_ranks(backward_run, 4, level, 0.5, opt))
-    sim, snapshots = simulate(level, 0.5, opt, 4)
+    snapshots: list = []
+    sim = simulate("resnet", level, 0.5, opt, 4, snapshots=snapshots, masking="backward")
     tol = dict(rtol=1e-5, atol=1e-6) if opt == "sgd" else dict(rtol=1e-4, atol=1e-5)
     for step in range(STEPS):
         for k, res in enumerate(ranks):
@@ -100,18 +75,14 @@ def test_backward_masking_distributed_equals_simulation_and_workers_stay_identic
 
 
 def ddp_vs_backward(rank: int, world: int, model: str) -> float:
-    f = FACTORIES[model]
-    sdp = sd.SubnetDataParallel(f, sd.plan(f, world, 1.0, "block"), seed=3, masking="backward")
-    ddp = DDP(sd.materialize(f, seed=3))
+    sdp = tiny_sdp(world, 1.0, "block", model, seed=3, masking="backward")
+    ddp = DDP(sd.materialize(FACTORIES[model], seed=3))
     opts = [OPTIMIZERS["sgd"](m.parameters()) for m in (sdp, ddp)]
     sdp.attach_optimizer(opts[0])
     for step in range(STEPS):
         for m, o in zip((sdp, ddp), opts):
-            o.zero_grad()
-            ce_loss(m, batches_for(step, world)[rank]).backward()
-            o.step()
-    ref = dict(ddp.module.named_parameters())
-    return max(float((t - ref[n]).abs().max()) for n, t in sdp.module.named_parameters())
+            train_step(m, o, step, rank, world)
+    return max_param_diff(sdp.module, ddp.module)
 
 
 def test_backward_masking_at_coverage_one_equals_ddp():
@@ -153,8 +124,7 @@ def test_backward_masking_differs_from_forward_masking_but_not_at_coverage_one()
 
 
 def missing_attach(rank: int, world: int) -> str:
-    f = FACTORIES["resnet"]
-    sdp = sd.SubnetDataParallel(f, sd.plan(f, world, 0.5, "block"), masking="backward")
+    sdp = tiny_sdp(world, 0.5, "block", masking="backward")
     try:
         sdp(image_batches(1)[0][0])
     except RuntimeError as e:

@@ -13,7 +13,7 @@ from torch import nn
 from subnetdp.init import has_own_tensors, init_module_, materialize
 from subnetdp.models import MODELS, get_model, load_model_factory
 from subnetdp.models.llama import Attention as LlamaAttention
-from subnetdp.models.llama import FeedForward, LlamaConfig, llama, llama_tiny
+from subnetdp.models.llama import FeedForward, Llama, LlamaConfig, llama_tiny
 from subnetdp.models.resnet import resnet18, resnet50, wide_resnet18
 from subnetdp.models.vit import Attention as VitAttention
 from subnetdp.models.vit import Mlp, vit_small_patch4
@@ -152,7 +152,7 @@ def test_llama_config_defaults_and_validation() -> None:
 
 
 def test_llama_is_causal() -> None:
-    model = llama(LlamaConfig(vocab_size=20, dim=32, n_layers=2, n_heads=4, n_kv_heads=2)).eval()
+    model = Llama(LlamaConfig(vocab_size=20, dim=32, n_layers=2, n_heads=4, n_kv_heads=2)).eval()
     idx = torch.randint(0, 20, (1, 10))
     changed = idx.clone()
     changed[0, 6:] = (changed[0, 6:] + 1) % 20
@@ -269,7 +269,8 @@ def test_registry_and_factory_specs() -> None:
     with pytest.raises(ValueError, match="resnet18.*vit_s4|known models"):
         get_model("resnet19")
     assert load_model_factory("subnetdp.models.resnet:resnet18") is resnet18
-    assert load_model_factory("subnetdp.models:MODELS.get") is not None
+    dotted = load_model_factory("subnetdp.models:MODELS.get")  # a dotted path after the colon
+    assert dotted == MODELS.get and dotted("resnet18") is resnet18
     for bad in ("subnetdp.models.resnet", "subnetdp.models.resnet:", ":resnet18",
                 "subnetdp.no_such_module:f", "subnetdp.models.resnet:resnet19"):
         with pytest.raises(ValueError, match=r"module:callable") as info:

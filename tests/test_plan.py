@@ -10,7 +10,7 @@ from conftest import FACTORIES, ResidualMLP, resnet50
 from torch import nn
 
 import subnetdp as sd
-from subnetdp.models import resnet18
+from subnetdp.models import BasicBlock, resnet18
 
 
 @pytest.mark.parametrize("level", ["block", "neuron"])
@@ -40,7 +40,15 @@ def test_resnet_units_follow_the_design():
     assert "conv1.weight" in block.always_kept and "fc.weight" in block.always_kept
     assert "layer2.0.conv1.weight" in block.always_kept
     neuron = sd.plan(f, 4, 0.5, "neuron")
-    assert len(neuron.groups) == 8 and sum(g.size for g in neuron.groups) == 8 * (1 + 1 + 2 + 2 + 4 + 4 + 8 + 8) // 1
+    # one width group per BasicBlock: its inner width (conv1's output channels, bn1, conv2's input)
+    model = f()
+    blocks = [n for n, m in model.named_modules() if isinstance(m, BasicBlock)]
+    assert [(g.name, g.size) for g in neuron.groups] == [
+        (f"{b}:width", model.get_submodule(b).conv1.out_channels) for b in blocks]
+    for g, b in zip(neuron.groups, blocks):
+        assert {(s.tensor, s.dim) for s in g.slices} == {
+            (f"{b}.conv1.weight", 0), (f"{b}.bn1.weight", 0), (f"{b}.bn1.bias", 0),
+            (f"{b}.bn1.running_mean", 0), (f"{b}.bn1.running_var", 0), (f"{b}.conv2.weight", 1)}
     # residual stream (conv2 outputs) stays whole; inner width is sliced
     assert "layer1.0.conv2.weight" not in neuron.always_kept and "layer1.0.bn2.weight" in neuron.always_kept
     shortcut = sd.plan(f, 4, 0.5, "block", transitions="shortcut")

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CIFAR10_JPEG
 
-from subnetdp.data import shared_data_dir
 
-pytestmark = pytest.mark.skipif(shared_data_dir() is None, reason="needs ../shared/data (CIFAR-10 JPEG)")
+pytestmark = pytest.mark.shared_data(CIFAR10_JPEG)
 ROOT = Path(__file__).resolve().parents[1]
 
 

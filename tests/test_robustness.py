@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CIFAR10_JPEG
 from distributed import run_ranks
 from safetensors.torch import load_file
 
-from subnetdp.data import shared_data_dir
-
 from subnetdp.checkpoint import (CheckpointError, RunFileError, atomic_write, find_resumable, load_checkpoint,
                                  save_checkpoint)
+from subnetdp.faults import TINY_RUN, run_env, signal_at_step, start_workers, worker_pid
 
 
 class _Payload:
@@ -141,10 +141,7 @@ def test_a_rank_missing_at_a_boundary_is_named_by_rank_0():
 
 # ---- the run folder and the main job (real data, 2 gloo processes) --------------------------------------
 
-needs_data = pytest.mark.skipif(shared_data_dir() is None, reason="needs ../shared/data (CIFAR-10 JPEG)")
-TINY = ["--width", "4", "--train-subset", "256", "--test-subset", "64", "--batch-size", "32", "--no-progress",
-        "--log-every", "1", "--threads", "1", "--bn-recalibrate", "2", "--eval-every", "0"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+needs_data = pytest.mark.shared_data(CIFAR10_JPEG)
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
@@ -152,8 +149,8 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def _cli(*flags: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "subnetdp", "train", *TINY, *flags], capture_output=True, text=True,
-                          timeout=timeout, env=ENV)
+    return subprocess.run([sys.executable, "-m", "subnetdp", "train", *TINY_RUN, *flags], capture_output=True,
+                          text=True, timeout=timeout, env=run_env())
 
 
 def _simulated(out: Path, *flags: str) -> subprocess.CompletedProcess:
@@ -230,58 +227,40 @@ def test_a_second_run_on_a_locked_folder_fails_fast_naming_the_holder(tmp_path):
     assert _simulated(out).returncode == 0  # a lock dies with its holder: nothing stale remains
 
 
-def _descends_from(pid: int, ancestor: int) -> bool:
-    """Whether ``pid`` is ``ancestor`` or below it (the launcher runs torchrun as a child process)."""
-    while pid > 1:
-        if pid == ancestor:
-            return True
-        try:
-            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            return False
-    return False
+def test_fault_helpers_find_a_rank_below_the_launcher_and_read_the_logged_step(tmp_path):
+    """subnetdp.faults, which the tests below and experiments/fault_trials.py use: the worker is a grandchild of
+    the launcher (the launcher runs torchrun as a child process), and only the given rank and attempt match."""
+    from subnetdp.faults import steps_logged
 
-
-def _worker_pid(launcher: int, rank: int, attempt: int = 0) -> int | None:
-    """The pid of ``rank``'s worker process below ``launcher`` on torchrun attempt ``attempt``."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            env = dict(x.split("=", 1) for x in (proc / "environ").read_text().split("\0") if "=" in x)
-            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if (_descends_from(parent, launcher) and env.get("RANK") == str(rank)
-                and env.get("TORCHELASTIC_RESTART_COUNT", "0") == str(attempt)):
-            return int(proc.name)
-    return None
-
-
-def _steps_logged(out: Path) -> int:
-    from subnetdp.metrics import read_jsonl
-
+    # launcher -> sh (as torchrun) -> sleep (as the worker; only it has the rank's environment)
+    launcher = subprocess.Popen([sys.executable, "-c", "import subprocess; subprocess.run(['sh', '-c', "
+                                 "'RANK=1 TORCHELASTIC_RESTART_COUNT=0 sleep 120; true'])"])
+    pid = None
     try:
-        return max((r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "step"), default=0)
-    except (OSError, ValueError):
-        return 0
+        deadline = time.monotonic() + 60
+        while (pid := worker_pid(launcher.pid, 1)) is None and launcher.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pid is not None and Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"sleep\0")
+        assert worker_pid(launcher.pid, 0) is None and worker_pid(launcher.pid, 1, attempt=1) is None
+    finally:
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+        launcher.kill()
+        launcher.wait()
+    assert steps_logged(tmp_path) == 0  # no metrics.jsonl yet
+    rows = [{"kind": "step", "step": 1}, {"kind": "step", "step": 2}, {"kind": "epoch", "step": 9}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"kind": "st')
+    assert steps_logged(tmp_path) == 2  # the last step row; a torn last line is ignored
 
 
 def _start_workers(out: Path, *flags: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "subnetdp", "train", *TINY, "--workers", "2", "--steps", "8",
-           "--checkpoint-every", "1", "--out", str(out), *flags]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    return start_workers(out, "--steps", "8", *flags)
 
 
-def _signal_rank_at_step(proc: subprocess.Popen, out: Path, step: int, sig: int, rank: int = 1) -> float:
-    deadline = time.monotonic() + 240
-    while _steps_logged(out) < step:
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before the step"
-        time.sleep(0.05)
-    pid = _worker_pid(proc.pid, rank)
-    assert pid is not None
-    os.kill(pid, sig)
-    return time.monotonic()
+def _signal_rank_at_step(proc: subprocess.Popen, out: Path, step: int, sig: int) -> float:
+    sent = signal_at_step(proc, out, step, sig, rank=1, timeout=240)
+    assert sent is not None, f"the run ended, or rank 1's worker was not found, before step {step} (or 240 s passed)"
+    return sent
 
 
 @needs_data
@@ -323,7 +302,7 @@ def test_a_stalled_rank_ends_the_run_naming_it_within_the_timeout(tmp_path):
     try:
         _, err = proc.communicate(timeout=120)
     finally:
-        pid = _worker_pid(proc.pid, 1)
+        pid = worker_pid(proc.pid, 1)
         if pid is not None:
             os.kill(pid, signal.SIGKILL)
     waited = time.monotonic() - stopped_at
@@ -347,7 +326,7 @@ def test_a_full_disk_ends_the_run_with_one_line_naming_the_file(tmp_path, monkey
     monkeypatch.setattr(train_module, "atomic_write", full_at_summary)
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as info:
-        main(["train", *TINY, "--simulate", "2", "--steps", "1", "--out", str(out)])
+        main(["train", *TINY_RUN, "--simulate", "2", "--steps", "1", "--out", str(out)])
     message = str(info.value.code)
     assert f"cannot write {out / 'summary.json'}: no space left" in message and len(message.splitlines()) == 1
     assert not list(out.glob(".*.tmp*")) and not (out / "summary.json").exists()

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from .llama import Llama, LlamaConfig, llama, llama_125m, llama_char_small, llama_tiny
+from .llama import Llama, LlamaConfig, llama_125m, llama_char_small, llama_tiny
 from .resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet50, wide_resnet18
 from .swin import swin_t_cifar
 from .vit import VisionTransformer, vit_small_patch4
@@ -69,5 +69,5 @@ __all__ = [
     "MODELS", "get_model", "load_model_factory",
     "ResNet", "BasicBlock", "Bottleneck", "resnet18", "wide_resnet18", "resnet50",
     "VisionTransformer", "vit_small_patch4", "swin_t_cifar",
-    "Llama", "LlamaConfig", "llama", "llama_tiny", "llama_char_small", "llama_125m",
+    "Llama", "LlamaConfig", "llama_tiny", "llama_char_small", "llama_125m",
 ]

@@ -193,10 +193,6 @@ class Llama(nn.Module):
         return self.output(self.norm(x))
 
 
-def llama(config: LlamaConfig) -> Llama:
-    return Llama(config)
-
-
 def _preset(defaults: dict[str, object], overrides: dict[str, object]) -> Llama:
     # Merge before building the config, so derived fields (mlp_hidden) follow overridden widths.
     unknown = set(overrides) - {f.name for f in dataclasses.fields(LlamaConfig)}

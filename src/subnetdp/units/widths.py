@@ -226,14 +226,12 @@ def _grouped_heads(path: str, m: nn.Module) -> list[WidthGroup]:
 
 
 def find_width_groups(
-    model: nn.Module, within: Sequence[str] | None = None, pairs: Sequence[WidthPair] | None = None
+    model: nn.Module, *, pairs: Sequence[WidthPair] | None = None
 ) -> list[WidthGroup]:
-    """The width groups of ``model``: recognised patterns (inside ``within`` paths if given), plus ``pairs``."""
+    """The width groups of ``model``: recognised patterns, plus ``pairs``."""
     groups: list[WidthGroup] = []
     modules = dict(model.named_modules())
     for path, m in modules.items():
-        if within is not None and not any(path == w or path.startswith(w + ".") for w in within):
-            continue
         groups += _match(path, m)
     for pair in pairs or ():
         names = list(pair)
