@@ -1,7 +1,8 @@
 """``subnetdp`` command line: ``train``, ``plan`` (with ``--budget``), ``bench`` and ``report``.
 
 Every ``train`` flag is a field of :class:`subnetdp.config.TrainConfig`; values come from the
-defaults, then ``--config FILE`` (TOML or YAML), then the flags given.
+defaults, then ``--config FILE`` (TOML or YAML), then the flags given. The flags ``plan`` shares with
+``train`` are made from the same fields (name, type, help, choices), so the two cannot drift apart.
 """
 
 from __future__ import annotations

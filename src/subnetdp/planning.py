@@ -44,7 +44,7 @@ from subnetdp.units import (
 )
 
 LEVELS = ("block", "neuron")
-JOB_BALANCES = ("memory", "params")  # what `subnetdp train` and `subnetdp plan` balance ("cost": an API cost function)
+JOB_BALANCES = ("memory", "params")  # what `train` and `plan` can balance ("cost": a caller's own function)
 TRANSITIONS = ("keep", "shortcut")
 BALANCES = ("params", "memory", "cost")
 OPTIMIZER_STATES = {"sgd": 0, "sgd-momentum": 1, "adamw": 2, "adam": 2}
