@@ -408,3 +408,30 @@ def test_backward_masking_on_two_processes_equals_its_simulation(tmp_path):
     procs, simulated = (json.loads((d / "summary.json").read_text()) for d in (out, sim))
     assert procs["masking"] == "backward"
     assert procs["comm_bytes_per_step_per_worker"] == simulated["comm_bytes_per_step_per_worker"]
+
+
+def test_plan_shares_trains_flag_definitions():
+    """The flags plan shares with train come from the same TrainConfig fields: same help, and argparse
+    checks plan's choices with the list config.validate checks train's with (the implementing module's)."""
+    import argparse
+    import dataclasses
+
+    from subnetdp.cli import build_parser
+    from subnetdp.config import TrainConfig
+    from subnetdp.masking import MASKINGS
+    from subnetdp.planning import LEVELS, TRANSITIONS
+
+    verbs = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    plan_flags = {a.dest: a for a in verbs["plan"]._actions}
+    train_flags = {a.dest: a for a in verbs["train"]._actions}
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    shared = ("model", "width", "coverage", "level", "seed", "activation_checkpointing", "masking", "transitions",
+              "balance")
+    for name in shared:
+        assert plan_flags[name].help == fields[name].metadata["help"], name
+        assert train_flags[name].help.startswith(fields[name].metadata["help"]), name
+        assert plan_flags[name].choices == fields[name].metadata.get("choices"), name
+        assert plan_flags[name].default == fields[name].default, name
+    assert plan_flags["level"].choices == LEVELS and plan_flags["transitions"].choices == TRANSITIONS
+    assert plan_flags["masking"].choices == MASKINGS
+    assert plan_flags["workers"].default == 8  # plan's K; train's --workers starts processes

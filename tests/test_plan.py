@@ -119,7 +119,7 @@ def test_coverage_outside_unit_interval_is_rejected(coverage):
 
 
 def test_non_whole_holder_count_is_rejected_with_valid_coverages():
-    with pytest.raises(ValueError, match=r"1.2 holders per unit.*Coverages that work: 0.25, 0.5, 0.75, 1"):
+    with pytest.raises(ValueError, match=r"1.2 holders per unit.*Coverages that work with 4 workers: 0.25, 0.5, 0.75, 1"):
         sd.plan(FACTORIES["resnet"], 4, 0.3)
 
 

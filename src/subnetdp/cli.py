@@ -1,7 +1,8 @@
 """``subnetdp`` command line: ``train``, ``plan`` (with ``--budget``), ``bench`` and ``report``.
 
 Every ``train`` flag is a field of :class:`subnetdp.config.TrainConfig`; values come from the
-defaults, then ``--config FILE`` (TOML or YAML), then the flags given.
+defaults, then ``--config FILE`` (TOML or YAML), then the flags given. The flags ``plan`` shares with
+``train`` are made from the same fields (name, type, help, choices), so the two cannot drift apart.
 """
 
 from __future__ import annotations
@@ -42,16 +43,49 @@ def _field_type(f: dataclasses.Field) -> type:
     return t
 
 
+def _add_field_flag(p: argparse.ArgumentParser, f: dataclasses.Field, for_train: bool, **override: typing.Any) -> None:
+    """One flag from one :class:`TrainConfig` field: its name, type, help and choices.
+
+    ``train`` leaves unset flags out of the namespace (a ``--config`` file fills them) and checks choices
+    in :func:`subnetdp.config.validate`, which also checks the file's values; other verbs take the
+    field's default and let argparse check the choices. ``override`` replaces what a verb means
+    differently (``plan --workers`` is the K a plan is made for, 8 by default).
+    """
+    flag = "--" + f.name.replace("_", "-")
+    t = _field_type(f)
+    kwargs: dict[str, typing.Any] = {"help": f.metadata.get("help", "")}
+    if for_train:
+        kwargs.update(default=argparse.SUPPRESS, help=f"{kwargs['help']} (default: {f.default})")
+    else:
+        kwargs["default"] = f.default
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+    if t is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    else:
+        kwargs["type"] = t
+        if "choices" not in kwargs:  # argparse shows the choices instead
+            kwargs["metavar"] = f.name.upper()
+    kwargs.update(override)
+    p.add_argument(flag, **kwargs)
+
+
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML or YAML file of settings (flags given here override it)")
     for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        t = _field_type(f)
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
-        if t is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
-        else:
-            p.add_argument(flag, type=t, default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_text)
+        _add_field_flag(p, f, for_train=True)
+
+
+# the flags ``subnetdp plan`` shares with ``train``: same names, types, help and choices
+_PLAN_FIELDS = ("model", "width", "workers", "coverage", "level", "seed", "activation_checkpointing", "masking",
+                "transitions", "balance")
+
+
+def _add_plan_flags(p: argparse.ArgumentParser) -> None:
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for name in _PLAN_FIELDS:
+        override = {"default": 8, "help": "number of SDP workers K"} if name == "workers" else {}
+        _add_field_flag(p, fields[name], for_train=False, **override)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -190,24 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(train)
 
     pl = sub.add_parser("plan", help="print an SDP plan's summary and predicted memory per worker, without training")
-    pl.add_argument("--model", default="resnet18", help="zoo model or 'module:callable' (as train takes it)")
-    pl.add_argument("--width", type=int, default=None, help="ResNet base width (None: the model's own, 64)")
+    _add_plan_flags(pl)
     pl.add_argument("--num-classes", type=int, default=10, help="classes of an image model")
     pl.add_argument("--vocab-size", type=int, default=65, help="vocabulary of a zoo language model")
-    pl.add_argument("--workers", type=int, default=8, help="number of SDP workers K")
-    pl.add_argument("--coverage", type=float, default=0.5, help="SDP coverage C in (0, 1]")
-    pl.add_argument("--level", choices=("block", "neuron"), default="block", help="SDP units")
-    pl.add_argument("--seed", type=int, default=0, help="seed of the plan")
     pl.add_argument("--optimizer", choices=("sgd", "sgd-momentum", "adamw"), default="sgd-momentum",
                     help="optimizer whose state the prediction counts")
-    pl.add_argument("--transitions", choices=("keep", "shortcut"), default="keep",
-                    help="block level: keep transition blocks on every worker, or make them units (as in train)")
-    pl.add_argument("--balance", choices=("memory", "params"), default="memory",
-                    help="what the plan balances: predicted memory (as train does by default) or parameter counts")
-    pl.add_argument("--activation-checkpointing", action="store_true",
-                    help="predict (and balance) with every block of each worker's subnetwork checkpointed")
-    pl.add_argument("--masking", choices=("forward", "backward"), default="forward",
-                    help="SDP regime the prediction is for (as train --masking; docs/masking.md)")
     pl.add_argument("--json", action="store_true",
                     help="print one JSON object: the settings, peak/state/activation bytes per worker and DDP's peak")
     pl.add_argument("--save", help="write the plan as JSON to this file (default: not saved)")

@@ -15,10 +15,18 @@ from pathlib import Path
 from typing import Any
 
 from subnetdp.data import VISION_DATASETS
+from subnetdp.engine import SYNC_MODES
 from subnetdp.init import INIT_MODES
+from subnetdp.masking import MASKINGS
 from subnetdp.models import MODELS
+from subnetdp.planning import JOB_BALANCES, LEVELS, TRANSITIONS, check_coverage
+from subnetdp.subnet import NEURON_SCALINGS
 
 STRATEGIES = ("sdp", "ddp", "fsdp", "ddp-ckpt")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "onecycle", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
 TEXT_DATASETS = ("tinyshakespeare",)
 
 
@@ -40,16 +48,18 @@ class TrainConfig:
     train_subset: int | None = field(default=None, metadata={"help": "train on N examples drawn with --seed (quick runs)"})
     test_subset: int | None = field(default=None, metadata={"help": "evaluate on N test examples drawn with --seed (quick runs)"})
     # how to parallelise
-    strategy: str = field(default="sdp", metadata={"help": "sdp, ddp, fsdp (FSDP2) or ddp-ckpt (DDP + activation checkpointing)"})
+    strategy: str = field(default="sdp", metadata={"choices": STRATEGIES, "help": "sdp, ddp, fsdp (FSDP2) or ddp-ckpt (DDP + activation checkpointing)"})
     activation_checkpointing: bool = field(default=False, metadata={
         "help": "recompute every residual block in backward instead of keeping its activations (any strategy; "
                 "SDP: the blocks a worker has; --strategy ddp-ckpt is ddp with this on)"})
-    level: str = field(default="block", metadata={"help": "SDP units: block (residual blocks) or neuron (inner widths)"})
+    level: str = field(default="block", metadata={"choices": LEVELS, "help": "SDP units: block (residual blocks) or neuron (inner widths)"})
     coverage: float = field(default=0.5, metadata={"help": "SDP coverage C in (0, 1]: fraction of units per worker"})
     transitions: str = field(default="keep", metadata={
+        "choices": TRANSITIONS,
         "help": "SDP block level: keep (strided/channel-changing blocks on every worker) or shortcut (they are "
                 "units too; a worker that skips one runs its shortcut path; see docs/evaluation.md)"})
     balance: str = field(default="memory", metadata={
+        "choices": JOB_BALANCES,
         "help": "SDP: what the plan balances across workers: memory (predicted model state + saved activations) "
                 "or params (parameter counts)"})
     simulate: int | None = field(default=None, metadata={"help": "run K SDP workers in this one process"})
@@ -59,14 +69,16 @@ class TrainConfig:
                 "newest intact checkpoint"})
     timeout: float = field(default=300.0, metadata={
         "help": "seconds a rank waits for the others in a collective before the run ends naming the missing rank"})
-    sync: str = field(default="grads", metadata={"help": "SDP sync: grads (every step) or params (every --sync-every steps)"})
+    sync: str = field(default="grads", metadata={"choices": SYNC_MODES, "help": "SDP sync: grads (every step) or params (every --sync-every steps)"})
     sync_every: int = field(default=1, metadata={"help": "steps between parameter averages with --sync params"})
-    neuron_scaling: str = field(default="inverted", metadata={"help": "neuron level: inverted (scale kept width by 1/C) or none"})
+    neuron_scaling: str = field(default="inverted", metadata={"choices": NEURON_SCALINGS, "help": "neuron level: inverted (scale kept width by 1/C) or none"})
     masking: str = field(default="forward", metadata={
+        "choices": MASKINGS,
         "help": "SDP regime: forward (units not held are absent) or backward (full forward on every worker, "
                 "gradients and updates only for held units; docs/masking.md)"})
     seed: int = field(default=0, metadata={"help": "seed for init, plan and data"})
     init: str = field(default="full", metadata={
+        "choices": INIT_MODES,
         "help": "initial values: full (the model's own init, built once in host memory and sliced) or "
                 "per-module (module by module, never the full model: for models too large for host memory)"})
     # recipe
@@ -74,11 +86,11 @@ class TrainConfig:
     steps: int | None = field(default=None, metadata={"help": "total optimizer steps (overrides --epochs)"})
     flop_matched: bool = field(default=False, metadata={"help": "SDP: train 1/C times as many steps, of --steps or --epochs (equal FLOPs to DDP)"})
     batch_size: int = field(default=128, metadata={"help": "batch size per worker"})
-    optimizer: str = field(default="sgd", metadata={"help": "sgd (Nesterov momentum) or adamw"})
+    optimizer: str = field(default="sgd", metadata={"choices": OPTIMIZERS, "help": "sgd (Nesterov momentum) or adamw"})
     lr: float | None = field(default=None, metadata={"help": "peak learning rate (sgd 0.1, adamw 1e-3 by default)"})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
     weight_decay: float = field(default=5e-4, metadata={"help": "weight decay (only held parameters exist on a worker)"})
-    schedule: str = field(default="cosine", metadata={"help": "cosine (after warm-up), onecycle, or constant"})
+    schedule: str = field(default="cosine", metadata={"choices": SCHEDULES, "help": "cosine (after warm-up), onecycle, or constant"})
     warmup: float = field(default=0.05, metadata={"help": "warm-up as a fraction of all steps"})
     label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing for classification"})
     grad_clip: float | None = field(default=None, metadata={"help": "clip the gradient norm (of the averaged gradient)"})
@@ -95,8 +107,8 @@ class TrainConfig:
         "help": "SDP block level: scale each block's residual branch by its holder fraction r/K at evaluation "
                 "(see docs/evaluation.md)"})
     # machine
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
-    precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on GPU), fp32 or bf16"})
+    device: str = field(default="auto", metadata={"choices": DEVICES, "help": "auto, cpu or cuda"})
+    precision: str = field(default="auto", metadata={"choices": PRECISIONS, "help": "auto (bf16 autocast on GPU), fp32 or bf16"})
     threads: int | None = field(default=None, metadata={"help": "CPU threads per process"})
     # outputs
     out: str | None = field(default=None, metadata={"help": "run directory (default runs/<strategy>-<level>-C<coverage>-s<seed>)"})
@@ -156,27 +168,16 @@ def world_size_of(cfg: TrainConfig) -> int:
 
 def validate(cfg: TrainConfig) -> None:
     """Raise :class:`ConfigError` naming the first bad flag; does no work."""
-    _choice("strategy", cfg.strategy, STRATEGIES)
-    _choice("level", cfg.level, ("block", "neuron"))
-    _choice("sync", cfg.sync, ("grads", "params"))
-    _choice("transitions", cfg.transitions, ("keep", "shortcut"))
-    _choice("balance", cfg.balance, ("memory", "params"))
-    _choice("neuron-scaling", cfg.neuron_scaling, ("inverted", "none"))
-    _choice("masking", cfg.masking, ("forward", "backward"))
+    for f in dataclasses.fields(TrainConfig):
+        if "choices" in f.metadata:
+            _choice(f.name.replace("_", "-"), getattr(cfg, f.name), f.metadata["choices"])
     if cfg.masking == "backward" and cfg.strategy != "sdp":
         raise ConfigError(f"--masking backward is an SDP regime; --strategy {cfg.strategy} has no masking")
     if cfg.masking == "backward" and cfg.sync != "grads":
         raise ConfigError("--masking backward averages gradients every step; use --sync grads")
-    _choice("optimizer", cfg.optimizer, ("sgd", "adamw"))
-    _choice("schedule", cfg.schedule, ("cosine", "onecycle", "constant"))
-    _choice("device", cfg.device, ("auto", "cpu", "cuda"))
-    _choice("precision", cfg.precision, ("auto", "fp32", "bf16"))
-    _choice("init", cfg.init, INIT_MODES)
     if cfg.model not in MODELS and ":" not in cfg.model:
         raise ConfigError(f"--model {cfg.model!r} is unknown; choose one of: {', '.join(MODELS)}, "
                           "or give your own as 'package.module:callable'")
-    if not isinstance(cfg.coverage, (int, float)) or not 0 < cfg.coverage <= 1:
-        raise ConfigError(f"--coverage {cfg.coverage!r} is outside (0, 1]")
     for flag in ("epochs", "batch_size", "seq_len", "steps_per_epoch", "sync_every", "log_every"):
         _positive(flag.replace("_", "-"), getattr(cfg, flag), allow_none=False)
     for flag in ("steps", "lr", "grad_clip", "simulate", "workers", "train_subset", "test_subset", "width", "threads"):
@@ -206,14 +207,12 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.simulate and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         raise ConfigError("--simulate runs in one process; do not launch it with torchrun")
     k = world_size_of(cfg)
-    if cfg.strategy == "sdp":
-        r = cfg.coverage * k
-        if abs(r - round(r)) > 1e-9:
-            ok = ", ".join(f"{j / k:g}" for j in range(1, k + 1))
-            hint = (" (this is one worker: run K workers with --simulate K, --workers K or torchrun)"
-                    if k == 1 else "")
-            raise ConfigError(f"--coverage {cfg.coverage:g} with {k} workers gives {r:g} holders per unit; "
-                              f"it must be whole. Coverages that work with {k} workers: {ok}{hint}")
+    try:  # SDP needs C*K whole; the other strategies ignore --coverage but it must still be a coverage
+        check_coverage(cfg.coverage, k if cfg.strategy == "sdp" else None, name="--coverage ")
+    except ValueError as e:
+        hint = (" (this is one worker: run K workers with --simulate K, --workers K or torchrun)"
+                if k == 1 and cfg.strategy == "sdp" and "holders per unit" in str(e) else "")
+        raise ConfigError(f"{e}{hint}") from None
     if cfg.is_text:
         kind, _, arg = cfg.tokenizer.partition(":")
         if not (cfg.tokenizer in ("char", "byte") or cfg.tokenizer.endswith(".json")

@@ -48,6 +48,7 @@ from subnetdp.units import (
 )
 
 LEVELS = ("block", "neuron")
+JOB_BALANCES = ("memory", "params")  # what `train` and `plan` can balance ("cost": a caller's own function)
 TRANSITIONS = ("keep", "shortcut")
 BALANCES = ("params", "memory", "cost")
 OPTIMIZER_STATES = {"sgd": 0, "sgd-momentum": 1, "adamw": 2, "adam": 2}
@@ -403,17 +404,25 @@ def _check_args(workers: int, coverage: float, level: str, transitions: str) -> 
         raise ValueError(f"level={level!r}: choose one of {LEVELS}")
     if transitions not in TRANSITIONS:
         raise ValueError(f"transitions={transitions!r}: choose one of {TRANSITIONS}")
+    check_coverage(coverage, workers)
+    return round(coverage * workers)
+
+
+def check_coverage(coverage: float, workers: int | None, name: str = "coverage=") -> None:
+    """Reject a coverage outside (0, 1], or (given ``workers``) one whose holders per unit ``C*K`` are not
+    whole, so no uniform plan exists. The one check of a coverage, for the API and the command line alike
+    (``name`` is how the caller spells the setting: ``"--coverage "`` there); the message lists the
+    coverages that work."""
+    ok = ", ".join(f"{c:g}" for c in valid_coverages(workers)) if workers else ""
     if not isinstance(coverage, (int, float)) or not 0 < coverage <= 1:
-        raise ValueError(f"coverage={coverage!r} is outside (0, 1]; coverages that work with "
-                         f"{workers} workers: {', '.join(f'{c:g}' for c in valid_coverages(workers))}")
+        listed = f"; coverages that work with {workers} workers: {ok}" if workers else ""
+        raise ValueError(f"{name}{coverage!r} is outside (0, 1]{listed}")
+    if workers is None:
+        return
     r = coverage * workers
     if abs(r - round(r)) > 1e-9:
-        raise ValueError(
-            f"coverage={coverage:g} with {workers} workers gives {r:g} holders per unit; it must be a whole "
-            f"number for uniform representation. Coverages that work: "
-            f"{', '.join(f'{c:g}' for c in valid_coverages(workers))}"
-        )
-    return round(r)
+        raise ValueError(f"{name}{coverage:g} with {workers} workers gives {r:g} holders per unit; it must be "
+                         f"whole. Coverages that work with {workers} workers: {ok}")
 
 
 def _arrange(loads: list[float], workers: int, r: int, rng: random.Random) -> list[int]:

@@ -35,7 +35,7 @@ Metrics = dict[str, float]
 class ImageTask:
     """Classification on an image data set held whole on the device (the fast path)."""
 
-    kind = "image"
+    summed_metrics = ("correct", "count")  # the loss's metrics a step adds to the epoch's sums
 
     def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
         self.cfg, self.device = cfg, device
@@ -94,6 +94,10 @@ class ImageTask:
         loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing)
         return loss, {"correct": float((logits.argmax(1) == y).sum()), "count": float(len(y))}
 
+    def running_metrics(self, sums: dict[str, float]) -> Metrics:
+        """The epoch's training accuracy so far, from the summed step metrics (``acc``; ``train_acc`` per epoch)."""
+        return {"acc": sums["correct"] / max(sums["count"], 1)}
+
     def calibration_batches(self, n: int) -> list[torch.Tensor]:
         loader = self.loader(0, 1)
         loader.set_epoch(10_000)  # a fixed, separate draw
@@ -124,7 +128,7 @@ def _logits(out: object) -> torch.Tensor:
 class TextTask:
     """Next-token prediction on a UTF-8 corpus: character tokens by default, or the named tokenizer."""
 
-    kind = "text"
+    summed_metrics: tuple[str, ...] = ()  # the loss's metrics a step adds to the epoch's sums
     eval_batches = 20
 
     def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
@@ -164,6 +168,10 @@ class TextTask:
         logits = _logits(model(x))
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
         return loss, {"count": float(y.numel())}
+
+    def running_metrics(self, sums: dict[str, float]) -> Metrics:
+        """No training metric beyond the loss (the step's and the epoch's mean, which the loop reports)."""
+        return {}
 
     def calibration_batches(self, n: int) -> list[torch.Tensor]:
         return []

@@ -191,7 +191,9 @@ def run(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any] | Non
     try:
         claim = _claim_run_dir(cfg, distributed)
         with _StopRequest() as stop:
-            result = _train(cfg, device, distributed, stop)
+            job = Run(cfg, device, distributed, stop)
+            job.setup()
+            result = job.train()
         supervise.boundary("end of the run")  # every rank leaves together: gloo can abort when a peer tears down early
         if stop.stopped:
             raise SystemExit(0 if os.environ.get(_LAUNCHED) else 130)
@@ -226,160 +228,341 @@ def _claim_run_dir(cfg: TrainConfig, distributed: bool) -> rundir.RunLock | None
     return claim
 
 
-def _train(cfg: TrainConfig, device: torch.device, distributed: bool,
-           stop: _StopRequest) -> dict[str, Any] | None:
-    rank = dist.get_rank() if distributed else 0
-    world = world_size_of(cfg)
-    if distributed and world != dist.get_world_size():
-        raise SystemExit(f"WORLD_SIZE says {world} but the process group has {dist.get_world_size()} ranks")
-    lead = rank == 0
-    out = cfg.run_dir()
-    torch.manual_seed(cfg.seed)
-    task = make_task(cfg, device)
-    factory = task.model_factory()
-    steps_per_epoch = task.steps_per_epoch(world)
-    total = total_steps(cfg, steps_per_epoch)
-    n_epochs = math.ceil(total / steps_per_epoch)
-    plan: Plan | None = None
-    profile: ActivationProfile | None = None
-    if cfg.strategy == "sdp":
-        plan, profile = _sdp_plan(cfg, task, factory, world)
-    backend = SimulatedSDP(cfg, factory, plan, device, total) if cfg.simulate else Distributed(
-        cfg, factory, plan, device, total)
-    ranks_here = list(range(world)) if cfg.simulate else [rank]
-    loaders = [task.loader(k, world) for k in ranks_here]
-    autocast = autocast_for(cfg, device)
+class Run:
+    """One run of the main job in this process: what the loop needs, set up once, and its steps.
 
-    step = 0
-    ckpt_dir = out / "checkpoints"
-    progress = _new_progress()
-    source = _resume_point(cfg, ckpt_dir, lead, distributed)
-    if source is not None:
-        payload = _load_everywhere(ckpt_dir / source, backend, plan, distributed)
-        progress.update(payload["extra"].get("progress", {}))
-        step = payload["step"]
-        if lead:
-            print(f"resumed from {ckpt_dir / source} at step {step}")
-    elif cfg.resume and lead:
-        print(f"--resume: no checkpoint under {ckpt_dir}; starting from step 0")
-    if lead:  # only now: a refused resume leaves the run's files as they were
-        cfg.save(out / "config.json")
+    ``setup()`` builds the task, plan and backend, resumes from the newest checkpoint and writes the
+    run's config; ``step(batches, started)`` trains one step on every worker here and logs it;
+    ``end_epoch()`` logs the epoch and evaluates when due; ``evaluate()`` assembles and evaluates the
+    full model; ``finish()`` writes the summary and the models. ``train()`` is the loop over them.
+    """
+
+    def __init__(self, cfg: TrainConfig, device: torch.device, distributed: bool, stop: _StopRequest) -> None:
+        self.cfg, self.device, self.distributed, self.stop = cfg, device, distributed, stop
+        self.rank = dist.get_rank() if distributed else 0
+        self.world = world_size_of(cfg)
+        if distributed and self.world != dist.get_world_size():
+            raise SystemExit(f"WORLD_SIZE says {self.world} but the process group has {dist.get_world_size()} ranks")
+        self.lead = self.rank == 0
+        self.out = cfg.run_dir()
+        self.ckpt_dir = self.out / "checkpoints"
+        self.global_step = 0
+        self.progress = _new_progress()
+        self.plan: Plan | None = None
+        self.profile: ActivationProfile | None = None
+        self.last_eval: dict[str, Any] = {}
+        self.model_state: dict[str, torch.Tensor] | None = None  # the evaluated model (conventions applied)
+        self.raw_state: dict[str, torch.Tensor] | None = None  # the assembled model as trained
+        self.evaluated_final = False
+
+    # ---- setup -------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Task, plan, backend and data streams; resume; the run's config and plan files; the header."""
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        self.task = make_task(cfg, self.device)
+        self.factory = self.task.model_factory()
+        self.steps_per_epoch = self.task.steps_per_epoch(self.world)
+        self.total = total_steps(cfg, self.steps_per_epoch)
+        self.n_epochs = math.ceil(self.total / self.steps_per_epoch)
+        if cfg.strategy == "sdp":
+            self.plan, self.profile = self._make_plan()
+        backend = SimulatedSDP if cfg.simulate else Distributed
+        self.backend = backend(cfg, self.factory, self.plan, self.device, self.total)
+        ranks_here = list(range(self.world)) if cfg.simulate else [self.rank]
+        self.loaders = [self.task.loader(k, self.world) for k in ranks_here]
+        self.autocast = autocast_for(cfg, self.device)
+        self._resume()
+        if self.lead:  # only now: a refused resume leaves the run's files as they were
+            cfg.save(self.out / "config.json")
+            if self.plan is not None:
+                atomic_write(self.out / "plan.json", self.plan.to_json())
+                atomic_write(self.out / "plan.txt", self.plan.summary(_opt_name(cfg)) + "\n")
+        self.log = MetricsLog(self.out, enabled=self.lead, resume_from_step=self.global_step)
+        if self.lead:
+            self._print_header()
+        self.start_time = time.perf_counter() - self.progress["wall_s"]  # wall time and samples cover the whole run
+
+    def _make_plan(self) -> tuple[Plan, ActivationProfile | None]:
+        """The run's plan, balanced on predicted memory (``--balance memory``) or on parameter counts, and
+        with memory balance the activation profile behind it (also the summary's predicted peak per worker).
+
+        The profile is the full model's saved activations, measured once on the CPU on two samples of the
+        training data (scaled to ``--batch-size``), so every rank derives the same plan.
+        """
+        cfg, task = self.cfg, self.task
+        if cfg.balance == "params":  # no profile: the escape hatch for models too large to profile on the host
+            return make_plan(self.factory, self.world, cfg.coverage, cfg.level, cfg.seed,
+                             transitions=cfg.transitions), None
+        with torch.random.fork_rng(devices=[]):  # drawing the sample leaves the training's random streams alone
+            batch = next(task.epoch_batches(task.loader(0, self.world), 10_000, 0))
+        sample = tuple(t[:2].cpu() for t in batch)
+        profile = profile_activations(self.factory, sample, task.loss, len(sample[0]), seed=cfg.seed, device="cpu")
+        return memory_plan(self.factory, self.world, cfg.coverage, cfg.level, cfg.seed, profile=profile,
+                           optimizer=_opt_name(cfg), batch_size=cfg.batch_size, transitions=cfg.transitions,
+                           activation_checkpointing=cfg.checkpointing == "blocks"), profile
+
+    def _resume(self) -> None:
+        """Continue from the newest intact checkpoint under ``--resume`` (or a restart), on every rank."""
+        source = self._resume_point()
+        if source is not None:
+            payload = self._load_everywhere(self.ckpt_dir / source)
+            self.progress.update(payload["extra"].get("progress", {}))
+            self.global_step = payload["step"]
+            if self.lead:
+                print(f"resumed from {self.ckpt_dir / source} at step {self.global_step}")
+        elif self.cfg.resume and self.lead:
+            print(f"--resume: no checkpoint under {self.ckpt_dir}; starting from step 0")
+
+    def _resume_point(self) -> str | None:
+        """The step directory to resume from (the newest intact one), agreed by every rank; None: from step 0.
+
+        Refuses (SystemExit on every rank, nothing written) when a checkpoint was completed once but none
+        is intact now: starting over would overwrite the run.
+        """
+        choice: list[str | None] = [None, None]  # step directory, problem
+        if self.lead and self.cfg.resume:
+            found, skipped = find_resumable(self.ckpt_dir)
+            if found is not None:
+                choice[0] = found.name
+                if skipped:
+                    print(f"--resume: using {found.name}, the newest intact checkpoint; skipped: {'; '.join(skipped)}")
+            elif skipped and (self.ckpt_dir / "latest").exists():
+                choice[1] = (f"--resume: no intact checkpoint under {self.ckpt_dir} ({'; '.join(skipped)}); nothing "
+                             "was changed. Restore the checkpoint, or start over with --overwrite")
+        if self.distributed:
+            dist.broadcast_object_list(choice, src=0)
+        if choice[1]:
+            raise SystemExit(choice[1])
+        return choice[0]
+
+    def _load_everywhere(self, step_dir: Path) -> dict[str, Any]:
+        """Load ``step_dir`` on every rank; if any rank cannot, every rank stops with its message."""
+        payload, problem = None, None
+        try:
+            opt = None if isinstance(self.backend, SimulatedSDP) else self.backend.opt
+            payload = load_checkpoint(step_dir.parent, _ckpt_module(self.backend), opt, self.plan, step_dir=step_dir)
+            self.backend.load_state(payload["extra"]["backend"])
+        except CheckpointError as e:
+            problem = str(e)
+        if self.distributed:
+            problems: list[str | None] = [None] * dist.get_world_size()
+            dist.all_gather_object(problems, problem)
+            problem = next((p for p in problems if p), None)
+        if problem:
+            raise SystemExit(f"--resume: {problem}")
+        assert payload is not None
+        return payload
+
+    def _print_header(self) -> None:
+        cfg, plan = self.cfg, self.plan
+        mode = f"simulated in one process ({self.world} workers)" if cfg.simulate else f"{self.world} process(es)"
+        what = (f"SDP level={plan.level} C={plan.coverage:g} masking={cfg.masking}" if plan is not None
+                else cfg.strategy.upper())
+        if cfg.checkpointing == "blocks" and cfg.strategy != "ddp-ckpt":
+            what += " + activation checkpointing"
+        print(f"subnetdp train: {what} | {cfg.model} on {cfg.dataset} | {mode} on {self.device} | "
+              f"{self.total} steps in {self.n_epochs} epoch(s), batch {cfg.batch_size}/worker | run dir {self.out}")
         if plan is not None:
-            atomic_write(out / "plan.json", plan.to_json())
-            atomic_write(out / "plan.txt", plan.summary(_opt_name(cfg)) + "\n")
+            fr = plan.param_fractions()
+            print(f"plan: {len(plan.units)} units, r={plan.holders_per_unit}, params per worker "
+                  f"{min(fr):.3f}-{max(fr):.3f} of {plan.total_params:,} (spread {plan.spread():.3f})")
 
-    log = MetricsLog(out, enabled=lead, resume_from_step=step)
-    if lead:
-        _print_header(cfg, world, device, plan, total, n_epochs)
-    start_time = time.perf_counter() - progress["wall_s"]  # wall time and samples cover the whole run
-    sums = progress["sums"]
-    last_eval: dict[str, float] = {}
-    model_state: dict[str, torch.Tensor] | None = None
-    raw_state: dict[str, torch.Tensor] | None = None
-    evaluated_final = False
+    # ---- the loop ----------------------------------------------------------------------------------
+    def train(self) -> dict[str, Any] | None:
+        """Epochs of steps until the last step, or a stop request (then None after a checkpoint);
+        returns the summary on the process that writes it."""
+        try:
+            while self.global_step < self.total:
+                self._epoch()
+                if self.stop.stopped:  # after the epoch's end, if this step ended one: a state the full run passes through
+                    self.save()
+                    self.log.close()
+                    if self.lead:
+                        print(f"interrupted: stopped after step {self.global_step} of {self.total} and saved a "
+                              "checkpoint; continue with the same command and --resume")
+                    return None
+        except RuntimeError as e:
+            if self.distributed and supervise.is_transport_error(e):  # a peer stopped mid-step or mid-save: which?
+                supervise.name_missing(f"step {self.global_step + 1}", e)
+            raise
+        return self.finish()
 
-    def save(at: int) -> None:
-        progress["wall_s"] = time.perf_counter() - start_time
-        _checkpoint(ckpt_dir, at, backend, plan, progress)
+    def _epoch(self) -> None:
+        """The rest of the current epoch (all of it unless resumed inside it), then its end if reached."""
+        cfg = self.cfg
+        epoch, offset = divmod(self.global_step, self.steps_per_epoch)
+        streams = [self.task.epoch_batches(ld, epoch, offset) for ld in self.loaders]
+        n_in_epoch = min(self.steps_per_epoch - offset, self.total - self.global_step)
+        self.bar = tqdm(total=n_in_epoch, desc=f"epoch {epoch + 1}/{self.n_epochs}",
+                        disable=not (cfg.progress and self.lead), dynamic_ncols=True, leave=True, file=sys.stdout)
+        if offset == 0:
+            self.progress["sums"].update(loss=0.0, correct=0.0, count=0.0, n=0, time_s=0.0)
+        for _ in range(n_in_epoch):
+            started = time.perf_counter()
+            stop_requested = self.step([next(s) for s in streams], started)
+            if stop_requested and self.global_step < self.total:
+                self.stop.stopped = True  # every process saw the same vote: all leave at this step
+                break
+            if cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0 and self.global_step < self.total:
+                self.save()
+        self.bar.close()
+        if self.global_step % self.steps_per_epoch == 0 or self.global_step == self.total:
+            self.end_epoch()
 
-    try:
-        while step < total:
-            epoch, offset = divmod(step, steps_per_epoch)
-            streams = [task.epoch_batches(ld, epoch, offset) for ld in loaders]
-            n_in_epoch = min(steps_per_epoch - offset, total - step)
-            bar = tqdm(total=n_in_epoch, desc=f"epoch {epoch + 1}/{n_epochs}", disable=not (cfg.progress and lead),
-                       dynamic_ncols=True, leave=True, file=sys.stdout)
-            if offset == 0:
-                sums.update(loss=0.0, correct=0.0, count=0.0, n=0, time_s=0.0)
-            for _ in range(n_in_epoch):
-                t_fetch = time.perf_counter()
-                batches = [next(s) for s in streams]
-                t0 = time.perf_counter()
-                metrics = backend.train_step(batches, task.loss, autocast)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                dt = time.perf_counter() - t0
-                step += 1
-                n = sum(m["count"] for m in metrics) if task.kind == "image" else sum(len(b[0]) for b in batches)
-                # every worker's figures, and whether any process was asked to stop (one small all-reduce)
-                totals = [sum(m["loss"] for m in metrics), float(len(metrics)), float(n),
-                          sum(m.get("correct", 0.0) for m in metrics), float(stop.requested)]
-                if distributed:
-                    t = torch.tensor(totals, dtype=torch.float64, device=device)
-                    dist.all_reduce(t)
-                    totals = t.tolist()
-                loss_sum, workers_n, n, correct, stop_votes = totals
-                loss = loss_sum / workers_n
-                progress["samples"] += n
-                sums["loss"] += loss
-                sums["n"] += 1
-                sums["time_s"] += time.perf_counter() - t_fetch
-                if task.kind == "image":
-                    sums["correct"] += correct
-                    sums["count"] += n
-                record = {"step": step, "epoch": epoch + 1, "loss": loss, "lr": backend.lr,
-                          "samples_per_s": n / dt, "step_time_s": dt}
-                if task.kind == "image":
-                    record["acc"] = sums["correct"] / max(sums["count"], 1)
-                if step % cfg.log_every == 0 or step == total:
-                    log.step(record)
-                mem = _peak_memory(device)
-                bar.set_postfix(loss=f"{loss:.3f}", **({"acc": f"{record['acc']:.3f}"} if "acc" in record else {}),
-                                sps=f"{n / dt:.0f}", mem=format_bytes(mem.get("peak_device_bytes", mem["peak_rss_bytes"])))
-                bar.update(1)
-                if stop_votes > 0 and step < total:
-                    stop.stopped = True  # every process saw the same vote: all leave at this step
-                    break
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
-                    save(step)
-            bar.close()
-            epoch_done = step % steps_per_epoch == 0 or step == total
-            if epoch_done:
-                ep = math.ceil(step / steps_per_epoch)
-                supervise.boundary(f"end of epoch {ep}")
-                row: dict[str, Any] = {"epoch": ep, "step": step, "train_loss": sums["loss"] / max(sums["n"], 1),
-                                       "time_s": sums["time_s"], **_peak_memory(device)}
-                if task.kind == "image":
-                    row["train_acc"] = sums["correct"] / max(sums["count"], 1)
-                if (cfg.eval_every and ep % cfg.eval_every == 0) or step == total:
-                    raw_state = backend.full_state_dict()  # collective
-                    last_eval, model_state = _evaluate(cfg, task, raw_state, factory, plan, device, autocast, last_eval)
-                    evaluated_final = step == total
-                    row.update({k: v for k, v in last_eval.items() if k != "evaluation"})
-                log.epoch(row)
-                progress["epochs"].append({k: v for k, v in row.items() if k in _EPOCH_KEYS})
-                if lead:
-                    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()
-                             if k in ("train_loss", "train_acc", "test_acc", "test_loss", "val_loss", "val_ppl")}
-                    print(f"epoch {ep}: {shown}")
-                if step < total and not cfg.checkpoint_every and not stop.stopped:
-                    save(step)
-            if stop.stopped:  # after the epoch's end, if this step ended one: the state the full run passes through
-                save(step)
-                log.close()
-                if lead:
-                    print(f"interrupted: stopped after step {step} of {total} and saved a checkpoint; "
-                          "continue with the same command and --resume")
-                return None
-    except RuntimeError as e:
-        if distributed and supervise.is_transport_error(e):  # a peer stopped mid-step or mid-save: which one?
-            supervise.name_missing(f"step {step + 1}", e)
-        raise
-    save(step)
-    wall = progress["wall_s"]
-    if not evaluated_final:  # e.g. resuming a run that had already reached its last step (same on every rank)
-        raw_state = backend.full_state_dict()
-        last_eval, model_state = _evaluate(cfg, task, raw_state, factory, plan, device, autocast, last_eval)
-    summary = _summary(cfg, backend, plan, world, wall, progress, step, device, last_eval, distributed)
-    summary["predicted_peak_bytes_per_worker"] = _predicted_peaks(cfg, plan, profile)
-    if lead:
-        _save_models(model_state, raw_state, out)
-        atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-        log.close()
-        print(_summary_text(summary, out))
+    def step(self, batches: list[Any], started: float) -> bool:
+        """One optimizer step of every worker here on its batch; logs it and adds it to the epoch's sums.
+
+        ``started`` is when fetching the batches began (the epoch's ``time_s`` counts from there).
+        Returns whether any process was asked to stop (all agree: the vote rides on the step's all-reduce).
+        """
+        task, sums = self.task, self.progress["sums"]
+        t0 = time.perf_counter()
+        metrics = self.backend.train_step(batches, task.loss, self.autocast)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = time.perf_counter() - t0
+        self.global_step += 1
+        # every worker's figures, and whether any process was asked to stop (one small all-reduce)
+        totals = [sum(m["loss"] for m in metrics), float(len(metrics)), float(sum(len(b[0]) for b in batches)),
+                  float(self.stop.requested), *(sum(m[k] for m in metrics) for k in task.summed_metrics)]
+        if self.distributed:
+            t = torch.tensor(totals, dtype=torch.float64, device=self.device)
+            dist.all_reduce(t)
+            totals = t.tolist()
+        loss_sum, workers_n, n, stop_votes, *summed = totals
+        loss = loss_sum / workers_n
+        self.progress["samples"] += n
+        sums["loss"] += loss
+        sums["n"] += 1
+        sums["time_s"] += time.perf_counter() - started
+        for k, v in zip(task.summed_metrics, summed):
+            sums[k] += v
+        running = task.running_metrics(sums)
+        record = {"step": self.global_step, "epoch": (self.global_step - 1) // self.steps_per_epoch + 1, "loss": loss,
+                  "lr": self.backend.lr, "samples_per_s": n / dt, "step_time_s": dt, **running}
+        if self.global_step % self.cfg.log_every == 0 or self.global_step == self.total:
+            self.log.step(record)
+        mem = _peak_memory(self.device)
+        self.bar.set_postfix(loss=f"{loss:.3f}", **{k: f"{v:.3f}" for k, v in running.items()}, sps=f"{n / dt:.0f}",
+                             mem=format_bytes(mem.get("peak_device_bytes", mem["peak_rss_bytes"])))
+        self.bar.update(1)
+        return stop_votes > 0
+
+    def end_epoch(self) -> None:
+        """Log the epoch's training metrics; evaluate when due; checkpoint unless the run ends here."""
+        cfg, step, sums = self.cfg, self.global_step, self.progress["sums"]
+        ep = math.ceil(step / self.steps_per_epoch)
+        supervise.boundary(f"end of epoch {ep}")
+        row: dict[str, Any] = {"epoch": ep, "step": step, "train_loss": sums["loss"] / max(sums["n"], 1),
+                               "time_s": sums["time_s"], **_peak_memory(self.device)}
+        row.update({f"train_{k}": v for k, v in self.task.running_metrics(sums).items()})
+        if (cfg.eval_every and ep % cfg.eval_every == 0) or step == self.total:
+            self.evaluate()
+            self.evaluated_final = step == self.total
+            row.update({k: v for k, v in self.last_eval.items() if k != "evaluation"})
+        self.log.epoch(row)
+        self.progress["epochs"].append({k: v for k, v in row.items() if k in _EPOCH_KEYS})
+        if self.lead:
+            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()
+                     if k in ("train_loss", "train_acc", "test_acc", "test_loss", "val_loss", "val_ppl")}
+            print(f"epoch {ep}: {shown}")
+        if step < self.total and not cfg.checkpoint_every and not self.stop.stopped:
+            self.save()
+
+    def evaluate(self) -> None:
+        """Assemble the full model (a collective) and, on the lead, evaluate it with the conventions applied.
+
+        Sets ``last_eval`` (the metrics, with the conventions under ``evaluation``) and ``model_state``,
+        the evaluated model that ``model.safetensors`` holds; other processes keep their ``last_eval``.
+        """
+        self.raw_state = self.backend.full_state_dict()
+        if self.raw_state is None:
+            self.model_state = None
+            return
+        model = materialize(self.factory, seed=self.cfg.seed, device=self.device, init=self.cfg.init)
+        model.load_state_dict(self.raw_state)
+        applied = apply_conventions(model, self.cfg, self.plan, self.task)
+        result: dict[str, Any] = dict(self.task.evaluate(model, self.autocast))
+        result["evaluation"] = applied
+        self.last_eval = result
+        self.model_state = {k: v.detach() for k, v in model.state_dict().items()}
+
+    def save(self) -> None:
+        """A checkpoint at the current step, with what the summary needs from the steps so far."""
+        self.progress["wall_s"] = time.perf_counter() - self.start_time
+        supervise.boundary(f"checkpoint at step {self.global_step}")
+        opt = None if isinstance(self.backend, SimulatedSDP) else self.backend.opt
+        save_checkpoint(self.ckpt_dir, self.global_step, _ckpt_module(self.backend), opt, self.plan,
+                        extra={"backend": self.backend.state(), "progress": self.progress})
+
+    # ---- the end -----------------------------------------------------------------------------------
+    def finish(self) -> dict[str, Any] | None:
+        """Last checkpoint, final evaluation (unless the last epoch's was), summary and models."""
+        self.save()
+        wall = self.progress["wall_s"]
+        if not self.evaluated_final:  # e.g. resuming a run that had already reached its last step (same on every rank)
+            self.evaluate()
+        summary = self._summary(wall)
+        summary["predicted_peak_bytes_per_worker"] = self._predicted_peaks()
+        if not self.lead:
+            self.log.close()
+            return None
+        _save_models(self.model_state, self.raw_state, self.out)
+        atomic_write(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        self.log.close()
+        print(_summary_text(summary, self.out))
         return summary
-    log.close()
-    return None
+
+    def _summary(self, wall: float) -> dict[str, Any]:
+        cfg, plan, progress = self.cfg, self.plan, self.progress
+        memory = self.backend.memory()
+        comm = self.backend.comm_bytes_per_step()
+        peak = _peak_memory(self.device)
+        if self.distributed:  # gather every rank's figures on rank 0
+            mine = {"memory": memory[0], "comm": comm[0], "peak": peak}
+            everyone: list[Any] = [None] * self.world
+            dist.all_gather_object(everyone, mine)
+            memory = [e["memory"] for e in everyone]
+            comm = [e["comm"] for e in everyone]
+            peaks = [e["peak"] for e in everyone]
+        else:
+            peaks = [peak]
+        final = {k: v for k, v in self.last_eval.items() if k != "evaluation"}
+        epochs = progress["epochs"]
+        return {
+            "strategy": cfg.strategy, "level": plan.level if plan is not None else None,
+            "activation_checkpointing": cfg.checkpointing == "blocks",
+            "coverage": plan.coverage if plan is not None else 1.0, "model": cfg.model, "width": cfg.width,
+            "masking": cfg.masking if plan is not None else None,
+            "dataset": "CIFAR-10 (JPEG)" if cfg.dataset == "cifar10-jpeg" else cfg.dataset,
+            "workers": self.world, "simulated": bool(cfg.simulate), "device": str(self.device),
+            # steps, wall time, samples and epoch means cover the whole run, also across --resume
+            "steps": self.global_step, "wall_s": wall,
+            "samples_per_s": progress["samples"] / wall if wall > 0 else None,
+            "final": final,
+            "epochs": epochs,
+            "train_loss_mean": sum(e["train_loss"] for e in epochs) / len(epochs) if epochs else None,
+            # the conventions "final" was evaluated with; model.safetensors holds the model with them applied,
+            # model_raw.safetensors the assembled state without them (see docs/evaluation.md)
+            "evaluation": self.last_eval.get("evaluation", {"residual_scaling": False, "bn_recalibrate": 0}),
+            "params_per_worker": plan.param_counts() if plan is not None else None,
+            "full_params": plan.total_params if plan is not None else None,
+            "model_state_bytes_per_worker": [sum(m.values()) for m in memory],
+            "memory_per_worker": memory,
+            "comm_bytes_per_step_per_worker": comm,
+            "peak_memory_per_process": peaks,
+        }
+
+    def _predicted_peaks(self) -> list[int] | None:
+        """The planner's predicted peak per worker (state + saved activations + transient, fp32), for forward
+        masking; a run simulated in one process has no per-worker measured peak, so reports use these."""
+        plan, profile, cfg = self.plan, self.profile, self.cfg
+        if plan is None or profile is None or cfg.masking != "forward":
+            return None
+        return [predict_worker(plan, k, _opt_name(cfg), profile, cfg.batch_size,
+                               activation_checkpointing=cfg.checkpointing == "blocks")["peak_bytes"]
+                for k in range(plan.workers)]
 
 
 _EPOCH_KEYS = ("epoch", "step", "train_loss", "train_acc", "time_s")
@@ -403,34 +586,6 @@ def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
     return max(1, math.ceil(cfg.epochs * scale * steps_per_epoch - 1e-9))
 
 
-def _sdp_plan(cfg: TrainConfig, task: Any, factory: Any, world: int) -> tuple[Plan, ActivationProfile | None]:
-    """The run's plan, balanced on predicted memory (``--balance memory``) or on parameter counts, and
-    with memory balance the activation profile behind it (also the summary's predicted peak per worker).
-
-    The profile is the full model's saved activations, measured once on the CPU on two samples of the
-    training data (scaled to ``--batch-size``), so every rank derives the same plan.
-    """
-    if cfg.balance == "params":  # no profile: the escape hatch for models too large to profile on the host
-        return make_plan(factory, world, cfg.coverage, cfg.level, cfg.seed, transitions=cfg.transitions), None
-    with torch.random.fork_rng(devices=[]):  # drawing the sample leaves the training's random streams alone
-        batch = next(task.epoch_batches(task.loader(0, world), 10_000, 0))
-    sample = tuple(t[:2].cpu() for t in batch)
-    profile = profile_activations(factory, sample, task.loss, len(sample[0]), seed=cfg.seed, device="cpu")
-    return memory_plan(factory, world, cfg.coverage, cfg.level, cfg.seed, profile=profile,
-                       optimizer=_opt_name(cfg), batch_size=cfg.batch_size, transitions=cfg.transitions,
-                       activation_checkpointing=cfg.checkpointing == "blocks"), profile
-
-
-def _predicted_peaks(cfg: TrainConfig, plan: Plan | None, profile: ActivationProfile | None) -> list[int] | None:
-    """The planner's predicted peak per worker (state + saved activations + transient, fp32), for forward
-    masking; a run simulated in one process has no per-worker measured peak, so reports use these."""
-    if plan is None or profile is None or cfg.masking != "forward":
-        return None
-    return [predict_worker(plan, k, _opt_name(cfg), profile, cfg.batch_size,
-                           activation_checkpointing=cfg.checkpointing == "blocks")["peak_bytes"]
-            for k in range(plan.workers)]
-
-
 def _opt_name(cfg: TrainConfig) -> str:
     return "sgd-momentum" if cfg.optimizer == "sgd" and cfg.momentum > 0 else cfg.optimizer
 
@@ -439,57 +594,6 @@ def _ckpt_module(backend: SimulatedSDP | Distributed) -> torch.nn.Module:
     if isinstance(backend, SimulatedSDP):
         return torch.nn.ModuleList(backend.models)
     return backend.model
-
-
-def _resume_point(cfg: TrainConfig, ckpt_dir: Path, lead: bool, distributed: bool) -> str | None:
-    """The step directory to resume from (the newest intact one), agreed by every rank; None: from step 0.
-
-    Refuses (SystemExit on every rank, nothing written) when a checkpoint was completed once but none
-    is intact now: starting over would overwrite the run.
-    """
-    choice: list[str | None] = [None, None]  # step directory, problem
-    if lead and cfg.resume:
-        found, skipped = find_resumable(ckpt_dir)
-        if found is not None:
-            choice[0] = found.name
-            if skipped:
-                print(f"--resume: using {found.name}, the newest intact checkpoint; skipped: {'; '.join(skipped)}")
-        elif skipped and (ckpt_dir / "latest").exists():
-            choice[1] = (f"--resume: no intact checkpoint under {ckpt_dir} ({'; '.join(skipped)}); nothing was "
-                         "changed. Restore the checkpoint, or start over with --overwrite")
-    if distributed:
-        dist.broadcast_object_list(choice, src=0)
-    if choice[1]:
-        raise SystemExit(choice[1])
-    return choice[0]
-
-
-def _load_everywhere(step_dir: Path, backend: SimulatedSDP | Distributed, plan: Plan | None,
-                     distributed: bool) -> dict[str, Any]:
-    """Load ``step_dir`` on every rank; if any rank cannot, every rank stops with its message."""
-    payload, problem = None, None
-    try:
-        opt = None if isinstance(backend, SimulatedSDP) else backend.opt
-        payload = load_checkpoint(step_dir.parent, _ckpt_module(backend), opt, plan, step_dir=step_dir)
-        backend.load_state(payload["extra"]["backend"])
-    except CheckpointError as e:
-        problem = str(e)
-    if distributed:
-        problems: list[str | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(problems, problem)
-        problem = next((p for p in problems if p), None)
-    if problem:
-        raise SystemExit(f"--resume: {problem}")
-    assert payload is not None
-    return payload
-
-
-def _checkpoint(directory: Path, step: int, backend: SimulatedSDP | Distributed, plan: Plan | None,
-                progress: dict[str, Any]) -> None:
-    supervise.boundary(f"checkpoint at step {step}")
-    opt = None if isinstance(backend, SimulatedSDP) else backend.opt
-    save_checkpoint(directory, step, _ckpt_module(backend), opt, plan,
-                    extra={"backend": backend.state(), "progress": progress})
 
 
 def apply_conventions(model: torch.nn.Module, cfg: TrainConfig, plan: Plan | None, task: Any) -> dict[str, Any]:
@@ -511,24 +615,6 @@ def apply_conventions(model: torch.nn.Module, cfg: TrainConfig, plan: Plan | Non
         if batches and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
             applied["bn_recalibrate"] = recalibrate_batchnorm(model, batches)
     return applied
-
-
-def _evaluate(cfg: TrainConfig, task: Any, state: dict[str, torch.Tensor] | None, factory: Any, plan: Plan | None,
-              device: torch.device, autocast: Any, previous: dict[str, Any]
-              ) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
-    """Evaluate the assembled full model (``state``; None on processes other than the lead).
-
-    Returns the metrics (with the conventions applied, under ``evaluation``) and the evaluated
-    model's state, which is what ``model.safetensors`` holds.
-    """
-    if state is None:
-        return previous, None
-    model = materialize(factory, seed=cfg.seed, device=device, init=cfg.init)
-    model.load_state_dict(state)
-    applied = apply_conventions(model, cfg, plan, task)
-    result: dict[str, Any] = dict(task.evaluate(model, autocast))
-    result["evaluation"] = applied
-    return result, {k: v.detach() for k, v in model.state_dict().items()}
 
 
 def evaluate_run(run_dir: str | Path, device: str = "auto") -> dict[str, float]:
@@ -553,48 +639,6 @@ def evaluate_run(run_dir: str | Path, device: str = "auto") -> dict[str, float]:
     return dict(task.evaluate(model, autocast_for(cfg, dev)))
 
 
-def _summary(cfg: TrainConfig, backend: SimulatedSDP | Distributed, plan: Plan | None, world: int, wall: float,
-             progress: dict[str, Any], steps: int, device: torch.device, last_eval: dict[str, Any],
-             distributed: bool) -> dict[str, Any]:
-    memory = backend.memory()
-    comm = backend.comm_bytes_per_step()
-    peak = _peak_memory(device)
-    if distributed:  # gather every rank's figures on rank 0
-        mine = {"memory": memory[0], "comm": comm[0], "peak": peak}
-        everyone: list[Any] = [None] * world
-        dist.all_gather_object(everyone, mine)
-        memory = [e["memory"] for e in everyone]
-        comm = [e["comm"] for e in everyone]
-        peaks = [e["peak"] for e in everyone]
-    else:
-        peaks = [peak]
-    total_params = plan.total_params if plan is not None else None
-    final = {k: v for k, v in last_eval.items() if k != "evaluation"}
-    epochs = progress["epochs"]
-    return {
-        "strategy": cfg.strategy, "level": cfg.level if cfg.strategy == "sdp" else None,
-        "activation_checkpointing": cfg.checkpointing == "blocks",
-        "coverage": cfg.coverage if cfg.strategy == "sdp" else 1.0, "model": cfg.model, "width": cfg.width,
-        "masking": cfg.masking if cfg.strategy == "sdp" else None,
-        "dataset": "CIFAR-10 (JPEG)" if cfg.dataset == "cifar10-jpeg" else cfg.dataset,
-        "workers": world, "simulated": bool(cfg.simulate), "device": str(device),
-        # steps, wall time, samples and epoch means cover the whole run, also across --resume
-        "steps": steps, "wall_s": wall, "samples_per_s": progress["samples"] / wall if wall > 0 else None,
-        "final": final,
-        "epochs": epochs,
-        "train_loss_mean": sum(e["train_loss"] for e in epochs) / len(epochs) if epochs else None,
-        # the conventions "final" was evaluated with; model.safetensors holds the model with them applied,
-        # model_raw.safetensors the assembled state without them (see docs/evaluation.md)
-        "evaluation": last_eval.get("evaluation", {"residual_scaling": False, "bn_recalibrate": 0}),
-        "params_per_worker": plan.param_counts() if plan is not None else None,
-        "full_params": total_params,
-        "model_state_bytes_per_worker": [sum(m.values()) for m in memory],
-        "memory_per_worker": memory,
-        "comm_bytes_per_step_per_worker": comm,
-        "peak_memory_per_process": peaks,
-    }
-
-
 def _save_models(model: dict[str, torch.Tensor] | None, raw: dict[str, torch.Tensor] | None, out: Path) -> None:
     """``model.safetensors``: the evaluated model (conventions applied); ``model_raw.safetensors``: the
     assembled state as trained. Tied weights are stored as separate copies."""
@@ -603,21 +647,6 @@ def _save_models(model: dict[str, torch.Tensor] | None, raw: dict[str, torch.Ten
     for state, name in ((model, "model.safetensors"), (raw, "model_raw.safetensors")):
         if state is not None:
             atomic_write(out / name, save({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}))
-
-
-def _print_header(cfg: TrainConfig, world: int, device: torch.device, plan: Plan | None, total: int,
-                  epochs: int) -> None:
-    mode = f"simulated in one process ({world} workers)" if cfg.simulate else f"{world} process(es)"
-    what = (f"SDP level={cfg.level} C={cfg.coverage:g} masking={cfg.masking}" if cfg.strategy == "sdp"
-            else cfg.strategy.upper())
-    if cfg.checkpointing == "blocks" and cfg.strategy != "ddp-ckpt":
-        what += " + activation checkpointing"
-    print(f"subnetdp train: {what} | {cfg.model} on {cfg.dataset} | {mode} on {device} | "
-          f"{total} steps in {epochs} epoch(s), batch {cfg.batch_size}/worker | run dir {cfg.run_dir()}")
-    if plan is not None:
-        fr = plan.param_fractions()
-        print(f"plan: {len(plan.units)} units, r={plan.holders_per_unit}, params per worker "
-              f"{min(fr):.3f}-{max(fr):.3f} of {plan.total_params:,} (spread {plan.spread():.3f})")
 
 
 def _summary_text(s: dict[str, Any], out: Path) -> str:
