@@ -22,13 +22,19 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from subnetdp import rundir, supervise
+from subnetdp import optimizers, rundir, supervise
 from subnetdp.backends import Distributed, SimulatedSDP, autocast_for
 from subnetdp.checkpoint import CheckpointError, RunFileError, atomic_write, find_resumable, load_checkpoint, save_checkpoint
 from subnetdp.config import TrainConfig, validate, world_size_of
 from subnetdp.evaluation import recalibrate_batchnorm, scale_residual_branches
 from subnetdp.init import materialize
-from subnetdp.memory import ActivationProfile, memory_plan, predict_worker, profile_activations
+from subnetdp.measure.prediction import (
+    ActivationProfile,
+    memory_plan,
+    plan_summary,
+    predict_worker,
+    profile_activations,
+)
 from subnetdp.metrics import MetricsLog, format_bytes
 from subnetdp.planning import Plan, plan as make_plan
 from subnetdp.tasks import make_task
@@ -266,7 +272,7 @@ def _train(cfg: TrainConfig, device: torch.device, distributed: bool,
         cfg.save(out / "config.json")
         if plan is not None:
             atomic_write(out / "plan.json", plan.to_json())
-            atomic_write(out / "plan.txt", plan.summary(_opt_name(cfg)) + "\n")
+            atomic_write(out / "plan.txt", plan_summary(plan, _opt_name(cfg)) + "\n")
 
     log = MetricsLog(out, enabled=lead, resume_from_step=step)
     if lead:
@@ -432,7 +438,7 @@ def _predicted_peaks(cfg: TrainConfig, plan: Plan | None, profile: ActivationPro
 
 
 def _opt_name(cfg: TrainConfig) -> str:
-    return "sgd-momentum" if cfg.optimizer == "sgd" and cfg.momentum > 0 else cfg.optimizer
+    return optimizers.name_for(cfg.optimizer, cfg.momentum)
 
 
 def _ckpt_module(backend: SimulatedSDP | Distributed) -> torch.nn.Module:
