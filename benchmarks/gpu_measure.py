@@ -13,7 +13,7 @@ a LLaMA preset with AdamW) and K = 8 workers:
 
 * SDP at C in {0.875, 0.75, 0.5, 0.25}, block and neuron level: every worker's subnetwork is built
   on the one GPU and trained for a few steps; **measured** per worker: ``torch.cuda.max_memory_allocated``
-  over a step (reset before it), the saved-for-backward bytes and model state (``subnetdp.memory``),
+  over a step (reset before it), the saved-for-backward bytes and model state (``subnetdp.measure.meters``),
   and the step time (forward + backward + optimizer step, timed on separate steps without the
   saved-tensor hooks; compute only: one GPU has no communication);
   the plan's first-principles prediction stands next to it, with the predicted peak (saved bytes,
@@ -44,7 +44,7 @@ Then two more phases, each time-boxed:
   state + saved bytes against the prediction);
 * **alignment**: ResNet-18 at ``--align-width`` with K simulated workers trained on CIFAR-10 (JPEG,
   found through ``$SUBNETDP_SHARED_DATA``), cosine similarity of each worker's subnetwork gradient with
-  the full model's every ``--align-every`` steps (``subnetdp.alignment.track_alignment``), per level
+  the full model's every ``--align-every`` steps (``subnetdp.measure.alignment.track_alignment``), per level
   and coverage, until ``--total-minutes`` is reached.
 
 Writes ``gpu_measure.json`` and ``gpu_measure.md`` into ``--out`` after every workload, so a run cut
@@ -71,10 +71,13 @@ from pathlib import Path
 import torch
 
 import subnetdp as sd
-from subnetdp.alignment import alignment_table, plot_alignment, track_alignment
-from subnetdp.bench import memory_part, memory_table, plot, workload_from_spec
-from subnetdp.budget import format_bytes, measure_choice, plan_for_budget, predicted_peak
-from subnetdp.memory import profile_activations
+from subnetdp.measure.alignment import alignment_table, plot_alignment, track_alignment
+from subnetdp.measure.bench import memory_part
+from subnetdp.measure.planner import measure_choice, plan_for_budget, predicted_peak
+from subnetdp.measure.prediction import profile_activations
+from subnetdp.measure.tables import memory_table, plot
+from subnetdp.measure.workloads import workload_from_spec
+from subnetdp.metrics import format_bytes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -252,7 +255,7 @@ def planner_table(rows: list[dict]) -> str:
 def alignment_phase(args: argparse.Namespace, device: torch.device, deadline: float, log) -> dict:
     """Gradient alignment over training, ResNet-18 on CIFAR-10 (JPEG), runs interleaved by level."""
     from subnetdp.data import TensorImageLoader, get_vision_dataset
-    from subnetdp.memory import image_workload
+    from subnetdp.measure.workloads import image_workload
 
     train = get_vision_dataset("cifar10-jpeg", train=True)
     if args.align_subset:
@@ -291,10 +294,9 @@ def alignment_phase(args: argparse.Namespace, device: torch.device, deadline: fl
 
 def plot_peak_and_time(part: dict, machine: str, path: Path) -> None:
     """Allocator peak (worst worker; state + saved dashed) and step time versus coverage, per level."""
-    import matplotlib
+    from subnetdp.metrics import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (mem, tim) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=90)
     rows = {r["name"]: r for r in part["summary"]}

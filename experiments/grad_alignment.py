@@ -2,7 +2,7 @@
 
 Trains a CIFAR ResNet-18 with ``subnetdp.Simulation`` (K workers in one process) on CIFAR-10 (JPEG)
 and, every ``--every`` steps, measures for each worker the cosine similarity between its subnetwork
-gradient and the full model's gradient on the same batch (``subnetdp.alignment``). Writes JSON and a
+gradient and the full model's gradient on the same batch (``subnetdp.measure.alignment``). Writes JSON and a
 PNG plot.
 
     python experiments/grad_alignment.py --workers 4 --coverages 0.75 0.5 0.25 --steps 60 --every 15
@@ -20,7 +20,7 @@ import torch
 from torch.nn import functional as F
 
 import subnetdp as sd
-from subnetdp.alignment import alignment_table, plot_alignment, track_alignment
+from subnetdp.measure.alignment import alignment_table, plot_alignment, track_alignment
 from subnetdp.data import TensorImageLoader, get_vision_dataset
 from subnetdp.models import resnet18
 

@@ -13,7 +13,7 @@ its latest checkpoint (``--resume``), a run that left no checkpoint starts again
 result whose memory was measured by an older version of this script is re-collected, not retrained.
 
 Memory: the worst worker's measured peak of one training step per configuration, measured in this
-process by ``subnetdp.bench.memory_part`` (each worker's subnetwork at the run's model, batch and
+process by ``subnetdp.measure.bench.memory_part`` (each worker's subnetwork at the run's model, batch and
 optimizer; DDP and DDP with activation checkpointing on the full model): the allocator peak on a
 GPU, and on a CPU the bytes of parameters, gradients, optimizer state and saved activations (a CPU
 has no per-worker allocator peak: ``--simulate`` runs all workers in one process). Steps are fp32.
@@ -53,7 +53,7 @@ REGIMES = ("same-steps", "flop-matched")
 MEMORY_VERSION = 2
 
 # Sizes per scale and grid. "flags" go to `subnetdp train`; "memory" describes the same step for
-# subnetdp.bench.memory_part. Axes: workers K, coverages, levels, baselines, seeds.
+# subnetdp.measure.bench.memory_part. Axes: workers K, coverages, levels, baselines, seeds.
 # cpu: sized from runs measured on the 2-core CPU (K=4 simulated, 1 thread): ResNet-18 width 8, batch 64,
 # 39 steps took 14 s (block C=0.5) and 38 s (neuron C=0.5), DDP as 4 processes 22 s plus 22 s of start-up;
 # llama_char_small, 8 x 64 tokens, 50 steps took 15 s (block C=0.5) and 16 s (neuron). At 45 image and 60
@@ -227,7 +227,7 @@ def measure_memory(out: Path, run: Run, runs: Sequence[Run], settings: dict[str,
     levels = sorted({str(r.level) for r in same})
     import torch
 
-    from subnetdp.bench import memory_part
+    from subnetdp.measure.bench import memory_part
 
     g = settings[run.grid]
     spec = dict(g["memory"])
@@ -410,10 +410,9 @@ def _describe(settings: dict[str, Any], grid: str, results: list[dict[str, Any]]
 
 def write_page(out: Path, settings: dict[str, Any], args: argparse.Namespace, runs: Sequence[Run]) -> Path:
     """``OUT/results.md``, ``OUT/curves.png`` and ``OUT/frontier.png`` from the result JSONs found."""
-    import matplotlib
+    from subnetdp.metrics import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     results = load_results(out)
     by_config: dict[str, list[dict[str, Any]]] = {}
@@ -435,7 +434,7 @@ def write_page(out: Path, settings: dict[str, Any], args: argparse.Namespace, ru
         lines.append(f"- **{grid}**: {_describe(settings, grid, results)}.")
     lines += ["", "Memory: the worst worker's measured peak of one fp32 training step at the run's batch, "
               f"{results[0]['memory']['basis'] if results else 'n/a'}; SDP workers by "
-              "`subnetdp.bench.memory_part`, DDP and DDP+ckpt on the full model. DDP "
+              "`subnetdp.measure.bench.memory_part`, DDP and DDP+ckpt on the full model. DDP "
               + ("is SDP at C=1 simulated in one process (DDP's math, DESIGN.md invariant 4)"
                  if (args.ddp_launch or settings["ddp_launch"]) == "simulate" else
                  "and DDP+ckpt run as K real processes (gloo)")

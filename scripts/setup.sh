@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Create .venv and install subnetdp (idempotent). `setup.sh` installs the package alone (what the
-# main job needs); `setup.sh test` adds the test dependencies and the [hf] extras (transformers,
-# timm, tokenizers), which only the tests and users' own Hugging Face/timm models need.
+# Create .venv and install subnetdp (idempotent). `setup.sh` installs the package with its [plots]
+# extra (matplotlib: the main job's report and bench plots); `setup.sh test` adds the test
+# dependencies and the [hf] extras (transformers, timm, tokenizers), which only the tests and users'
+# own Hugging Face/timm models need.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -19,13 +20,13 @@ pip_quiet() {  # pip's output only on failure (less the local-index notices of t
 pip_quiet install --quiet --upgrade pip
 case "${1:-run}" in
   run)
-    pip_quiet install --quiet -e .
-    check="import subnetdp, torch, torchvision" ;;
+    pip_quiet install --quiet -e '.[plots]'
+    check="import subnetdp, torch, torchvision, matplotlib" ;;
   test)
-    pip_quiet install --quiet -e '.[test,hf]'
-    check="import subnetdp, torch, torchvision, pytest, transformers, timm" ;;
+    pip_quiet install --quiet -e '.[plots,test,hf]'
+    check="import subnetdp, torch, torchvision, matplotlib, pytest, transformers, timm" ;;
   *)
-    echo "setup: unknown argument '$1': use 'run' (the package alone) or 'test' (with test and [hf] extras)" >&2
+    echo "setup: unknown argument '$1': use 'run' (the package and [plots]) or 'test' (with test and [hf] extras)" >&2
     exit 2 ;;
 esac
 rm -f "$log"

@@ -7,7 +7,7 @@ import torch
 from conftest import FACTORIES, ce_loss, image_batches
 
 import subnetdp as sd
-from subnetdp.alignment import alignment_table, gradient_alignment, plot_alignment, track_alignment
+from subnetdp.measure.alignment import alignment_table, gradient_alignment, plot_alignment, track_alignment
 
 
 @pytest.mark.parametrize("level", ["block", "neuron"])

@@ -17,7 +17,9 @@ import torch
 
 import subnetdp as sd
 from subnetdp.models import resnet18
-from subnetdp.bench import add_bench_parser, fsdp2_bytes, memory_part, run_bench
+from subnetdp.cli import add_bench_parser
+from subnetdp.measure.bench import memory_part, run_bench
+from subnetdp.measure.traffic import fsdp2_bytes
 
 TINY = {"kind": "image", "model": "resnet18", "width": 4, "batch": 4, "optimizer": "sgd-momentum"}
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,3 +177,18 @@ def test_memory_part_measures_backward_masking_per_worker():
             assert 0 < sent < w["comm"]["collective_bytes"] <= 4 * n + sent
     block = rows["SDP backward block C=0.5"]["workers"]
     assert all(w["measured"]["grad_bytes"] < 4 * n for w in block)
+
+
+@pytest.mark.parametrize("argv", [["bench", "--models", "resnet18", "--width", "4", "--batch", "2", "--workers", "2",
+                                   "--coverages", "0.5", "--repeats", "1", "--time-ranks", "0"],
+                                  ["report", "no-such-run"]])
+def test_plots_without_matplotlib_ask_for_the_extra_in_one_line(argv, monkeypatch, capsys, tmp_path):
+    """matplotlib is the optional ``plots`` extra: its absence is one line naming the install, before any work."""
+    from subnetdp.cli import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    monkeypatch.chdir(tmp_path)
+    assert main(argv + ["--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pip install 'subnetdp[plots]'" in err
+    assert not (tmp_path / "out").exists()  # it asked before measuring or writing anything

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 import torch
 
 import subnetdp as sd
-from subnetdp.budget import add_budget_arguments, measure_choice, parse_bytes, plan_for_budget, predicted_peak, run_budget
-from subnetdp.memory import image_workload, memory_plan, profile_activations
+from subnetdp.measure.planner import measure_choice, parse_bytes, plan_for_budget, predicted_peak
+from subnetdp.measure.prediction import memory_plan, profile_activations
+from subnetdp.measure.workloads import image_workload
 from subnetdp.planning import plan
 
 W = image_workload(width=4)
@@ -60,7 +59,7 @@ def test_a_budget_that_cannot_fit_names_the_smallest_peak(profile):
     smallest = min(peaks(profile).values())
     with pytest.raises(ValueError, match="smallest predicted peak is") as e:
         plan_for_budget(W, K, smallest - 1, optimizer=OPT, batch_size=BATCH, profile=profile)
-    from subnetdp.budget import format_bytes
+    from subnetdp.metrics import format_bytes
 
     assert format_bytes(smallest) in str(e.value)
     assert plan_for_budget(W, K, smallest, optimizer=OPT, batch_size=BATCH, profile=profile).peak == smallest
@@ -73,16 +72,12 @@ def test_the_chosen_plan_measures_close_to_its_prediction(profile):
 
 
 def test_command_line(capsys):
-    p = argparse.ArgumentParser()
-    for flag, kw in (("--model", {"default": "resnet18"}), ("--width", {"type": int, "default": 4}),
-                     ("--num-classes", {"type": int, "default": 10}), ("--vocab-size", {"type": int, "default": 65}),
-                     ("--workers", {"type": int, "default": 4}), ("--seed", {"type": int, "default": 0}),
-                     ("--optimizer", {"default": "sgd-momentum"}), ("--save", {"default": None})):
-        p.add_argument(flag, **kw)
-    add_budget_arguments(p)
-    assert run_budget(p.parse_args(["--budget", "1GiB", "--batch-size", "4"])) == 0
+    from subnetdp.cli import main
+
+    flags = ["plan", "--width", "4", "--workers", "4", "--optimizer", "sgd-momentum", "--batch-size", "4"]
+    assert main(flags + ["--budget", "1GiB"]) == 0
     assert "coverage C=1" in capsys.readouterr().out
-    assert run_budget(p.parse_args(["--budget", "1KiB", "--batch-size", "4"])) == 2
+    assert main(flags + ["--budget", "1KiB"]) == 2
     assert "smallest predicted peak" in capsys.readouterr().err
 
 
@@ -90,9 +85,9 @@ def test_command_line(capsys):
 def test_plan_json_parses_and_equals_the_library_prediction(capsys, checkpointing):
     import json
 
-    from subnetdp.budget import plan_prediction, profile_workload
+    from subnetdp.measure.planner import plan_prediction, profile_workload
     from subnetdp.cli import main
-    from subnetdp.memory import memory_plan, predict_worker
+    from subnetdp.measure.prediction import memory_plan, predict_worker
 
     flags = ["plan", "--model", "resnet18", "--width", "4", "--workers", "4", "--coverage", "0.5", "--level", "block",
              "--batch-size", "16", "--optimizer", "sgd-momentum", "--transitions", "shortcut", "--json"]
@@ -121,9 +116,9 @@ def test_plan_json_predicts_backward_masking(capsys):
     """--masking backward: full parameters, held gradients and optimizer state (issue 14's prediction)."""
     import json
 
-    from subnetdp.budget import profile_workload
+    from subnetdp.measure.planner import profile_workload
     from subnetdp.cli import main
-    from subnetdp.memory import memory_plan, predict_backward_worker, profile_weight_grads
+    from subnetdp.measure.prediction import memory_plan, predict_backward_worker, profile_weight_grads
 
     flags = ["plan", "--model", "resnet18", "--width", "4", "--workers", "4", "--coverage", "0.5", "--level", "block",
              "--batch-size", "16", "--optimizer", "sgd-momentum", "--json"]

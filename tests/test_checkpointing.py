@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import subnetdp as sd
 from subnetdp.checkpointing import checkpoint_blocks, is_checkpointed
-from subnetdp.memory import SavedTensorMeter
+from subnetdp.measure.meters import SavedTensorMeter
 from subnetdp.subnet import SkippedBlock
 
 

@@ -332,3 +332,28 @@ def test_token_batches_are_seeded_per_rank(tmp_path: Path) -> None:
     assert len(steps) == 2 and torch.equal(steps[0][0], x) and torch.equal(steps[1][0], a.batch(6)[0])
     with pytest.raises(ValueError, match="window"):
         TokenBatches(tokens[:10], 1, 16)
+
+
+def test_both_loaders_keep_their_streams_with_the_one_seed_helper() -> None:
+    """The values recorded before the two ``_stable_seed`` copies became ``data.seeding.stable_seed``:
+    the text stream uses the full 64-bit seed, the image stream the seed reduced mod 2**63 - 1."""
+    import hashlib
+
+    from subnetdp.data.seeding import TORCH_SEED_MODULUS, stable_seed
+
+    assert stable_seed(0, 0, 0) == 15793235383387715774  # above 2**63: the moduli really differ
+    assert stable_seed(0, 0, 0, modulus=TORCH_SEED_MODULUS) == 6569863346532939967
+    assert stable_seed(42, 0, 123456) == 6149637624340056156
+    tokens = np.arange(1000, dtype=np.int64)
+    for (seed, rank, step), starts in {(0, 0, 0): [980, 793, 143, 88], (0, 1, 5): [466, 641, 779, 378],
+                                       (7, 3, 99): [807, 904, 603, 470]}.items():
+        assert TokenBatches(tokens, 4, 8, seed=seed, rank=rank).windows(step)[:, 0].tolist() == starts
+    images = (torch.arange(16 * 3 * 8 * 8) % 251).to(torch.uint8).reshape(16, 3, 8, 8)
+    labels = torch.arange(16) % 10
+    for (seed, epoch, rank), digest in {(0, 0, 0): "44df1fd7d4849037", (0, 1, 1): "28f60b2bdaa5a5c0",
+                                        (7, 2, 1): "d3c850119c1d17fe"}.items():
+        loader = TensorImageLoader(images, labels, 4, (0.5,) * 3, (0.25,) * 3, rank=rank, world_size=2, seed=seed,
+                                   crop_padding=2)
+        loader.set_epoch(epoch)
+        x, _ = next(iter(loader))
+        assert hashlib.sha256(x.contiguous().numpy().tobytes()).hexdigest()[:16] == digest

@@ -11,17 +11,10 @@ import torch
 from torch import nn
 
 import subnetdp as sd
-from subnetdp.memory import (
-    SavedTensorMeter,
-    image_workload,
-    make_optimizer,
-    measure_step,
-    memory_plan,
-    predict_worker,
-    profile_activations,
-    state_bytes,
-    text_workload,
-)
+from subnetdp.measure.meters import SavedTensorMeter, measure_step, state_bytes
+from subnetdp.measure.prediction import memory_plan, model_state_bytes, predict_worker, profile_activations
+from subnetdp.measure.workloads import image_workload, text_workload
+from subnetdp.optimizers import OPTIMIZER_NAMES, make_optimizer, name_for
 from subnetdp.models import llama_tiny
 
 
@@ -75,7 +68,7 @@ def test_buffers_saved_by_batch_norm_are_not_activations():
     assert meter.activation_bytes == 8 * 4 * 4 + 2 * 4 * 4
 
 
-@pytest.mark.parametrize("optimizer,states", [("sgd", 0), ("sgd-momentum", 1), ("adamw", 2)])
+@pytest.mark.parametrize("optimizer,states", [("sgd-plain", 0), ("sgd", 1), ("sgd-momentum", 1), ("adamw", 2)])
 def test_state_bytes_per_optimizer(optimizer, states):
     model = nn.Sequential(nn.Linear(10, 5), nn.ReLU(), nn.Linear(5, 2))
     n = 10 * 5 + 5 + 5 * 2 + 2
@@ -87,6 +80,43 @@ def test_state_bytes_per_optimizer(optimizer, states):
     scalars = 4 * 4 if optimizer == "adamw" else 0  # AdamW keeps a float32 step counter per parameter tensor
     assert got["param_bytes"] == got["grad_bytes"] == 4 * n
     assert got["optimizer_bytes"] == 4 * n * states + scalars
+
+
+def _held_state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of the optimizer's parameter-sized state (Adam's scalar step counters left out)."""
+    return sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+               if isinstance(t, torch.Tensor) and t.dim() > 0)
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_predicted_optimizer_state_is_what_the_optimizer_holds_after_a_step(name):
+    """One table: the prediction's optimizer state for ``name`` is measured on the optimizer it builds."""
+    w = image_workload(width=4)
+    p = sd.plan(w.factory, 2, 1.0, "block")
+    model = sd.materialize(w.factory)
+    opt = make_optimizer(name, model.parameters())
+    w.loss_fn(model, w.make_batch(2, torch.device("cpu"), 0)).backward()
+    opt.step()
+    assert _held_state_bytes(opt) == predict_worker(p, 0, name)["optimizer_bytes"]
+    assert predict_worker(p, 0, name)["state_bytes"] == model_state_bytes(p, 0, name)
+
+
+@pytest.mark.parametrize("optimizer,momentum", [("sgd", 0.9), ("sgd", 0.0), ("adamw", 0.9)])
+def test_what_train_holds_is_what_plan_predicts(optimizer, momentum):
+    """``subnetdp train --optimizer sgd`` holds a momentum buffer; ``plan --optimizer sgd`` predicts it too."""
+    from subnetdp.backends import make_optimizer as train_optimizer
+    from subnetdp.config import TrainConfig
+
+    w = image_workload(width=4)
+    p = sd.plan(w.factory, 2, 1.0, "block")
+    model = sd.materialize(w.factory)
+    opt = train_optimizer(TrainConfig(optimizer=optimizer, momentum=momentum), model.parameters())
+    w.loss_fn(model, w.make_batch(2, torch.device("cpu"), 0)).backward()
+    opt.step()
+    predicted = predict_worker(p, 0, name_for(optimizer, momentum))["optimizer_bytes"]
+    assert _held_state_bytes(opt) == predicted
+    if momentum:  # the plan command's name is the train command's name
+        assert predicted == predict_worker(p, 0, optimizer)["optimizer_bytes"] > 0
 
 
 def test_measure_step_reports_the_breakdown_on_cpu():
@@ -221,7 +251,7 @@ def test_memory_balance_keeps_uniform_representation_and_a_worst_worker_near_the
 def test_backward_masking_prediction_matches_measurement_per_worker(name, w, batch, optimizer, level):
     """Full parameters, held-fraction gradients and state, the full forward minus weight-only saves."""
     from subnetdp.masking import build_backward_worker
-    from subnetdp.memory import predict_backward_worker, profile_weight_grads
+    from subnetdp.measure.prediction import predict_backward_worker, profile_weight_grads
 
     cpu = torch.device("cpu")
     data = w.make_batch(batch, cpu, 0)

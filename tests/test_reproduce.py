@@ -64,7 +64,7 @@ def test_tiny_grid_writes_runs_resumes_and_the_page(tmp_path, capsys):
 
     # the SDP runs train without activation checkpointing: their memory is the plain SDP row of the
     # benchmark (not its SDP+ckpt or old-default rows, which share level and coverage)
-    from subnetdp.bench import memory_part
+    from subnetdp.measure.bench import memory_part
 
     settings = reproduce.scale_settings("cpu", True)
     part = memory_part(settings["image"]["memory"], 2, [0.5], ["block"], repeats=2, device=torch.device("cpu"),

@@ -17,24 +17,22 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from subnetdp.checkpointing import checkpoint_blocks
+from subnetdp import optimizers
+from subnetdp.baselines import wrap_baseline
 from subnetdp.config import TrainConfig
 from subnetdp.engine import SubnetDataParallel, agree_finite
 from subnetdp.init import ModelFactory, materialize, structure_of
-from subnetdp.memory import state_bytes as count_state_bytes
+from subnetdp.measure.meters import state_bytes as count_state_bytes
 from subnetdp.planning import Plan
 from subnetdp.simulate import Simulation
-from subnetdp.units import find_blocks
 
 LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]
 
 
 def make_optimizer(cfg: TrainConfig, params: Sequence[nn.Parameter] | Any) -> torch.optim.Optimizer:
-    params = list(params)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.peak_lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
-                               weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.peak_lr, weight_decay=cfg.weight_decay)
+    """``cfg``'s optimizer from the one table (:mod:`subnetdp.optimizers`), at its peak rate."""
+    hyper = {"momentum": cfg.momentum} if cfg.optimizer == "sgd" else {}
+    return optimizers.make_optimizer(cfg.optimizer, params, lr=cfg.peak_lr, weight_decay=cfg.weight_decay, **hyper)
 
 
 def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LRScheduler:
@@ -146,17 +144,7 @@ class Distributed:
         else:
             base = materialize(factory, seed=cfg.seed, device=device, init=cfg.init)
             base = _channels_last(cfg, base, device)
-            if cfg.checkpointing == "blocks":  # before fully_shard, as torchtitan orders them
-                checkpoint_blocks(base)
-            if cfg.strategy == "fsdp":
-                from torch.distributed.fsdp import fully_shard
-
-                for b in find_blocks(base):
-                    fully_shard(base.get_submodule(b.name))
-                model = fully_shard(base)
-            else:
-                ids = [device.index] if device.type == "cuda" else None
-                model = nn.parallel.DistributedDataParallel(base, device_ids=ids)
+            model = wrap_baseline(base, cfg.strategy, checkpointing=cfg.checkpointing == "blocks", device=device)
         self.model = model
         self.opt = make_optimizer(cfg, model.parameters())
         if self.sdp is not None and (cfg.sync == "params" or cfg.masking == "backward"):

@@ -16,9 +16,9 @@ import types
 import typing
 from collections.abc import Sequence
 
-from subnetdp.bench import add_bench_parser
-from subnetdp.budget import add_budget_arguments
 from subnetdp.config import ConfigError, TrainConfig, load_file, validate
+from subnetdp.optimizers import OPTIMIZER_NAMES
+from subnetdp.planning import LEVELS, TRANSITIONS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -130,7 +130,9 @@ def _plan_factory(args: argparse.Namespace) -> typing.Callable[[], typing.Any]:
 def _plan_command(args: argparse.Namespace) -> int:
     import json
 
-    from subnetdp.budget import plan_prediction, workload_for
+    from subnetdp.measure.planner import plan_prediction
+    from subnetdp.measure.prediction import plan_summary
+    from subnetdp.measure.workloads import workload_for
     from subnetdp.metrics import format_bytes
     from subnetdp.planning import plan
 
@@ -163,7 +165,7 @@ def _plan_command(args: argparse.Namespace) -> int:
             return 2
         print(json.dumps(prediction))
     else:
-        print(p.summary(args.optimizer))
+        print(plan_summary(p, args.optimizer))
         print()
         if prediction is None:
             print(f"activations: not predicted for a 'module:callable' model (subnetdp does not know its inputs); "
@@ -209,6 +211,125 @@ def _evaluate_command(args: argparse.Namespace) -> int:
     else:
         for k, v in result.items():
             print(f"{k:<12} {v:.4f}")
+    return 0
+
+
+# ---- bench and plan --budget ------------------------------------------------------------------------
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``subnetdp bench`` (:func:`subnetdp.measure.bench.run_bench`)."""
+    p.add_argument("--models", default="resnet18,llama", help="comma-separated: resnet18, llama")
+    p.add_argument("--width", type=int, default=16, help="ResNet-18 base width (64: the standard model)")
+    p.add_argument("--batch", type=int, default=32, help="ResNet samples per worker per step")
+    p.add_argument("--llama-model", default="llama_char_small", help="LLaMA preset of subnetdp.models")
+    p.add_argument("--llama-batch", type=int, default=8, help="LLaMA sequences per worker per step")
+    p.add_argument("--seq-len", type=int, default=128, help="LLaMA tokens per sequence")
+    p.add_argument("--resnet-optimizer", default="sgd-momentum", choices=OPTIMIZER_NAMES,
+                   help="optimizer whose state the ResNet measurements count")
+    p.add_argument("--llama-optimizer", default="adamw", choices=OPTIMIZER_NAMES,
+                   help="optimizer whose state the LLaMA measurements count")
+    p.add_argument("--workers", type=int, default=8, help="K for the memory part (subnetworks measured in-process)")
+    p.add_argument("--coverages", default="0.875,0.75,0.5,0.25", help="comma-separated SDP coverages")
+    p.add_argument("--levels", default="block,neuron", help="comma-separated SDP levels")
+    p.add_argument("--sdp-checkpointing", default="both", choices=("none", "blocks", "both"),
+                   help="SDP rows without activation checkpointing, with it (SDP+ckpt), or both")
+    p.add_argument("--masking", default="forward", choices=("forward", "backward", "both"),
+                   help="SDP regime(s) of the memory part; backward adds its rows (docs/masking.md)")
+    p.add_argument("--repeats", type=int, default=3, help="measured steps per worker in the memory part")
+    p.add_argument("--transitions", choices=TRANSITIONS, default=TrainConfig.transitions,
+                   help="SDP block plans of the memory part (the old default, keep with params balance, is "
+                        "measured as an extra row)")
+    p.add_argument("--balance", choices=("memory", "params"), default="memory",
+                   help="what SDP plans of the memory part balance (as subnetdp train --balance)")
+    p.add_argument("--time-ranks", type=int, default=4, help="torchrun processes for the timing part (0: skip it)")
+    p.add_argument("--time-steps", type=int, default=5, help="timed steps per configuration per round")
+    p.add_argument("--time-warmup", type=int, default=2, help="untimed steps before the timed ones")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds")
+    p.add_argument("--time-limit", type=float, default=3600, help="seconds the torchrun part may take before it is stopped")
+    p.add_argument("--full", action="store_true", help="full size: ResNet-18 width 64, batch 128")
+    p.add_argument("--device", default="cpu", help="device of the memory part")
+    p.add_argument("--seed", type=int, default=0, help="seed for init, plans and batches")
+    p.add_argument("--threads", type=int, default=1, help="torch threads in the memory part (1: steadier timings)")
+    p.add_argument("--out", default="bench", help="folder for bench.json, bench.md and the plots")
+
+
+def add_bench_parser(subparsers: typing.Any) -> argparse.ArgumentParser:
+    """Add the ``bench`` subcommand to ``subnetdp``'s subparsers."""
+    p = subparsers.add_parser("bench", help="measure memory per worker, communication and step time of SDP "
+                                            "against DDP, FSDP2 and DDP, SDP and FSDP2 with activation checkpointing",
+                              description="Memory, communication and step time of SDP against DDP, FSDP2 and DDP "
+                                          "with activation checkpointing, each of SDP and FSDP2 also with "
+                                          "checkpointing, all in one invocation (docs/benchmarks.md).")
+    add_bench_arguments(p)
+    return p
+
+
+def check_bench_args(args: argparse.Namespace) -> None:
+    """Reject bad ``subnetdp bench`` values before any work, naming the flag and what it accepts."""
+    for flag in ("width", "batch", "llama_batch", "seq_len", "workers", "repeats", "time_steps", "rounds"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be a positive whole number")
+    for flag in ("time_ranks", "time_warmup", "threads"):
+        if getattr(args, flag) < 0:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be 0 or more")
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not models or any(m not in ("resnet18", "llama") for m in models):
+        raise ValueError(f"--models {args.models!r}: give a comma-separated list of resnet18, llama")
+    levels = [lv.strip() for lv in args.levels.split(",") if lv.strip()]
+    if not levels or any(lv not in LEVELS for lv in levels):
+        raise ValueError(f"--levels {args.levels!r}: give a comma-separated list of {', '.join(LEVELS)}")
+    try:
+        coverages = [float(c) for c in args.coverages.split(",") if c.strip()]
+    except ValueError:
+        coverages = []
+    if not coverages or any(not 0 < c <= 1 for c in coverages):
+        raise ValueError(f"--coverages {args.coverages!r}: give comma-separated numbers in (0, 1], e.g. 0.75,0.5")
+    import torch
+
+    try:
+        torch.device(args.device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {args.device!r}: not a device ({e}); use cpu or cuda") from e
+
+
+def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags for ``subnetdp plan --budget 6GiB``: pick the coverage and level from a memory budget."""
+    parser.add_argument("--budget", default=None,
+                        help="memory per worker (e.g. 6GiB, 512MiB): choose the largest coverage and the level "
+                             "whose predicted peak fits, instead of --coverage/--level")
+    parser.add_argument("--batch-size", type=int, default=128,
+                        help="samples per worker per step (the predictions and --balance memory scale to it)")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sample for language models")
+    parser.add_argument("--measure", action="store_true",
+                        help="with --budget: run one step of the chosen plan's worst worker here and report "
+                             "measured / predicted")
+
+
+def _budget_command(args: argparse.Namespace) -> int:
+    """``subnetdp plan --budget``: print the chosen plan (uses the ``plan`` command's model flags)."""
+    from subnetdp.measure.planner import measure_choice, plan_for_budget
+    from subnetdp.measure.prediction import plan_summary
+    from subnetdp.measure.workloads import workload_for
+    from subnetdp.metrics import format_bytes
+
+    try:
+        w = workload_for(args)
+        choice = plan_for_budget(w, args.workers, args.budget, optimizer=args.optimizer,
+                                 batch_size=args.batch_size, seed=args.seed,
+                                 transitions=getattr(args, "transitions", "keep"))
+    except ValueError as e:
+        print(f"subnetdp plan: error: {e}", file=sys.stderr)
+        return 2
+    print(choice.summary())
+    print()
+    print(plan_summary(choice.plan, args.optimizer))
+    if args.measure:
+        r = measure_choice(choice, w, seed=args.seed)
+        print(f"\nmeasured worker {r['worker']}: {format_bytes(r['measured_bytes'])} (state + saved activations) "
+              f"vs predicted {format_bytes(r['predicted_bytes'])}: ratio {r['ratio']:.3f}")
+    if getattr(args, "save", None):
+        with open(args.save, "w") as f:
+            f.write(choice.plan.to_json())
+        print(f"plan saved to {args.save}")
     return 0
 
 
@@ -319,13 +440,12 @@ def _main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.command == "plan":
         if args.budget:
-            from subnetdp.budget import run_budget
-
-            return run_budget(args)
+            return _budget_command(args)
         return _plan_command(args)
     if args.command == "bench":
-        from subnetdp.bench import run_bench
+        from subnetdp.measure.bench import run_bench
 
+        check_bench_args(args)
         run_bench(args)
         return 0
     if args.command == "evaluate":

@@ -1,15 +1,18 @@
-"""Metrics as JSON lines (one record per logged step and per epoch), plus TensorBoard when installed."""
+"""Metrics as JSON lines (one record per logged step and per epoch), plus TensorBoard when installed;
+the byte formatting and plotting that reports share."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from subnetdp.checkpoint import atomic_write
 
 
 def format_bytes(n: float | None) -> str:
+    """``1536`` -> ``"1.5 KiB"``: binary units, one decimal (bytes whole); ``None`` -> ``"n/a"``."""
     if n is None:
         return "n/a"
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -17,6 +20,20 @@ def format_bytes(n: float | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def pyplot() -> ModuleType:
+    """``matplotlib.pyplot`` on the file-only Agg backend; matplotlib is the optional ``plots`` extra, so
+    its absence is one clear ImportError saying how to install it."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError("plots need matplotlib, an optional extra: pip install 'subnetdp[plots]' "
+                          "(or pip install matplotlib)") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

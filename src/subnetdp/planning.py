@@ -5,8 +5,8 @@ slots ``k, k+1, .., k+r-1 (mod K)``, so a unit in slot ``s`` is held by exactly 
 ``s-r+1 .. s (mod K)``, and there are at most ``K`` distinct holder sets besides the world.
 
 Slots are filled to balance a cost per worker: parameter counts (``balance="params"``), each unit's
-predicted memory (model state for the optimizer plus saved activations; ``subnetdp.memory.memory_cost``
-builds that cost from one activation profile), or any user cost:
+predicted memory (model state for the optimizer plus saved activations;
+``subnetdp.measure.prediction.memory_cost`` builds that cost from one activation profile), or any user cost:
 - block level: the worst worker's load (the largest window sum) is minimised, then the lightest
   worker's raised. First longest-processing-time into slots (ties broken by a seeded shuffle) and
   the slots arranged around the cycle (every arrangement for ``K <= 8``, else 3072 seeded samples
@@ -51,7 +51,6 @@ LEVELS = ("block", "neuron")
 JOB_BALANCES = ("memory", "params")  # what `train` and `plan` can balance ("cost": a caller's own function)
 TRANSITIONS = ("keep", "shortcut")
 BALANCES = ("params", "memory", "cost")
-OPTIMIZER_STATES = {"sgd": 0, "sgd-momentum": 1, "adamw": 2, "adam": 2}
 
 
 @dataclass(frozen=True)
@@ -301,14 +300,12 @@ class Plan:
         return {"worst": max(loads), "mean": mean, "worst_over_mean": max(loads) / mean if mean else 1.0,
                 "spread": (max(loads) - min(loads)) / mean if mean else 0.0}
 
-    def model_state_bytes(self, worker: int, optimizer: str = "adamw", bytes_per_element: int = 4) -> int:
-        """Predicted bytes of parameters + gradients + optimizer state on ``worker``."""
-        if optimizer not in OPTIMIZER_STATES:
-            raise ValueError(f"optimizer {optimizer!r} unknown; choose one of {sorted(OPTIMIZER_STATES)}")
-        return self.param_count(worker) * bytes_per_element * (2 + OPTIMIZER_STATES[optimizer])
+    def summary(self, state_bytes: Sequence[int] | None = None, state_label: str = "") -> str:
+        """A readable table: who holds what, holders per unit, parameters per worker.
 
-    def summary(self, optimizer: str = "adamw") -> str:
-        """A readable table: who holds what, holders per unit, parameters and model state per worker."""
+        ``state_bytes`` (one per worker, e.g. :func:`subnetdp.measure.prediction.plan_summary`'s model
+        state for an optimizer) adds a column ``state MiB (state_label)``: the plan itself knows no optimizer.
+        """
         full = self.total_params
         lines = [
             f"SDP plan: level={self.level} workers K={self.workers} coverage C={self.coverage:g} "
@@ -318,7 +315,8 @@ class Plan:
             f"always kept: {len(self.always_kept)} tensors, "
             f"{self._kept_params:,} parameters",
             "",
-            f"{'worker':>6}  {'units':>6}  {'params':>12}  {'fraction':>8}  {'state MiB (' + optimizer + ')':>18}  held",
+            f"{'worker':>6}  {'units':>6}  {'params':>12}  {'fraction':>8}  "
+            + (f"{'state MiB (' + state_label + ')':>18}  " if state_bytes is not None else "") + "held",
         ]
         for k in range(self.workers):
             if self.level == "block":
@@ -330,8 +328,8 @@ class Plan:
                 text = ", ".join(f"{g} x{n}" for g, n in list(per_group.items())[:3])
                 text += f", ... ({len(per_group)} groups)" if len(per_group) > 3 else ""
             count = self.param_count(k)
-            state = self.model_state_bytes(k, optimizer) / 2**20
-            lines.append(f"{k:>6}  {n_held:>6}  {count:>12,}  {count / full:>8.3f}  {state:>18.2f}  {text}")
+            state = f"{state_bytes[k] / 2**20:>18.2f}  " if state_bytes is not None else ""
+            lines.append(f"{k:>6}  {n_held:>6}  {count:>12,}  {count / full:>8.3f}  {state}{text}")
         counts = self.param_counts()
         lines += [
             "",
@@ -589,7 +587,7 @@ def plan(
     consumer)`` or ``(producer, norm, consumer)`` paths. ``transitions="shortcut"`` lets blocks
     whose shapes change be reduced to their shortcut path instead of always kept. ``cost(unit)``
     replaces the parameter count as the quantity balanced across workers; ``balance`` names it in the
-    plan (``"cost"`` by default, ``"memory"`` from :func:`subnetdp.memory.memory_plan`) and
+    plan (``"cost"`` by default, ``"memory"`` from :func:`subnetdp.measure.prediction.memory_plan`) and
     ``kept_cost`` is its always-kept part, so that :meth:`Plan.balance_stats` reports whole workers.
     """
     r = _check_args(workers, coverage, level, transitions)
@@ -598,7 +596,8 @@ def plan(
         raise ValueError(f"balance={balance!r}: choose one of {BALANCES}")
     if (balance == "params") != (cost is None):
         raise ValueError(f"balance={balance!r} needs {'no cost function' if cost else 'a cost function'}: "
-                         "balance='params' balances parameter counts; for memory use subnetdp.memory.memory_plan")
+                         "balance='params' balances parameter counts; for memory use "
+                         "subnetdp.measure.prediction.memory_plan")
     module = model if isinstance(model, nn.Module) else build_meta(model)
     named_params = dict(module.named_parameters())
     canonical = {id(t): n for n, t in named_params.items()}

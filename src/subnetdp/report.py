@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from subnetdp.metrics import format_bytes, read_jsonl
+from subnetdp.metrics import format_bytes, pyplot, read_jsonl
 
 
 def load_run(run_dir: str | Path) -> dict[str, Any]:
@@ -54,10 +54,7 @@ def _peak(s: dict[str, Any]) -> int:
 
 def write_report(run_dirs: list[str], out: str | Path) -> Path:
     """Write ``OUT/report.md``, ``OUT/curves.png`` and ``OUT/accuracy_vs_memory.png``; returns the markdown path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     runs = [load_run(d) for d in run_dirs]
     out = Path(out)

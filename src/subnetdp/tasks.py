@@ -26,6 +26,7 @@ from subnetdp.data import (
     train_val_split,
 )
 from subnetdp.data.text import get_tokenizer, is_token_file, read_token_file, token_file_vocab_size
+from subnetdp.losses import classification_loss, next_token_loss
 from subnetdp.models import get_model, load_model_factory
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -91,7 +92,7 @@ class ImageTask:
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, Metrics]:
         x, y = batch
         logits = model(self.prepare(x))
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing)
+        loss = classification_loss(logits, y, self.cfg.label_smoothing)
         return loss, {"correct": float((logits.argmax(1) == y).sum()), "count": float(len(y))}
 
     def running_metrics(self, sums: dict[str, float]) -> Metrics:
@@ -166,7 +167,7 @@ class TextTask:
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, Metrics]:
         x, y = batch
         logits = _logits(model(x))
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+        loss = next_token_loss(logits, y)
         return loss, {"count": float(y.numel())}
 
     def running_metrics(self, sums: dict[str, float]) -> Metrics:
@@ -185,7 +186,7 @@ class TextTask:
             x, y = batches.batch(step)
             with autocast():
                 logits = _logits(model(x))
-            total += float(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1)))
+            total += float(next_token_loss(logits, y))
         model.train()
         val = total / self.eval_batches
         return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}

@@ -22,13 +22,19 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from subnetdp import rundir, supervise
+from subnetdp import optimizers, rundir, supervise
 from subnetdp.backends import Distributed, SimulatedSDP, autocast_for
 from subnetdp.checkpoint import CheckpointError, RunFileError, atomic_write, find_resumable, load_checkpoint, save_checkpoint
 from subnetdp.config import TrainConfig, validate, world_size_of
 from subnetdp.evaluation import recalibrate_batchnorm, scale_residual_branches
 from subnetdp.init import materialize
-from subnetdp.memory import ActivationProfile, memory_plan, predict_worker, profile_activations
+from subnetdp.measure.prediction import (
+    ActivationProfile,
+    memory_plan,
+    plan_summary,
+    predict_worker,
+    profile_activations,
+)
 from subnetdp.metrics import MetricsLog, format_bytes
 from subnetdp.planning import Plan, plan as make_plan
 from subnetdp.tasks import make_task
@@ -277,7 +283,7 @@ class Run:
             cfg.save(self.out / "config.json")
             if self.plan is not None:
                 atomic_write(self.out / "plan.json", self.plan.to_json())
-                atomic_write(self.out / "plan.txt", self.plan.summary(_opt_name(cfg)) + "\n")
+                atomic_write(self.out / "plan.txt", plan_summary(self.plan, _opt_name(cfg)) + "\n")
         self.log = MetricsLog(self.out, enabled=self.lead, resume_from_step=self.global_step)
         if self.lead:
             self._print_header()
@@ -587,7 +593,7 @@ def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
 
 
 def _opt_name(cfg: TrainConfig) -> str:
-    return "sgd-momentum" if cfg.optimizer == "sgd" and cfg.momentum > 0 else cfg.optimizer
+    return optimizers.name_for(cfg.optimizer, cfg.momentum)
 
 
 def _ckpt_module(backend: SimulatedSDP | Distributed) -> torch.nn.Module:

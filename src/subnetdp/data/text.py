@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .paths import default_text_path
+from .seeding import stable_seed
 
 TOKEN_FILE_FORMAT = "subnetdp-tokens-v1"
 
@@ -251,10 +252,6 @@ def token_file_vocab_size(path: str | Path) -> int:
 
 # --------------------------------------------------------------------------- batches
 
-def _stable_seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0])
-
-
 class TokenBatches:
     """Random windows of a 1-D token sequence, for next-token prediction.
 
@@ -278,7 +275,7 @@ class TokenBatches:
 
     def windows(self, step: int) -> Tensor:
         """The ``[batch_size, seq_len + 1]`` windows of batch ``step`` (on the CPU)."""
-        rng = np.random.default_rng(_stable_seed(self.seed, self.rank, step))
+        rng = np.random.default_rng(stable_seed(self.seed, self.rank, step))
         starts = rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)
         idx = starts[:, None] + np.arange(self.seq_len + 1)
         return torch.from_numpy(np.asarray(self.tokens[idx]).astype(np.int64))

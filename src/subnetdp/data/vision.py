@@ -24,6 +24,7 @@ from torch import Tensor
 
 from .paths import cache_dir as _cache_dir
 from .paths import shared_data_dir
+from .seeding import TORCH_SEED_MODULUS, stable_seed
 
 # Per-channel statistics of the training splits (pixel values scaled to [0, 1]).
 _STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -209,11 +210,6 @@ def get_vision_dataset(name: str, data_dir: str | Path | None = None, train: boo
 
 # --------------------------------------------------------------------------- the fast loader
 
-def _stable_seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0]
-               % (2**63 - 1))
-
-
 class TensorImageLoader:
     """Batches from a data set held whole on a device, augmented there with tensor ops.
 
@@ -287,7 +283,7 @@ class TensorImageLoader:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         idx = self.indices()
-        gen = torch.Generator().manual_seed(_stable_seed(self.seed, self.epoch, self.rank))
+        gen = torch.Generator().manual_seed(stable_seed(self.seed, self.epoch, self.rank, modulus=TORCH_SEED_MODULUS))
         device = self.images.device
         for b in range(len(self)):
             batch = idx[b * self.batch_size:(b + 1) * self.batch_size].to(device)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from subnetdp.init import materialize
+from subnetdp.metrics import pyplot
 from subnetdp.simulate import Simulation
 
 LossFn = Callable[[nn.Module, object], torch.Tensor]
@@ -117,10 +118,7 @@ def plot_alignment(results: dict[str, list[dict[str, float]]], path: str, title:
     ``results`` maps a run's label (``"block C=0.5"``: one colour per coverage, block level solid, neuron dashed)
     to its rows.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     colors: dict[str, str] = {}  # one colour per coverage: block solid, neuron dashed

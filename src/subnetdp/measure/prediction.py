@@ -1,23 +1,13 @@
-"""Measured memory of a training step, and its first-principles prediction from a plan.
-
-Measured (DESIGN.md section 5), for one module and its optimizer:
-
-* model state: parameters, gradients, optimizer state (every tensor in ``optimizer.state``), buffers;
-* activations: the bytes autograd saves for backward, counted with
-  ``torch.autograd.graph.saved_tensors_hooks`` (:class:`SavedTensorMeter`). Each storage is counted
-  once, however many times and through however many views it is saved. Saved tensors that are the
-  model's parameters or buffers (a linear layer saves its weight, batch norm its running statistics)
-  are model state, not activations: they are reported apart;
-* the device peak: ``torch.cuda.max_memory_allocated`` on a GPU; on a CPU the process's resident-set
-  high-water mark, which is process-wide (everything the process ever allocated counts, including
-  the allocator's caches), so it is a coarse check only.
+"""First-principles memory of an SDP worker, predicted from a plan and one activation profile.
 
 Predicted, for a worker of a :class:`~subnetdp.planning.Plan`:
 
-* model state = parameter elements x 4 bytes x (1 parameter + 1 gradient + optimizer states), with
-  0 states for plain SGD, 1 for SGD with momentum, 2 for Adam(W) (fp32 throughout);
+* model state = parameter elements x 4 bytes x (1 parameter + 1 gradient + optimizer states), the
+  states from :mod:`subnetdp.optimizers` (0 for SGD without momentum, 1 for SGD with momentum, which is
+  what ``sgd`` means, 2 for Adam(W); fp32 throughout);
 * activations, from an :class:`ActivationProfile` of the *full* model measured once with module hooks
-  (each saved storage is credited to the module running when it was first saved):
+  and :class:`~subnetdp.measure.meters.SavedTensorMeter` (each saved storage is credited to the module
+  running when it was first saved):
 
   - block level: ``always-kept part + sum of the held blocks' parts``. A skipped block saves nothing
     and its successor saves the same-sized tensor it would have saved anyway, so the parts add up;
@@ -45,14 +35,9 @@ Predicted, for a worker of a :class:`~subnetdp.planning.Plan`:
 
 :func:`memory_plan` balances plans on these predictions (``balance="memory"``).
 """
-
 from __future__ import annotations
 
-import contextlib
-import resource
-import sys
-import time
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,269 +45,24 @@ import torch
 from torch import nn
 
 from subnetdp.init import ModelFactory, materialize
-from subnetdp.planning import OPTIMIZER_STATES, Plan
+from subnetdp.measure.meters import LossFn, SavedTensorMeter, loss_of, storage_key
+from subnetdp.optimizers import optimizer_kind
+from subnetdp.planning import Plan
 from subnetdp.planning import plan as plan_units
 from subnetdp.subnet import inverted_scaling_hook
 from subnetdp.units import find_blocks, find_width_groups
 
-LossFn = Callable[[nn.Module, Any], Any]  # returns the loss, or (loss, metrics)
 BYTES_PER_ELEMENT = 4  # predictions are for fp32 parameters, gradients, optimizer state and activations
 
 
-# ---- counting ----------------------------------------------------------------------------------------
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (FSDP2), else the tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") and hasattr(t, "device_mesh") else t
+def model_state_bytes(plan: Plan, worker: int, optimizer: str, bytes_per_element: int = BYTES_PER_ELEMENT) -> int:
+    """Predicted bytes of parameters + gradients + optimizer state on ``worker``."""
+    return plan.param_count(worker) * bytes_per_element * (2 + optimizer_kind(optimizer).state_tensors)
 
 
-def _storage_key(t: torch.Tensor) -> tuple[Hashable, int]:
-    """``(key, bytes)`` of the storage behind ``t``: views of one storage share the key."""
-    t = _local(t)
-    try:
-        s = t.untyped_storage()
-        return ("storage", t.device.type, s.data_ptr(), s.nbytes()), s.nbytes()
-    except (RuntimeError, NotImplementedError):  # a tensor subclass without a storage
-        return ("object", id(t)), t.numel() * t.element_size()
-
-
-def _storage_ptrs(tensors: Iterator[torch.Tensor]) -> set[Hashable]:
-    return {_storage_key(t)[0] for t in tensors}
-
-
-class SavedTensorMeter:
-    """Count the bytes autograd saves for backward while the context is open.
-
-    >>> with SavedTensorMeter(model) as meter:
-    ...     loss = loss_fn(model(x), y)
-    >>> meter.activation_bytes, meter.param_bytes
-
-    Every storage is counted once (keyed by its data pointer and size), by whichever save reaches it
-    first. Storages of ``model``'s parameters go to ``param_bytes`` and of its buffers to
-    ``buffer_bytes``; everything else is ``activation_bytes``. ``owner()``, when given, is called at
-    each first save and the bytes are also added to ``by_owner[owner()]`` (module attribution).
-    Only the forward should run inside the context; the saved tensors are returned unchanged, so
-    nothing is copied and backward works as usual after the context closes.
-    """
-
-    def __init__(self, model: nn.Module | None = None, owner: Callable[[], Hashable] | None = None) -> None:
-        self._params = _storage_ptrs(model.parameters()) if model is not None else set()
-        self._buffers = _storage_ptrs(model.buffers()) if model is not None else set()
-        self._owner = owner
-        self._seen: set[Hashable] = set()
-        self._hooks: contextlib.AbstractContextManager | None = None
-        self.activation_bytes = 0
-        self.param_bytes = 0
-        self.buffer_bytes = 0
-        self.saves = 0  # pack calls, duplicates included
-        self.by_owner: dict[Hashable, int] = {}
-        self.owner_of: dict[Hashable, tuple[Hashable, int]] = {}  # activation storage -> (owner, bytes)
-
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        self.saves += 1
-        key, nbytes = _storage_key(t)
-        if key in self._seen:
-            return t.detach()
-        self._seen.add(key)
-        if key in self._params:
-            self.param_bytes += nbytes
-        elif key in self._buffers:
-            self.buffer_bytes += nbytes
-        else:
-            self.activation_bytes += nbytes
-            if self._owner is not None:
-                o = self._owner()
-                self.by_owner[o] = self.by_owner.get(o, 0) + nbytes
-                self.owner_of[key] = (o, nbytes)
-        # Detached: the same storage, without the grad_fn. Returning ``t`` itself would make a saved
-        # output reference its own grad_fn, a cycle that no garbage collector frees when the graph is
-        # dropped without a backward (as profiling does): its activations would stay allocated.
-        return t.detach()
-
-    def __enter__(self) -> SavedTensorMeter:
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._hooks is not None
-        self._hooks.__exit__(*exc)
-        self._hooks = None
-
-
-def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
-    """Bytes of parameters, gradients, optimizer state and buffers that exist now (local shards only).
-
-    Optimizer state counts every tensor in ``optimizer.state`` (AdamW's scalar ``step`` counters too).
-    """
-    params = list(model.parameters())
-    out = {
-        "param_bytes": sum(_local(p).numel() * p.element_size() for p in params),
-        "grad_bytes": sum(_local(p.grad).numel() * p.grad.element_size() for p in params if p.grad is not None),
-        "optimizer_bytes": 0,
-        "buffer_bytes": sum(_local(b).numel() * b.element_size() for b in model.buffers()),
-    }
-    if optimizer is not None:
-        out["optimizer_bytes"] = sum(_local(t).numel() * t.element_size() for st in optimizer.state.values()
-                                     for t in st.values() if isinstance(t, torch.Tensor))
-    return out
-
-
-def make_optimizer(name: str, params: Iterator[nn.Parameter] | Sequence[nn.Parameter], lr: float = 0.01
-                   ) -> torch.optim.Optimizer:
-    """The optimizers the predictions know: ``sgd``, ``sgd-momentum`` (0.9), ``adamw``/``adam``."""
-    if name not in OPTIMIZER_STATES:
-        raise ValueError(f"optimizer {name!r} unknown; choose one of {sorted(OPTIMIZER_STATES)}")
-    params = list(params)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr)
-    if name == "sgd-momentum":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
-    return torch.optim.AdamW(params, lr=lr)
-
-
-# ---- process peak (CPU) -----------------------------------------------------------------------------
-def _proc_status(field_name: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_rss_peak() -> bool:
-    """Reset Linux's resident-set high-water mark (VmHWM) to the current RSS; False where impossible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _max_rss_bytes() -> int:
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r if sys.platform == "darwin" else r * 1024  # bytes on macOS, KiB on Linux
-
-
-def _loss_of(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out
-
-
-def measure_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Any, loss_fn: LossFn,
-                 device: torch.device | str | None = None, count_saved: bool = True) -> dict[str, float]:
-    """Run one training step (forward, backward, optimizer step) and measure its memory.
-
-    Returns the :func:`state_bytes` breakdown after the step, ``activation_bytes`` (saved for
-    backward, parameters and buffers excluded; those are ``saved_param_bytes``/``saved_buffer_bytes``),
-    ``step_s``, and the device peak: ``peak_allocated_bytes`` on CUDA (reset before the step), or on a
-    CPU ``peak_rss_bytes`` (process-wide, since the process started) and, where Linux allows resetting
-    the high-water mark, ``step_rss_growth_bytes`` (peak during the step minus the RSS before it).
-    ``count_saved=False`` runs without the saved-tensor hooks (their Python calls would enter the step
-    time) and leaves ``activation_bytes`` and ``total_bytes`` out.
-    """
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    model.train()
-    optimizer.zero_grad(set_to_none=True)
-    cuda = device.type == "cuda"
-    out: dict[str, float] = {}
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-    else:
-        reset = _reset_rss_peak()
-        before = _proc_status("VmRSS")
-    start = time.perf_counter()
-    meter = SavedTensorMeter(model) if count_saved else None
-    with meter if meter is not None else contextlib.nullcontext():
-        loss = _loss_of(loss_fn(model, batch))
-    loss.backward()
-    optimizer.step()
-    if cuda:
-        torch.cuda.synchronize(device)
-    out["step_s"] = time.perf_counter() - start
-    if cuda:
-        out["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
-        out["allocated_before_bytes"] = before
-    else:
-        out["peak_rss_bytes"] = _max_rss_bytes()
-        hwm = _proc_status("VmHWM")
-        if reset and hwm is not None and before is not None:
-            out["step_rss_growth_bytes"] = hwm - before
-    out.update(state_bytes(model, optimizer))
-    out["state_bytes"] = out["param_bytes"] + out["grad_bytes"] + out["optimizer_bytes"]
-    if meter is not None:
-        out.update(activation_bytes=meter.activation_bytes, saved_param_bytes=meter.param_bytes,
-                   saved_buffer_bytes=meter.buffer_bytes)
-        out["total_bytes"] = out["state_bytes"] + out["activation_bytes"]
-    return out
-
-
-# ---- workloads ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Workload:
-    """What a step runs: a model factory, a batch maker ``(batch_size, device, seed) -> batch``, a loss."""
-
-    name: str
-    factory: ModelFactory
-    make_batch: Callable[[int, torch.device, int], Any]
-    loss_fn: LossFn
-
-
-def _image_batch(batch_size: int, device: torch.device, seed: int, *, channels: int, size: int, classes: int):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch_size, channels, size, size, generator=g)
-    y = torch.randint(0, classes, (batch_size,), generator=g)
-    return x.to(device), y.to(device)
-
-
-def _token_batch(batch_size: int, device: torch.device, seed: int, *, seq_len: int, vocab: int):
-    g = torch.Generator().manual_seed(seed)
-    t = torch.randint(0, vocab, (batch_size, seq_len + 1), generator=g)
-    return t[:, :-1].contiguous().to(device), t[:, 1:].contiguous().to(device)
-
-
-def _image_loss(model: nn.Module, batch: Any) -> torch.Tensor:
-    return nn.functional.cross_entropy(model(batch[0]), batch[1])
-
-
-def _token_loss(model: nn.Module, batch: Any) -> torch.Tensor:
-    logits = model(batch[0])
-    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[1].reshape(-1))
-
-
-def image_workload(model: str = "resnet18", width: int = 16, num_classes: int = 10, image_size: int = 32,
-                   channels: int = 3) -> Workload:
-    """A zoo image model on synthetic ``image_size`` x ``image_size`` inputs, cross-entropy loss."""
-    import functools
-
-    from subnetdp.models import get_model
-
-    kwargs: dict[str, Any] = {"num_classes": num_classes, "in_channels": channels}
-    if model in ("resnet18", "resnet50"):
-        kwargs["width"] = width
-    factory = functools.partial(get_model, model, **kwargs)
-    maker = functools.partial(_image_batch, channels=channels, size=image_size, classes=num_classes)
-    label = f"{model}(width={width})" if "width" in kwargs else model
-    return Workload(label, factory, maker, _image_loss)
-
-
-def text_workload(model: str = "llama_char_small", seq_len: int = 128, vocab_size: int = 65,
-                  **overrides: Any) -> Workload:
-    """A zoo LLaMA preset on random tokens (next-token cross-entropy), ``seq_len`` tokens per sample."""
-    import functools
-
-    from subnetdp.models import get_model
-
-    factory = functools.partial(get_model, model, vocab_size=vocab_size, max_seq_len=seq_len, **overrides)
-    maker = functools.partial(_token_batch, seq_len=seq_len, vocab=vocab_size)
-    extra = "".join(f", {k}={v}" for k, v in overrides.items())
-    return Workload(f"{model}(vocab={vocab_size}, seq={seq_len}{extra})", factory, maker, _token_loss)
+def plan_summary(plan: Plan, optimizer: str) -> str:
+    """:meth:`Plan.summary` with each worker's predicted model state for ``optimizer``."""
+    return plan.summary([model_state_bytes(plan, k, optimizer) for k in range(plan.workers)], optimizer)
 
 
 # ---- the activation profile of the full model -------------------------------------------------------
@@ -412,7 +152,6 @@ class ActivationProfile:
     group_bytes: dict[str, int]
     group_bytes_scaled: dict[str, int]
     shortcut_bytes: dict[str, int] = field(default_factory=dict)
-    total_scaled: int = 0
     block_input_bytes: dict[str, int] = field(default_factory=dict)
     input_saved_by_kept: frozenset[str] = frozenset()
     block_output_bytes: dict[str, int] = field(default_factory=dict)
@@ -505,7 +244,7 @@ def _measure_saved(model: nn.Module, batch: Any, loss_fn: LossFn, blocks: Sequen
     def pre(name: str) -> Callable:
         def fn(_m: nn.Module, args: tuple) -> None:
             if args and isinstance(args[0], torch.Tensor):
-                key, nbytes = _storage_key(args[0])
+                key, nbytes = storage_key(args[0])
                 seen["input"][name] = nbytes
                 if meter.owner_of.get(key, (("",),))[0][0] == "kept":
                     seen["kept_input"].add(name)
@@ -514,7 +253,7 @@ def _measure_saved(model: nn.Module, batch: Any, loss_fn: LossFn, blocks: Sequen
     def post(name: str) -> Callable:
         def fn(_m: nn.Module, _args: tuple, out: object) -> None:
             if isinstance(out, torch.Tensor):
-                seen["output"][name] = _storage_key(out)[1]
+                seen["output"][name] = storage_key(out)[1]
         return fn
 
     for b in blocks:
@@ -524,7 +263,7 @@ def _measure_saved(model: nn.Module, batch: Any, loss_fn: LossFn, blocks: Sequen
         model.train()
         with meter:
             out = loss_fn(model, batch)
-            loss = _loss_of(out)
+            loss = loss_of(out)
         del loss, out  # frees the graph: only the forward's saves matter
     finally:
         attribution.remove()
@@ -583,7 +322,6 @@ def profile_activations(model: nn.Module | ModelFactory, batch: Any, loss_fn: Lo
         group_bytes=_sum_by(plain.by_owner, 1, ""),
         group_bytes_scaled=_sum_by(scaled.by_owner, 1, ""),
         shortcut_bytes=_sum_by(plain.by_owner, 0, "shortcut:"),
-        total_scaled=scaled.activation_bytes,
         block_input_bytes=seen["input"],
         input_saved_by_kept=frozenset(seen["kept_input"]),
         block_output_bytes=seen["output"],
@@ -607,11 +345,6 @@ def _sum_by(by_owner: dict, index: int, prefix: str) -> dict[str, int]:
     return out
 
 
-# optimizer-step temporaries, in parameter bytes: the foreach Adam(W) step (the default on a GPU) forms
-# one parameter-sized list (the denominator sqrt(v) + eps) at once; SGD updates in place
-_STEP_TEMPORARIES = {"sgd": 0, "sgd-momentum": 0, "adamw": 1, "adam": 1}
-
-
 def predict_worker(plan: Plan, worker: int, optimizer: str, profile: ActivationProfile | None = None,
                    batch_size: int | None = None, neuron_scaling: str = "inverted",
                    activation_checkpointing: bool = False) -> dict[str, int]:
@@ -620,20 +353,19 @@ def predict_worker(plan: Plan, worker: int, optimizer: str, profile: ActivationP
     ``total_bytes`` = model state + saved activations (what the meters account); ``peak_bytes`` adds
     the transient (:meth:`ActivationProfile.transient`), or is the optimizer step's peak (state plus
     its temporaries) when that is larger. ``activation_checkpointing=True`` predicts a worker whose
-    every block runs under ``torch.utils.checkpoint`` (non-reentrant), as ``bench.checkpointed`` does.
+    every block runs under ``torch.utils.checkpoint`` (non-reentrant), as ``subnetdp bench``'s SDP+ckpt rows run it.
     """
-    if optimizer not in OPTIMIZER_STATES:
-        raise ValueError(f"optimizer {optimizer!r} unknown; choose one of {sorted(OPTIMIZER_STATES)}")
+    kind = optimizer_kind(optimizer)
     n = plan.param_count(worker) * BYTES_PER_ELEMENT
-    out = {"param_bytes": n, "grad_bytes": n, "optimizer_bytes": n * OPTIMIZER_STATES[optimizer]}
-    out["state_bytes"] = plan.model_state_bytes(worker, optimizer, BYTES_PER_ELEMENT)
+    out = {"param_bytes": n, "grad_bytes": n, "optimizer_bytes": n * kind.state_tensors}
+    out["state_bytes"] = model_state_bytes(plan, worker, optimizer)
     assert out["state_bytes"] == sum(out[k] for k in ("param_bytes", "grad_bytes", "optimizer_bytes"))
     if profile is not None:
         out["activation_bytes"] = profile.predict(plan, worker, batch_size, neuron_scaling, activation_checkpointing)
         out["total_bytes"] = out["state_bytes"] + out["activation_bytes"]
         out["transient_bytes"] = profile.transient(plan, worker, batch_size, activation_checkpointing)
         out["peak_bytes"] = max(out["total_bytes"] + out["transient_bytes"],
-                                out["state_bytes"] + n * _STEP_TEMPORARIES[optimizer])
+                                out["state_bytes"] + n * kind.step_temporaries)
     return out
 
 
@@ -644,10 +376,8 @@ def memory_cost(plan: Plan, profile: ActivationProfile, optimizer: str, batch_si
     Returns ``(cost per unit index, kept cost)``: what :func:`memory_plan` balances across workers.
     With checkpointing a block unit's activations are its input (the recompute is a transient).
     """
-    if optimizer not in OPTIMIZER_STATES:
-        raise ValueError(f"optimizer {optimizer!r} unknown; choose one of {sorted(OPTIMIZER_STATES)}")
     scale = (batch_size or profile.batch_size) / profile.batch_size
-    per_param = BYTES_PER_ELEMENT * (2 + OPTIMIZER_STATES[optimizer])
+    per_param = BYTES_PER_ELEMENT * (2 + optimizer_kind(optimizer).state_tensors)
     sizes = {g.name: g.size for g in plan.groups}
     costs: dict[int, float] = {}
     for u in plan.units:
@@ -680,6 +410,8 @@ def memory_plan(model: nn.Module | ModelFactory, workers: int, coverage: float, 
     costs, kept = memory_cost(base, profile, optimizer, batch_size, activation_checkpointing)
     return plan_units(model, workers, coverage, level, seed, cost=lambda u: costs[u.index], balance="memory",
                       kept_cost=kept, **plan_kwargs)
+
+
 # ---- backward masking (docs/masking.md) ----------------------------------------------------------------
 def _frozen_sets(plan: Plan) -> dict[str, list[str]]:
     """Per unit key (block name, or width group at neuron level): the parameters it would freeze."""
@@ -708,7 +440,7 @@ def profile_weight_grads(model: nn.Module | ModelFactory, batch: Any, loss_fn: L
 
     def saved() -> int:
         with SavedTensorMeter(full) as meter:
-            loss = _loss_of(loss_fn(full, batch))
+            loss = loss_of(loss_fn(full, batch))
         del loss
         return meter.activation_bytes
 
@@ -754,11 +486,9 @@ def predict_backward_worker(plan: Plan, worker: int, optimizer: str, profile: Ac
     (``weight_grads`` from :func:`profile_weight_grads`; a neuron-level group counts only when the
     worker holds none of it).
     """
-    if optimizer not in OPTIMIZER_STATES:
-        raise ValueError(f"optimizer {optimizer!r} unknown; choose one of {sorted(OPTIMIZER_STATES)}")
     trained = backward_trainable_elements(plan, worker) * BYTES_PER_ELEMENT
     out = {"param_bytes": plan.total_params * BYTES_PER_ELEMENT, "grad_bytes": trained,
-           "optimizer_bytes": trained * OPTIMIZER_STATES[optimizer]}
+           "optimizer_bytes": trained * optimizer_kind(optimizer).state_tensors}
     out["state_bytes"] = out["param_bytes"] + out["grad_bytes"] + out["optimizer_bytes"]
     if profile is not None:
         scale = (batch_size or profile.batch_size) / profile.batch_size

@@ -2,7 +2,7 @@
 
 For each valid coverage ``j/K`` (largest first) and each level, a plan balanced on memory (as the main
 job makes it) is predicted per worker: model state (parameters, gradients, optimizer state; from the
-plan) plus predicted activations (from an :class:`~subnetdp.memory.ActivationProfile` of the full
+plan) plus predicted activations (from an :class:`~subnetdp.measure.prediction.ActivationProfile` of the full
 model, measured once on a small batch and scaled to the batch size) plus the backward's transient
 (``predict_worker``'s ``peak_bytes``), and a plan's peak is the largest over its workers. The planner
 returns the largest coverage at which some level fits; when both levels fit at that coverage it takes
@@ -16,27 +16,29 @@ margin (``measure_choice`` reports how close the prediction was for the chosen p
 
 from __future__ import annotations
 
-import argparse
 import re
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from subnetdp.memory import (
+from subnetdp.config import TrainConfig
+from subnetdp.measure.meters import measure_step
+from subnetdp.measure.prediction import (
     ActivationProfile,
-    Workload,
-    make_optimizer,
-    measure_step,
     memory_plan,
     predict_backward_worker,
     predict_worker,
     profile_activations,
     profile_weight_grads,
 )
+from subnetdp.measure.workloads import Workload
+from subnetdp.metrics import format_bytes
+from subnetdp.optimizers import make_optimizer
 from subnetdp.planning import LEVELS, Plan, plan, valid_coverages
 from subnetdp.subnet import build_subnetwork
+
+DEFAULT_TRANSITIONS = TrainConfig.transitions  # the main job's default, measured as "SDP" by the benchmark
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -54,13 +56,6 @@ def parse_bytes(text: str | int) -> int:
     if value <= 0:
         raise ValueError(f"budget {text!r} must be positive")
     return int(value)
-
-
-def format_bytes(n: float) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n:.0f} B"
 
 
 @dataclass
@@ -177,7 +172,7 @@ def plan_prediction(workload: Workload, workers: int, coverage: float, level: st
     """A plan as the main job makes it, and its predicted bytes per worker beside DDP's (``plan --json``).
 
     The DDP figure is the full model under the same optimizer, batch and checkpointing choice.
-    ``masking="backward"`` predicts backward masking (:func:`subnetdp.memory.predict_backward_worker`:
+    ``masking="backward"`` predicts backward masking (:func:`subnetdp.measure.prediction.predict_backward_worker`:
     full parameters, held gradients and optimizer state, the full forward's activations less what only
     the weight gradients of units not held would save); its transient is taken as the full model's.
     """
@@ -219,48 +214,15 @@ def plan_prediction(workload: Workload, workers: int, coverage: float, level: st
     }
 
 
-# ---- command line -----------------------------------------------------------------------------------
-def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags for ``subnetdp plan --budget 6GiB``: pick the coverage and level from a memory budget."""
-    parser.add_argument("--budget", default=None,
-                        help="memory per worker (e.g. 6GiB, 512MiB): choose the largest coverage and the level "
-                             "whose predicted peak fits, instead of --coverage/--level")
-    parser.add_argument("--batch-size", type=int, default=128,
-                        help="samples per worker per step (the predictions and --balance memory scale to it)")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sample for language models")
-    parser.add_argument("--measure", action="store_true",
-                        help="with --budget: run one step of the chosen plan's worst worker here and report "
-                             "measured / predicted")
-
-
-def workload_for(args: argparse.Namespace) -> Workload:
-    from subnetdp.memory import image_workload, text_workload
-
-    if args.model.startswith("llama"):
-        return text_workload(args.model, seq_len=args.seq_len, vocab_size=args.vocab_size)
-    width = args.width if args.width is not None else 64
-    return image_workload(args.model, width=width, num_classes=args.num_classes)
-
-
-def run_budget(args: argparse.Namespace) -> int:
-    """``subnetdp plan --budget``: print the chosen plan (uses the ``plan`` command's model flags)."""
-    try:
-        w = workload_for(args)
-        choice = plan_for_budget(w, args.workers, args.budget, optimizer=args.optimizer,
-                                 batch_size=args.batch_size, seed=args.seed,
-                                 transitions=getattr(args, "transitions", "keep"))
-    except ValueError as e:
-        print(f"subnetdp plan: error: {e}", file=sys.stderr)
-        return 2
-    print(choice.summary())
-    print()
-    print(choice.plan.summary(args.optimizer))
-    if args.measure:
-        r = measure_choice(choice, w, seed=args.seed)
-        print(f"\nmeasured worker {r['worker']}: {format_bytes(r['measured_bytes'])} (state + saved activations) "
-              f"vs predicted {format_bytes(r['predicted_bytes'])}: ratio {r['ratio']:.3f}")
-    if getattr(args, "save", None):
-        with open(args.save, "w") as f:
-            f.write(choice.plan.to_json())
-        print(f"plan saved to {args.save}")
-    return 0
+def sdp_plan(w: Workload, workers: int, coverage: float, level: str, seed: int, profile: ActivationProfile | None,
+             optimizer: str, batch_size: int, transitions: str, balance: str,
+             activation_checkpointing: bool = False) -> Plan:
+    """The plan the main job would make (both parts of the benchmark measure the same plans)."""
+    if balance == "memory":
+        if profile is None:
+            profile = profile_activations(w.factory, w.make_batch(batch_size, torch.device("cpu"), seed), w.loss_fn,
+                                          batch_size, seed=seed)
+        return memory_plan(w.factory, workers, coverage, level, seed, profile=profile, optimizer=optimizer,
+                           batch_size=batch_size, transitions=transitions,
+                           activation_checkpointing=activation_checkpointing)
+    return plan(w.factory, workers, coverage, level, seed, transitions=transitions)

@@ -1,0 +1,47 @@
+"""The baselines SDP is measured against: DDP, DDP with activation checkpointing, FSDP2 (+ checkpointing).
+
+One wrapping, shared by the main job (:class:`subnetdp.backends.Distributed`) and the benchmark's
+timing worker (:mod:`subnetdp.measure.timing`), so that both measure the same thing. Checkpointing is
+applied before sharding (torchtitan's order); FSDP2 shards every residual block and then the root.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from subnetdp.checkpointing import checkpoint_blocks
+from subnetdp.units import find_blocks
+
+BASELINES = ("ddp", "ddp-ckpt", "fsdp")
+
+
+def shard_fsdp2(module: nn.Module) -> nn.Module:
+    """``fully_shard`` on every residual block of ``module``, then on ``module`` itself (in place)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for b in find_blocks(module):
+        fully_shard(module.get_submodule(b.name))
+    return fully_shard(module)
+
+
+def wrap_baseline(module: nn.Module, strategy: str, *, checkpointing: bool = False,
+                  device: torch.device | None = None, **ddp_options: Any) -> nn.Module:
+    """``module`` (the full model, built on every rank) wrapped as ``strategy`` for this process group.
+
+    ``ddp-ckpt`` is ``ddp`` with ``checkpointing``; with ``checkpointing`` every block is recomputed in
+    backward (:func:`subnetdp.checkpoint_blocks`). ``ddp_options`` go to ``DistributedDataParallel``
+    (``device_ids`` is set from a CUDA ``device``).
+    """
+    if strategy not in BASELINES:
+        raise ValueError(f"baseline {strategy!r} unknown; choose one of {BASELINES}")
+    if checkpointing or strategy == "ddp-ckpt":
+        checkpoint_blocks(module)
+    if strategy == "fsdp":
+        if ddp_options:
+            raise ValueError(f"options {sorted(ddp_options)} are DDP's; FSDP2 takes none here")
+        return shard_fsdp2(module)
+    ids = [device.index] if device is not None and device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids, **ddp_options)
