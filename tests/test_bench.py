@@ -16,10 +16,10 @@ import pytest
 import torch
 
 import subnetdp as sd
-from subnetdp.models import resnet18
+from subnetdp.baselines import fsdp2_bytes
 from subnetdp.cli import add_bench_parser
 from subnetdp.measure.bench import memory_part, run_bench
-from subnetdp.measure.traffic import fsdp2_bytes
+from subnetdp.models import resnet18
 
 TINY = {"kind": "image", "model": "resnet18", "width": 4, "batch": 4, "optimizer": "sgd-momentum"}
 ROOT = Path(__file__).resolve().parents[1]

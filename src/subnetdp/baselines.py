@@ -45,3 +45,15 @@ def wrap_baseline(module: nn.Module, strategy: str, *, checkpointing: bool = Fal
         return shard_fsdp2(module)
     ids = [device.index] if device is not None and device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(module, device_ids=ids, **ddp_options)
+
+
+def fsdp2_bytes(param_bytes: int, ranks: int) -> tuple[float, float]:
+    """Derived FSDP2 traffic per rank per step: (bytes handed to collectives, ring traffic).
+
+    Every parameter is all-gathered twice (forward, and again in backward after resharding) and its
+    gradient reduce-scattered once: a rank hands ``2 P/n`` to all-gathers and ``P`` to the
+    reduce-scatter; a ring moves ``(n-1)/n P`` per all-gather and per reduce-scatter.
+    """
+    handed = 2 * param_bytes / ranks + param_bytes
+    ring = 3 * (ranks - 1) / ranks * param_bytes
+    return handed, ring

@@ -49,6 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from subnetdp.baselines import fsdp2_bytes
 from subnetdp.checkpointing import checkpoint_blocks
 from subnetdp.init import build_meta, materialize
 from subnetdp.masking import build_backward_worker
@@ -63,12 +64,12 @@ from subnetdp.measure.prediction import (
 )
 from subnetdp.measure.tables import MEMORY_KEYS, memory_table, plot, sdp_name, time_table
 from subnetdp.measure.timing import time_part
-from subnetdp.measure.traffic import backward_traffic, bucket_traffic, fsdp2_bytes
 from subnetdp.measure.workloads import Workload, workload_from_spec
 from subnetdp.metrics import pyplot
 from subnetdp.optimizers import make_optimizer
 from subnetdp.planning import plan
 from subnetdp.subnet import build_subnetwork
+from subnetdp.sync import step_traffic
 
 
 def workload_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -211,7 +212,7 @@ def memory_part(spec: dict[str, Any], workers: int, coverages: Sequence[float], 
                     pr = predict_worker(p, k, opt_name, profile, batch_size, activation_checkpointing=ckpt)
                     per_worker.append({"worker": k, "measured": m, "predicted": pr, "ratio": _ratios(m, pr),
                                        "param_fraction": p.param_count(k) / p.total_params,
-                                       "comm": bucket_traffic(sub, p, k)})
+                                       "comm": step_traffic(sub, p, k)})
                     del sub
                     _release(device)
                 add(f"{sdp_name(ckpt)} {level} C={c:g}{label}", "sdp", level, c, per_worker,
@@ -243,7 +244,7 @@ def backward_rows(w: Workload, batch: Any, batch_size: int, opt_name: str, profi
                 pr = predict_backward_worker(p, k, opt_name, profile, weight_grads, batch_size)
                 per_worker.append({"worker": k, "measured": m, "predicted": pr, "ratio": _ratios(m, pr),
                                    "param_fraction": p.param_count(k) / p.total_params,
-                                   "comm": backward_traffic(model, p, k)})
+                                   "comm": step_traffic(model, p, k, masking="backward")})
                 del model
                 _release(device)
             name = f"SDP backward {level} C={c:g}"

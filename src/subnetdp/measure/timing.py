@@ -5,7 +5,7 @@
    so that machine noise hits them alike; each timed step starts at a barrier and its time is the
    slowest rank's. DDP runs with ``broadcast_buffers=False`` so that, like SDP, it communicates
    gradients only. Per configuration: bytes handed to collectives per step (DDP: counted by a comm hook;
-   SDP: the engine's counters; FSDP2 with or without checkpointing: derived, see :func:`fsdp2_bytes`),
+   SDP: the engine's counters; FSDP2 with or without checkpointing: derived, see :func:`subnetdp.baselines.fsdp2_bytes`),
    the implied ring traffic
    ``2 (n - 1) / n x bytes`` per all-reduce over a group of ``n``, the step time, the *compute* time
    (the same step with communication off: ``no_sync()`` for DDP and SDP; FSDP2 has no such switch and
@@ -33,15 +33,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from subnetdp.baselines import wrap_baseline
+from subnetdp.baselines import fsdp2_bytes, wrap_baseline
 from subnetdp.init import materialize
 from subnetdp.measure.meters import state_bytes
 from subnetdp.measure.planner import DEFAULT_TRANSITIONS, sdp_plan
 from subnetdp.measure.prediction import profile_activations
 from subnetdp.measure.tables import sdp_name
-from subnetdp.measure.traffic import bucket_traffic, fsdp2_bytes
 from subnetdp.measure.workloads import workload_from_spec
 from subnetdp.optimizers import make_optimizer
+from subnetdp.sync import step_traffic
 
 
 class _Config:
@@ -146,7 +146,7 @@ def run_worker(spec_path: str) -> None:
     for cfg in configs:
         static: dict[str, Any] = {}
         if cfg.strategy == "sdp":
-            ring = bucket_traffic(cfg.model.module, cfg.model.plan, rank)["ring_bytes"]
+            ring = step_traffic(cfg.model.module, cfg.model.plan, rank)["ring_bytes"]
             static = {"predicted_bytes": cfg.model.predicted_bytes_per_sync(), "ring_bytes": ring,
                       "params": sum(p.numel() for p in cfg.model.parameters())}
         else:
