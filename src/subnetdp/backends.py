@@ -2,7 +2,7 @@
 each with or without activation checkpointing (``cfg.checkpointing``; ``ddp-ckpt`` is DDP with it).
 The training loop in :mod:`subnetdp.train` sees only this.
 
-A backend trains ``workers_here`` workers in this process (K when simulating, else 1), steps their
+A backend trains the workers of this process (all K when simulating, else one), steps their
 optimizers and schedulers, reports memory and communication, and assembles the full model.
 """
 
@@ -21,7 +21,7 @@ from subnetdp import optimizers
 from subnetdp.baselines import wrap_baseline
 from subnetdp.config import TrainConfig
 from subnetdp.engine import SubnetDataParallel, agree_finite
-from subnetdp.init import ModelFactory, materialize, structure_of
+from subnetdp.init import ModelFactory, materialize
 from subnetdp.measure.meters import state_bytes as count_state_bytes
 from subnetdp.planning import Plan
 from subnetdp.simulate import Simulation
@@ -77,7 +77,6 @@ class SimulatedSDP:
         for w in self.sim.workers:
             _channels_last(cfg, w, device)
         self.schedulers = [make_scheduler(cfg, o, total) for o in self.sim.optimizers]
-        self.workers_here = plan.workers
         self.models = self.sim.workers
         self.optimizers = self.sim.optimizers
 
@@ -131,8 +130,6 @@ class Distributed:
                  total: int) -> None:
         self.cfg, self.plan, self.device = cfg, plan, device
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.workers_here = 1
-        self.structure = structure_of(factory)[0]
         self.sdp: SubnetDataParallel | None = None
         if cfg.strategy == "sdp":
             assert plan is not None

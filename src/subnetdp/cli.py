@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan_flags(pl)
     pl.add_argument("--num-classes", type=int, default=10, help="classes of an image model")
     pl.add_argument("--vocab-size", type=int, default=65, help="vocabulary of a zoo language model")
-    pl.add_argument("--optimizer", choices=("sgd", "sgd-momentum", "adamw"), default="sgd-momentum",
+    pl.add_argument("--optimizer", choices=OPTIMIZER_NAMES, default="sgd-momentum",
                     help="optimizer whose state the prediction counts")
     pl.add_argument("--json", action="store_true",
                     help="print one JSON object: the settings, peak/state/activation bytes per worker and DDP's peak")

@@ -135,7 +135,6 @@ class SubnetDataParallel(nn.Module):
         neuron_scaling: str = "inverted",
         checkpointing: str | None = None,
         bucket_elements: int = DEFAULT_BUCKET_ELEMENTS,
-        measure: bool = False,
         masking: str = "forward",
         init: str = "full",
     ) -> None:
@@ -157,7 +156,7 @@ class SubnetDataParallel(nn.Module):
         self._agree(plan, structure, seed, sync, sync_every, neuron_scaling, bucket_elements, init, masking)
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        self.plan, self.sync, self.sync_every, self.measure = plan, sync, sync_every, measure
+        self.plan, self.sync, self.sync_every = plan, sync, sync_every
         self.device = torch.device(device)
         # The full model's meta structure (for assembling), kept out of the module tree: registered as a
         # submodule it would add the full model's (meta) parameters to parameters() and state_dict().
@@ -323,9 +322,6 @@ class SubnetDataParallel(nn.Module):
 
     def _finish_backward(self) -> None:
         start = time.perf_counter()
-        if self.measure and self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            start = time.perf_counter()
         while self._next < len(self._chunks):  # unused parameters: their (zero) gradients still take part
             self._launch(self._chunks[self._next])
             self._next += 1
@@ -333,8 +329,6 @@ class SubnetDataParallel(nn.Module):
             c.work.wait()
             c.bucket.scatter(divide_by_holders_(c.flat, c.bucket.holders), grads=True)
             c.work, c.flat = None, None
-        if self.measure and self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
         self.stats.wait_s += time.perf_counter() - start
         self._record_sync()
 

@@ -259,10 +259,11 @@ class Plan:
     def param_count(self, worker: int) -> int:
         """Exact parameter elements in ``worker``'s subnetwork."""
         self.check_worker(worker)
-        return self._kept_params + int(self._window(self._slot_stats[0], worker))
+        return self.kept_params + int(self._window(self._slot_stats[0], worker))
 
     @cached_property
-    def _kept_params(self) -> int:
+    def kept_params(self) -> int:
+        """Parameter elements every worker holds (the always-kept tensors)."""
         kept = set(self.always_kept)
         return sum(_prod(self.shapes[n]) for n in self.params if n in kept)
 
@@ -313,7 +314,7 @@ class Plan:
             f"units: {len(self.units)} ({'blocks' if self.level == 'block' else 'width slices'}), "
             f"distinct holder sets: {len(self.holder_sets())}, full model: {full:,} parameters",
             f"always kept: {len(self.always_kept)} tensors, "
-            f"{self._kept_params:,} parameters",
+            f"{self.kept_params:,} parameters",
             "",
             f"{'worker':>6}  {'units':>6}  {'params':>12}  {'fraction':>8}  "
             + (f"{'state MiB (' + state_label + ')':>18}  " if state_bytes is not None else "") + "held",

@@ -394,7 +394,7 @@ def memory_cost(plan: Plan, profile: ActivationProfile, optimizer: str, batch_si
         kept_saved = profile.kept_bytes(plan)
         if plan.level == "block":  # a transition unit's reduced form saves its ReLU's output on every worker
             kept_saved += sum(profile._reduced_bytes(plan, u.name) for u in plan.units)
-    return costs, plan._kept_params * per_param + kept_saved * scale
+    return costs, plan.kept_params * per_param + kept_saved * scale
 
 
 def memory_plan(model: nn.Module | ModelFactory, workers: int, coverage: float, level: str = "block",
