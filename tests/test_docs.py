@@ -61,3 +61,21 @@ def test_snippet_runs_as_written(name, code, tmp_path):
     if 'Path("runs")' in code:  # the loaded model scores exactly what the summary reports
         got = re.search(r"test accuracy (\S+), summary (\S+)", proc.stdout)
         assert got and got.group(1) == got.group(2), proc.stdout
+
+
+def test_the_readme_code_map_names_every_module_and_only_modules_that_exist():
+    """The README's "Code map" and src/subnetdp agree: each module file (package dirs by name) is in it."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Code map", 1)[1].split("\n## ", 1)[0]
+    named: set[str] = set()
+    for cell in re.findall(r"^\| (.+?) \|", section, flags=re.M):  # the first column ("module" heads it)
+        names = re.findall(r"`([^`]+)`", cell)
+        folder = names[0].rsplit("/", 1)[0] + "/" if names and "/" in names[0] else ""
+        named.update(n if "/" in n else folder + n for n in names)
+    src = ROOT / "src" / "subnetdp"
+    modules = {str(p.relative_to(src)) for p in src.rglob("*.py")
+               if p.name not in ("__init__.py", "__main__.py") and not p.name.startswith("_")}
+    covered = {m for m in modules if m in named or any(m.startswith(n) for n in named if n.endswith("/"))}
+    assert covered == modules, f"modules missing from the README's code map: {sorted(modules - covered)}"
+    missing = {n for n in named if not (src / n).exists()}
+    assert not missing, f"the code map names what does not exist: {sorted(missing)}"
