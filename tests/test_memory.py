@@ -270,3 +270,19 @@ def test_backward_masking_prediction_matches_measurement_per_worker(name, w, bat
         assert m["activation_bytes"] <= profile.total
         if level == "block":
             assert m["grad_bytes"] == 4 * p.param_count(k)
+
+
+def test_a_profile_of_a_view_counts_only_the_samples_it_holds():
+    """A sample cut from a loaded batch (``x[:2]``) shares the batch's storage; the profile must count
+    the two samples, not the whole batch's storage scaled up (the main job profiles such a slice)."""
+    from subnetdp.measure.prediction import profile_activations
+    from subnetdp.measure.workloads import image_workload
+
+    w = image_workload(width=4)
+    big = w.make_batch(16, torch.device("cpu"), 0)
+    view = tuple(t[:2] for t in big)
+    own = tuple(t[:2].clone() for t in big)
+    assert view[0].untyped_storage().nbytes() > own[0].untyped_storage().nbytes()
+    a = profile_activations(w.factory, view, w.loss_fn, 2)
+    b = profile_activations(w.factory, own, w.loss_fn, 2)
+    assert a.total == b.total and a.block_bytes == b.block_bytes

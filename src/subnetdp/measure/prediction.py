@@ -282,6 +282,17 @@ def _output_bytes(model: nn.Module, batch: Any) -> int:
     return out.numel() * out.element_size() if isinstance(out, torch.Tensor) else 0
 
 
+def _own_copies(batch: Any) -> Any:
+    """``batch`` with every tensor (in tuples, lists and dicts) cloned into a storage of its own size."""
+    if isinstance(batch, torch.Tensor):
+        return batch.clone()
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_own_copies(b) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _own_copies(v) for k, v in batch.items()}
+    return batch
+
+
 def profile_activations(model: nn.Module | ModelFactory, batch: Any, loss_fn: LossFn, batch_size: int,
                         *, seed: int = 0, device: torch.device | str = "cpu", blocks: Sequence | None = None,
                         groups: Sequence | None = None) -> ActivationProfile:
@@ -293,6 +304,9 @@ def profile_activations(model: nn.Module | ModelFactory, batch: Any, loss_fn: Lo
     the scaling hooks at factor 1) and once more without a graph, for the size of the output.
     """
     full = model if isinstance(model, nn.Module) and not _is_meta(model) else materialize(model, seed, device)
+    # Saves are counted by storage: a batch that is a view of a larger one (``x[:2]`` of a loaded batch)
+    # would count the whole storage as the saved input, then be scaled by batch_size / len. Own copies.
+    batch = _own_copies(batch)
     if blocks is None:
         blocks = find_blocks(full)
     if groups is None:
