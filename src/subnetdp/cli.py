@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from subnetdp.config import ConfigError, TrainConfig, load_file, validate
 from subnetdp.optimizers import OPTIMIZER_NAMES
-from subnetdp.planning import LEVELS, TRANSITIONS
+from subnetdp.planning import JOB_BALANCES, LEVELS, TRANSITIONS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -238,7 +238,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transitions", choices=TRANSITIONS, default=TrainConfig.transitions,
                    help="SDP block plans of the memory part (the old default, keep with params balance, is "
                         "measured as an extra row)")
-    p.add_argument("--balance", choices=("memory", "params"), default="memory",
+    p.add_argument("--balance", choices=JOB_BALANCES, default=TrainConfig.balance,
                    help="what SDP plans of the memory part balance (as subnetdp train --balance)")
     p.add_argument("--time-ranks", type=int, default=4, help="torchrun processes for the timing part (0: skip it)")
     p.add_argument("--time-steps", type=int, default=5, help="timed steps per configuration per round")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from subnetdp.data import VISION_DATASETS
-from subnetdp.engine import SYNC_MODES
+from subnetdp.sync import SYNC_MODES
 from subnetdp.init import INIT_MODES
 from subnetdp.masking import MASKINGS
 from subnetdp.models import MODELS

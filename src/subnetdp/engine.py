@@ -37,9 +37,8 @@ from subnetdp.masking import (
 )
 from subnetdp.planning import Plan
 from subnetdp.subnet import build_subnetwork
-from subnetdp.sync import clip_gradients_, divide_by_holders_, holder_weighted_sq_norm, traffic
+from subnetdp.sync import SYNC_MODES, clip_gradients_, divide_by_holders_, holder_weighted_sq_norm, traffic
 
-SYNC_MODES = ("grads", "params")
 DEFAULT_BUCKET_ELEMENTS = 25 * 2**20 // 4  # DDP's default 25 MiB of fp32
 FIRST_BUCKET_ELEMENTS = 2**20 // 4  # DDP's first bucket: 1 MiB of fp32
 

@@ -27,6 +27,8 @@ from subnetdp.buckets import Bucket, Holders, build_buckets
 from subnetdp.masking import MASKINGS, broadcast_buckets, full_buckets, held_buckets
 from subnetdp.planning import Plan
 
+SYNC_MODES = ("grads", "params")  # average gradients every step, or parameters every sync_every steps
+
 
 def divide_by_holders_(summed: torch.Tensor, holders: Holders) -> torch.Tensor:
     """``summed / len(holders)`` in place: a sum over a holder set becomes its holders' average.

@@ -52,7 +52,7 @@ from torch import nn
 from subnetdp.baselines import fsdp2_bytes
 from subnetdp.checkpointing import checkpoint_blocks
 from subnetdp.init import build_meta, materialize
-from subnetdp.masking import build_backward_worker
+from subnetdp.masking import MASKINGS, build_backward_worker
 from subnetdp.measure.meters import measure_step
 from subnetdp.measure.planner import DEFAULT_TRANSITIONS, sdp_plan
 from subnetdp.measure.prediction import (
@@ -291,7 +291,7 @@ def run_bench(args: argparse.Namespace, log=print) -> dict[str, Any]:
     md = [f"Machine: {result['meta']['machine']}, torch {torch.__version__}, {torch.get_num_threads()} threads "
           f"in the memory part."]
     for spec in workload_specs(args):
-        maskings = ("forward", "backward") if args.masking == "both" else (args.masking,)
+        maskings = MASKINGS if args.masking == "both" else (args.masking,)
         part = memory_part(spec, args.workers, coverages, levels, args.repeats, device, args.seed, log, ckpt_modes,
                            transitions=args.transitions, balance=args.balance, maskings=maskings)
         timing = None

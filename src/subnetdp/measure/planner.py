@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from subnetdp.config import TrainConfig
+from subnetdp.masking import MASKINGS
 from subnetdp.measure.meters import measure_step
 from subnetdp.measure.prediction import (
     ActivationProfile,
@@ -176,8 +177,8 @@ def plan_prediction(workload: Workload, workers: int, coverage: float, level: st
     full parameters, held gradients and optimizer state, the full forward's activations less what only
     the weight gradients of units not held would save); its transient is taken as the full model's.
     """
-    if masking not in ("forward", "backward"):
-        raise ValueError(f"masking={masking!r}: choose forward or backward")
+    if masking not in MASKINGS:
+        raise ValueError(f"masking={masking!r}: choose one of {MASKINGS}")
     if masking == "backward" and activation_checkpointing:
         raise ValueError("the prediction does not model backward masking with activation checkpointing; "
                          "predict one of them (drop --activation-checkpointing or --masking backward)")
