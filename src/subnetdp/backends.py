@@ -181,7 +181,7 @@ class Distributed:
         if self.sdp is not None:
             return [self.sdp.predicted_bytes_per_sync() if self.cfg.sync == "grads" else None]
         if self.cfg.strategy in ("ddp", "ddp-ckpt"):
-            return [sum(p.numel() * 4 for p in self.model.parameters() if p.requires_grad)]  # DDP all-reduces every gradient
+            return [sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)]  # DDP all-reduces every gradient
         return [None]  # FSDP2: all-gathers and reduce-scatters, not counted here
 
     def memory(self) -> list[dict[str, int]]:

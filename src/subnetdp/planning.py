@@ -466,6 +466,27 @@ def _window_matrix(workers: int, r: int) -> np.ndarray:
     return (((s - k) % workers) < r).astype(np.float64)
 
 
+def _eps(costs: np.ndarray) -> float:
+    """Loads closer than this are equal (float sums in different orders)."""
+    return 1e-9 * max(float(costs.sum()), 1.0)
+
+
+def _key(costs: np.ndarray, slots: Sequence[int], window: np.ndarray) -> tuple[float, float]:
+    """(worst, lightest) worker load of a placement."""
+    loads = np.bincount(np.asarray(slots, dtype=np.int64), weights=costs, minlength=len(window)) @ window
+    return float(loads.max()), float(loads.min())
+
+
+def _digits(index: np.ndarray, workers: int, n: int) -> np.ndarray:
+    """Assignment number -> slots of units 1..n-1 (mixed-radix digits; unit 0 stays in slot 0)."""
+    index = index.copy()
+    assign = np.zeros((len(index), n), dtype=np.int64)
+    for j in range(n - 1, 0, -1):
+        assign[:, j] = index % workers
+        index //= workers
+    return assign
+
+
 def _better(a: tuple[float, float], b: tuple[float, float], eps: float) -> bool:
     """Is (worst, lightest) ``a`` better than ``b``: a lower worst window, then a heavier lightest."""
     return a[0] < b[0] - eps or (abs(a[0] - b[0]) <= eps and a[1] > b[1] + eps)
@@ -480,17 +501,13 @@ def _place_exact(costs: np.ndarray, workers: int, r: int, rng: random.Random) ->
     order = np.argsort(-costs, kind="stable")  # largest first; it is pinned to slot 0
     c = costs[order]
     window = _window_matrix(workers, r)
-    eps = 1e-9 * max(float(costs.sum()), 1.0)
+    eps = _eps(costs)
     best: tuple[float, float] = (np.inf, -np.inf)
-    ties: list[np.ndarray] = []
+    ties: list[np.ndarray] = []  # assignment numbers of the best placements so far, in order
     total = workers ** (n - 1)
     step = 1 << 16
     for start in range(0, total, step):
-        idx = np.arange(start, min(start + step, total), dtype=np.int64)
-        assign = np.zeros((len(idx), n), dtype=np.int64)
-        for j in range(n - 1, 0, -1):  # mixed-radix digits of idx: the slots of units 1..n-1
-            assign[:, j] = idx % workers
-            idx //= workers
+        assign = _digits(np.arange(start, min(start + step, total), dtype=np.int64), workers, n)
         bins = np.zeros((len(assign), workers))
         for j in range(n):
             bins[np.arange(len(assign)), assign[:, j]] += c[j]
@@ -502,10 +519,11 @@ def _place_exact(costs: np.ndarray, workers: int, r: int, rng: random.Random) ->
         cand = cand[light[cand] >= l_best - eps]
         key = (w_best, l_best)
         if _better(key, best, eps):
-            best, ties = key, [assign[i] for i in cand]
+            best, ties = key, [cand + start]
         elif not _better(best, key, eps):
-            ties.extend(assign[i] for i in cand)
-    chosen = ties[rng.randrange(len(ties))]
+            ties.append(cand + start)
+    numbers = np.concatenate(ties)
+    chosen = _digits(numbers[rng.randrange(len(numbers))][None], workers, n)[0]
     rotation = rng.randrange(workers)
     slots = [0] * n
     for j, unit in enumerate(order.tolist()):
@@ -520,13 +538,7 @@ def _search(costs: np.ndarray, greedy: list[int], workers: int, r: int, rng: ran
     if exact is None:
         return _improve(costs, greedy, workers, r)
     window = _window_matrix(workers, r)
-    eps = 1e-9 * max(float(costs.sum()), 1.0)
-
-    def key(slots: list[int]) -> tuple[float, float]:
-        loads = np.bincount(np.asarray(slots), weights=costs, minlength=workers) @ window
-        return float(loads.max()), float(loads.min())
-
-    return exact if _better(key(exact), key(greedy), eps) else greedy
+    return exact if _better(_key(costs, exact, window), _key(costs, greedy, window), _eps(costs)) else greedy
 
 
 def _improve(costs: np.ndarray, slots: list[int], workers: int, r: int) -> list[int]:
@@ -536,12 +548,11 @@ def _improve(costs: np.ndarray, slots: list[int], workers: int, r: int) -> list[
     if n * workers * workers > _LOCAL_LIMIT:
         return slots
     window = _window_matrix(workers, r)
-    eps = 1e-9 * max(float(costs.sum()), 1.0)
+    eps = _eps(costs)
     s = np.asarray(slots, dtype=np.int64)
     for _ in range(4 * n * workers):
         loads = np.bincount(s, weights=costs, minlength=workers) @ window
-        cur = (float(loads.max()), float(loads.min()))
-        best, move = cur, None
+        best, move = (float(loads.max()), float(loads.min())), None
         for i in range(n):  # move unit i to slot b: loads - c_i M[s_i] + c_i M[b]
             cand = loads[None, :] - costs[i] * window[s[i]][None, :] + costs[i] * window
             worst, light = cand.max(axis=1), cand.min(axis=1)

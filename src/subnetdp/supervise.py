@@ -59,14 +59,11 @@ def boundary(where: str, timeout_s: float | None = None) -> None:
 
     Raises :class:`StallError` on the ranks that can tell (rank 0 names the missing ranks).
     """
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return
     timeout_s = _timeout_s if timeout_s is None else timeout_s
-    try:
-        dist.monitored_barrier(group=_side_group, timeout=timedelta(seconds=timeout_s), wait_all_ranks=True)
-    except RuntimeError as e:
+    e = _missing(timeout_s)
+    if e is not None:
         raise StallError(f"rank {dist.get_rank()}: {_who(e)} at the {where} within --timeout {timeout_s:g} s "
-                         f"({_one_line(e)})") from None
+                         f"({_one_line(e)})")
 
 
 def is_transport_error(e: BaseException) -> bool:
@@ -82,14 +79,22 @@ def name_missing(where: str, error: BaseException) -> None:
     Returns (the caller re-raises ``error``) when every rank answers: then the failure was not a stall.
     The probe waits a fifth of the timeout (2 to 30 s): the live ranks hit the same failure together.
     """
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return
-    probe = min(max(2.0, 0.2 * _timeout_s), 30.0)
-    try:
-        dist.monitored_barrier(group=_side_group, timeout=timedelta(seconds=probe), wait_all_ranks=True)
-    except RuntimeError as e:
+    e = _missing(min(max(2.0, 0.2 * _timeout_s), 30.0))
+    if e is not None:
         raise StallError(f"rank {dist.get_rank()}: a collective at {where} failed after --timeout {_timeout_s:g} s; "
-                         f"probing the ranks: {_who(e)} ({_one_line(e)}; the collective: {_one_line(error)})") from None
+                         f"probing the ranks: {_who(e)} ({_one_line(e)}; the collective: {_one_line(error)})")
+
+
+def _missing(timeout_s: float) -> RuntimeError | None:
+    """The side group's monitored barrier within ``timeout_s``: None when every rank arrived (or there
+    is no group to wait for), else its error, which names the missing ranks on rank 0."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    try:
+        dist.monitored_barrier(group=_side_group, timeout=timedelta(seconds=timeout_s), wait_all_ranks=True)
+    except RuntimeError as e:
+        return e
+    return None
 
 
 def _who(e: BaseException) -> str:

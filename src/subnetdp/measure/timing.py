@@ -150,8 +150,8 @@ def run_worker(spec_path: str) -> None:
             static = {"predicted_bytes": cfg.model.predicted_bytes_per_sync(), "ring_bytes": ring,
                       "params": sum(p.numel() for p in cfg.model.parameters())}
         else:
-            pbytes = sum(getattr(p, "_local_tensor", p).numel() * 4 for p in cfg.model.parameters())
-            full_bytes = sum(p.numel() * 4 for p in cfg.model.parameters())  # DTensor numel: the full size
+            pbytes = sum(getattr(p, "_local_tensor", p).numel() * p.element_size() for p in cfg.model.parameters())
+            full_bytes = sum(p.numel() * p.element_size() for p in cfg.model.parameters())  # DTensor numel: the full size
             if cfg.strategy == "fsdp":
                 handed, ring = fsdp2_bytes(full_bytes, world)
                 static = {"predicted_bytes": handed, "ring_bytes": ring, "params": full_bytes // 4,
