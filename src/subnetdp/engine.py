@@ -10,6 +10,12 @@ backward, as DDP does. The arithmetic is :mod:`subnetdp.sync`'s; this module is 
 Deadlock freedom: buckets carry a key computed from their content only (their holder set and the
 position of their first tensor), identical on every member, and each rank launches its buckets in
 increasing key order. Process groups are created once, at construction, in one order on all ranks.
+
+The engine holds its process groups weakly (the whole world as ``None``, torch's default group;
+subgroups through ``weakref``), so ``dist.destroy_process_group()`` frees them even while the
+engine is alive. A group kept alive past it is destroyed only at interpreter exit, and gloo's
+worker threads, still releasing their last collective's tensors then, abort the process
+("terminate called without an active exception") after a correct run.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -71,7 +78,6 @@ class CommStats:
 class _Chunk:
     key: tuple
     bucket: Bucket
-    group: object
     params: list[nn.Parameter]
     pending: int = 0
     work: object = None
@@ -186,12 +192,12 @@ class SubnetDataParallel(nn.Module):
                 continue  # held by this rank alone: nothing to average
             for key, piece in _split(b, bucket_elements, order):
                 members = list({id(params[e.name]): params[e.name] for e in piece.entries}.values())
-                self._chunks.append(_Chunk(key, piece, self._groups[b.holders], members))
+                self._chunks.append(_Chunk(key, piece, members))
         self._chunks.sort(key=lambda c: c.key)
         if masking == "backward":  # every rank computes every buffer in its full forward
             whole = buffer_bucket(self.module, self.world_size)
             self._buffer_buckets = [whole] if whole is not None and self.world_size > 1 else []
-            self._groups.setdefault(tuple(range(self.world_size)), dist.group.WORLD)
+            self._groups.setdefault(tuple(range(self.world_size)), None)
         else:
             self._buffer_buckets = [b for b in build_buckets(self.module, plan, self.rank, "buffers") if b.shared]
         self._check_initial_values()
@@ -259,14 +265,26 @@ class SubnetDataParallel(nn.Module):
                 f"{', '.join(f'{kind} of {list(h)}' for kind, h in bad[:5])}; give a factory (seeded by seed=) or the same real model on every rank "
                 "(e.g. call torch.manual_seed with one seed on every rank before building it)")
 
-    def _make_groups(self, plan: Plan) -> dict[tuple[int, ...], object]:
-        groups: dict[tuple[int, ...], object] = {}
+    def _make_groups(self, plan: Plan) -> dict[tuple[int, ...], weakref.ref | None]:
+        """One group per holder set of two or more ranks, held weakly (see the module docstring)."""
+        groups: dict[tuple[int, ...], weakref.ref | None] = {}
         for h in plan.holder_sets():  # same order on every rank; every rank takes part in every new_group
             if len(h) == self.world_size:
-                groups[h] = dist.group.WORLD
+                groups[h] = None  # the default group, looked up by torch at each call
             elif len(h) > 1:
-                groups[h] = dist.new_group(ranks=list(h))
+                group = dist.new_group(ranks=list(h))
+                if self.rank in h:  # elsewhere new_group returns a marker, not a group
+                    groups[h] = weakref.ref(group)
         return groups
+
+    def _group(self, holders: tuple[int, ...]) -> object:
+        """The live process group of ``holders`` (``None``: the default group), or a clear error."""
+        ref = self._groups[holders]
+        group = ref() if ref is not None else None
+        if (ref is not None and group is None) or not dist.is_initialized():
+            raise RuntimeError("SubnetDataParallel's process groups were destroyed (dist.destroy_process_group() "
+                               "was called): it communicates only inside the process group it was built in")
+        return group
 
     # ---- the usual nn.Module surface --------------------------------------------------------------
     def forward(self, *args: object, **kwargs: object) -> object:
@@ -310,7 +328,7 @@ class SubnetDataParallel(nn.Module):
 
     def _launch(self, c: _Chunk) -> None:
         c.flat = c.bucket.gather(grads=True)
-        c.work = dist.all_reduce(c.flat, op=dist.ReduceOp.SUM, group=c.group, async_op=True)
+        c.work = dist.all_reduce(c.flat, op=dist.ReduceOp.SUM, group=self._group(c.bucket.holders), async_op=True)
         self._step_bytes += c.flat.numel() * c.flat.element_size()
         self.stats.calls += 1
 
@@ -393,7 +411,7 @@ class SubnetDataParallel(nn.Module):
         works = []
         for c in self._chunks:
             flat = c.bucket.gather(grads=False)
-            works.append((c, flat, dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=c.group, async_op=True)))
+            works.append((c, flat, dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self._group(c.bucket.holders), async_op=True)))
             self._step_bytes += flat.numel() * flat.element_size()
             self.stats.calls += 1
         for c, flat, work in works:
@@ -456,7 +474,7 @@ class SubnetDataParallel(nn.Module):
     def _buffer_average(self, b: Bucket) -> torch.Tensor:
         """``b``'s buffer values averaged over its holders (a new flat tensor; ``b`` is untouched)."""
         flat = b.gather(grads=False)
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self._groups[b.holders])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self._group(b.holders))
         return divide_by_holders_(flat, b.holders)
 
     @torch.no_grad()

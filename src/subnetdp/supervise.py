@@ -114,9 +114,10 @@ def _one_line(e: BaseException) -> str:
 def stop() -> None:
     """End the process groups in order: the side group, then the default group (all its subgroups).
 
-    Then collect garbage: a group object still referenced (by the engine's buckets, in a reference
-    cycle) would otherwise be destroyed during interpreter shutdown, when gloo's worker threads can
-    abort the process ("terminate called without an active exception") after a correct run.
+    Then collect garbage, so that a group object caught in a reference cycle is freed now (its
+    destructor joins gloo's worker threads) and not during interpreter shutdown, when those threads
+    can abort the process ("terminate called without an active exception") after a correct run.
+    The engine itself holds its groups weakly for the same reason.
     """
     global _side_group
     if not dist.is_initialized():
