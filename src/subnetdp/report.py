@@ -96,7 +96,8 @@ def write_report(run_dirs: list[str], out: str | Path) -> Path:
     fig.savefig(out / "curves.png", dpi=120)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(6 * max(1, len(metrics)), 4), squeeze=False)
+    fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(6 * max(1, len(metrics)), 4 + 0.2 * len(runs)),
+                             squeeze=False)
     axes = axes[0]
     for r in runs:
         if not _metric(r):
@@ -104,14 +105,17 @@ def write_report(run_dirs: list[str], out: str | Path) -> Path:
         ax = axes[metrics.index(_metric(r))]
         peak, basis = worst_worker_peak(r["summary"])
         x, y = peak / 2**20, r["summary"]["final"][_metric(r)]
-        ax.scatter(x, y, marker={"measured": "o", "predicted": "^", "state": "s"}[basis])
         note = {"measured": "", "predicted": " (simulated: predicted peak)", "state": " (simulated: state only)"}[basis]
-        ax.annotate(_label(r) + note, (x, y), fontsize=8, xytext=(3, 3), textcoords="offset points")
+        # a legend, not text beside each point: long names stay inside the figure, and runs that land
+        # on the same point (a resumed run and its uninterrupted twin) are both listed
+        ax.scatter(x, y, marker={"measured": "o", "predicted": "^", "state": "s"}[basis], s=45, alpha=0.8,
+                   label=_label(r) + note)
     for i, metric in enumerate(metrics):
-        axes[i].set(xlabel="worst worker's peak memory, MiB (process peak; simulated runs: predicted peak)", ylabel=metric,
+        axes[i].set(xlabel="worst worker's peak memory (MiB)", ylabel=metric,
                     title=f"{metric} vs per-worker peak memory")
         axes[i].grid(alpha=0.3)
+        axes[i].legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
     fig.tight_layout()
-    fig.savefig(out / "accuracy_vs_memory.png", dpi=120)
+    fig.savefig(out / "accuracy_vs_memory.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     return md
