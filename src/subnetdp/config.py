@@ -60,8 +60,8 @@ class TrainConfig:
                 "units too; a worker that skips one runs its shortcut path; see docs/evaluation.md)"})
     balance: str = field(default="memory", metadata={
         "choices": JOB_BALANCES,
-        "help": "SDP: what the plan balances across workers: memory (predicted model state + saved activations) "
-                "or params (parameter counts)"})
+        "help": "SDP: what the plan balances across workers: memory (predicted model state + saved activations; "
+                "under --masking backward, held state + weight-gradient inputs) or params (parameter counts)"})
     simulate: int | None = field(default=None, metadata={"help": "run K SDP workers in this one process"})
     workers: int | None = field(default=None, metadata={"help": "start K processes on this machine (torchrun's launcher)"})
     max_restarts: int = field(default=0, metadata={

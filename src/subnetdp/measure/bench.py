@@ -220,7 +220,7 @@ def memory_part(spec: dict[str, Any], workers: int, coverages: Sequence[float], 
                     + f"); plan: balance={bal}" + (f", transitions={trans}" if level == "block" else ""), ckpt=ckpt)
     if "backward" in maskings:
         rows += backward_rows(w, batch, batch_size, opt_name, profile, workers, coverages, levels, repeats, device,
-                              seed, log)
+                              seed, log, transitions=transitions, balance=balance)
     return {"workload": w.name, "spec": spec, "profile": _profile_json(profile), "rows": rows}
 
 
@@ -228,15 +228,16 @@ def memory_part(spec: dict[str, Any], workers: int, coverages: Sequence[float], 
 
 def backward_rows(w: Workload, batch: Any, batch_size: int, opt_name: str, profile: ActivationProfile, workers: int,
                   coverages: Sequence[float], levels: Sequence[str], repeats: int, device: torch.device, seed: int,
-                  log=print) -> list[dict[str, Any]]:
-    """Backward masking: each worker's full model, trainable where it holds, measured like the others."""
+                  log=print, transitions: str = DEFAULT_TRANSITIONS, balance: str = "memory") -> list[dict[str, Any]]:
+    """Backward masking: each worker's full model, trainable where it holds, measured like the others,
+    on the plans the main job makes for it (``sdp_plan(masking="backward")``)."""
     rows = []
     for level in levels:
-        weight_grads = None
+        units = plan(w.factory, workers, 1.0, level, seed, transitions=transitions)  # units do not depend on C
+        weight_grads = profile_weight_grads(w.factory, batch, w.loss_fn, units, seed=seed, device=device)
         for c in coverages:
-            p = plan(w.factory, workers, c, level, seed)
-            if weight_grads is None:  # units do not depend on the coverage
-                weight_grads = profile_weight_grads(w.factory, batch, w.loss_fn, p, seed=seed, device=device)
+            p = sdp_plan(w, workers, c, level, seed, profile, opt_name, batch_size, transitions, balance,
+                         masking="backward", weight_grads=weight_grads)
             per_worker = []
             for k in range(workers):
                 model = build_backward_worker(w.factory, p, k, seed=seed, device=device)
@@ -249,7 +250,8 @@ def backward_rows(w: Workload, batch: Any, batch_size: int, opt_name: str, profi
                 _release(device)
             name = f"SDP backward {level} C={c:g}"
             rows.append({"name": name, "strategy": "sdp-backward", "level": level, "coverage": c,
-                         "basis": "measured (each worker's full model, trainable where it holds)",
+                         "basis": f"measured (each worker's full model, trainable where it holds); plan: balance={balance}"
+                                  + (f", transitions={transitions}" if level == "block" else ""),
                          "workers": per_worker})
             worst = max(per_worker, key=lambda r: r["measured"]["total_bytes"])
             log(f"  {name:<24} worst worker total {worst['measured']['total_bytes'] / 2**20:8.2f} MiB "

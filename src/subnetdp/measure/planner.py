@@ -184,19 +184,15 @@ def plan_prediction(workload: Workload, workers: int, coverage: float, level: st
                          "predict one of them (drop --activation-checkpointing or --masking backward)")
     if profile is None:
         profile = profile_workload(workload, seed=seed)
-    if balance == "memory":
-        p = memory_plan(workload.factory, workers, coverage, level, seed, profile=profile, optimizer=optimizer,
-                        batch_size=batch_size, transitions=transitions,
-                        activation_checkpointing=activation_checkpointing)
-    elif balance == "params":
-        p = plan(workload.factory, workers, coverage, level, seed, transitions=transitions)
-    else:
+    if balance not in ("memory", "params"):
         raise ValueError(f"balance={balance!r}: choose memory or params")
+    weight_grads = (backward_weight_grads(workload, workers, level, seed, profile, transitions)
+                    if masking == "backward" else None)
+    p = sdp_plan(workload, workers, coverage, level, seed, profile, optimizer, batch_size, transitions, balance,
+                 activation_checkpointing, masking, weight_grads)
     ddp = predict_worker(plan(workload.factory, workers, 1.0, "block", seed), 0, optimizer, profile, batch_size,
                          activation_checkpointing=activation_checkpointing)
     if masking == "backward":
-        sample = workload.make_batch(profile.batch_size, torch.device("cpu"), seed)
-        weight_grads = profile_weight_grads(workload.factory, sample, workload.loss_fn, p, seed=seed)
         per = [predict_backward_worker(p, k, optimizer, profile, weight_grads, batch_size) for k in range(workers)]
         for w in per:  # the full forward on every worker: the full model's transient
             w["transient_bytes"] = ddp["transient_bytes"]
@@ -217,13 +213,30 @@ def plan_prediction(workload: Workload, workers: int, coverage: float, level: st
 
 def sdp_plan(w: Workload, workers: int, coverage: float, level: str, seed: int, profile: ActivationProfile | None,
              optimizer: str, batch_size: int, transitions: str, balance: str,
-             activation_checkpointing: bool = False) -> Plan:
-    """The plan the main job would make (both parts of the benchmark measure the same plans)."""
+             activation_checkpointing: bool = False, masking: str = "forward",
+             weight_grads: dict[str, int] | None = None) -> Plan:
+    """The plan the main job would make (the benchmark, ``plan --json`` and ``train`` use the same plans).
+
+    Backward masking balances its own costs (:func:`subnetdp.measure.prediction.backward_memory_cost`);
+    ``weight_grads`` (at the profile's batch) is measured here when not given.
+    """
     if balance == "memory":
         if profile is None:
             profile = profile_activations(w.factory, w.make_batch(batch_size, torch.device("cpu"), seed), w.loss_fn,
                                           batch_size, seed=seed)
+        if masking == "backward" and weight_grads is None:
+            weight_grads = ({} if activation_checkpointing else
+                            backward_weight_grads(w, workers, level, seed, profile, transitions))
         return memory_plan(w.factory, workers, coverage, level, seed, profile=profile, optimizer=optimizer,
                            batch_size=batch_size, transitions=transitions,
-                           activation_checkpointing=activation_checkpointing)
+                           activation_checkpointing=activation_checkpointing, masking=masking,
+                           weight_grads=weight_grads)
     return plan(w.factory, workers, coverage, level, seed, transitions=transitions)
+
+
+def backward_weight_grads(w: Workload, workers: int, level: str, seed: int, profile: ActivationProfile,
+                          transitions: str = "keep") -> dict[str, int]:
+    """Saved bytes only each unit's weight gradients need (:func:`profile_weight_grads`), at the profile's batch."""
+    units = plan(w.factory, workers, 1.0, level, seed, transitions=transitions)  # units do not depend on coverage
+    sample = w.make_batch(profile.batch_size, torch.device("cpu"), seed)
+    return profile_weight_grads(w.factory, sample, w.loss_fn, units, seed=seed)

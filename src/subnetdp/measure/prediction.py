@@ -411,17 +411,49 @@ def memory_cost(plan: Plan, profile: ActivationProfile, optimizer: str, batch_si
     return costs, plan.kept_params * per_param + kept_saved * scale
 
 
+def backward_memory_cost(plan: Plan, profile: ActivationProfile, optimizer: str, weight_grads: dict[str, int],
+                         batch_size: int | None = None) -> tuple[dict[int, float], float]:
+    """Backward masking's counterpart of :func:`memory_cost`: what a unit adds to each of its holders.
+
+    Every worker holds the full parameters and the full forward's activations, so only two things
+    differ between workers: the gradients and optimizer state of held units, and the saved bytes
+    that only held units' weight gradients need (``weight_grads`` from :func:`profile_weight_grads`,
+    at the profile's batch; a neuron-level group's share per unit).
+    """
+    scale = (batch_size or profile.batch_size) / profile.batch_size
+    per_param = BYTES_PER_ELEMENT * (1 + optimizer_kind(optimizer).state_tensors)
+    sizes = {g.name: g.size for g in plan.groups}
+    costs: dict[int, float] = {}
+    for u in plan.units:
+        key_bytes = weight_grads.get(u.name if plan.level == "block" else u.group, 0)
+        share = key_bytes if plan.level == "block" else key_bytes / sizes[u.group]
+        costs[u.index] = u.numel * per_param + share * scale
+    return costs, plan.kept_params * per_param
+
+
 def memory_plan(model: nn.Module | ModelFactory, workers: int, coverage: float, level: str = "block",
                 seed: int = 0, *, profile: ActivationProfile, optimizer: str, batch_size: int | None = None,
-                activation_checkpointing: bool = False, **plan_kwargs: Any) -> Plan:
+                activation_checkpointing: bool = False, masking: str = "forward",
+                weight_grads: dict[str, int] | None = None, **plan_kwargs: Any) -> Plan:
     """A plan balanced on predicted memory per worker (``balance="memory"``), from one activation profile.
 
     Same units and uniform representation as :func:`subnetdp.plan` (every unit exactly ``r``
     holders); only the slots differ, chosen so that the workers' model state plus saved activations
-    (for ``optimizer`` at ``batch_size``) spread least. ``plan_kwargs`` go to :func:`subnetdp.plan`.
+    (for ``optimizer`` at ``batch_size``) spread least. ``masking="backward"`` balances what differs
+    between backward-masking workers (:func:`backward_memory_cost`; ``weight_grads`` from
+    :func:`profile_weight_grads`, or ``{}`` to balance held state alone, as with activation
+    checkpointing). ``plan_kwargs`` go to :func:`subnetdp.plan`.
     """
+    if masking not in ("forward", "backward"):
+        raise ValueError(f"masking={masking!r}: choose 'forward' or 'backward'")
     base = plan_units(model, workers, coverage, level, seed, **plan_kwargs)
-    costs, kept = memory_cost(base, profile, optimizer, batch_size, activation_checkpointing)
+    if masking == "backward":
+        if weight_grads is None:
+            raise ValueError("memory_plan(masking='backward') needs weight_grads= (from profile_weight_grads, "
+                             "or {} to balance the held gradients and optimizer state alone)")
+        costs, kept = backward_memory_cost(base, profile, optimizer, weight_grads, batch_size)
+    else:
+        costs, kept = memory_cost(base, profile, optimizer, batch_size, activation_checkpointing)
     return plan_units(model, workers, coverage, level, seed, cost=lambda u: costs[u.index], balance="memory",
                       kept_cost=kept, **plan_kwargs)
 
