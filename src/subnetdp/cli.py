@@ -16,7 +16,7 @@ import types
 import typing
 from collections.abc import Sequence
 
-from subnetdp.config import ConfigError, TrainConfig, load_file, validate
+from subnetdp.config import DEVICES, ConfigError, TrainConfig, load_file, validate
 from subnetdp.optimizers import OPTIMIZER_NAMES
 from subnetdp.planning import JOB_BALANCES, LEVELS, TRANSITIONS
 
@@ -315,7 +315,7 @@ def _budget_command(args: argparse.Namespace) -> int:
         w = workload_for(args)
         choice = plan_for_budget(w, args.workers, args.budget, optimizer=args.optimizer,
                                  batch_size=args.batch_size, seed=args.seed,
-                                 transitions=getattr(args, "transitions", "keep"))
+                                 transitions=args.transitions)
     except ValueError as e:
         print(f"subnetdp plan: error: {e}", file=sys.stderr)
         return 2
@@ -326,7 +326,7 @@ def _budget_command(args: argparse.Namespace) -> int:
         r = measure_choice(choice, w, seed=args.seed)
         print(f"\nmeasured worker {r['worker']}: {format_bytes(r['measured_bytes'])} (state + saved activations) "
               f"vs predicted {format_bytes(r['predicted_bytes'])}: ratio {r['ratio']:.3f}")
-    if getattr(args, "save", None):
+    if args.save:
         with open(args.save, "w") as f:
             f.write(choice.plan.to_json())
         print(f"plan saved to {args.save}")
@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Test accuracy (images) or validation loss (text) of RUN_DIR/model.safetensors, "
                                     "from the run's files alone (config.json names the data, model and precision).")
     ev.add_argument("run", metavar="RUN_DIR", help="run directory of subnetdp train")
-    ev.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device to evaluate on")
+    ev.add_argument("--device", default="auto", choices=DEVICES, help="device to evaluate on")
     ev.add_argument("--json", action="store_true", help="print one JSON object with the keys of summary.json's 'final'")
 
     rep = sub.add_parser("report", help="markdown table and PNG plots from run directories")

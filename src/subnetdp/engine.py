@@ -44,7 +44,7 @@ from subnetdp.masking import (
 )
 from subnetdp.planning import Plan
 from subnetdp.subnet import build_subnetwork
-from subnetdp.sync import SYNC_MODES, clip_gradients_, divide_by_holders_, holder_weighted_sq_norm, traffic
+from subnetdp.sync import check_sync, clip_gradients_, divide_by_holders_, holder_weighted_sq_norm, traffic
 
 DEFAULT_BUCKET_ELEMENTS = 25 * 2**20 // 4  # DDP's default 25 MiB of fp32
 FIRST_BUCKET_ELEMENTS = 2**20 // 4  # DDP's first bucket: 1 MiB of fp32
@@ -148,10 +148,7 @@ class SubnetDataParallel(nn.Module):
             raise RuntimeError("SubnetDataParallel needs torch.distributed: call "
                                "torch.distributed.init_process_group() first, in every process (torchrun "
                                "only sets the environment it reads; it does not initialise the group)")
-        if sync not in SYNC_MODES:
-            raise ValueError(f"sync={sync!r}: choose one of {SYNC_MODES}")
-        if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
-            raise ValueError(f"sync_every={sync_every!r}: need a positive whole number of steps")
+        check_sync(sync, sync_every)
         if isinstance(bucket_elements, bool) or not isinstance(bucket_elements, int) or bucket_elements < 1:
             raise ValueError(f"bucket_elements={bucket_elements!r}: need a positive whole number of elements")
         check_masking(masking, sync)
@@ -327,10 +324,15 @@ class SubnetDataParallel(nn.Module):
         self._launch_ready()
 
     def _launch(self, c: _Chunk) -> None:
-        c.flat = c.bucket.gather(grads=True)
-        c.work = dist.all_reduce(c.flat, op=dist.ReduceOp.SUM, group=self._group(c.bucket.holders), async_op=True)
-        self._step_bytes += c.flat.numel() * c.flat.element_size()
+        c.flat, c.work = self._sum_async(c.bucket, grads=True)
+
+    def _sum_async(self, bucket: Bucket, grads: bool) -> tuple[torch.Tensor, object]:
+        """Start the all-reduce (``SUM``) of ``bucket``'s gradients or values in its holders' group, counted in stats."""
+        flat = bucket.gather(grads=grads)
+        work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self._group(bucket.holders), async_op=True)
+        self._step_bytes += flat.numel() * flat.element_size()
         self.stats.calls += 1
+        return flat, work
 
     def _launch_ready(self) -> None:
         while self._next < len(self._chunks) and self._chunks[self._next].pending == 0:
@@ -408,12 +410,7 @@ class SubnetDataParallel(nn.Module):
     def average_parameters(self) -> None:
         """Average every parameter element over its holders now (one collective per bucket)."""
         start = time.perf_counter()
-        works = []
-        for c in self._chunks:
-            flat = c.bucket.gather(grads=False)
-            works.append((c, flat, dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self._group(c.bucket.holders), async_op=True)))
-            self._step_bytes += flat.numel() * flat.element_size()
-            self.stats.calls += 1
+        works = [(c, *self._sum_async(c.bucket, grads=False)) for c in self._chunks]
         for c, flat, work in works:
             work.wait()
             c.bucket.scatter(divide_by_holders_(flat, c.bucket.holders), grads=False)

@@ -21,7 +21,7 @@ from subnetdp.masking import (
 )
 from subnetdp.planning import Plan
 from subnetdp.subnet import build_subnetwork
-from subnetdp.sync import SYNC_MODES, average_over_holders, clip_gradients_, holder_weighted_sq_norm, traffic
+from subnetdp.sync import average_over_holders, check_sync, clip_gradients_, holder_weighted_sq_norm, traffic
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 LossFn = Callable[[nn.Module, object], torch.Tensor]
@@ -55,10 +55,7 @@ class Simulation:
         masking: str = "forward",
         init: str = "full",
     ) -> None:
-        if sync not in SYNC_MODES:
-            raise ValueError(f"sync={sync!r}: choose one of {SYNC_MODES}")
-        if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
-            raise ValueError(f"sync_every={sync_every!r}: need a positive whole number of steps")
+        check_sync(sync, sync_every)
         check_masking(masking, sync)
         self.plan, self.sync, self.sync_every, self.masking = plan, sync, sync_every, masking
         self.structure, source = structure_of(model, seed, init)

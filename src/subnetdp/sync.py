@@ -24,10 +24,18 @@ import torch
 from torch import nn
 
 from subnetdp.buckets import Bucket, Holders, build_buckets
-from subnetdp.masking import MASKINGS, broadcast_buckets, full_buckets, held_buckets
+from subnetdp.masking import broadcast_buckets, check_masking, full_buckets, held_buckets
 from subnetdp.planning import Plan
 
 SYNC_MODES = ("grads", "params")  # average gradients every step, or parameters every sync_every steps
+
+
+def check_sync(sync: str, sync_every: int) -> None:
+    """Fail fast on an unknown sync mode or a cadence that is not a positive whole number of steps."""
+    if sync not in SYNC_MODES:
+        raise ValueError(f"sync={sync!r}: choose one of {SYNC_MODES}")
+    if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
+        raise ValueError(f"sync_every={sync_every!r}: need a positive whole number of steps")
 
 
 def divide_by_holders_(summed: torch.Tensor, holders: Holders) -> torch.Tensor:
@@ -95,7 +103,7 @@ def traffic(reduced: Iterable[Bucket], broadcast: Iterable[Bucket] = ()) -> dict
     shared = [b for b in reduced if b.shared]
     sent = sum(bucket_bytes(b) for b in broadcast)
     handed = sum(bucket_bytes(b) for b in shared)
-    ring = sum(2 * (len(b.holders) - 1) / len(b.holders) * b.numel * _element_size(b) for b in shared)
+    ring = sum(2 * (len(b.holders) - 1) / len(b.holders) * bucket_bytes(b) for b in shared)
     return {"collective_bytes": handed + sent, "ring_bytes": ring + sent, "broadcast_bytes": sent}
 
 
@@ -106,8 +114,7 @@ def step_traffic(module: nn.Module, plan: Plan, worker: int, masking: str = "for
     Equals what :class:`subnetdp.SubnetDataParallel` hands to collectives per gradient sync
     (``predicted_bytes_per_sync``). ``broadcast_bytes`` appears under backward masking only.
     """
-    if masking not in MASKINGS:
-        raise ValueError(f"masking={masking!r}: choose one of {MASKINGS}")
+    check_masking(masking, "grads")
     if masking == "forward":
         out = traffic(build_buckets(module, plan, worker))
         return {"collective_bytes": out["collective_bytes"], "ring_bytes": out["ring_bytes"]}

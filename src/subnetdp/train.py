@@ -307,9 +307,10 @@ class Run:
         profile = profile_activations(self.factory, sample, task.loss, len(sample[0]), seed=cfg.seed, device="cpu")
         weight_grads = None
         if cfg.masking == "backward":  # what differs between its workers: held state, weight-gradient inputs
-            units = make_plan(self.factory, self.world, cfg.coverage, cfg.level, cfg.seed, transitions=cfg.transitions)
-            weight_grads = ({} if cfg.checkpointing == "blocks" else  # checkpointed blocks save their inputs anyway
-                            profile_weight_grads(self.factory, sample, task.loss, units, seed=cfg.seed, device="cpu"))
+            weight_grads = {}  # checkpointed blocks save their inputs anyway
+            if cfg.checkpointing != "blocks":
+                units = make_plan(self.factory, self.world, 1.0, cfg.level, cfg.seed, transitions=cfg.transitions)
+                weight_grads = profile_weight_grads(self.factory, sample, task.loss, units, seed=cfg.seed, device="cpu")
         return memory_plan(self.factory, self.world, cfg.coverage, cfg.level, cfg.seed, profile=profile,
                            optimizer=_opt_name(cfg), batch_size=cfg.batch_size, transitions=cfg.transitions,
                            activation_checkpointing=cfg.checkpointing == "blocks", masking=cfg.masking,

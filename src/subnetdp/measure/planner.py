@@ -36,7 +36,7 @@ from subnetdp.measure.prediction import (
 from subnetdp.measure.workloads import Workload
 from subnetdp.metrics import format_bytes
 from subnetdp.optimizers import make_optimizer
-from subnetdp.planning import LEVELS, Plan, plan, valid_coverages
+from subnetdp.planning import JOB_BALANCES, LEVELS, Plan, plan, valid_coverages
 from subnetdp.subnet import build_subnetwork
 
 DEFAULT_TRANSITIONS = TrainConfig.transitions  # the main job's default, measured as "SDP" by the benchmark
@@ -107,9 +107,7 @@ def plan_for_budget(workload: Workload, workers: int, budget: str | int, *, opti
     if bad or not levels:
         raise ValueError(f"levels {levels!r}: choose among {LEVELS}")
     if profile is None:
-        batch = workload.make_batch(profile_batch, torch.device(device), seed)
-        profile = profile_activations(workload.factory, batch, workload.loss_fn, profile_batch, seed=seed,
-                                      device=device)
+        profile = profile_workload(workload, seed=seed, profile_batch=profile_batch, device=device)
     candidates = []
     for c in sorted(valid_coverages(workers), reverse=True):
         for level in levels:
@@ -182,10 +180,10 @@ def plan_prediction(workload: Workload, workers: int, coverage: float, level: st
     if masking == "backward" and activation_checkpointing:
         raise ValueError("the prediction does not model backward masking with activation checkpointing; "
                          "predict one of them (drop --activation-checkpointing or --masking backward)")
+    if balance not in JOB_BALANCES:
+        raise ValueError(f"balance={balance!r}: choose {' or '.join(JOB_BALANCES)}")
     if profile is None:
         profile = profile_workload(workload, seed=seed)
-    if balance not in ("memory", "params"):
-        raise ValueError(f"balance={balance!r}: choose memory or params")
     weight_grads = (backward_weight_grads(workload, workers, level, seed, profile, transitions)
                     if masking == "backward" else None)
     p = sdp_plan(workload, workers, coverage, level, seed, profile, optimizer, batch_size, transitions, balance,
@@ -222,8 +220,7 @@ def sdp_plan(w: Workload, workers: int, coverage: float, level: str, seed: int, 
     """
     if balance == "memory":
         if profile is None:
-            profile = profile_activations(w.factory, w.make_batch(batch_size, torch.device("cpu"), seed), w.loss_fn,
-                                          batch_size, seed=seed)
+            profile = profile_workload(w, seed=seed, profile_batch=batch_size)
         if masking == "backward" and weight_grads is None:
             weight_grads = ({} if activation_checkpointing else
                             backward_weight_grads(w, workers, level, seed, profile, transitions))

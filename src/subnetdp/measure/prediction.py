@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from subnetdp.init import ModelFactory, materialize
+from subnetdp.masking import MASKINGS
 from subnetdp.measure.meters import LossFn, SavedTensorMeter, loss_of, storage_key
 from subnetdp.optimizers import optimizer_kind
 from subnetdp.planning import Plan
@@ -444,8 +445,8 @@ def memory_plan(model: nn.Module | ModelFactory, workers: int, coverage: float, 
     :func:`profile_weight_grads`, or ``{}`` to balance held state alone, as with activation
     checkpointing). ``plan_kwargs`` go to :func:`subnetdp.plan`.
     """
-    if masking not in ("forward", "backward"):
-        raise ValueError(f"masking={masking!r}: choose 'forward' or 'backward'")
+    if masking not in MASKINGS:
+        raise ValueError(f"masking={masking!r}: choose one of {MASKINGS}")
     base = plan_units(model, workers, coverage, level, seed, **plan_kwargs)
     if masking == "backward":
         if weight_grads is None:

@@ -36,8 +36,7 @@ from torch import nn
 from subnetdp.baselines import fsdp2_bytes, wrap_baseline
 from subnetdp.init import materialize
 from subnetdp.measure.meters import state_bytes
-from subnetdp.measure.planner import DEFAULT_TRANSITIONS, sdp_plan
-from subnetdp.measure.prediction import profile_activations
+from subnetdp.measure.planner import DEFAULT_TRANSITIONS, profile_workload, sdp_plan
 from subnetdp.measure.tables import sdp_name
 from subnetdp.measure.workloads import workload_from_spec
 from subnetdp.optimizers import make_optimizer
@@ -99,8 +98,7 @@ def run_worker(spec_path: str) -> None:
                                make_optimizer(opt_name, fsdp_model.parameters()), checkpointing=ckpt))
     profile = None
     if spec.get("balance", "params") == "memory":  # the memory part's profile: same batch, same plans
-        profile = profile_activations(w.factory, w.make_batch(batch_size, torch.device("cpu"), seed), w.loss_fn,
-                                      batch_size, seed=seed)
+        profile = profile_workload(w, seed=seed, profile_batch=batch_size)
     for ckpt_mode in spec["checkpointing"]:
         for level in spec["levels"]:
             for c in spec["coverages"]:
