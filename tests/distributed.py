@@ -5,11 +5,12 @@ in-process simulation a run is compared with, and the comparisons themselves.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import tempfile
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -112,12 +113,25 @@ def simulate(model: str, level: str, coverage: float, opt: str, world: int, *, s
     """The in-process simulation of ``world`` workers trained ``steps`` steps on :func:`batches_for`; with
     ``snapshots``, appends every worker's parameters (:func:`params_of`) after each step to it."""
     f = FACTORIES[model]
-    sim = sd.Simulation(f, sd.plan(f, world, coverage, level), OPTIMIZERS[opt], seed=seed, **kw)
-    for step in range(steps):
-        sim.step(batches_for(step, world), ce_loss)
-        if snapshots is not None:
-            snapshots.append([params_of(w) for w in sim.workers])
+    with one_thread():
+        sim = sd.Simulation(f, sd.plan(f, world, coverage, level), OPTIMIZERS[opt], seed=seed, **kw)
+        for step in range(steps):
+            sim.step(batches_for(step, world), ce_loss)
+            if snapshots is not None:
+                snapshots.append([params_of(w) for w in sim.workers])
     return sim
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the block on one CPU thread, as every rank does (:func:`_child`): CPU kernels split their sums
+    by thread count, and AdamW's first steps magnify the last-bit differences on some processors."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def assert_close_by_name(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], **tol: float) -> None:

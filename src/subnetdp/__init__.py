@@ -10,7 +10,7 @@ from subnetdp.checkpointing import checkpoint_blocks
 from subnetdp.evaluation import recalibrate_batchnorm, scale_residual_branches
 from subnetdp.init import materialize
 from subnetdp.planning import Plan, Unit, plan, valid_coverages
-from subnetdp.engine import SubnetDataParallel, agree_finite
+from subnetdp.engine import SubnetDataParallel, agree_finite, clip_grad_norm_
 from subnetdp.simulate import Simulation
 from subnetdp.subnet import build_subnetwork
 
@@ -25,6 +25,7 @@ __all__ = [
     "build_buckets",
     "build_subnetwork",
     "checkpoint_blocks",
+    "clip_grad_norm_",
     "materialize",
     "plan",
     "recalibrate_batchnorm",

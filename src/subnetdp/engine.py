@@ -22,17 +22,21 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils.weak import WeakIdKeyDictionary
 
 from subnetdp.assemble import assemble_state_dict
 from subnetdp.buckets import Bucket, Entry, build_buckets, rebind
+from subnetdp.consistency import disagreements, divergence_message, holder_slots, local_checksums
 from subnetdp.init import ModelFactory, structure_of
 from subnetdp.masking import (
     broadcast_buckets,
@@ -43,11 +47,22 @@ from subnetdp.masking import (
     held_buckets,
 )
 from subnetdp.planning import Plan
+from subnetdp.state_dicts import (
+    checkpointable,
+    init_optimizer_state,
+    load_model_state,
+    load_optimizer_state,
+    model_state,
+    optimizer_state,
+    tag_optimizer,
+)
 from subnetdp.subnet import build_subnetwork
-from subnetdp.sync import check_sync, clip_gradients_, divide_by_holders_, holder_weighted_sq_norm, traffic
+from subnetdp.sync import check_sync, clip_gradients_, divide_by_holders_, holder_weighted_norm_part, traffic
 
 DEFAULT_BUCKET_ELEMENTS = 25 * 2**20 // 4  # DDP's default 25 MiB of fp32
 FIRST_BUCKET_ELEMENTS = 2**20 // 4  # DDP's first bucket: 1 MiB of fp32
+DEFAULT_CHECK_EVERY = 100  # holder agreement checked every N training forwards (docs/ddp_habits.md: its cost)
+_ENGINE_OF = WeakIdKeyDictionary()  # parameter -> weakref to its engine, for clip_grad_norm_
 
 
 def architecture_digest(model: nn.Module) -> str:
@@ -126,6 +141,20 @@ class SubnetDataParallel(nn.Module):
     for host memory); see :mod:`subnetdp.init`. Setup compares the holders' initial values across
     ranks and fails on every rank if they differ. Call :func:`agree_finite` on the loss before
     backward so that a non-finite loss on one rank stops every rank with the same error.
+
+    Holders must stay equal whatever the loop does: :meth:`check_holders` compares one checksum per
+    holder set and tensor across ranks and raises the same error on every rank, naming the tensors
+    and ranks. It runs every ``check_every`` training forwards (0: never; under ``sync="params"``
+    every ``check_every`` parameter averages instead), in :meth:`state_dict`, :meth:`full_state_dict`
+    and checkpoint saves, and in the two training forwards after a load. Clip gradients with
+    :func:`subnetdp.clip_grad_norm_` (or :meth:`clip_grad_norm_`): torch's clips each rank by its
+    own local norm and makes holders diverge.
+
+    ``state_dict()`` (collective) holds this rank's tensors under their full-model names, as
+    ``torch.distributed.checkpoint`` expects (neuron-level slices marked as chunks of the full
+    tensor), and :meth:`optimizer_state_dict` the optimizer's state the same way: ``dcp.save({"model":
+    sdp.state_dict(), "optim": sdp.optimizer_state_dict(opt)})`` round-trips at both levels and loads
+    into another plan or world size.
     """
 
     def __init__(
@@ -142,6 +171,7 @@ class SubnetDataParallel(nn.Module):
         bucket_elements: int = DEFAULT_BUCKET_ELEMENTS,
         masking: str = "forward",
         init: str = "full",
+        check_every: int = DEFAULT_CHECK_EVERY,
     ) -> None:
         super().__init__()
         if not dist.is_initialized():
@@ -152,7 +182,10 @@ class SubnetDataParallel(nn.Module):
         if isinstance(bucket_elements, bool) or not isinstance(bucket_elements, int) or bucket_elements < 1:
             raise ValueError(f"bucket_elements={bucket_elements!r}: need a positive whole number of elements")
         check_masking(masking, sync)
+        if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 0:
+            raise ValueError(f"check_every={check_every!r}: need a whole number of steps, 0 (never) or more")
         self.masking = masking
+        self.check_every = check_every
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         structure, source = structure_of(model, seed, init)  # init="full": the factory's own model, on the host
         self._agree(plan, structure, seed, sync, sync_every, neuron_scaling, bucket_elements, init, masking)
@@ -197,7 +230,9 @@ class SubnetDataParallel(nn.Module):
             self._groups.setdefault(tuple(range(self.world_size)), None)
         else:
             self._buffer_buckets = [b for b in build_buckets(self.module, plan, self.rank, "buffers") if b.shared]
-        self._check_initial_values()
+        everyone = masking == "backward"
+        self._param_slots = holder_slots(structure, self.module, plan, self.rank, "params", everyone)
+        self._check_initial_values(holder_slots(structure, self.module, plan, self.rank, "buffers", everyone))
         self._chunks_of: dict[int, list[_Chunk]] = {}
         for c in self._chunks:
             for p in c.params:
@@ -207,6 +242,13 @@ class SubnetDataParallel(nn.Module):
         self._callback_queued = False
         self._step_bytes = 0
         self._optimizer_steps = 0
+        self._forwards = 0
+        self._initialising_state = False
+        self._checks_pending = 0  # training forwards still to check after a load
+        self._names = {id(p): n for n, p in params.items()}
+        for p in params.values():
+            _ENGINE_OF[p] = weakref.ref(self)
+        _watch_optimizers()
         if sync == "grads":
             for p in params.values():
                 if id(p) in self._chunks_of:
@@ -243,24 +285,37 @@ class SubnetDataParallel(nn.Module):
             raise ValueError("SubnetDataParallel setup failed on every rank: " + "; ".join(problems))
 
     @torch.no_grad()
-    def _check_initial_values(self) -> None:
-        """Holders must start from identical values (DDP broadcasts them; here they are compared).
-
-        Each rank sends one exact integer checksum per holder set it belongs to (its elements' bits
-        weighted by position), so a single differing bit on any rank is caught, at the cost of one
-        small ``all_gather_object``. Every rank raises the same error.
-        """
-        sums = {(kind, b.holders): _checksum(b.gather(grads=False))
-                for kind, buckets in (("parameters", self._all_buckets), ("buffers", self._buffer_buckets))
-                for b in buckets if b.shared}
-        everyone: list[dict] = [None] * self.world_size  # type: ignore[list-item]
-        dist.all_gather_object(everyone, sums)
-        bad = sorted({k for d in everyone for k in d if len({everyone[r].get(k) for r in k[1]}) > 1})
-        if bad:
+    def _check_initial_values(self, buffer_slots: list) -> None:
+        """Holders must start from identical values (DDP broadcasts them; here they are compared)."""
+        found = self._disagreements(self._param_slots + buffer_slots)
+        if found:
+            kinds = {s.name: "buffers" if s in buffer_slots else "parameters" for s, _ in found}
+            bad = sorted({(kinds[s.name], s.holders) for s, _ in found})
             raise ValueError(
                 "SubnetDataParallel setup failed on every rank: initial values differ between the holders "
                 f"{', '.join(f'{kind} of {list(h)}' for kind, h in bad[:5])}; give a factory (seeded by seed=) or the same real model on every rank "
                 "(e.g. call torch.manual_seed with one seed on every rank before building it)")
+
+    def _disagreements(self, slots: list) -> list:
+        """The slots whose holders differ: one all-gather of every rank's checksums, the same verdict on every rank."""
+        mine = local_checksums(slots, self.device)
+        table = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(table, mine, group=self._group(tuple(range(self.world_size))))
+        return disagreements(torch.stack(table), slots)
+
+    @torch.no_grad()
+    def check_holders(self, where: str = "check_holders()") -> None:
+        """Raise the same ``RuntimeError`` on every rank if any holders of a parameter hold different
+        values, naming the tensors, the ranks and the likely causes. Collective: call on every rank.
+
+        Costs one checksum pass over this rank's parameters and one all-gather of a few thousand
+        integers (measured in docs/ddp_habits.md); ``where`` says in the message what triggered it.
+        """
+        found = self._disagreements(self._param_slots)
+        if found:
+            if self.sync == "params":
+                where += "; with sync='params' holders differ between parameter averages: call sdp.average_parameters() first"
+            raise RuntimeError(divergence_message(found, where))
 
     def _make_groups(self, plan: Plan) -> dict[tuple[int, ...], weakref.ref | None]:
         """One group per holder set of two or more ranks, held weakly (see the module docstring)."""
@@ -276,7 +331,7 @@ class SubnetDataParallel(nn.Module):
 
     def _group(self, holders: tuple[int, ...]) -> object:
         """The live process group of ``holders`` (``None``: the default group), or a clear error."""
-        ref = self._groups[holders]
+        ref = None if len(holders) == self.world_size else self._groups[holders]
         group = ref() if ref is not None else None
         if (ref is not None and group is None) or not dist.is_initialized():
             raise RuntimeError("SubnetDataParallel's process groups were destroyed (dist.destroy_process_group() "
@@ -284,12 +339,31 @@ class SubnetDataParallel(nn.Module):
         return group
 
     # ---- the usual nn.Module surface --------------------------------------------------------------
+    def named_parameters(self, prefix: str = "", recurse: bool = True,
+                         remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Parameter]]:
+        """This rank's parameters under their full-model names, without the ``module.`` level: the names
+        :meth:`state_dict` keys them by (and ``get_state_dict`` gives DDP's)."""
+        if recurse:
+            yield from self.module.named_parameters(prefix, recurse, remove_duplicate)
+
+    def named_buffers(self, prefix: str = "", recurse: bool = True,
+                      remove_duplicate: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+        """This rank's buffers under their full-model names, as :meth:`named_parameters`."""
+        if recurse:
+            yield from self.module.named_buffers(prefix, recurse, remove_duplicate)
+
     def forward(self, *args: object, **kwargs: object) -> object:
         if self.masking == "backward" and not self._optimizer_attached and torch.is_grad_enabled():
             raise RuntimeError("masking='backward' needs sdp.attach_optimizer(optimizer) before training: after "
                                "each optimizer step the holders' new values must reach the other ranks")
         if torch.is_grad_enabled():
             self._reset_step()
+            self._forwards += 1
+            if self.sync == "grads" and self._checks_pending:
+                self._checks_pending -= 1
+                self.check_holders(f"training forward {self._forwards}, after a load")
+            elif self.sync == "grads" and self.check_every and self._forwards % self.check_every == 0:
+                self.check_holders(f"the periodic check at training forward {self._forwards}")
         return self.module(*args, **kwargs)
 
     def _reset_step(self) -> None:
@@ -392,18 +466,27 @@ class SubnetDataParallel(nn.Module):
         self.stats.wait_s += time.perf_counter() - start
 
     @torch.no_grad()
-    def clip_grad_norm_(self, max_norm: float) -> float:
-        """Clip by the norm of the full model's averaged gradient (call after backward). Collective.
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
+                        parameters: Iterable[torch.Tensor] | None = None) -> torch.Tensor:
+        """Clip by the norm of the full model's averaged gradient, as ``torch.nn.utils.clip_grad_norm_``
+        clips DDP's (call after backward). Collective. Returns the total norm as a tensor, like torch's.
 
-        Each rank sums its gradient elements squared, each weighted by ``1 / holder count``; the
-        sum over ranks is then exactly the full gradient's squared norm, the same on every rank, so
-        holders of a unit scale it by the same factor and stay identical. Returns the norm.
+        Each rank counts its gradient elements weighted by ``1 / holder count`` (for ``norm_type=inf``,
+        the largest); combined over ranks that is exactly the full gradient's norm, the same on every
+        rank, so the holders of a unit scale it by the same factor and stay identical. ``parameters``
+        (default: all of this rank's) restricts the norm and the clip to those, as torch's does.
         """
-        local = holder_weighted_sq_norm(self._all_buckets, self.device)
-        dist.all_reduce(local, op=dist.ReduceOp.SUM)
-        norm = float(local.sqrt())
-        clip_gradients_(self.module.parameters(), norm, max_norm)
-        return norm
+        norm_type = float(norm_type)
+        only = None if parameters is None else {id(p) for p in parameters}
+        local = holder_weighted_norm_part(self._all_buckets, norm_type, self.device, only)
+        inf = math.isinf(norm_type)
+        dist.all_reduce(local, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM)
+        total = local if inf else local.pow(1.0 / norm_type)
+        if error_if_nonfinite and not torch.isfinite(total):
+            raise RuntimeError(f"the total norm of order {norm_type} of the gradients is non-finite ({float(total)}), "
+                               "the same on every rank; pass error_if_nonfinite=False to clip anyway")
+        clip_gradients_((p for p in self.module.parameters() if only is None or id(p) in only), float(total), max_norm)
+        return total
 
     # ---- parameter averaging ----------------------------------------------------------------------
     @torch.no_grad()
@@ -424,6 +507,8 @@ class SubnetDataParallel(nn.Module):
         """
         if self.masking == "backward":
             def broadcast_after(_opt: torch.optim.Optimizer, _args: tuple, _kwargs: dict) -> None:
+                if self._initialising_state:
+                    return  # optimizer_state_dict's step at learning rate 0 changed nothing
                 self._optimizer_steps += 1
                 self.broadcast_parameters()
 
@@ -435,9 +520,14 @@ class SubnetDataParallel(nn.Module):
                              "gradient sync needs no optimizer hook")
 
         def after_step(_opt: torch.optim.Optimizer, _args: tuple, _kwargs: dict) -> None:
+            if self._initialising_state:
+                return
             self._optimizer_steps += 1
             if self._optimizer_steps % self.sync_every == 0:
                 self.average_parameters()
+                syncs = self._optimizer_steps // self.sync_every
+                if self.check_every and syncs % self.check_every == 0:
+                    self.check_holders(f"the periodic check after parameter average {syncs}")
 
         optimizer.register_step_post_hook(after_step)
 
@@ -459,6 +549,89 @@ class SubnetDataParallel(nn.Module):
         for b in self._buffer_buckets:
             b.scatter(self._buffer_average(b), grads=False)
 
+    # ---- checkpoints: this rank's state under full-model names ----------------------------------------
+    def _check_if_synced(self, where: str) -> None:
+        """Check holders where they must agree: always under gradient sync; under ``sync="params"`` they
+        differ between averages by design."""
+        if self.sync == "grads":
+            self.check_holders(where)
+
+    def _tensor_map(self) -> dict[str, tuple[int, list[int]] | None]:
+        """Where this rank's tensors sit in the full model (backward masking: every tensor whole)."""
+        return {} if self.masking == "backward" else self.plan.tensor_map(self.rank)
+
+    @torch.no_grad()
+    def state_dict(self, *args: object, destination: dict | None = None, prefix: str = "",
+                   keep_vars: bool = False) -> dict[str, torch.Tensor]:
+        """This rank's parameters and buffers under their full-model names (no ``module.`` prefix, as
+        ``get_state_dict`` gives DDP's), buffers averaged over their holders. Collective: call on every rank.
+
+        Made for ``torch.distributed.checkpoint``: a neuron-level slice is marked as chunks of the
+        full tensor, so ``dcp.save`` writes each element once and ``dcp.load`` fills it back, also
+        into another plan or world size. Holders are checked to agree first. Tensors are detached
+        aliases of the live ones (``keep_vars`` is accepted for ``nn.Module`` compatibility and ignored).
+        """
+        if args:
+            raise TypeError("SubnetDataParallel.state_dict takes keyword arguments only (destination=, prefix=)")
+        self._check_if_synced("state_dict()")
+        buffers = self.averaged_buffers()
+        state = model_state(self.module, self.plan, self._tensor_map(), buffers)
+        if destination is None:
+            return state
+        destination.update({prefix + k: v for k, v in state.items()})
+        return destination
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True,
+                        assign: bool = False) -> nn.modules.module._IncompatibleKeys:
+        """Load :meth:`state_dict`'s form, or a full model's state dict (each rank takes its part).
+
+        Collective: checks afterwards that holders agree, and again in the next two training forwards,
+        where a wrong optimizer state shows. ``assign`` is not supported (tensors are copied).
+        """
+        if assign:
+            raise ValueError("SubnetDataParallel.load_state_dict(assign=True) is not supported: values are copied")
+        missing, unexpected = load_model_state(self.module, self.plan, self._tensor_map(), state_dict, strict)
+        self.check_holders("load_state_dict()")
+        self._checks_pending = 2
+        return nn.modules.module._IncompatibleKeys(missing, unexpected)
+
+    def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, object]:
+        """``optimizer``'s state keyed by parameter name (never by the optimizer's positional ids, which
+        name different tensors on different ranks), sliced state marked as chunks as in :meth:`state_dict`.
+
+        Save it beside the model: ``dcp.save({"model": sdp.state_dict(), "optim": sdp.optimizer_state_dict(opt)})``.
+        An optimizer that has not stepped gets its state tensors first by one step at learning rate 0
+        on zero gradients (as ``get_state_dict`` does), so the dict is also the template ``dcp.load`` fills.
+        """
+        self._initialising_state = True
+        try:
+            init_optimizer_state(optimizer)
+        finally:
+            self._initialising_state = False
+        tmap = self._tensor_map()
+        return optimizer_state(optimizer, self._names, lambda t, name: checkpointable(t, self.plan, tmap, name))
+
+    def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state_dict: dict[str, object]) -> None:
+        """Load :meth:`optimizer_state_dict`'s form into ``optimizer`` (state of full-size tensors is sliced)."""
+        tmap = self._tensor_map()
+        load_optimizer_state(optimizer, self._names, state_dict, tmap.get)
+        self._checks_pending = 2
+
+    def _fqn_modifiers(self) -> dict[str, str]:
+        """``torch.distributed.checkpoint.state_dict``'s hook: :meth:`state_dict`'s keys omit the ``module.``
+        level, so ``get_state_dict``/``set_state_dict`` see the model's own names, as for DDP.
+
+        Those functions key the optimizer state by parameter name with plain tensors, which cannot tell
+        the ranks' neuron-level slices apart: there they are refused, naming the supported calls.
+        """
+        if self.masking == "forward" and self.plan.level == "neuron":
+            raise RuntimeError(
+                "torch.distributed.checkpoint.state_dict.get_state_dict/set_state_dict cannot checkpoint neuron-level "
+                "SDP: each rank holds other slices of a tensor under one name. Use dcp.save({'model': sdp.state_dict(), "
+                "'optim': sdp.optimizer_state_dict(optimizer)}) and, after dcp.load of the same dict, "
+                "sdp.load_state_dict(state['model']); sdp.load_optimizer_state_dict(optimizer, state['optim'])")
+        return {name: "module" for name, _ in self.module.named_children()}
+
     # ---- the full model -----------------------------------------------------------------------------
     @torch.no_grad()
     def averaged_buffers(self) -> dict[str, torch.Tensor]:
@@ -479,8 +652,9 @@ class SubnetDataParallel(nn.Module):
         """Gather the full model onto rank 0 (other ranks get ``None``), buffers averaged over holders.
 
         A pure read: the workers' state is unchanged. Each element travels once, from its
-        lowest-numbered holder. Collective: call on every rank.
+        lowest-numbered holder. Collective: call on every rank. Checks first that holders agree.
         """
+        self._check_if_synced("full_state_dict()")
         if self.masking == "backward":  # every rank holds the full model, identical after each step
             state = {**self.module.state_dict(), **self.averaged_buffers()}
             return {n: t.detach().cpu().clone() for n, t in state.items()} if self.rank == 0 else None
@@ -508,17 +682,48 @@ class SubnetDataParallel(nn.Module):
         return assemble_state_dict(pieces, self.plan, self.structure)
 
 
-def _checksum(flat: torch.Tensor) -> int:
-    """An exact, order-independent checksum of ``flat``'s bits: sum of bits times (position mod p + 1)."""
-    ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()]
-    bits = flat.contiguous().view(ints)
-    total = torch.zeros((), dtype=torch.int64, device=flat.device)
-    step = 1 << 20  # bounded extra memory
-    for start in range(0, bits.numel(), step):
-        part = bits[start:start + step].to(torch.int64)
-        weight = torch.arange(start, start + part.numel(), device=flat.device, dtype=torch.int64) % 65521 + 1
-        total += (part * weight).sum()
-    return int(total)
+_TAGGED: weakref.WeakSet = weakref.WeakSet()  # optimizers whose state_dict() names its rank and plan
+_WATCH: list = []  # the handle of the one global optimizer hook, once registered
+
+
+def _watch_optimizers() -> None:
+    """Once per process: every optimizer that steps a SubnetDataParallel's parameters gets its
+    ``state_dict()`` tagged with its rank and plan (:func:`subnetdp.state_dicts.tag_optimizer`)."""
+    if not _WATCH:
+        _WATCH.append(register_optimizer_step_pre_hook(_tag_if_sdp))
+
+
+def _tag_if_sdp(optimizer: torch.optim.Optimizer, _args: tuple, _kwargs: dict) -> None:
+    if optimizer in _TAGGED:
+        return
+    _TAGGED.add(optimizer)
+    for p in (p for g in optimizer.param_groups for p in g["params"]):
+        ref = _ENGINE_OF.get(p)
+        engine = ref() if ref is not None else None
+        if engine is not None:
+            tag_optimizer(optimizer, engine.rank, engine.plan.digest())
+            return
+
+
+def clip_grad_norm_(parameters: torch.Tensor | Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0,
+                    error_if_nonfinite: bool = False, foreach: bool | None = None) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` that is right for SDP: the same call, the same return value.
+
+    For a :class:`SubnetDataParallel`'s parameters it clips by the norm of the full model's averaged
+    gradient, the same on every rank (:meth:`SubnetDataParallel.clip_grad_norm_`; collective), where
+    torch's would clip each rank by its own local norm and make the holders of a unit diverge. Other
+    parameters go to torch's own function unchanged (``foreach`` applies to those only).
+    """
+    params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    refs = [_ENGINE_OF.get(p) for p in params]
+    engines = {id(e): e for e in (r() for r in refs if r is not None) if e is not None}
+    if not engines:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite, foreach)
+    if len(engines) > 1 or any(r is None for r in refs):
+        raise ValueError("clip_grad_norm_: the parameters belong to several models (or only some to a "
+                         "SubnetDataParallel); clip each model's parameters in its own call")
+    engine = next(iter(engines.values()))
+    return engine.clip_grad_norm_(max_norm, norm_type, error_if_nonfinite, parameters=params)
 
 
 def agree_finite(loss: torch.Tensor, step: int | None = None, group: object = None) -> None:

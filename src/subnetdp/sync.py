@@ -18,6 +18,7 @@ order); this module holds what SDP computes over them, each in one place:
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -59,13 +60,35 @@ def average_over_holders(buckets: Sequence[dict[Holders, Bucket]], grads: bool) 
 
 @torch.no_grad()
 def holder_weighted_sq_norm(buckets: Iterable[Bucket], device: torch.device | str = "cpu") -> torch.Tensor:
-    """A worker's share of the full model's squared (averaged) gradient norm, as a float32 scalar.
+    """A worker's share of the full model's squared (averaged) gradient norm, as a float32 scalar."""
+    return holder_weighted_norm_part(buckets, 2.0, device)
 
-    Each element's square is weighted by ``1 / holder count``: after sync all holders have the same
-    value, so the workers' shares add up to every element counted once.
+
+@torch.no_grad()
+def holder_weighted_norm_part(buckets: Iterable[Bucket], norm_type: float, device: torch.device | str = "cpu",
+                              only: set[int] | None = None) -> torch.Tensor:
+    """A worker's share of the full model's ``norm_type``-norm of the (averaged) gradient, as a float32 scalar.
+
+    Finite ``p``: the sum of ``|g|**p``, each element weighted by ``1 / holder count``: after sync all
+    holders have the same value, so the workers' shares add up (all-reduce ``SUM``) to every element
+    counted once. ``inf``: the largest ``|g|``; the workers' shares combine by all-reduce ``MAX``.
+    ``only``: ids of the parameters to count (the others' entries are skipped), as torch's
+    ``clip_grad_norm_`` counts the parameters it is given.
     """
-    parts = [divide_by_holders_(b.gather(grads=True).float().pow(2).sum(), b.holders) for b in buckets]
-    return torch.stack(parts).sum() if parts else torch.zeros((), device=device)
+    parts = []
+    for b in buckets:
+        kept = [e for e in b.entries if only is None or id(e.tensor) in only]
+        if not kept:
+            continue
+        g = Bucket(b.holders, kept).gather(grads=True).float().abs()
+        if math.isinf(norm_type):
+            parts.append(g.max() if g.numel() else torch.zeros((), device=g.device))
+        else:
+            parts.append(divide_by_holders_(g.pow(norm_type).sum(), b.holders))
+    if not parts:
+        return torch.zeros((), device=device)
+    stacked = torch.stack(parts)
+    return stacked.max() if math.isinf(norm_type) else stacked.sum()
 
 
 @torch.no_grad()
