@@ -7,7 +7,7 @@ layer's inner width); parameters shared by several workers are averaged over exa
 from subnetdp.assemble import assemble_state_dict
 from subnetdp.buckets import Bucket, build_buckets
 from subnetdp.checkpointing import checkpoint_blocks
-from subnetdp.evaluation import recalibrate_batchnorm, scale_residual_branches
+from subnetdp.evaluation import evaluation_model, recalibrate_batchnorm, scale_residual_branches
 from subnetdp.init import materialize
 from subnetdp.planning import Plan, Unit, plan, valid_coverages
 from subnetdp.engine import SubnetDataParallel, agree_finite
@@ -25,6 +25,7 @@ __all__ = [
     "build_buckets",
     "build_subnetwork",
     "checkpoint_blocks",
+    "evaluation_model",
     "materialize",
     "plan",
     "recalibrate_batchnorm",
