@@ -9,6 +9,7 @@ from subnetdp.buckets import Bucket, build_buckets
 from subnetdp.checkpointing import checkpoint_blocks
 from subnetdp.evaluation import evaluation_model, recalibrate_batchnorm, scale_residual_branches
 from subnetdp.init import materialize
+from subnetdp.measure.prediction import memory_balanced_plan
 from subnetdp.planning import Plan, Unit, plan, valid_coverages
 from subnetdp.engine import SubnetDataParallel, agree_finite
 from subnetdp.simulate import Simulation
@@ -27,6 +28,7 @@ __all__ = [
     "checkpoint_blocks",
     "evaluation_model",
     "materialize",
+    "memory_balanced_plan",
     "plan",
     "recalibrate_batchnorm",
     "scale_residual_branches",

@@ -30,11 +30,10 @@ from subnetdp.evaluation import evaluation_model
 from subnetdp.init import materialize
 from subnetdp.measure.prediction import (
     ActivationProfile,
-    memory_plan,
+    memory_balanced_plan,
     plan_summary,
     predict_worker,
     profile_activations,
-    profile_weight_grads,
 )
 from subnetdp.metrics import MetricsLog, format_bytes
 from subnetdp.planning import Plan, plan as make_plan
@@ -304,16 +303,11 @@ class Run:
             batch = next(task.epoch_batches(task.loader(0, self.world), 10_000, 0))
         sample = tuple(t[:2].cpu() for t in batch)
         profile = profile_activations(self.factory, sample, task.loss, len(sample[0]), seed=cfg.seed, device="cpu")
-        weight_grads = None
-        if cfg.masking == "backward":  # what differs between its workers: held state, weight-gradient inputs
-            weight_grads = {}  # checkpointed blocks save their inputs anyway
-            if cfg.checkpointing != "blocks":
-                units = make_plan(self.factory, self.world, 1.0, cfg.level, cfg.seed, transitions=cfg.transitions)
-                weight_grads = profile_weight_grads(self.factory, sample, task.loss, units, seed=cfg.seed, device="cpu")
-        return memory_plan(self.factory, self.world, cfg.coverage, cfg.level, cfg.seed, profile=profile,
-                           optimizer=_opt_name(cfg), batch_size=cfg.batch_size, transitions=cfg.transitions,
-                           activation_checkpointing=cfg.checkpointing == "blocks", masking=cfg.masking,
-                           weight_grads=weight_grads), profile
+        plan = memory_balanced_plan(self.factory, self.world, cfg.coverage, cfg.level, cfg.seed, sample=sample,
+                                    loss_fn=task.loss, batch_size=cfg.batch_size, optimizer=_opt_name(cfg),
+                                    transitions=cfg.transitions, activation_checkpointing=cfg.checkpointing == "blocks",
+                                    masking=cfg.masking, profile=profile)
+        return plan, profile
 
     def _resume(self) -> None:
         """Continue from the newest intact checkpoint under ``--resume`` (or a restart), on every rank."""
