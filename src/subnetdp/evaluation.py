@@ -114,6 +114,7 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Batch]) -> int:
 
 
 def has_batchnorm(model: nn.Module) -> bool:
+    """Whether ``model`` has BatchNorm layers, whose running statistics need re-estimating after assembly."""
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
