@@ -177,3 +177,43 @@ def test_backward_masking_plans_balance_what_differs_between_its_workers(workloa
         assert worst(backward) < worst(forward)
     with pytest.raises(ValueError, match="weight_grads"):
         memory_plan(w.factory, K, 0.5, "block", profile=profile, optimizer=opt, masking="backward")
+
+
+@pytest.mark.parametrize("level,masking", [("block", "forward"), ("neuron", "forward"), ("block", "backward")])
+def test_memory_balanced_plan_is_the_plan_of_plan_json(capsys, level, masking):
+    """subnetdp.memory_balanced_plan, given the model, a sample batch and the optimizer, returns exactly the
+    plan `subnetdp plan` (and `subnetdp train`, tests/test_cli.py) makes by default; subnetdp.plan balances
+    parameter counts and differs."""
+    import json
+
+    from subnetdp.cli import main
+
+    assert main(["plan", "--model", "resnet18", "--width", "4", "--workers", "4", "--coverage", "0.5", "--level", level,
+                 "--batch-size", "16", "--optimizer", "sgd-momentum", "--masking", masking, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    sample = (torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,)))  # any values: saved bytes depend on shapes
+    p = sd.memory_balanced_plan(W.factory, 4, 0.5, level, sample=sample, loss_fn=W.loss_fn, batch_size=16,
+                                optimizer="sgd-momentum", masking=masking)
+    assert p.balance == "memory" and p.digest() == out["plan_digest"]
+    if level == "block":
+        assert sd.plan(W.factory, 4, 0.5, level).digest() != p.digest()
+
+
+def test_plan_builds_a_module_callable_model_as_train_does(tmp_path, capsys):
+    """--num-classes reaches a 'module:callable' model (torchvision's resnet34 takes it through **kwargs),
+    --vocab-size and --seq-len reach a language model; --width is refused as train refuses it."""
+    from subnetdp.cli import main
+    from subnetdp.planning import Plan
+
+    def saved(*flags: str) -> dict[str, tuple[int, ...]]:
+        path = tmp_path / "plan.json"
+        assert main(["plan", "--workers", "2", "--coverage", "0.5", "--save", str(path), *flags]) == 0
+        return dict(Plan.from_json(path.read_text()).tensors)
+
+    assert saved("--model", "torchvision.models:resnet34", "--num-classes", "10")["fc.weight"] == (10, 512)
+    assert saved("--model", "subnetdp.models:resnet18", "--num-classes", "7")["fc.weight"][0] == 7
+    tensors = saved("--model", "subnetdp.models:llama_tiny", "--vocab-size", "50", "--seq-len", "16")
+    assert tensors["tok_embeddings.weight"][0] == 50
+    capsys.readouterr()
+    assert main(["plan", "--model", "subnetdp.models:resnet18", "--width", "8"]) == 2
+    assert "--width applies to resnet18" in capsys.readouterr().err

@@ -435,3 +435,23 @@ def test_plan_shares_trains_flag_definitions():
     assert plan_flags["level"].choices == LEVELS and plan_flags["transitions"].choices == TRANSITIONS
     assert plan_flags["masking"].choices == MASKINGS
     assert plan_flags["workers"].default == 8  # plan's K; train's --workers starts processes
+
+
+@pytest.mark.parametrize("masking", ["forward", "backward"])
+def test_train_makes_the_memory_balanced_plan_of_the_library(tmp_path, masking):
+    """The main job's default plan is subnetdp.memory_balanced_plan's for the same model, sample shape,
+    batch size and optimizer (subnetdp plan --json too: tests/test_budget.py)."""
+    import functools
+
+    import subnetdp as sd
+    from subnetdp.losses import classification_loss
+    from subnetdp.planning import Plan
+
+    out = train(tmp_path, "run", "--simulate", "4", "--level", "block", "--transitions", "shortcut", "--steps", "1",
+                "--masking", masking, "--eval-every", "0")
+    run_plan = Plan.from_json((out / "plan.json").read_text())
+    sample = (torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,)))
+    p = sd.memory_balanced_plan(functools.partial(resnet18, width=4, num_classes=10), 4, 0.5, "block", sample=sample,
+                                loss_fn=lambda m, b: classification_loss(m(b[0]), b[1]), batch_size=32,
+                                optimizer="sgd", transitions="shortcut", masking=masking)
+    assert run_plan.digest() == p.digest()

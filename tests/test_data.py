@@ -357,3 +357,31 @@ def test_both_loaders_keep_their_streams_with_the_one_seed_helper() -> None:
         loader.set_epoch(epoch)
         x, _ = next(iter(loader))
         assert hashlib.sha256(x.contiguous().numpy().tobytes()).hexdigest()[:16] == digest
+
+
+def test_an_image_dataset_is_a_torch_dataset_for_dataloader_and_distributed_sampler() -> None:
+    """ds[i] is (normalised image, label), as TensorImageLoader feeds a model; DistributedSampler shards it."""
+    from torch.utils.data import DataLoader, Dataset
+
+    images, labels = _images()
+    ds = vision.ImageDataset("toy", images, labels, 10, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
+    assert isinstance(ds, Dataset)
+    x, y = next(iter(DataLoader(ds, batch_size=16, shuffle=False)))
+    plain = TensorImageLoader.from_dataset(ds, 16, augment=False, shuffle=False)
+    x2, y2 = next(iter(plain))
+    assert torch.equal(x, x2) and torch.equal(y, y2) and x.shape == (16, *images.shape[1:])
+    shards = [list(DistributedSampler(ds, num_replicas=2, rank=r, shuffle=True, seed=0, drop_last=True))
+              for r in range(2)]
+    assert not set(shards[0]) & set(shards[1]) and len(shards[0]) + len(shards[1]) == len(ds) // 2 * 2
+    xs, ys = next(iter(DataLoader(ds, batch_size=8, sampler=DistributedSampler(ds, 2, 1, seed=0))))
+    assert xs.shape == (8, *images.shape[1:]) and ys.dtype == torch.int64
+
+
+@pytest.mark.shared_data(CIFAR10_JPEG)
+def test_cifar10_jpeg_is_stored_sorted_by_class_as_documented(tmp_path: Path, monkeypatch, shared_data: Path) -> None:
+    """The order ImageDataset documents: a first slice of cifar10-jpeg is one class, so shuffle or sample."""
+    monkeypatch.setattr(vision, "load_cifar10_jpeg",
+                        functools.partial(vision.load_cifar10_jpeg, limit=50, progress=False))
+    ds = get_vision_dataset("cifar10-jpeg", data_dir=shared_data, train=True, cache_dir=tmp_path)
+    labels = [int(ds[i][1]) for i in range(len(ds))]
+    assert labels == sorted(labels) and len(set(labels)) == 10

@@ -7,8 +7,9 @@ layer's inner width); parameters shared by several workers are averaged over exa
 from subnetdp.assemble import assemble_state_dict
 from subnetdp.buckets import Bucket, build_buckets
 from subnetdp.checkpointing import checkpoint_blocks
-from subnetdp.evaluation import recalibrate_batchnorm, scale_residual_branches
+from subnetdp.evaluation import evaluation_model, recalibrate_batchnorm, scale_residual_branches
 from subnetdp.init import materialize
+from subnetdp.measure.prediction import memory_balanced_plan
 from subnetdp.planning import Plan, Unit, plan, valid_coverages
 from subnetdp.engine import SubnetDataParallel, agree_finite, clip_grad_norm_
 from subnetdp.simulate import Simulation
@@ -26,7 +27,9 @@ __all__ = [
     "build_subnetwork",
     "checkpoint_blocks",
     "clip_grad_norm_",
+    "evaluation_model",
     "materialize",
+    "memory_balanced_plan",
     "plan",
     "recalibrate_batchnorm",
     "scale_residual_branches",

@@ -16,7 +16,8 @@ import types
 import typing
 from collections.abc import Sequence
 
-from subnetdp.config import DEVICES, ConfigError, TrainConfig, load_file, validate
+from subnetdp.config import DEVICES, WIDTH_MODELS, ConfigError, TrainConfig, load_file, validate
+from subnetdp.measure.workloads import DEFAULT_VOCAB
 from subnetdp.optimizers import OPTIMIZER_NAMES
 from subnetdp.planning import JOB_BALANCES, LEVELS, TRANSITIONS
 
@@ -104,27 +105,17 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return cfg
 
 
-def _plan_factory(args: argparse.Namespace) -> typing.Callable[[], typing.Any]:
-    """The model factory of ``subnetdp plan``: a zoo name, or ``module:callable`` as ``train`` takes it."""
+def _user_factory(args: argparse.Namespace) -> typing.Callable[[], typing.Any]:
+    """A ``module:callable`` model of ``subnetdp plan``, built as ``train`` builds it: with ``num_classes`` (an
+    image model), or with ``vocab_size`` and ``max_seq_len`` when ``--vocab-size`` is given (a language
+    model, as ``train`` builds one on text)."""
     import functools
 
-    from subnetdp.models import get_model, load_model_factory
+    from subnetdp.models import load_model_factory
 
-    if ":" in args.model:
-        user = load_model_factory(args.model)
-        try:  # as train builds it for images; a callable without num_classes is called bare
-            import inspect
-
-            takes_classes = "num_classes" in inspect.signature(user).parameters
-        except (TypeError, ValueError):
-            takes_classes = False
-        return functools.partial(user, num_classes=args.num_classes) if takes_classes else user
-    kwargs: dict[str, typing.Any] = {"num_classes": args.num_classes}
-    if args.width is not None:
-        kwargs["width"] = args.width
-    if args.model.startswith("llama"):
-        kwargs = {"vocab_size": args.vocab_size}
-    return functools.partial(get_model, args.model, **kwargs)
+    kwargs = ({"vocab_size": args.vocab_size, "max_seq_len": args.seq_len} if args.vocab_size is not None
+              else {"num_classes": args.num_classes})
+    return functools.partial(load_model_factory(args.model), **kwargs)
 
 
 def _plan_command(args: argparse.Namespace) -> int:
@@ -145,10 +136,13 @@ def _plan_command(args: argparse.Namespace) -> int:
             print(f"subnetdp plan: error: --{flag.replace('_', '-')} {value}: must be a positive whole number",
                   file=sys.stderr)
             return 2
+    if args.width is not None and args.model not in WIDTH_MODELS:  # train's rule (config.validate)
+        print(f"subnetdp plan: error: --width applies to {', '.join(WIDTH_MODELS)}, not {args.model}", file=sys.stderr)
+        return 2
     user_model = ":" in args.model
     try:
         if user_model:  # no workload to profile: balance parameter counts, predict model state only
-            p, prediction = plan(_plan_factory(args), args.workers, args.coverage, args.level, args.seed,
+            p, prediction = plan(_user_factory(args), args.workers, args.coverage, args.level, args.seed,
                                  transitions=args.transitions), None
         else:
             p, prediction = plan_prediction(
@@ -347,7 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="print an SDP plan's summary and predicted memory per worker, without training")
     _add_plan_flags(pl)
     pl.add_argument("--num-classes", type=int, default=10, help="classes of an image model")
-    pl.add_argument("--vocab-size", type=int, default=65, help="vocabulary of a zoo language model")
+    pl.add_argument("--vocab-size", type=int, default=None,
+                    help=f"vocabulary of a language model (zoo: {DEFAULT_VOCAB} if not given); a 'module:callable' "
+                         "model gets vocab_size and max_seq_len=--seq-len when it is given, else num_classes")
     pl.add_argument("--optimizer", choices=OPTIMIZER_NAMES, default="sgd-momentum",
                     help="optimizer whose state the prediction counts")
     pl.add_argument("--json", action="store_true",

@@ -28,6 +28,7 @@ SCHEDULES = ("cosine", "onecycle", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 TEXT_DATASETS = ("tinyshakespeare",)
+WIDTH_MODELS = ("resnet18", "resnet50", "swin_t_cifar")  # the models --width reaches (swin_t_cifar: embedding width)
 
 
 class ConfigError(ValueError):
@@ -230,8 +231,8 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.data_dir is not None and not Path(cfg.data_dir).expanduser().exists() and not cfg.download:
         raise ConfigError(f"--data-dir {cfg.data_dir}: no such file or folder; give the folder that holds "
                           "the data set (or add --download for torchvision data sets)")
-    if cfg.width is not None and cfg.model not in ("resnet18", "resnet50", "swin_t_cifar"):
-        raise ConfigError(f"--width applies to resnet18, resnet50 and swin_t_cifar (embedding width), not {cfg.model}")
+    if cfg.width is not None and cfg.model not in WIDTH_MODELS:
+        raise ConfigError(f"--width applies to {', '.join(WIDTH_MODELS)}, not {cfg.model}")
 
 
 def load_file(path: str | Path) -> dict[str, Any]:

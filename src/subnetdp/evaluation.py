@@ -12,17 +12,29 @@ conventions reconcile the two (compared on real data in docs/evaluation.md):
 - neuron level, inverted scaling during training (``build_subnetwork(neuron_scaling="inverted")``):
   the assembled model then needs no rescaling;
 - ``recalibrate_batchnorm``: re-estimate BatchNorm statistics of the full model on training batches.
+
+:func:`evaluation_model` applies exactly the conventions that apply to a trained
+:class:`~subnetdp.SubnetDataParallel` or :class:`~subnetdp.Simulation`; the main job evaluates and
+ships what it returns.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from subnetdp.init import materialize_, meta_copy
 from subnetdp.planning import Plan
 from subnetdp.units.widths import find_width_groups
+
+if TYPE_CHECKING:
+    from subnetdp.engine import SubnetDataParallel
+    from subnetdp.simulate import Simulation
+
+Batch = torch.Tensor | tuple[torch.Tensor, ...]
 
 
 def branch_output_layers(block: nn.Module) -> list[str]:
@@ -77,7 +89,7 @@ def _inputs(batch: object) -> object:
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor | tuple[torch.Tensor, ...]]) -> int:
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Batch]) -> int:
     """Re-estimate every BatchNorm's running statistics as a plain average over ``batches``.
 
     A batch is an input tensor or an ``(inputs, targets)`` pair (targets are ignored), so the
@@ -99,3 +111,56 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor | tup
             m.momentum = mom
         model.eval()
     return n
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    """Whether ``model`` has BatchNorm layers, whose running statistics need re-estimating after assembly."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def evaluation_model(
+    trained: SubnetDataParallel | Simulation,
+    calibration_batches: Iterable[Batch] | None = None,
+    *,
+    residual_scaling: bool = True,
+    recalibrate: bool = True,
+    device: torch.device | str | None = None,
+) -> nn.Module | None:
+    """The model to evaluate and ship: the assembled full model, in the plain architecture, with the
+    evaluation conventions that apply to how it was trained, in eval mode.
+
+    With ``C<1`` (forward masking): at block level each residual branch is scaled by ``r/K`` in its
+    weights (``residual_scaling``); a model with BatchNorm gets its statistics re-estimated on
+    ``calibration_batches`` (training batches, ``(x, y)`` pairs or inputs; about 20 suffice), which
+    are then required unless ``recalibrate=False``. At ``C=1``, at neuron level (trained with
+    inverted scaling) and under backward masking the corresponding convention does not apply and
+    nothing is done. ``model.evaluation_conventions`` says what was applied (the main job's
+    ``summary.json`` ``evaluation``). ``device`` defaults to the trained workers' device.
+
+    Collective for :class:`~subnetdp.SubnetDataParallel`, like ``full_state_dict()``: every rank must
+    call it; rank 0 gets the model, the others ``None`` (only rank 0 uses its calibration batches).
+    """
+    plan = trained.plan
+    partial = plan.holders_per_unit < plan.workers and trained.masking == "forward"
+    state = trained.full_state_dict()
+    if state is None:
+        return None
+    # buffers outside the state dict (rotary tables, masks) come from the modules' init rules (subnetdp.init)
+    model = materialize_(meta_copy(trained.structure), device=device if device is not None else trained.device)
+    model.load_state_dict(state)
+    applied: dict[str, Any] = {"residual_scaling": False, "bn_recalibrate": 0}
+    if partial and residual_scaling and plan.level == "block":
+        layers = scale_residual_branches(model, plan)
+        applied.update(residual_scaling=True, residual_scale=plan.holders_per_unit / plan.workers,
+                       scaled_layers=len(layers))
+    if partial and recalibrate and has_batchnorm(model):
+        if calibration_batches is None:
+            raise ValueError(f"evaluation_model: the model has BatchNorm and was trained at C={plan.coverage:g}, so "
+                             "its statistics must be re-estimated: pass calibration_batches (about 20 training "
+                             "batches), or recalibrate=False to keep the assembled statistics")
+        applied["bn_recalibrate"] = recalibrate_batchnorm(model, calibration_batches)
+        if not applied["bn_recalibrate"]:
+            raise ValueError("evaluation_model: calibration_batches gave no batch; pass about 20 training batches")
+    model.eval()
+    model.evaluation_conventions = applied
+    return model

@@ -601,6 +601,10 @@ def plan(
     replaces the parameter count as the quantity balanced across workers; ``balance`` names it in the
     plan (``"cost"`` by default, ``"memory"`` from :func:`subnetdp.measure.prediction.memory_plan`) and
     ``kept_cost`` is its always-kept part, so that :meth:`Plan.balance_stats` reports whole workers.
+
+    Without ``cost`` this balances parameter counts. ``subnetdp train`` and ``subnetdp plan`` balance
+    predicted memory by default (``--balance memory``); :func:`subnetdp.memory_balanced_plan` returns
+    their plan from a sample batch.
     """
     r = _check_args(workers, coverage, level, transitions)
     balance = balance or ("cost" if cost else "params")
@@ -609,7 +613,7 @@ def plan(
     if (balance == "params") != (cost is None):
         raise ValueError(f"balance={balance!r} needs {'no cost function' if cost else 'a cost function'}: "
                          "balance='params' balances parameter counts; for memory use "
-                         "subnetdp.measure.prediction.memory_plan")
+                         "subnetdp.memory_balanced_plan")
     module = model if isinstance(model, nn.Module) else build_meta(model)
     named_params = dict(module.named_parameters())
     canonical = {id(t): n for n, t in named_params.items()}

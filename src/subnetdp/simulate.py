@@ -38,6 +38,7 @@ class Simulation:
     >>> sim = Simulation(factory, plan, lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))
     >>> losses = sim.step(batches, lambda model, batch: F.cross_entropy(model(batch[0]), batch[1]))
     >>> state = sim.full_state_dict()  # loads into factory()
+    >>> model = subnetdp.evaluation_model(sim, batches)  # the full model with the evaluation conventions
     """
 
     def __init__(
@@ -58,6 +59,8 @@ class Simulation:
         check_sync(sync, sync_every)
         check_masking(masking, sync)
         self.plan, self.sync, self.sync_every, self.masking = plan, sync, sync_every, masking
+        self.device = torch.device(device)
+        # the full model's meta structure: what full_state_dict() assembles and evaluation_model() loads into
         self.structure, source = structure_of(model, seed, init)
         # init="full": the factory's model is built once and every worker slices it, then it is freed
         values = source if source is not None else model

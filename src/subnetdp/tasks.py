@@ -99,10 +99,11 @@ class ImageTask:
         """The epoch's training accuracy so far, from the summed step metrics (``acc``; ``train_acc`` per epoch)."""
         return {"acc": sums["correct"] / max(sums["count"], 1)}
 
-    def calibration_batches(self, n: int) -> list[torch.Tensor]:
+    def calibration_batches(self, n: int) -> Iterator[torch.Tensor]:
+        """``n`` training batches for BatchNorm re-estimation, drawn only when iterated (a fixed, separate draw)."""
         loader = self.loader(0, 1)
-        loader.set_epoch(10_000)  # a fixed, separate draw
-        return [self.prepare(x) for x, _ in itertools.islice(loader, n)]
+        loader.set_epoch(10_000)
+        return (self.prepare(x) for x, _ in itertools.islice(loader, n))
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, autocast: Callable) -> Metrics:
@@ -174,8 +175,8 @@ class TextTask:
         """No training metric beyond the loss (the step's and the epoch's mean, which the loop reports)."""
         return {}
 
-    def calibration_batches(self, n: int) -> list[torch.Tensor]:
-        return []
+    def calibration_batches(self, n: int) -> Iterator[torch.Tensor]:
+        return iter(())  # no BatchNorm in the language models
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, autocast: Callable) -> Metrics:

@@ -26,15 +26,14 @@ from subnetdp import optimizers, rundir, supervise
 from subnetdp.backends import Distributed, SimulatedSDP, autocast_for
 from subnetdp.checkpoint import CheckpointError, RunFileError, atomic_write, find_resumable, load_checkpoint, save_checkpoint
 from subnetdp.config import TrainConfig, validate, world_size_of
-from subnetdp.evaluation import recalibrate_batchnorm, scale_residual_branches
+from subnetdp.evaluation import evaluation_model
 from subnetdp.init import materialize
 from subnetdp.measure.prediction import (
     ActivationProfile,
-    memory_plan,
+    memory_balanced_plan,
     plan_summary,
     predict_worker,
     profile_activations,
-    profile_weight_grads,
 )
 from subnetdp.metrics import MetricsLog, format_bytes
 from subnetdp.planning import Plan, plan as make_plan
@@ -259,7 +258,6 @@ class Run:
         self.profile: ActivationProfile | None = None
         self.last_eval: dict[str, Any] = {}
         self.model_state: dict[str, torch.Tensor] | None = None  # the evaluated model (conventions applied)
-        self.raw_state: dict[str, torch.Tensor] | None = None  # the assembled model as trained
         self.evaluated_final = False
 
     # ---- setup -------------------------------------------------------------------------------------
@@ -305,16 +303,11 @@ class Run:
             batch = next(task.epoch_batches(task.loader(0, self.world), 10_000, 0))
         sample = tuple(t[:2].cpu() for t in batch)
         profile = profile_activations(self.factory, sample, task.loss, len(sample[0]), seed=cfg.seed, device="cpu")
-        weight_grads = None
-        if cfg.masking == "backward":  # what differs between its workers: held state, weight-gradient inputs
-            weight_grads = {}  # checkpointed blocks save their inputs anyway
-            if cfg.checkpointing != "blocks":
-                units = make_plan(self.factory, self.world, 1.0, cfg.level, cfg.seed, transitions=cfg.transitions)
-                weight_grads = profile_weight_grads(self.factory, sample, task.loss, units, seed=cfg.seed, device="cpu")
-        return memory_plan(self.factory, self.world, cfg.coverage, cfg.level, cfg.seed, profile=profile,
-                           optimizer=_opt_name(cfg), batch_size=cfg.batch_size, transitions=cfg.transitions,
-                           activation_checkpointing=cfg.checkpointing == "blocks", masking=cfg.masking,
-                           weight_grads=weight_grads), profile
+        plan = memory_balanced_plan(self.factory, self.world, cfg.coverage, cfg.level, cfg.seed, sample=sample,
+                                    loss_fn=task.loss, batch_size=cfg.batch_size, optimizer=_opt_name(cfg),
+                                    transitions=cfg.transitions, activation_checkpointing=cfg.checkpointing == "blocks",
+                                    masking=cfg.masking, profile=profile)
+        return plan, profile
 
     def _resume(self) -> None:
         """Continue from the newest intact checkpoint under ``--resume`` (or a restart), on every rank."""
@@ -487,18 +480,29 @@ class Run:
     def evaluate(self) -> None:
         """Assemble the full model (a collective) and, on the lead, evaluate it with the conventions applied.
 
-        Sets ``last_eval`` (the metrics, with the conventions under ``evaluation``) and ``model_state``,
-        the evaluated model that ``model.safetensors`` holds; other processes keep their ``last_eval``.
+        SDP's model is :func:`subnetdp.evaluation_model`'s, what a library user gets; DDP's and FSDP2's is
+        the model as trained. Sets ``last_eval`` (the metrics, with the conventions under ``evaluation``)
+        and ``model_state``, the evaluated model that ``model.safetensors`` holds; other processes keep
+        their ``last_eval``.
         """
-        self.raw_state = self.backend.full_state_dict()
-        if self.raw_state is None:
+        cfg = self.cfg
+        if self.plan is None:
+            state = self.backend.full_state_dict()
+            model = None
+            if state is not None:
+                model = materialize(self.factory, seed=cfg.seed, device=self.device, init=cfg.init)
+                model.load_state_dict(state)
+                model.evaluation_conventions = {"residual_scaling": False, "bn_recalibrate": 0}
+        else:
+            trained = self.backend.sim if isinstance(self.backend, SimulatedSDP) else self.backend.sdp
+            model = evaluation_model(trained, self.task.calibration_batches(cfg.bn_recalibrate),
+                                     residual_scaling=cfg.residual_scaling, recalibrate=cfg.bn_recalibrate > 0,
+                                     device=self.device)
+        if model is None:
             self.model_state = None
             return
-        model = materialize(self.factory, seed=self.cfg.seed, device=self.device, init=self.cfg.init)
-        model.load_state_dict(self.raw_state)
-        applied = apply_conventions(model, self.cfg, self.plan, self.task)
         result: dict[str, Any] = dict(self.task.evaluate(model, self.autocast))
-        result["evaluation"] = applied
+        result["evaluation"] = model.evaluation_conventions
         self.last_eval = result
         self.model_state = {k: v.detach() for k, v in model.state_dict().items()}
 
@@ -517,12 +521,13 @@ class Run:
         wall = self.progress["wall_s"]
         if not self.evaluated_final:  # e.g. resuming a run that had already reached its last step (same on every rank)
             self.evaluate()
+        raw_state = self.backend.full_state_dict()  # the assembled state as trained (a collective, a pure read)
         summary = self._summary(wall)
         summary["predicted_peak_bytes_per_worker"] = self._predicted_peaks()
         if not self.lead:
             self.log.close()
             return None
-        _save_models(self.model_state, self.raw_state, self.out)
+        _save_models(self.model_state, raw_state, self.out)
         atomic_write(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
         self.log.close()
         print(_summary_text(summary, self.out))
@@ -608,27 +613,6 @@ def _ckpt_module(backend: SimulatedSDP | Distributed) -> torch.nn.Module:
     if isinstance(backend, SimulatedSDP):
         return torch.nn.ModuleList(backend.models)
     return backend.model
-
-
-def apply_conventions(model: torch.nn.Module, cfg: TrainConfig, plan: Plan | None, task: Any) -> dict[str, Any]:
-    """Apply the evaluation conventions to the assembled ``model`` in place; returns what was applied.
-
-    Block level with C<1: each residual branch scaled by ``r/K`` in its weights; C<1: BatchNorm
-    statistics re-estimated on ``--bn-recalibrate`` training batches. The result is the model
-    that is evaluated and written to ``model.safetensors``.
-    """
-    # backward masking trains the full forward on every worker: nothing to rescale or recalibrate
-    partial = plan is not None and plan.holders_per_unit < plan.workers and cfg.masking == "forward"
-    applied: dict[str, Any] = {"residual_scaling": False, "bn_recalibrate": 0}
-    if partial and cfg.residual_scaling and plan.level == "block":
-        layers = scale_residual_branches(model, plan)
-        applied.update(residual_scaling=True, residual_scale=plan.holders_per_unit / plan.workers,
-                       scaled_layers=len(layers))
-    if partial and cfg.bn_recalibrate:
-        batches = task.calibration_batches(cfg.bn_recalibrate)
-        if batches and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-            applied["bn_recalibrate"] = recalibrate_batchnorm(model, batches)
-    return applied
 
 
 def evaluate_run(run_dir: str | Path, device: str = "auto") -> dict[str, float]:

@@ -43,8 +43,16 @@ Split = tuple[np.ndarray, np.ndarray]
 
 
 @dataclass
-class ImageDataset:
-    """A whole image data set in memory: ``images`` uint8 [N, C, H, W], ``labels`` int64 [N]."""
+class ImageDataset(torch.utils.data.Dataset):
+    """A whole image data set in memory: ``images`` uint8 [N, C, H, W], ``labels`` int64 [N].
+
+    Also a ``torch.utils.data.Dataset`` (for ``DataLoader`` and ``DistributedSampler``): ``ds[i]`` is
+    ``(image, label)``, the image float32 [C, H, W] normalised by ``mean``/``std`` as
+    :class:`TensorImageLoader` feeds it to a model (without augmentation), the label an int64 scalar.
+    Examples are in the source's order: ``cifar10-jpeg`` is sorted by class (its first images are all
+    airplanes), the others keep the order torchvision or the IDX files give. Shuffle
+    (``DataLoader(shuffle=True)``, ``DistributedSampler``) or draw a seeded subset; never take a first slice.
+    """
 
     name: str
     images: Tensor
@@ -55,6 +63,12 @@ class ImageDataset:
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        shape = (-1, 1, 1)
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(shape) * 255
+        std = torch.tensor(self.std, dtype=torch.float32).view(shape) * 255
+        return (self.images[index].to(torch.float32) - mean) / std, self.labels[index]
 
 
 # --------------------------------------------------------------------------- CIFAR-10 (JPEG)
@@ -176,7 +190,9 @@ def get_vision_dataset(name: str, data_dir: str | Path | None = None, train: boo
     ``cifar10``, ``cifar100`` and ``svhn`` come through torchvision (``download=True`` fetches
     them into ``data_dir``, default ``<cache>/datasets``; otherwise ``data_dir`` must hold them in
     torchvision's format); ``cifar10-jpeg`` reads the shared npz (report it as "CIFAR-10 (JPEG)");
-    ``fashion-mnist`` reads the Debian package ``dataset-fashion-mnist``.
+    ``fashion-mnist`` reads the Debian package ``dataset-fashion-mnist``. The result is a
+    ``torch.utils.data.Dataset`` in the source's order (``cifar10-jpeg``: sorted by class); see
+    :class:`ImageDataset`.
     """
     if name not in _NUM_CLASSES:
         raise ValueError(f"unknown data set {name!r}; known: {', '.join(VISION_DATASETS)}")

@@ -27,6 +27,7 @@ from subnetdp.masking import MASKINGS
 from subnetdp.measure.meters import measure_step
 from subnetdp.measure.prediction import (
     ActivationProfile,
+    memory_balanced_plan,
     memory_plan,
     predict_backward_worker,
     predict_worker,
@@ -213,21 +214,18 @@ def sdp_plan(w: Workload, workers: int, coverage: float, level: str, seed: int, 
              optimizer: str, batch_size: int, transitions: str, balance: str,
              activation_checkpointing: bool = False, masking: str = "forward",
              weight_grads: dict[str, int] | None = None) -> Plan:
-    """The plan the main job would make (the benchmark, ``plan --json`` and ``train`` use the same plans).
+    """The plan the main job would make for a workload (the benchmark, ``plan --json`` and ``train`` make it
+    with :func:`~subnetdp.measure.prediction.memory_balanced_plan`, or :func:`subnetdp.plan` for ``balance="params"``).
 
-    Backward masking balances its own costs (:func:`subnetdp.measure.prediction.backward_memory_cost`);
-    ``weight_grads`` (at the profile's batch) is measured here when not given.
+    The sample is the workload's synthetic batch at the profile's size (``batch_size`` when ``profile`` is
+    not given); ``weight_grads`` (backward masking, at the profile's batch) is measured when not given.
     """
     if balance == "memory":
-        if profile is None:
-            profile = profile_workload(w, seed=seed, profile_batch=batch_size)
-        if masking == "backward" and weight_grads is None:
-            weight_grads = ({} if activation_checkpointing else
-                            backward_weight_grads(w, workers, level, seed, profile, transitions))
-        return memory_plan(w.factory, workers, coverage, level, seed, profile=profile, optimizer=optimizer,
-                           batch_size=batch_size, transitions=transitions,
-                           activation_checkpointing=activation_checkpointing, masking=masking,
-                           weight_grads=weight_grads)
+        sample = w.make_batch(profile.batch_size if profile is not None else batch_size, torch.device("cpu"), seed)
+        return memory_balanced_plan(w.factory, workers, coverage, level, seed, sample=sample, loss_fn=w.loss_fn,
+                                    batch_size=batch_size, optimizer=optimizer, transitions=transitions,
+                                    activation_checkpointing=activation_checkpointing, masking=masking,
+                                    profile=profile, weight_grads=weight_grads)
     return plan(w.factory, workers, coverage, level, seed, transitions=transitions)
 
 

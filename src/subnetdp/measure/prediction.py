@@ -33,7 +33,8 @@ Predicted, for a worker of a :class:`~subnetdp.planning.Plan`:
   parameter-sized temporary). On a GPU the allocator also holds memory outside the step (CUDA library
   workspaces), which is not predicted.
 
-:func:`memory_plan` balances plans on these predictions (``balance="memory"``).
+:func:`memory_plan` balances plans on these predictions (``balance="memory"``); :func:`memory_balanced_plan`
+profiles a model on a sample batch first, and is the plan ``subnetdp train`` and ``subnetdp plan`` make.
 """
 from __future__ import annotations
 
@@ -457,6 +458,40 @@ def memory_plan(model: nn.Module | ModelFactory, workers: int, coverage: float, 
         costs, kept = memory_cost(base, profile, optimizer, batch_size, activation_checkpointing)
     return plan_units(model, workers, coverage, level, seed, cost=lambda u: costs[u.index], balance="memory",
                       kept_cost=kept, **plan_kwargs)
+
+
+def memory_balanced_plan(model: nn.Module | ModelFactory, workers: int, coverage: float, level: str = "block",
+                         seed: int = 0, *, sample: Any, loss_fn: LossFn, batch_size: int,
+                         optimizer: str = "sgd-momentum", transitions: str = "keep",
+                         activation_checkpointing: bool = False, masking: str = "forward",
+                         profile: ActivationProfile | None = None,
+                         weight_grads: dict[str, int] | None = None) -> Plan:
+    """The plan ``subnetdp train`` and ``subnetdp plan`` make by default (``--balance memory``).
+
+    :func:`subnetdp.plan` balances parameter counts; this plan balances what limits a device, the
+    predicted memory per worker: model state for ``optimizer`` (a name of :mod:`subnetdp.optimizers`,
+    e.g. ``"sgd-momentum"``, ``"adamw"``) plus the activations saved at ``batch_size`` samples per
+    worker (under backward masking: held state plus the inputs only held units' weight gradients
+    need). Same units and ``r`` holders per unit as :func:`subnetdp.plan`; only who holds which differs.
+
+    The activations are profiled once, on the CPU, on the full model built from ``model`` under
+    ``seed``: ``loss_fn(model, sample)`` on ``sample``, a small batch shaped like the training data
+    (an ``(inputs, targets)`` pair of 2 samples suffices; bytes are scaled to ``batch_size``).
+    Saved bytes depend on shapes only, so every rank given the same inputs gets the same plan.
+    ``profile`` and ``weight_grads``, when given, were measured on ``sample`` already (to reuse
+    them across several plans).
+    """
+    if profile is None:
+        n = len(sample[0]) if isinstance(sample, (tuple, list)) else len(sample)
+        profile = profile_activations(model, sample, loss_fn, n, seed=seed, device="cpu")
+    if masking == "backward" and weight_grads is None:
+        weight_grads = {}  # checkpointed blocks save their inputs anyway
+        if not activation_checkpointing:
+            units = plan_units(model, workers, 1.0, level, seed, transitions=transitions)  # units do not depend on C
+            weight_grads = profile_weight_grads(model, sample, loss_fn, units, seed=seed, device="cpu")
+    return memory_plan(model, workers, coverage, level, seed, profile=profile, optimizer=optimizer,
+                       batch_size=batch_size, transitions=transitions,
+                       activation_checkpointing=activation_checkpointing, masking=masking, weight_grads=weight_grads)
 
 
 # ---- backward masking (docs/masking.md) ----------------------------------------------------------------

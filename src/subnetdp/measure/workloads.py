@@ -17,6 +17,8 @@ from subnetdp.init import ModelFactory
 from subnetdp.losses import image_batch_loss, token_batch_loss
 from subnetdp.measure.meters import LossFn
 
+DEFAULT_VOCAB = 65  # Tiny Shakespeare's characters: a language model's vocabulary unless given
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -61,7 +63,7 @@ def image_workload(model: str = "resnet18", width: int = 16, num_classes: int = 
     return Workload(label, factory, maker, image_batch_loss)
 
 
-def text_workload(model: str = "llama_char_small", seq_len: int = 128, vocab_size: int = 65,
+def text_workload(model: str = "llama_char_small", seq_len: int = 128, vocab_size: int = DEFAULT_VOCAB,
                   **overrides: Any) -> Workload:
     """A zoo LLaMA preset on random tokens (next-token cross-entropy), ``seq_len`` tokens per sample."""
     import functools
@@ -86,6 +88,6 @@ def workload_for(args: argparse.Namespace) -> Workload:
     """The workload of ``subnetdp plan``'s model flags (``--model``, ``--width``, ``--num-classes``,
     ``--vocab-size``, ``--seq-len``)."""
     if args.model.startswith("llama"):
-        return text_workload(args.model, seq_len=args.seq_len, vocab_size=args.vocab_size)
+        return text_workload(args.model, seq_len=args.seq_len, vocab_size=args.vocab_size or DEFAULT_VOCAB)
     width = args.width if args.width is not None else 64
     return image_workload(args.model, width=width, num_classes=args.num_classes)
