@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from subnetdp.engine import SubnetDataParallel
 from subnetdp.planning import Plan
 
 LATEST = "latest"
@@ -139,6 +140,8 @@ def save_checkpoint(
     complete checkpoints are kept.
     """
     rank, world = _rank_world()
+    if isinstance(model, SubnetDataParallel):
+        model.check_synced_holders("checkpoint save")  # never save diverged holders as a good checkpoint
     root = Path(directory)
     step_dir = root / f"step-{step:09d}"
     step_dir.mkdir(parents=True, exist_ok=True)

@@ -550,9 +550,9 @@ class SubnetDataParallel(nn.Module):
             b.scatter(self._buffer_average(b), grads=False)
 
     # ---- checkpoints: this rank's state under full-model names ----------------------------------------
-    def _check_if_synced(self, where: str) -> None:
-        """Check holders where they must agree: always under gradient sync; under ``sync="params"`` they
-        differ between averages by design."""
+    def check_synced_holders(self, where: str) -> None:
+        """:meth:`check_holders` where holders must agree: always under gradient sync; under
+        ``sync="params"`` they differ between averages by design, so nothing is checked. Collective."""
         if self.sync == "grads":
             self.check_holders(where)
 
@@ -573,7 +573,7 @@ class SubnetDataParallel(nn.Module):
         """
         if args:
             raise TypeError("SubnetDataParallel.state_dict takes keyword arguments only (destination=, prefix=)")
-        self._check_if_synced("state_dict()")
+        self.check_synced_holders("state_dict()")
         buffers = self.averaged_buffers()
         state = model_state(self.module, self.plan, self._tensor_map(), buffers)
         if destination is None:
@@ -654,7 +654,7 @@ class SubnetDataParallel(nn.Module):
         A pure read: the workers' state is unchanged. Each element travels once, from its
         lowest-numbered holder. Collective: call on every rank. Checks first that holders agree.
         """
-        self._check_if_synced("full_state_dict()")
+        self.check_synced_holders("full_state_dict()")
         if self.masking == "backward":  # every rank holds the full model, identical after each step
             state = {**self.module.state_dict(), **self.averaged_buffers()}
             return {n: t.detach().cpu().clone() for n, t in state.items()} if self.rank == 0 else None
