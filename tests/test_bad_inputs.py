@@ -47,6 +47,50 @@ def _files(tmp: Path) -> None:
     (tmp / "tokens.bin").write_bytes(data[: len(data) // 2])  # truncated after writing
     (tmp / "run").mkdir()
     (tmp / "run" / "notes.txt").write_text("a user's own file in the run folder\n")
+    _token_headers(tmp)
+    os.mkfifo(tmp / "fifo.txt")  # nobody writes into it: reading it would wait for ever
+    _labelled_npz(tmp / "badlabels" / "cifar10_jpeg.npz", [0, 1, 10, 2])
+
+
+def _token_headers(tmp: Path) -> None:
+    """Token files whose ``.json`` header lies (issue 19 item 1): each field wrong in its own way."""
+    import json
+
+    for name, change in (("tok-object", {"dtype": "|O"}), ("tok-half", {"dtype": "<f2"}),
+                         ("tok-bigendian", {"dtype": ">u2"}), ("tok-dtype-number", {"dtype": 2}),
+                         ("tok-length-text", {"length": "2000"}), ("tok-length-bool", {"length": True}),
+                         ("tok-length-negative", {"length": -2}), ("tok-vocab-small", {"vocab_size": 10}),
+                         ("tok-vocab-float", {"vocab_size": 50.5}), ("tok-vocab-huge", {"vocab_size": 10**30}),
+                         ("tok-not-a-table", None), ("tok-not-json", "{")):
+        write_token_file(list(range(50)) * 40, tmp / f"{name}.bin", vocab_size=50)
+        head = tmp / f"{name}.bin.json"
+        if isinstance(change, dict):
+            head.write_text(json.dumps({**json.loads(head.read_text()), **change}))
+        else:
+            head.write_text("[1, 2]" if change is None else change)
+    write_token_file(list(range(50)) * 40, tmp / "tok-signed.bin")  # ids as int16 with one negative id
+    data = bytearray((tmp / "tok-signed.bin").read_bytes())
+    data[10:12] = (-3).to_bytes(2, "little", signed=True)
+    (tmp / "tok-signed.bin").write_bytes(bytes(data))
+    head = tmp / "tok-signed.bin.json"
+    head.write_text(head.read_text().replace('"<u2"', '"<i2"'))
+
+
+def _labelled_npz(path: Path, labels: list[int]) -> None:
+    """A CIFAR-10 (JPEG) file in the shared format with the given labels (each image its own JPEG)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    blobs = []
+    for i in range(len(labels)):
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 32), (i * 40, 0, 0)).save(buf, format="JPEG")
+        blobs.append(np.frombuffer(buf.getvalue(), dtype=np.uint8))
+    path.parent.mkdir()
+    np.savez(path, blob=np.concatenate(blobs), ends=np.cumsum([len(b) for b in blobs]),
+             y=np.array(labels), train=np.array([True, True, True, False]))
 
 
 # (id, argv with {tmp}, substrings the one line must hold: the bad value or file, and the fix)
@@ -122,6 +166,26 @@ CLI = [
      ["latin1.txt", "not UTF-8", "convert it"]),
     ("token-file-truncated", TRAIN + ["--model", "llama_tiny", "--dataset", "{tmp}/tokens.bin", "--simulate", "2"],
      ["tokens.bin", "truncated", "write it again"]),
+    *[(f"token-header-{name}", TRAIN + ["--model", "llama_tiny", "--dataset", f"{{tmp}}/tok-{name}.bin", "--steps", "1",
+                                        "--batch-size", "2", "--seq-len", "8"], [f"tok-{name}.bin", *want])
+      for name, want in (
+          ("object", ['"dtype" \'|O\'', "not a token id type", "write it again"]),
+          ("half", ['"dtype" \'<f2\'', "not a token id type", "<u2"]),
+          ("bigendian", ['"dtype" \'>u2\'', "not a token id type"]),
+          ("dtype-number", ['"dtype" 2', "not a token id type"]),
+          ("length-text", ['"length" \'2000\'', "whole number"]),
+          ("length-bool", ['"length" True', "whole number"]),
+          ("length-negative", ['"length" -2', "whole number"]),
+          ("vocab-small", ["token id 49", "vocabulary 0..9", '"vocab_size"']),
+          ("vocab-float", ['"vocab_size" 50.5', "whole number"]),
+          ("vocab-huge", ['"vocab_size" 1000000000000000000000000000000', "1..4294967296"]),
+          ("not-a-table", ["not a subnetdp-tokens-v1 header", "write it again"]),
+          ("not-json", ["not a JSON token-file header", "write it again"]),
+          ("signed", ["token id -3", "ids >= 0"]))],
+    ("dataset-fifo", TRAIN + ["--model", "llama_tiny", "--dataset", "{tmp}/fifo.txt"],
+     ["fifo.txt", "not a regular file", "give a text file"]),
+    ("cifar-labels-beyond-classes", TRAIN + ["--data-dir", "{tmp}/badlabels", "--train-subset", "2", "--batch-size", "1"],
+     ["cifar10-jpeg in", "badlabels", "label 10", "10 classes", "copy the data set again"]),
     ("cifar-corrupt", TRAIN + ["--data-dir", "{tmp}/badnpz", "--simulate", "2"],
      ["cifar10_jpeg.npz", "not a readable CIFAR-10 (JPEG) file", "copy it again"]),
     ("cifar-truncated", TRAIN + ["--data-dir", "{tmp}/truncnpz", "--simulate", "2"],
@@ -188,6 +252,7 @@ def _check(case: tuple, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
 @pytest.mark.parametrize("case", CLI, ids=[c[0] for c in CLI])
 def test_bad_cli_input_ends_in_one_clear_line(case, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a default run folder would land here, never in the repository
+    monkeypatch.setenv("SUBNETDP_CACHE", str(tmp_path / "cache"))  # decoded data sets too
     _check(case, tmp_path, capsys)
 
 
@@ -238,16 +303,26 @@ def _api_cases(tmp: Path) -> list[tuple[str, object, type, str]]:
         ("text-empty", lambda: load_text(tmp / "empty.txt"), ValueError, "empty.txt: the text file is empty"),
         ("text-not-utf8", lambda: load_text(tmp / "latin1.txt"), ValueError, "latin1.txt: not UTF-8 text"),
         ("token-file-truncated", lambda: read_token_file(tmp / "t.bin"), ValueError, "t.bin has 7 bytes"),
+        ("token-write-beyond-vocab", lambda: write_token_file([0, 7], tmp / "w.bin", vocab_size=4), ValueError,
+         "token id 7 is beyond vocab_size=4"),
+        ("token-header-object", lambda: read_token_file(_object_header(tmp)), ValueError, r"'\|O' is not a token id type"),
         ("config-momentum", lambda: validate(TrainConfig(momentum=5.0)), ConfigError, r"--momentum 5.0: must be in \[0, 1\)"),
         ("config-lr-nan", lambda: validate(TrainConfig(lr=math.nan)), ConfigError, "--lr nan"),
     ]
+
+
+def _object_header(tmp: Path) -> Path:
+    """A token file whose header asks numpy to map pointers (a segfault before issue 19)."""
+    path = write_token_file(list(range(8)), tmp / "obj.bin", vocab_size=8)
+    (tmp / "obj.bin.json").write_text((tmp / "obj.bin.json").read_text().replace('"<u2"', '"|O"'))
+    return path
 
 
 API_IDS = ["simulation-sync-every-zero", "simulation-sync-every-float", "simulation-sync", "simulation-init",
            "plan-from-bad-json", "plan-from-other-json", "plan-from-json-list", "plan-workers-true",
            "plan-workers-float", "plan-coverage-nan", "plan-level", "materialize-init", "subnetwork-worker",
            "subnetwork-scaling", "engine-without-process-group", "text-empty", "text-not-utf8",
-           "token-file-truncated", "config-momentum", "config-lr-nan"]
+           "token-file-truncated", "token-write-beyond-vocab", "token-header-object", "config-momentum", "config-lr-nan"]
 
 
 @pytest.mark.parametrize("name", API_IDS)
