@@ -243,16 +243,16 @@ class SubnetDataParallel(nn.Module):
             raise ValueError("SubnetDataParallel setup failed on every rank: " + "; ".join(problems))
 
     @torch.no_grad()
-    def _check_initial_values(self) -> None:
+    def _check_initial_values(self, buffers: bool = True) -> None:
         """Holders must start from identical values (DDP broadcasts them; here they are compared).
 
         Each rank sends one exact integer checksum per holder set it belongs to (its elements' bits
         weighted by position), so a single differing bit on any rank is caught, at the cost of one
-        small ``all_gather_object``. Every rank raises the same error.
+        small ``all_gather_object``. Every rank raises the same error. ``buffers=False`` compares the
+        parameters only (after a resume: running statistics are each rank's own between averages).
         """
-        sums = {(kind, b.holders): _checksum(b.gather(grads=False))
-                for kind, buckets in (("parameters", self._all_buckets), ("buffers", self._buffer_buckets))
-                for b in buckets if b.shared}
+        kinds = (("parameters", self._all_buckets),) + ((("buffers", self._buffer_buckets),) if buffers else ())
+        sums = {(kind, b.holders): _checksum(b.gather(grads=False)) for kind, buckets in kinds for b in buckets if b.shared}
         everyone: list[dict] = [None] * self.world_size  # type: ignore[list-item]
         dist.all_gather_object(everyone, sums)
         bad = sorted({k for d in everyone for k in d if len({everyone[r].get(k) for r in k[1]}) > 1})
