@@ -50,6 +50,45 @@ def _files(tmp: Path) -> None:
     _token_headers(tmp)
     os.mkfifo(tmp / "fifo.txt")  # nobody writes into it: reading it would wait for ever
     _labelled_npz(tmp / "badlabels" / "cifar10_jpeg.npz", [0, 1, 10, 2])
+    _run_folders(tmp)
+    (tmp / "overwrite.toml").write_text(f'out = "{tmp / "run"}"\noverwrite = true\n')
+    (tmp / "steps-text.toml").write_text('steps = "10"\n')
+    (tmp / "seed-bool.yaml").write_text("seed: true\n")
+    (tmp / "notmodel.py").write_text("def build(**kwargs):\n    return 'not a model'\n")
+
+
+def _run_folders(tmp: Path) -> None:
+    """Run folders an attacker (or an accident) left: each must end in one line, with nothing run or changed."""
+    import json
+
+    from safetensors.torch import save_file
+
+    write_token_file(list(range(50)) * 40, tmp / "ok.bin", vocab_size=50)
+    config = {"model": "llama_tiny", "dataset": str(tmp / "ok.bin"), "seq_len": 8, "batch_size": 2}
+    for name, cfg, weights in (
+            ("pwn", {**config, "model": "pwn_planted:build"}, b"\0" * 64),  # pwn_planted.py is in the folder
+            ("damaged", config, b"not safetensors at all" * 10),
+            ("mismatched", config, None),
+            ("badtypes", {**config, "batch_size": "big"}, None),
+            ("badjson", None, None)):
+        d = tmp / "runs" / name
+        d.mkdir(parents=True)
+        (d / "config.json").write_text("{not json" if cfg is None else json.dumps(cfg))
+        if weights is None:
+            save_file({"weight": torch.zeros(3)}, d / "model.safetensors")
+        else:
+            (d / "model.safetensors").write_bytes(weights)
+    (tmp / "runs" / "pwn" / "pwn_planted.py").write_text(
+        f"open({str(tmp / 'PWNED')!r}, 'w').write('ran')\ndef build(**kwargs):\n    raise SystemExit('ran')\n")
+    for name, summary in (("notjson", "{"), ("list", "[1, 2]"), ("missing-keys", '{"strategy": "sdp"}'),
+                          ("wrong-types", json.dumps({"strategy": "ddp", "model": 5, "dataset": "d", "workers": 2,
+                                                     "simulated": False, "final": {"test_acc": "high"},
+                                                     "params_per_worker": None, "model_state_bytes_per_worker": [],
+                                                     "peak_memory_per_process": [{}], "steps": 1, "wall_s": 1,
+                                                     "comm_bytes_per_step_per_worker": []}))):
+        d = tmp / "summaries" / name
+        d.mkdir(parents=True)
+        (d / "summary.json").write_text(summary)
 
 
 def _token_headers(tmp: Path) -> None:
@@ -186,6 +225,28 @@ CLI = [
      ["fifo.txt", "not a regular file", "give a text file"]),
     ("cifar-labels-beyond-classes", TRAIN + ["--data-dir", "{tmp}/badlabels", "--train-subset", "2", "--batch-size", "1"],
      ["cifar10-jpeg in", "badlabels", "label 10", "10 classes", "copy the data set again"]),
+    ("evaluate-planted-code", ["evaluate", "{tmp}/runs/pwn"], ["runs/pwn/config.json", "'pwn_planted:build'",
+                                                              "--model pwn_planted:build", "--trust-run-code"]),
+    ("evaluate-damaged-weights", ["evaluate", "{tmp}/runs/damaged"], ["runs/damaged/model.safetensors",
+                                                                      "not a readable safetensors file"]),
+    ("evaluate-mismatched-weights", ["evaluate", "{tmp}/runs/mismatched"],
+     ["runs/mismatched/model.safetensors", "does not fit the model", "config.json"]),
+    ("evaluate-config-wrong-type", ["evaluate", "{tmp}/runs/badtypes"], ["--batch-size 'big'", "expected int",
+                                                                         "runs/badtypes/config.json"]),
+    ("evaluate-config-not-json", ["evaluate", "{tmp}/runs/badjson"], ["runs/badjson/config.json", "not a readable"]),
+    *[(f"report-summary-{name}", ["report", f"{{tmp}}/summaries/{name}", "--out", "{tmp}/report"],
+       [f"summaries/{name}/summary.json", "malformed run summary", "leave this run out"])
+      for name in ("notjson", "list", "missing-keys", "wrong-types")],
+    ("epochs-absurd", TRAIN + ["--epochs", "1e308"], ["--epochs 1e+308", "at most 1e+06"]),
+    ("steps-absurd", TRAIN + ["--steps", str(10**15)], ["--steps 1000000000000000", "at most 1e+12"]),
+    ("config-overwrite", TRAIN + ["--config", "{tmp}/overwrite.toml"],
+     ["overwrite.toml", "'overwrite' is a command-line decision", "give --overwrite on the command line"]),
+    ("config-steps-text", TRAIN + ["--config", "{tmp}/steps-text.toml"], ["--steps '10'", "expected int", "steps-text.toml"]),
+    ("config-seed-bool", TRAIN + ["--config", "{tmp}/seed-bool.yaml"], ["--seed True", "expected int"]),
+    ("model-not-a-model", TRAIN + ["--model", "notmodel:build", "--dataset", "{tmp}/ok.bin", "--steps", "1"],
+     ["'notmodel:build'", "returned str, not a torch.nn.Module"]),
+    ("model-wrong-signature", TRAIN + ["--model", "os:getcwd", "--dataset", "{tmp}/ok.bin", "--steps", "1"],
+     ["'os:getcwd'", "cannot be called with vocab_size=, max_seq_len="]),
     ("cifar-corrupt", TRAIN + ["--data-dir", "{tmp}/badnpz", "--simulate", "2"],
      ["cifar10_jpeg.npz", "not a readable CIFAR-10 (JPEG) file", "copy it again"]),
     ("cifar-truncated", TRAIN + ["--data-dir", "{tmp}/truncnpz", "--simulate", "2"],
@@ -247,12 +308,15 @@ def _check(case: tuple, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
         assert want.replace("{tmp}", str(tmp_path)) in lines[0], f"{want!r} not in: {lines[0]}"
     after = _snapshot(tmp_path)
     assert {k: after[k] for k in before} == before, "a pre-existing file changed"
+    assert not (tmp_path / "PWNED").exists(), "code named by a run folder ran"
 
 
 @pytest.mark.parametrize("case", CLI, ids=[c[0] for c in CLI])
 def test_bad_cli_input_ends_in_one_clear_line(case, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a default run folder would land here, never in the repository
     monkeypatch.setenv("SUBNETDP_CACHE", str(tmp_path / "cache"))  # decoded data sets too
+    monkeypatch.syspath_prepend(str(tmp_path))  # a module planted beside the data, as `python -m` in that folder
+    monkeypatch.syspath_prepend(str(tmp_path / "runs" / "pwn"))
     _check(case, tmp_path, capsys)
 
 
@@ -382,3 +446,13 @@ def test_train_piped_into_head_still_writes_its_final_model(tmp_path):
 
 def test_the_table_is_large_enough():
     assert len(CLI) + len(NEEDS_DATA) + len(API_IDS) + 1 >= 60
+
+
+def test_the_test_extra_installs_what_the_yaml_cases_need():
+    """`pip install -e .[test]` alone must run this table: its YAML --config cases need PyYAML (issue 19 item 9)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    assert any(re.fullmatch(r"pyyaml>=\d+(\.\d+)*", d.lower()) for d in project["optional-dependencies"]["test"])
