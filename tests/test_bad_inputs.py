@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -265,6 +266,7 @@ CLI = [
     ("bench-models", ["bench", "--models", "vgg"], ["--models 'vgg'", "resnet18, llama"]),
     ("bench-levels", ["bench", "--levels", "layer"], ["--levels 'layer'", "block, neuron"]),
     ("bench-workers-zero", ["bench", "--workers", "0"], ["--workers 0", "positive whole number"]),
+    ("bench-time-limit-nan", ["bench", "--time-limit", "nan"], ["--time-limit nan", "finite number > 0"]),
     ("bench-device", ["bench", "--device", "xpu9"], ["--device 'xpu9'", "use cpu or cuda"]),
     ("report-missing", ["report", "{tmp}/norun"], ["norun", "finished run directory"]),
     ("unknown-command", ["fly"], ["'fly'", "see --help"]),
@@ -456,3 +458,31 @@ def test_the_test_extra_installs_what_the_yaml_cases_need():
         import tomli as tomllib  # type: ignore[no-redef]
     project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
     assert any(re.fullmatch(r"pyyaml>=\d+(\.\d+)*", d.lower()) for d in project["optional-dependencies"]["test"])
+
+
+def test_bench_time_limit_ends_in_one_line_and_leaves_no_timing_rank(tmp_path):
+    """issue 19 item 7: the limit used to end in TimeoutExpired's traceback, its timing ranks still running."""
+    cmd, env, cwd = _cli("bench", "--models", "resnet18", "--width", "4", "--batch", "4", "--workers", "2",
+                         "--coverages", "0.5", "--levels", "block", "--repeats", "1", "--sdp-checkpointing", "none",
+                         "--time-ranks", "2", "--time-steps", "50", "--rounds", "5", "--time-limit", "3",
+                         "--out", str(tmp_path / "bench"), cwd=tmp_path)
+    r = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("subnetdp bench: error: --time-limit 3: the timing part")
+    deadline = time.monotonic() + 30
+    while (left := _timing_ranks(tmp_path)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left, f"timing ranks outlived bench: {left}"
+
+
+def _timing_ranks(cwd: Path) -> list[int]:
+    """Processes of ``python -m subnetdp.measure.timing`` started from ``cwd``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if (proc.name.isdigit() and b"subnetdp.measure.timing" in (proc / "cmdline").read_bytes()
+                    and os.readlink(proc / "cwd") == str(cwd)):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import errno
 import io
+import math
 import os
 import sys
 import typing
@@ -260,6 +261,8 @@ def check_bench_args(args: argparse.Namespace) -> None:
     for flag in ("width", "batch", "llama_batch", "seq_len", "workers", "repeats", "time_steps", "rounds"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be a positive whole number")
+    if not (math.isfinite(args.time_limit) and args.time_limit > 0):
+        raise ValueError(f"--time-limit {args.time_limit}: seconds, a finite number > 0")
     for flag in ("time_ranks", "time_warmup", "threads"):
         if getattr(args, flag) < 0:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be 0 or more")

@@ -114,7 +114,7 @@ class TrainConfig:
     # outputs
     out: str | None = field(default=None, metadata={"help": "run directory (default runs/<strategy>-<level>-C<coverage>-s<seed>)"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its newest intact checkpoint"})
-    overwrite: bool = field(default=False, metadata={"help": "replace the run files of another run in --out"})
+    overwrite: bool = field(default=False, metadata={"help": "replace the run files of another run in --out (command line only: refused in a --config file)"})
     checkpoint_every: int = field(default=0, metadata={"help": "save a checkpoint every N steps (0: at epoch ends)"})
     log_every: int = field(default=10, metadata={"help": "write step metrics every N steps"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
