@@ -413,7 +413,7 @@ class Run:
         if len(set(everyone)) > 1:
             steps = ", ".join(f"rank {r}: step {e[0]}, schedule step {e[1]}" for r, e in enumerate(everyone))
             raise SystemExit(f"--resume: the rank files of {step_dir} disagree ({steps}); {fix}")
-        if self.backend.sdp is not None:
+        if self.backend.sdp is not None and self.cfg.sync == "grads":  # --sync params: holders differ between averages
             try:
                 self.backend.sdp._check_initial_values(buffers=False)  # the engine's own exact check, after the load
             except ValueError as e:
