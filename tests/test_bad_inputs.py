@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,89 @@ def _files(tmp: Path) -> None:
     (tmp / "tokens.bin").write_bytes(data[: len(data) // 2])  # truncated after writing
     (tmp / "run").mkdir()
     (tmp / "run" / "notes.txt").write_text("a user's own file in the run folder\n")
+    _token_headers(tmp)
+    os.mkfifo(tmp / "fifo.txt")  # nobody writes into it: reading it would wait for ever
+    _labelled_npz(tmp / "badlabels" / "cifar10_jpeg.npz", [0, 1, 10, 2])
+    _run_folders(tmp)
+    (tmp / "overwrite.toml").write_text(f'out = "{tmp / "run"}"\noverwrite = true\n')
+    (tmp / "steps-text.toml").write_text('steps = "10"\n')
+    (tmp / "seed-bool.yaml").write_text("seed: true\n")
+    (tmp / "notmodel.py").write_text("def build(**kwargs):\n    return 'not a model'\n")
+
+
+def _run_folders(tmp: Path) -> None:
+    """Run folders an attacker (or an accident) left: each must end in one line, with nothing run or changed."""
+    import json
+
+    from safetensors.torch import save_file
+
+    write_token_file(list(range(50)) * 40, tmp / "ok.bin", vocab_size=50)
+    config = {"model": "llama_tiny", "dataset": str(tmp / "ok.bin"), "seq_len": 8, "batch_size": 2}
+    for name, cfg, weights in (
+            ("pwn", {**config, "model": "pwn_planted:build"}, b"\0" * 64),  # pwn_planted.py is in the folder
+            ("damaged", config, b"not safetensors at all" * 10),
+            ("mismatched", config, None),
+            ("badtypes", {**config, "batch_size": "big"}, None),
+            ("badjson", None, None)):
+        d = tmp / "runs" / name
+        d.mkdir(parents=True)
+        (d / "config.json").write_text("{not json" if cfg is None else json.dumps(cfg))
+        if weights is None:
+            save_file({"weight": torch.zeros(3)}, d / "model.safetensors")
+        else:
+            (d / "model.safetensors").write_bytes(weights)
+    (tmp / "runs" / "pwn" / "pwn_planted.py").write_text(
+        f"open({str(tmp / 'PWNED')!r}, 'w').write('ran')\ndef build(**kwargs):\n    raise SystemExit('ran')\n")
+    for name, summary in (("notjson", "{"), ("list", "[1, 2]"), ("missing-keys", '{"strategy": "sdp"}'),
+                          ("wrong-types", json.dumps({"strategy": "ddp", "model": 5, "dataset": "d", "workers": 2,
+                                                     "simulated": False, "final": {"test_acc": "high"},
+                                                     "params_per_worker": None, "model_state_bytes_per_worker": [],
+                                                     "peak_memory_per_process": [{}], "steps": 1, "wall_s": 1,
+                                                     "comm_bytes_per_step_per_worker": []}))):
+        d = tmp / "summaries" / name
+        d.mkdir(parents=True)
+        (d / "summary.json").write_text(summary)
+
+
+def _token_headers(tmp: Path) -> None:
+    """Token files whose ``.json`` header lies (issue 19 item 1): each field wrong in its own way."""
+    import json
+
+    for name, change in (("tok-object", {"dtype": "|O"}), ("tok-half", {"dtype": "<f2"}),
+                         ("tok-bigendian", {"dtype": ">u2"}), ("tok-dtype-number", {"dtype": 2}),
+                         ("tok-length-text", {"length": "2000"}), ("tok-length-bool", {"length": True}),
+                         ("tok-length-negative", {"length": -2}), ("tok-vocab-small", {"vocab_size": 10}),
+                         ("tok-vocab-float", {"vocab_size": 50.5}), ("tok-vocab-huge", {"vocab_size": 10**30}),
+                         ("tok-not-a-table", None), ("tok-not-json", "{")):
+        write_token_file(list(range(50)) * 40, tmp / f"{name}.bin", vocab_size=50)
+        head = tmp / f"{name}.bin.json"
+        if isinstance(change, dict):
+            head.write_text(json.dumps({**json.loads(head.read_text()), **change}))
+        else:
+            head.write_text("[1, 2]" if change is None else change)
+    write_token_file(list(range(50)) * 40, tmp / "tok-signed.bin")  # ids as int16 with one negative id
+    data = bytearray((tmp / "tok-signed.bin").read_bytes())
+    data[10:12] = (-3).to_bytes(2, "little", signed=True)
+    (tmp / "tok-signed.bin").write_bytes(bytes(data))
+    head = tmp / "tok-signed.bin.json"
+    head.write_text(head.read_text().replace('"<u2"', '"<i2"'))
+
+
+def _labelled_npz(path: Path, labels: list[int]) -> None:
+    """A CIFAR-10 (JPEG) file in the shared format with the given labels (each image its own JPEG)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    blobs = []
+    for i in range(len(labels)):
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 32), (i * 40, 0, 0)).save(buf, format="JPEG")
+        blobs.append(np.frombuffer(buf.getvalue(), dtype=np.uint8))
+    path.parent.mkdir()
+    np.savez(path, blob=np.concatenate(blobs), ends=np.cumsum([len(b) for b in blobs]),
+             y=np.array(labels), train=np.array([True, True, True, False]))
 
 
 # (id, argv with {tmp}, substrings the one line must hold: the bad value or file, and the fix)
@@ -122,6 +206,48 @@ CLI = [
      ["latin1.txt", "not UTF-8", "convert it"]),
     ("token-file-truncated", TRAIN + ["--model", "llama_tiny", "--dataset", "{tmp}/tokens.bin", "--simulate", "2"],
      ["tokens.bin", "truncated", "write it again"]),
+    *[(f"token-header-{name}", TRAIN + ["--model", "llama_tiny", "--dataset", f"{{tmp}}/tok-{name}.bin", "--steps", "1",
+                                        "--batch-size", "2", "--seq-len", "8"], [f"tok-{name}.bin", *want])
+      for name, want in (
+          ("object", ['"dtype" \'|O\'', "not a token id type", "write it again"]),
+          ("half", ['"dtype" \'<f2\'', "not a token id type", "<u2"]),
+          ("bigendian", ['"dtype" \'>u2\'', "not a token id type"]),
+          ("dtype-number", ['"dtype" 2', "not a token id type"]),
+          ("length-text", ['"length" \'2000\'', "whole number"]),
+          ("length-bool", ['"length" True', "whole number"]),
+          ("length-negative", ['"length" -2', "whole number"]),
+          ("vocab-small", ["token id 49", "vocabulary 0..9", '"vocab_size"']),
+          ("vocab-float", ['"vocab_size" 50.5', "whole number"]),
+          ("vocab-huge", ['"vocab_size" 1000000000000000000000000000000', "1..4294967296"]),
+          ("not-a-table", ["not a subnetdp-tokens-v1 header", "write it again"]),
+          ("not-json", ["not a JSON token-file header", "write it again"]),
+          ("signed", ["token id -3", "ids >= 0"]))],
+    ("dataset-fifo", TRAIN + ["--model", "llama_tiny", "--dataset", "{tmp}/fifo.txt"],
+     ["fifo.txt", "not a regular file", "give a text file"]),
+    ("cifar-labels-beyond-classes", TRAIN + ["--data-dir", "{tmp}/badlabels", "--train-subset", "2", "--batch-size", "1"],
+     ["cifar10-jpeg in", "badlabels", "label 10", "10 classes", "copy the data set again"]),
+    ("evaluate-planted-code", ["evaluate", "{tmp}/runs/pwn"], ["runs/pwn/config.json", "'pwn_planted:build'",
+                                                              "--model pwn_planted:build", "--trust-run-code"]),
+    ("evaluate-damaged-weights", ["evaluate", "{tmp}/runs/damaged"], ["runs/damaged/model.safetensors",
+                                                                      "not a readable safetensors file"]),
+    ("evaluate-mismatched-weights", ["evaluate", "{tmp}/runs/mismatched"],
+     ["runs/mismatched/model.safetensors", "does not fit the model", "config.json"]),
+    ("evaluate-config-wrong-type", ["evaluate", "{tmp}/runs/badtypes"], ["--batch-size 'big'", "expected int",
+                                                                         "runs/badtypes/config.json"]),
+    ("evaluate-config-not-json", ["evaluate", "{tmp}/runs/badjson"], ["runs/badjson/config.json", "not a readable"]),
+    *[(f"report-summary-{name}", ["report", f"{{tmp}}/summaries/{name}", "--out", "{tmp}/report"],
+       [f"summaries/{name}/summary.json", "malformed run summary", "leave this run out"])
+      for name in ("notjson", "list", "missing-keys", "wrong-types")],
+    ("epochs-absurd", TRAIN + ["--epochs", "1e308"], ["--epochs 1e+308", "at most 1e+06"]),
+    ("steps-absurd", TRAIN + ["--steps", str(10**15)], ["--steps 1000000000000000", "at most 1e+12"]),
+    ("config-overwrite", TRAIN + ["--config", "{tmp}/overwrite.toml"],
+     ["overwrite.toml", "'overwrite' is a command-line decision", "give --overwrite on the command line"]),
+    ("config-steps-text", TRAIN + ["--config", "{tmp}/steps-text.toml"], ["--steps '10'", "expected int", "steps-text.toml"]),
+    ("config-seed-bool", TRAIN + ["--config", "{tmp}/seed-bool.yaml"], ["--seed True", "expected int"]),
+    ("model-not-a-model", TRAIN + ["--model", "notmodel:build", "--dataset", "{tmp}/ok.bin", "--steps", "1"],
+     ["'notmodel:build'", "returned str, not a torch.nn.Module"]),
+    ("model-wrong-signature", TRAIN + ["--model", "os:getcwd", "--dataset", "{tmp}/ok.bin", "--steps", "1"],
+     ["'os:getcwd'", "cannot be called with vocab_size=, max_seq_len="]),
     ("cifar-corrupt", TRAIN + ["--data-dir", "{tmp}/badnpz", "--simulate", "2"],
      ["cifar10_jpeg.npz", "not a readable CIFAR-10 (JPEG) file", "copy it again"]),
     ("cifar-truncated", TRAIN + ["--data-dir", "{tmp}/truncnpz", "--simulate", "2"],
@@ -140,6 +266,7 @@ CLI = [
     ("bench-models", ["bench", "--models", "vgg"], ["--models 'vgg'", "resnet18, llama"]),
     ("bench-levels", ["bench", "--levels", "layer"], ["--levels 'layer'", "block, neuron"]),
     ("bench-workers-zero", ["bench", "--workers", "0"], ["--workers 0", "positive whole number"]),
+    ("bench-time-limit-nan", ["bench", "--time-limit", "nan"], ["--time-limit nan", "finite number > 0"]),
     ("bench-device", ["bench", "--device", "xpu9"], ["--device 'xpu9'", "use cpu or cuda"]),
     ("report-missing", ["report", "{tmp}/norun"], ["norun", "finished run directory"]),
     ("unknown-command", ["fly"], ["'fly'", "see --help"]),
@@ -183,11 +310,15 @@ def _check(case: tuple, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
         assert want.replace("{tmp}", str(tmp_path)) in lines[0], f"{want!r} not in: {lines[0]}"
     after = _snapshot(tmp_path)
     assert {k: after[k] for k in before} == before, "a pre-existing file changed"
+    assert not (tmp_path / "PWNED").exists(), "code named by a run folder ran"
 
 
 @pytest.mark.parametrize("case", CLI, ids=[c[0] for c in CLI])
 def test_bad_cli_input_ends_in_one_clear_line(case, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a default run folder would land here, never in the repository
+    monkeypatch.setenv("SUBNETDP_CACHE", str(tmp_path / "cache"))  # decoded data sets too
+    monkeypatch.syspath_prepend(str(tmp_path))  # a module planted beside the data, as `python -m` in that folder
+    monkeypatch.syspath_prepend(str(tmp_path / "runs" / "pwn"))
     _check(case, tmp_path, capsys)
 
 
@@ -238,16 +369,26 @@ def _api_cases(tmp: Path) -> list[tuple[str, object, type, str]]:
         ("text-empty", lambda: load_text(tmp / "empty.txt"), ValueError, "empty.txt: the text file is empty"),
         ("text-not-utf8", lambda: load_text(tmp / "latin1.txt"), ValueError, "latin1.txt: not UTF-8 text"),
         ("token-file-truncated", lambda: read_token_file(tmp / "t.bin"), ValueError, "t.bin has 7 bytes"),
+        ("token-write-beyond-vocab", lambda: write_token_file([0, 7], tmp / "w.bin", vocab_size=4), ValueError,
+         "token id 7 is beyond vocab_size=4"),
+        ("token-header-object", lambda: read_token_file(_object_header(tmp)), ValueError, r"'\|O' is not a token id type"),
         ("config-momentum", lambda: validate(TrainConfig(momentum=5.0)), ConfigError, r"--momentum 5.0: must be in \[0, 1\)"),
         ("config-lr-nan", lambda: validate(TrainConfig(lr=math.nan)), ConfigError, "--lr nan"),
     ]
+
+
+def _object_header(tmp: Path) -> Path:
+    """A token file whose header asks numpy to map pointers (a segfault before issue 19)."""
+    path = write_token_file(list(range(8)), tmp / "obj.bin", vocab_size=8)
+    (tmp / "obj.bin.json").write_text((tmp / "obj.bin.json").read_text().replace('"<u2"', '"|O"'))
+    return path
 
 
 API_IDS = ["simulation-sync-every-zero", "simulation-sync-every-float", "simulation-sync", "simulation-init",
            "plan-from-bad-json", "plan-from-other-json", "plan-from-json-list", "plan-workers-true",
            "plan-workers-float", "plan-coverage-nan", "plan-level", "materialize-init", "subnetwork-worker",
            "subnetwork-scaling", "engine-without-process-group", "text-empty", "text-not-utf8",
-           "token-file-truncated", "config-momentum", "config-lr-nan"]
+           "token-file-truncated", "token-write-beyond-vocab", "token-header-object", "config-momentum", "config-lr-nan"]
 
 
 @pytest.mark.parametrize("name", API_IDS)
@@ -307,3 +448,41 @@ def test_train_piped_into_head_still_writes_its_final_model(tmp_path):
 
 def test_the_table_is_large_enough():
     assert len(CLI) + len(NEEDS_DATA) + len(API_IDS) + 1 >= 60
+
+
+def test_the_test_extra_installs_what_the_yaml_cases_need():
+    """`pip install -e .[test]` alone must run this table: its YAML --config cases need PyYAML (issue 19 item 9)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    assert any(re.fullmatch(r"pyyaml>=\d+(\.\d+)*", d.lower()) for d in project["optional-dependencies"]["test"])
+
+
+def test_bench_time_limit_ends_in_one_line_and_leaves_no_timing_rank(tmp_path):
+    """issue 19 item 7: the limit used to end in TimeoutExpired's traceback, its timing ranks still running."""
+    cmd, env, cwd = _cli("bench", "--models", "resnet18", "--width", "4", "--batch", "4", "--workers", "2",
+                         "--coverages", "0.5", "--levels", "block", "--repeats", "1", "--sdp-checkpointing", "none",
+                         "--time-ranks", "2", "--time-steps", "50", "--rounds", "5", "--time-limit", "3",
+                         "--out", str(tmp_path / "bench"), cwd=tmp_path)
+    r = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("subnetdp bench: error: --time-limit 3: the timing part")
+    deadline = time.monotonic() + 30
+    while (left := _timing_ranks(tmp_path)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left, f"timing ranks outlived bench: {left}"
+
+
+def _timing_ranks(cwd: Path) -> list[int]:
+    """Processes of ``python -m subnetdp.measure.timing`` started from ``cwd``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if (proc.name.isdigit() and b"subnetdp.measure.timing" in (proc / "cmdline").read_bytes()
+                    and os.readlink(proc / "cwd") == str(cwd)):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found

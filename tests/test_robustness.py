@@ -330,3 +330,261 @@ def test_a_full_disk_ends_the_run_with_one_line_naming_the_file(tmp_path, monkey
     message = str(info.value.code)
     assert f"cannot write {out / 'summary.json'}: no space left" in message and len(message.splitlines()) == 1
     assert not list(out.glob(".*.tmp*")) and not (out / "summary.json").exists()
+
+
+# ---- the --workers launcher's life (issue 19 item 2) ----------------------------------------------------
+
+def _run_processes(launcher: int) -> list[int]:
+    """torchrun and every rank below ``launcher``, found now (they die with it, so look before signalling)."""
+    from subnetdp.train import _children
+
+    found, todo = [], [launcher]
+    while todo:
+        kids = _children(todo.pop())
+        found += kids
+        todo += kids
+    return found
+
+
+def _torchrun_started(launcher: int) -> bool:
+    """Whether the launcher has started torchrun (not just a helper process of an import)."""
+    from subnetdp.supervise import TORCHRUN
+
+    return any(TORCHRUN.encode() in Path(f"/proc/{p}/cmdline").read_bytes() for p in _run_processes(launcher)
+               if Path(f"/proc/{p}/cmdline").exists())
+
+
+def _gone(pids: list[int], within: float) -> bool:
+    deadline = time.monotonic() + within
+    while any(Path(f"/proc/{p}").exists() for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not any(Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text().split()[2]
+                   for p in pids if Path(f"/proc/{p}").exists())
+
+
+def _at_step(proc: subprocess.Popen, out: Path, step: int) -> list[int]:
+    """Wait until the run has logged ``step`` and both ranks exist; its processes below the launcher."""
+    from subnetdp.faults import steps_logged
+
+    deadline = time.monotonic() + 240
+    while (steps_logged(out) < step or worker_pid(proc.pid, 1) is None) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.02)
+    return _run_processes(proc.pid)
+
+
+@needs_data
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_or_sighup_to_the_launcher_stops_every_rank_at_a_step_boundary(tmp_path, sig):
+    out = tmp_path / "run"
+    proc = _start_workers(out, "--steps", "400")
+    processes = _at_step(proc, out, 2)
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert len([x for x in stdout.splitlines() if x.startswith("interrupted:")]) == 1
+    assert "Traceback" not in stdout + stderr, stderr[-3000:]
+    assert _gone(processes, 10), "a rank outlived its launcher"
+    assert (out / "checkpoints" / "latest").exists() and not (out / "summary.json").exists()
+
+
+@needs_data
+def test_a_launcher_killed_by_sigkill_takes_its_ranks_along_and_the_folder_stays_locked_meanwhile(tmp_path):
+    from subnetdp import rundir
+
+    out = tmp_path / "run"
+    proc = _start_workers(out, "--steps", "400")
+    processes = _at_step(proc, out, 2)
+    proc.kill()
+    proc.wait()
+    with pytest.raises(SystemExit, match="is in use by another run"):  # its ranks still hold the folder
+        rundir.lock(out)
+    assert _gone(processes, 60), "torchrun or a rank outlived a launcher killed by SIGKILL"
+    proc.communicate(timeout=10)
+    rundir.lock(out).release()  # every process of the run is gone: so is the lock
+    assert (out / "checkpoints" / "latest").exists()
+
+
+@needs_data
+def test_ctrl_c_before_the_ranks_exist_stops_the_run_at_its_first_step(tmp_path):
+    out = tmp_path / "run"
+    proc = _start_workers(out, "--steps", "400")
+    deadline = time.monotonic() + 120
+    while not _torchrun_started(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)  # torchrun has started; its ranks are still importing torch
+    assert worker_pid(proc.pid, 0) is None or worker_pid(proc.pid, 1) is None
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "interrupted: stopped after step 1 of 400" in stdout, stdout[-2000:] + stderr[-2000:]
+    assert not (out / "summary.json").exists()
+
+
+def test_a_launchers_ranks_share_its_folder_lock_so_it_outlives_the_launcher(tmp_path, monkeypatch):
+    from subnetdp import rundir
+
+    out = tmp_path / "run"
+    launcher = rundir.lock(out)
+    launcher.share()
+    monkeypatch.setenv(rundir.OWNER_ENV, launcher.token)
+    rank = rundir.lock(out)  # a rank of this launch: a shared claim beside the launcher's
+    monkeypatch.delenv(rundir.OWNER_ENV)
+    launcher.release()  # as a launcher killed by SIGKILL
+    with pytest.raises(SystemExit, match="is in use by another run"):
+        rundir.lock(out)
+    rank.release()
+    rundir.lock(out).release()
+
+
+# ---- no code run, no write or delete outside the run's own files (issue 19 items 3, 4, 5) -----------------
+
+def test_evaluate_imports_a_run_folders_model_only_when_the_command_line_says_so(tmp_path, monkeypatch, capsys):
+    from subnetdp.cli import main
+    from subnetdp.data.text import write_token_file
+
+    write_token_file(list(range(50)) * 40, tmp_path / "ok.bin", vocab_size=50)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": "planted_eval:build", "dataset": str(tmp_path / "ok.bin"),
+                                                 "seq_len": 8, "batch_size": 2}))
+    (run / "model.safetensors").write_bytes(b"\0" * 64)
+    (run / "planted_eval.py").write_text(f"open({str(tmp_path / 'RAN')!r}, 'w').write('ran')\n"
+                                         "import torch\ndef build(**kw):\n    return torch.nn.Linear(2, 2)\n")
+    monkeypatch.syspath_prepend(str(run))
+    assert main(["evaluate", str(run)]) == 2 and not (tmp_path / "RAN").exists()
+    assert "--trust-run-code" in capsys.readouterr().err
+    for flags in (["--model", "planted_eval:build"], ["--trust-run-code"]):  # the user says so: it runs
+        assert main(["evaluate", str(run), *flags]) == 2  # ... and then the damaged weights are named
+        assert (tmp_path / "RAN").exists() and "not a readable safetensors file" in capsys.readouterr().err
+
+
+def test_atomic_write_never_writes_through_a_planted_link(tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("someone else's file")
+    run = tmp_path / "run"
+    run.mkdir()
+    for pid in range(os.getpid() - 5, os.getpid() + 5):  # the temporaries' old, predictable names
+        (run / f".summary.json.tmp{pid}").symlink_to(outside)
+    (run / "config.json").symlink_to(outside)  # the target's own name
+    atomic_write(run / "summary.json", "{}")
+    atomic_write(run / "config.json", "{}")
+    assert outside.read_text() == "someone else's file"
+    assert (run / "config.json").read_text() == "{}" and not (run / "config.json").is_symlink()
+    assert len(list(run.glob(".*.tmp*"))) == 10  # the planted links only: none of ours is left
+
+
+def test_report_out_never_writes_through_a_planted_link(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from subnetdp.cli import main
+
+    outside = tmp_path / "outside.md"
+    outside.write_text("someone else's file")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({
+        "strategy": "ddp", "model": "m", "dataset": "d", "workers": 2, "simulated": False, "final": {"test_acc": 0.5},
+        "params_per_worker": None, "full_params": 1, "model_state_bytes_per_worker": [1],
+        "peak_memory_per_process": [{"peak_rss_bytes": 1}], "comm_bytes_per_step_per_worker": [None], "steps": 1,
+        "wall_s": 1.0}))
+    report = tmp_path / "report"
+    report.mkdir()
+    for name in ("report.md", "curves.png", "accuracy_vs_memory.png"):
+        (report / name).symlink_to(outside)
+    assert main(["report", str(run), "--out", str(report)]) == 0
+    assert outside.read_text() == "someone else's file" and not (report / "report.md").is_symlink()
+
+
+def _model_and_opt() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    model = torch.nn.Linear(2, 2)
+    return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+def test_rotation_deletes_only_the_step_folders_this_run_wrote(tmp_path):
+    root = tmp_path / "checkpoints"
+    model, opt = _model_and_opt()
+    save_checkpoint(root, 1, model, opt)
+    (root / "step-000000001-good").mkdir()  # a user's copy
+    (root / "step-000000001-good" / "rank-00000.pt").write_bytes(b"mine")
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "step-000000000").mkdir(parents=True)
+    (root / "step-000000000").symlink_to(elsewhere / "step-000000000")  # a link named like a checkpoint
+    (root / "step-000000002").mkdir()  # no manifest: not a checkpoint this run completed
+    for step in (3, 4, 5):
+        save_checkpoint(root, step, model, opt, keep=2)
+    names = sorted(p.name for p in root.iterdir())
+    assert names == ["latest", "step-000000000", "step-000000001-good", "step-000000002", "step-000000004",
+                     "step-000000005"]
+    assert (elsewhere / "step-000000000").is_dir() and (root / "step-000000001-good" / "rank-00000.pt").exists()
+
+
+def test_latest_cannot_name_a_folder_outside_the_checkpoints(tmp_path):
+    root = tmp_path / "checkpoints"
+    model, opt = _model_and_opt()
+    save_checkpoint(root, 1, model, opt)
+    (tmp_path / "step-000000009").mkdir()
+    (root / "latest").write_text("../step-000000009\n")
+    found, skipped = find_resumable(root)
+    assert found == root / "step-000000001" and "does not name a step-NNNNNNNNN folder" in skipped[0]
+
+
+@needs_data
+def test_a_symlinked_checkpoints_folder_is_refused_and_overwrite_removes_only_run_files(tmp_path):
+    elsewhere = tmp_path / "other-project" / "checkpoints"
+    (elsewhere / "step-000000001").mkdir(parents=True)
+    (elsewhere / "step-000000001" / "manifest.json").write_text('{"step": 1}')
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoints").symlink_to(elsewhere)
+    for flags in ((), ("--overwrite",), ("--resume",)):
+        proc = _simulated(out, *flags)
+        assert proc.returncode != 0 and "checkpoints is a symbolic link" in proc.stderr, proc.stderr[-2000:]
+        assert (elsewhere / "step-000000001" / "manifest.json").exists()
+    (out / "checkpoints").unlink()
+    _crashed_run(out)
+    (out / "checkpoints" / "notes.txt").write_text("mine")
+    (out / "checkpoints" / "step-000000002-good").mkdir()
+    proc = _simulated(out, "--overwrite", "--steps", "2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "notes.txt", "step-000000002",
+                                                                       "step-000000002-good"]
+
+
+# ---- agreement after a resume (issue 19 item 6) ---------------------------------------------------------
+
+def _replace_rank_file(step_dir: Path, rank: int, blob: bytes) -> None:
+    """Put ``blob`` in as ``rank``'s file and edit the manifest to match, as an attacker would."""
+    name = f"rank-{rank:05d}.pt"
+    (step_dir / name).write_bytes(blob)
+    manifest = json.loads((step_dir / "manifest.json").read_text())
+    manifest["files"][name] = {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+    (step_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+@needs_data
+def test_rank_files_from_different_steps_are_refused_after_loading(tmp_path):
+    import io
+
+    out = tmp_path / "run"
+    proc = _start_workers(out)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    (out / "summary.json").unlink()
+    old, new = out / "checkpoints" / "step-000000007", out / "checkpoints" / "step-000000008"
+    cases = []
+    cases.append(((old / "rank-00001.pt").read_bytes(), "holds rank 1 at step 7, not rank 1 at the step"))
+    edited = torch.load(old / "rank-00001.pt", weights_only=True)  # step and loop state made to match step 8
+    edited.update(step=8, extra=torch.load(new / "rank-00001.pt", weights_only=True)["extra"])
+    buffer = io.BytesIO()
+    torch.save(edited, buffer)
+    cases.append((buffer.getvalue(), "the holders' values differ"))
+    original = (new / "rank-00001.pt").read_bytes()
+    for blob, message in cases:
+        _replace_rank_file(new, 1, blob)
+        resumed = _start_workers(out, "--resume")
+        _, err = resumed.communicate(timeout=300)
+        assert resumed.returncode != 0 and message in err, err[-3000:]
+        assert "Traceback" not in err and not (out / "summary.json").exists()
+    _replace_rank_file(new, 1, original)  # the untouched checkpoint still resumes
+    resumed = _start_workers(out, "--resume")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]

@@ -1,5 +1,8 @@
 """``python -m subnetdp``: the same as the ``subnetdp`` command."""
 
-from subnetdp.cli import main
+try:
+    from subnetdp.cli import main
+except KeyboardInterrupt:  # Ctrl-C while importing torch: a stop, not a traceback
+    raise SystemExit(130) from None
 
 raise SystemExit(main())

@@ -19,6 +19,8 @@ import io
 import json
 import os
 import random
+import re
+import secrets
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +35,7 @@ from subnetdp.planning import Plan
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
+STEP_DIR = re.compile(r"step-\d{9}")  # the only name a checkpoint folder has
 
 
 class CheckpointError(RuntimeError):
@@ -48,14 +51,16 @@ def atomic_write(path: str | Path, data: bytes | str | Callable[[Any], None]) ->
 
     ``data`` is bytes, text, or a function that writes into a binary file object. The bytes go to a
     temporary file in the same folder (so the rename cannot cross file systems), are fsynced, and
-    the temporary is renamed over ``path``; on any failure it is removed. Files are created with
+    the temporary is renamed over ``path``; on any failure it is removed. The temporary has an
+    unpredictable name and is created with ``O_EXCL | O_NOFOLLOW`` (as ``mkstemp`` does), so a file or
+    symbolic link planted in the folder is never opened, and the rename replaces a link at ``path``
+    rather than writing where it points: nothing outside the folder is written. Files are created with
     mode 0666 minus the umask, like any ``open(..., "w")``, so every run file has the same
     permissions. A full disk raises :class:`RunFileError` naming the path.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp, fd = _new_temp(path)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         with os.fdopen(fd, "wb") as f:
             if callable(data):
                 data(f)
@@ -72,6 +77,17 @@ def atomic_write(path: str | Path, data: bytes | str | Callable[[Any], None]) ->
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def _new_temp(path: Path) -> tuple[Path, int]:
+    """A fresh temporary beside ``path``: a random name, created exclusively, never through a link."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+        try:
+            return tmp, os.open(tmp, flags, 0o666)
+        except FileExistsError:  # a planted name, or a one-in-2**64 collision: draw another
+            continue
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -144,6 +160,10 @@ def save_checkpoint(
         model.check_synced_holders("checkpoint save")  # never save diverged holders as a good checkpoint
     root = Path(directory)
     step_dir = root / f"step-{step:09d}"
+    for folder in (root, step_dir):
+        if folder.is_symlink():
+            raise RunFileError(errno.ELOOP, f"cannot write {folder}: it is a symbolic link, and a run writes only "
+                                            "inside its own folder; remove the link")
     step_dir.mkdir(parents=True, exist_ok=True)
     module = getattr(model, "module", model)
     payload = {
@@ -170,13 +190,39 @@ def save_checkpoint(
                     "files": {_rank_file(r): e for r, e in enumerate(entries)}}
         atomic_write(step_dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         atomic_write(root / LATEST, step_dir.name + "\n")
-        complete = sorted(d for d in root.glob("step-*") if d.is_dir())
-        for old in complete[:-keep] if keep > 0 else []:
-            if old != step_dir:
+        for old in step_dirs(root)[:-keep] if keep > 0 else []:
+            if old != step_dir and _manifest_step(old) == int(old.name[len("step-"):]):  # one this run completed
                 shutil.rmtree(old, ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()
     return step_dir
+
+
+def step_dirs(root: str | Path) -> list[Path]:
+    """The checkpoint folders under ``root``, oldest first: real folders named exactly ``step-NNNNNNNNN``.
+
+    A user's copy (``step-000000004-good``) or a symbolic link is never one: nothing else is read as a
+    checkpoint, and rotation deletes nothing else.
+    """
+    root = Path(root)
+    if not root.is_dir() or root.is_symlink():
+        return []
+    return sorted(d for d in root.iterdir() if STEP_DIR.fullmatch(d.name) and d.is_dir() and not d.is_symlink())
+
+
+def _manifest_step(step_dir: Path) -> int | None:
+    """The step that ``step_dir``'s manifest records, or None: the record that this library wrote the folder."""
+    try:
+        step = json.loads((step_dir / MANIFEST).read_text()).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if type(step) is int else None
+
+
+def _named_by_latest(root: Path) -> Path | None:
+    """The step folder ``latest`` names, when it names one of :func:`step_dirs`' form (never ``../``)."""
+    name = (root / LATEST).read_text(errors="replace").strip()
+    return root / name if STEP_DIR.fullmatch(name) else None
 
 
 def verify(step_dir: Path, rank: int | None = None) -> str | None:
@@ -211,10 +257,10 @@ def verify(step_dir: Path, rank: int | None = None) -> str | None:
 def latest_checkpoint(directory: str | Path) -> Path | None:
     """The step directory ``latest`` names, or None when there is no ``latest`` or it names nothing."""
     pointer = Path(directory) / LATEST
-    if not pointer.exists():
+    if not pointer.is_file():
         return None
-    step_dir = Path(directory) / pointer.read_text().strip()
-    return step_dir if step_dir.is_dir() else None
+    step_dir = _named_by_latest(Path(directory))
+    return step_dir if step_dir is not None and step_dir in step_dirs(directory) else None
 
 
 def find_resumable(directory: str | Path) -> tuple[Path | None, list[str]]:
@@ -225,11 +271,13 @@ def find_resumable(directory: str | Path) -> tuple[Path | None, list[str]]:
     """
     root = Path(directory)
     skipped: list[str] = []
-    candidates = sorted((d for d in root.glob("step-*") if d.is_dir()), reverse=True)
+    candidates = step_dirs(root)[::-1]
     pointer = root / LATEST
-    if pointer.exists():
-        named = root / pointer.read_text().strip()
-        if named.is_dir():
+    if pointer.is_file():
+        named = _named_by_latest(root)
+        if named is None:
+            skipped.append(f"{pointer} does not name a step-NNNNNNNNN folder")
+        elif named in candidates:
             candidates = [named] + [d for d in candidates if d != named]
         else:
             skipped.append(f"{pointer} names {named.name}, which does not exist")
@@ -276,12 +324,22 @@ def load_checkpoint(
         raise CheckpointError(f"{file}: not a subnetdp checkpoint")
     if payload["world_size"] != world:
         raise CheckpointError(f"checkpoint {step_dir} was written by {payload['world_size']} ranks, this run has {world}")
-    if plan is not None and payload["plan"] is not None and Plan.from_json(payload["plan"]) != plan:
-        raise CheckpointError(f"checkpoint {step_dir} was written for a different plan; resume with the same "
-                              "model, workers, coverage, level and seed")
-    getattr(model, "module", model).load_state_dict(payload["model"])
-    if optimizer is not None and payload["optimizer"] is not None:
-        optimizer.load_state_dict(payload["optimizer"])
-    if restore_rng:
-        set_rng_state(payload["rng"])
+    if payload.get("rank") != rank or payload.get("step") != int(step_dir.name[len("step-"):]):
+        raise CheckpointError(f"{file} holds rank {payload.get('rank')!r} at step {payload.get('step')!r}, not rank "
+                              f"{rank} at the step its folder names (copied or edited?)")
+    try:
+        if plan is not None and payload["plan"] is not None and Plan.from_json(payload["plan"]) != plan:
+            raise CheckpointError(f"checkpoint {step_dir} was written for a different plan; resume with the same "
+                                  "model, workers, coverage, level and seed")
+        getattr(model, "module", model).load_state_dict(payload["model"])
+        if optimizer is not None and payload["optimizer"] is not None:
+            optimizer.load_state_dict(payload["optimizer"])
+        if restore_rng:
+            set_rng_state(payload["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        first = " ".join(str(e).split())[:300] or type(e).__name__
+        raise CheckpointError(f"{file}: its contents do not fit this run ({type(e).__name__}: {first}); restore "
+                              "the checkpoint, or start over with --overwrite") from None
     return payload

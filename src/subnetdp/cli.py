@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import io
+import math
 import os
 import sys
-import types
 import typing
 from collections.abc import Sequence
 
-from subnetdp.config import DEVICES, WIDTH_MODELS, ConfigError, TrainConfig, load_file, validate
+from subnetdp.config import DEVICES, WIDTH_MODELS, ConfigError, TrainConfig, field_type, from_values, load_file, validate
 from subnetdp.measure.workloads import DEFAULT_VOCAB
 from subnetdp.optimizers import OPTIMIZER_NAMES
 from subnetdp.planning import JOB_BALANCES, LEVELS, TRANSITIONS
@@ -37,13 +38,6 @@ class _DefaultsParser(_Parser):
         super().__init__(*args, **kwargs)
 
 
-def _field_type(f: dataclasses.Field) -> type:
-    t = typing.get_type_hints(TrainConfig)[f.name]
-    if isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union:
-        t = next(a for a in typing.get_args(t) if a is not type(None))
-    return t
-
-
 def _add_field_flag(p: argparse.ArgumentParser, f: dataclasses.Field, for_train: bool, **override: typing.Any) -> None:
     """One flag from one :class:`TrainConfig` field: its name, type, help and choices.
 
@@ -53,7 +47,7 @@ def _add_field_flag(p: argparse.ArgumentParser, f: dataclasses.Field, for_train:
     differently (``plan --workers`` is the K a plan is made for, 8 by default).
     """
     flag = "--" + f.name.replace("_", "-")
-    t = _field_type(f)
+    t = field_type(f.name)
     kwargs: dict[str, typing.Any] = {"help": f.metadata.get("help", "")}
     if for_train:
         kwargs.update(default=argparse.SUPPRESS, help=f"{kwargs['help']} (default: {f.default})")
@@ -89,20 +83,19 @@ def _add_plan_flags(p: argparse.ArgumentParser) -> None:
         _add_field_flag(p, fields[name], for_train=False, **override)
 
 
+# decisions that only the command line may make: a config file is often shared, or written by someone else
+COMMAND_LINE_ONLY = ("overwrite",)
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = load_file(args.config) if getattr(args, "config", None) else {}
+    for name in COMMAND_LINE_ONLY:
+        if name in values:
+            raise ConfigError(f"--config {args.config}: '{name}' is a command-line decision (it deletes files); "
+                              f"remove it from the file and give --{name} on the command line")
     given = {k: v for k, v in vars(args).items() if k not in ("config", "command")}
     values.update(given)
-    try:
-        cfg = TrainConfig(**values)
-    except TypeError as e:
-        raise ConfigError(f"--config: {e}") from e
-    for f in dataclasses.fields(TrainConfig):  # values from a file are checked for type as flags are
-        v = getattr(cfg, f.name)
-        t = _field_type(f)
-        if v is not None and not isinstance(v, t) and not (t is float and isinstance(v, int) and not isinstance(v, bool)):
-            raise ConfigError(f"--{f.name.replace('_', '-')} {v!r}: expected {t.__name__}")
-    return cfg
+    return from_values(values, f"--config {args.config}" if getattr(args, "config", None) else "flags")
 
 
 def _user_factory(args: argparse.Namespace) -> typing.Callable[[], typing.Any]:
@@ -196,7 +189,7 @@ def _evaluate_command(args: argparse.Namespace) -> int:
     from subnetdp.train import evaluate_run
 
     try:
-        result = evaluate_run(args.run, args.device)
+        result = evaluate_run(args.run, args.device, model=args.model, trust_run_code=args.trust_run_code)
     except (FileNotFoundError, ConfigError, ValueError) as e:
         print(f"subnetdp evaluate: error: {e}", file=sys.stderr)
         return 2
@@ -262,6 +255,8 @@ def check_bench_args(args: argparse.Namespace) -> None:
     for flag in ("width", "batch", "llama_batch", "seq_len", "workers", "repeats", "time_steps", "rounds"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be a positive whole number")
+    if not (math.isfinite(args.time_limit) and args.time_limit > 0):
+        raise ValueError(f"--time-limit {args.time_limit}: seconds, a finite number > 0")
     for flag in ("time_ranks", "time_warmup", "threads"):
         if getattr(args, flag) < 0:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be 0 or more")
@@ -359,6 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("run", metavar="RUN_DIR", help="run directory of subnetdp train")
     ev.add_argument("--device", default="auto", choices=DEVICES, help="device to evaluate on")
     ev.add_argument("--json", action="store_true", help="print one JSON object with the keys of summary.json's 'final'")
+    ev.add_argument("--model", default=None,
+                    help="the model to load the weights into (a zoo name or 'module:callable'); a run trained on a "
+                         "'module:callable' model needs it (or --trust-run-code): a run folder's config.json is "
+                         "never a reason to import code")
+    ev.add_argument("--trust-run-code", action="store_true",
+                    help="import and call the 'module:callable' model that RUN_DIR/config.json names")
 
     rep = sub.add_parser("report", help="markdown table and PNG plots from run directories")
     rep.add_argument("runs", nargs="+", help="run directories (each with summary.json and metrics.jsonl)")
@@ -366,9 +367,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_READER_GONE = (errno.EPIPE, errno.EIO)  # a closed pipe; a terminal that hung up
+
+
 class _PipeSafeStdout(io.TextIOBase):
-    """stdout that goes quiet when its reader closes (``subnetdp train | head``), so the job keeps
-    running and still writes its outputs: after the first broken pipe, writes go to /dev/null."""
+    """stdout that goes quiet when its reader closes (``subnetdp train | head``, or a closed terminal:
+    EIO), so the job keeps running and still writes its outputs: after the first such error, writes go
+    to /dev/null."""
 
     def __init__(self, stream: typing.TextIO) -> None:
         self.stream = stream
@@ -381,14 +386,18 @@ class _PipeSafeStdout(io.TextIOBase):
     def write(self, text: str) -> int:
         try:
             return self.stream.write(text)
-        except BrokenPipeError:
+        except OSError as e:
+            if e.errno not in _READER_GONE:
+                raise
             self._quiet()
             return len(text)
 
     def flush(self) -> None:
         try:
             self.stream.flush()
-        except BrokenPipeError:
+        except OSError as e:
+            if e.errno not in _READER_GONE:
+                raise
             self._quiet()
 
     def fileno(self) -> int:
@@ -420,6 +429,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _main(argv)
     except BrokenPipeError:
         return 0
+    except KeyboardInterrupt:  # a Ctrl-C before a run could take it as a stop request, or a second one
+        print(f"subnetdp {command}: interrupted".replace("subnetdp : ", "subnetdp: "), file=sys.stderr)
+        return 130
     except USER_ERRORS as e:
         detail = " ".join(str(e).split()) or type(e).__name__
         if isinstance(e, OSError) and e.filename and str(e.filename) not in detail:

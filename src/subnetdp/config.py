@@ -29,6 +29,7 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 TEXT_DATASETS = ("tinyshakespeare",)
 WIDTH_MODELS = ("resnet18", "resnet50", "swin_t_cifar")  # the models --width reaches (swin_t_cifar: embedding width)
+MAX_EPOCHS, MAX_STEPS = 1e6, 10**12  # beyond these a run cannot end (and 1e308 epochs overflowed to a traceback)
 
 
 class ConfigError(ValueError):
@@ -114,7 +115,7 @@ class TrainConfig:
     # outputs
     out: str | None = field(default=None, metadata={"help": "run directory (default runs/<strategy>-<level>-C<coverage>-s<seed>)"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its newest intact checkpoint"})
-    overwrite: bool = field(default=False, metadata={"help": "replace the run files of another run in --out"})
+    overwrite: bool = field(default=False, metadata={"help": "replace the run files of another run in --out (command line only: refused in a --config file)"})
     checkpoint_every: int = field(default=0, metadata={"help": "save a checkpoint every N steps (0: at epoch ends)"})
     log_every: int = field(default=10, metadata={"help": "write step metrics every N steps"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
@@ -162,6 +163,32 @@ def _positive(flag: str, value: float | None, allow_none: bool = True, allow_zer
         raise ConfigError(f"--{flag} {value!r}: must be a finite number {'>= 0' if allow_zero else '> 0'}")
 
 
+def field_type(name: str) -> type:
+    """The type a field's value must have (``int | None`` -> ``int``)."""
+    import types
+    import typing
+
+    t = typing.get_type_hints(TrainConfig)[name]
+    if isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union:
+        t = next(a for a in typing.get_args(t) if a is not type(None))
+    return t
+
+
+def from_values(values: dict[str, Any], source: str) -> TrainConfig:
+    """A :class:`TrainConfig` from values read from a file (``source`` names it in errors), each checked for
+    its field's type as a flag would be: a file is data, and a wrong type must not become a traceback later."""
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise ConfigError(f"{source}: unknown settings {unknown}; known: "
+                          f"{', '.join(sorted(f.name for f in dataclasses.fields(TrainConfig)))}")
+    for name, v in values.items():
+        t = field_type(name)
+        ok = isinstance(v, t) and not (t is not bool and isinstance(v, bool))
+        if v is not None and not ok and not (t is float and isinstance(v, int) and not isinstance(v, bool)):
+            raise ConfigError(f"--{name.replace('_', '-')} {v!r}: expected {t.__name__} ({source})")
+    return TrainConfig(**values)
+
+
 def world_size_of(cfg: TrainConfig) -> int:
     """How many workers the run has: --simulate, --workers, or torchrun's WORLD_SIZE."""
     return cfg.simulate or cfg.workers or int(os.environ.get("WORLD_SIZE", "1"))
@@ -181,6 +208,9 @@ def validate(cfg: TrainConfig) -> None:
                           "or give your own as 'package.module:callable'")
     for flag in ("epochs", "batch_size", "seq_len", "steps_per_epoch", "sync_every", "log_every"):
         _positive(flag.replace("_", "-"), getattr(cfg, flag), allow_none=False)
+    for flag, most in (("epochs", MAX_EPOCHS), ("steps", MAX_STEPS)):
+        if (getattr(cfg, flag) or 0) > most:
+            raise ConfigError(f"--{flag} {getattr(cfg, flag)!r}: at most {most:g}; give a run that can end")
     for flag in ("steps", "lr", "grad_clip", "simulate", "workers", "train_subset", "test_subset", "width", "threads"):
         _positive(flag.replace("_", "-"), getattr(cfg, flag))
     for flag in ("weight_decay", "eval_every", "bn_recalibrate", "checkpoint_every", "momentum"):

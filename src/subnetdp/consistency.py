@@ -88,15 +88,31 @@ def disagreements(table: torch.Tensor, slots: list[Slot]) -> list[tuple[Slot, li
     return found
 
 
-def divergence_message(found: list[tuple[Slot, list[list[int]]]], where: str) -> str:
-    """One message naming the tensors and ranks that disagree, the likely causes and the fixes."""
-    names = []
+class HolderDivergenceError(RuntimeError):
+    """Holders of the same elements hold different values; ``summary`` names the tensors and ranks."""
+
+    def __init__(self, message: str, summary: str) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
+def divergence_summary(found: list[tuple[Slot, list[list[int]]]]) -> str:
+    """The tensors that disagree and the ranks grouped by value, first five named: ``conv1.weight (ranks [0] vs [1]); ...``."""
+    names: dict[str, str] = {}
     for s, groups in found:
-        if s.name not in [n for n, _ in names]:
-            names.append((s.name, " vs ".join(str(g) for g in groups)))
-    shown = "; ".join(f"{n} (ranks {g})" for n, g in names[:5])
-    more = f" and {len(names) - 5} more tensors" if len(names) > 5 else ""
-    return (f"SubnetDataParallel: holders of the same parameters hold different values ({where}): {shown}{more}. "
+        names.setdefault(s.name, " vs ".join(str(g) for g in groups))
+    shown = "; ".join(f"{n} (ranks {g})" for n, g in list(names.items())[:5])
+    return shown + (f" and {len(names) - 5} more tensors" if len(names) > 5 else "")
+
+
+def divergence_error(found: list[tuple[Slot, list[list[int]]]], where: str) -> HolderDivergenceError:
+    """One error naming the tensors and ranks that disagree, the likely causes and the fixes."""
+    summary = divergence_summary(found)
+    return HolderDivergenceError(divergence_message(summary, where), summary)
+
+
+def divergence_message(summary: str, where: str) -> str:
+    return (f"SubnetDataParallel: holders of the same parameters hold different values ({where}): {summary}. "
             "Every holder must apply the same update. Likely causes: torch.nn.utils.clip_grad_norm_ on one rank's "
             "parameters (each rank clips by its own local norm; use subnetdp.clip_grad_norm_(sdp.parameters(), "
             "max_norm), the same call, holder-correct), code that changes values on some ranks only, or a "

@@ -36,7 +36,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from subnetdp.assemble import assemble_state_dict
 from subnetdp.buckets import Bucket, Entry, build_buckets, rebind
-from subnetdp.consistency import disagreements, divergence_message, holder_slots, local_checksums
+from subnetdp.consistency import disagreements, divergence_error, holder_slots, local_checksums
 from subnetdp.init import ModelFactory, structure_of
 from subnetdp.masking import (
     broadcast_buckets,
@@ -305,7 +305,7 @@ class SubnetDataParallel(nn.Module):
 
     @torch.no_grad()
     def check_holders(self, where: str = "check_holders()") -> None:
-        """Raise the same ``RuntimeError`` on every rank if any holders of a parameter hold different
+        """Raise the same :class:`~subnetdp.consistency.HolderDivergenceError` (a ``RuntimeError``) on every rank if any holders of a parameter hold different
         values, naming the tensors, the ranks and the likely causes. Collective: call on every rank.
 
         Costs one checksum pass over this rank's parameters and one all-gather of a few thousand
@@ -315,7 +315,7 @@ class SubnetDataParallel(nn.Module):
         if found:
             if self.sync == "params":
                 where += "; with sync='params' holders differ between parameter averages: call sdp.average_parameters() first"
-            raise RuntimeError(divergence_message(found, where))
+            raise divergence_error(found, where)
 
     def _make_groups(self, plan: Plan) -> dict[tuple[int, ...], weakref.ref | None]:
         """One group per holder set of two or more ranks, held weakly (see the module docstring)."""

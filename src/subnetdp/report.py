@@ -6,15 +6,32 @@ import json
 from pathlib import Path
 from typing import Any
 
+from subnetdp.checkpoint import atomic_write
 from subnetdp.metrics import format_bytes, pyplot, read_jsonl
 
 
 def load_run(run_dir: str | Path) -> dict[str, Any]:
+    """A run folder's summary and metrics, checked: a malformed file is named in one line, not a traceback.
+
+    The summary must hold every figure the table and plots read (it is tried on them here); metrics
+    records that are not objects with numeric fields are left out of the curves.
+    """
     d = Path(run_dir)
     summary = d / "summary.json"
-    if not summary.exists():
+    if not summary.is_file():
         raise FileNotFoundError(f"{d} has no summary.json: is it a finished run directory?")
-    return {"dir": d, "summary": json.loads(summary.read_text()), "metrics": read_jsonl(d / "metrics.jsonl")}
+    try:
+        run = {"dir": d, "summary": json.loads(summary.read_text(encoding="utf-8"))}
+        _row(run)
+        if _metric(run):
+            float(run["summary"]["final"][_metric(run)])
+        worst_worker_peak(run["summary"])
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, ZeroDivisionError) as e:
+        raise ValueError(f"{summary}: malformed run summary ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
+                         "give the summary.json that subnetdp train wrote, or leave this run out") from None
+    run["metrics"] = [m for m in read_jsonl(d / "metrics.jsonl") if isinstance(m, dict) and m.get("kind") in
+                      ("step", "epoch") and all(isinstance(v, (int, float)) for k, v in m.items() if k != "kind")]
+    return run
 
 
 def _strategy(s: dict[str, Any]) -> str:
@@ -52,6 +69,20 @@ def _peak(s: dict[str, Any]) -> int:
     return max(p[key] for p in peaks)
 
 
+def _row(r: dict[str, Any]) -> str:
+    """The run's row of the markdown table."""
+    s = r["summary"]
+    params = s["params_per_worker"]
+    comm = [c for c in s["comm_bytes_per_step_per_worker"] if c is not None]
+    return "| " + " | ".join([
+        r["dir"].name, _strategy(s), s["model"] + (f" w{s['width']}" if s.get("width") else ""), s["dataset"],
+        f"{s['workers']}{' (sim)' if s['simulated'] else ''}",
+        f"{_metric(r)} {s['final'][_metric(r)]:.4f}" if _metric(r) else "n/a",
+        f"{max(params):,} / {s['full_params']:,}" if params else "full",
+        format_bytes(max(s["model_state_bytes_per_worker"])), format_bytes(_peak(s)),
+        format_bytes(max(comm)) if comm else "n/a", str(s["steps"]), f"{s['wall_s']:.0f}"]) + " |"
+
+
 def write_report(run_dirs: list[str], out: str | Path) -> Path:
     """Write ``OUT/report.md``, ``OUT/curves.png`` and ``OUT/accuracy_vs_memory.png``; returns the markdown path."""
     plt = pyplot()
@@ -62,19 +93,10 @@ def write_report(run_dirs: list[str], out: str | Path) -> Path:
     rows = ["| run | strategy | model | data | workers | final metric | params/worker | model state/worker "
             "| peak memory/process | comm/step/worker | steps | wall s |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in runs:
-        s = r["summary"]
-        params = s["params_per_worker"]
-        comm = [c for c in s["comm_bytes_per_step_per_worker"] if c is not None]
-        rows.append("| " + " | ".join([
-            r["dir"].name, _strategy(s), s["model"] + (f" w{s['width']}" if s.get("width") else ""), s["dataset"],
-            f"{s['workers']}{' (sim)' if s['simulated'] else ''}",
-            f"{_metric(r)} {s['final'][_metric(r)]:.4f}" if _metric(r) else "n/a",
-            f"{max(params):,} / {s['full_params']:,}" if params else "full",
-            format_bytes(max(s["model_state_bytes_per_worker"])), format_bytes(_peak(s)),
-            format_bytes(max(comm)) if comm else "n/a", str(s["steps"]), f"{s['wall_s']:.0f}"]) + " |")
+    rows += [_row(r) for r in runs]
     md = out / "report.md"
-    md.write_text("\n".join(rows) + "\n\n![learning curves](curves.png)\n\n![accuracy vs memory](accuracy_vs_memory.png)\n")
+    # as every run file: a new file renamed into place, never written through a link planted under the name
+    atomic_write(md, "\n".join(rows) + "\n\n![learning curves](curves.png)\n\n![accuracy vs memory](accuracy_vs_memory.png)\n")
 
     metrics = sorted({m for r in runs if (m := _metric(r))}, key=["test_acc", "val_loss"].index)
     fig, axes = plt.subplots(1, 1 + len(metrics), figsize=(5.5 * (1 + len(metrics)), 4), squeeze=False)
@@ -93,7 +115,7 @@ def write_report(run_dirs: list[str], out: str | Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=120)
+    atomic_write(out / "curves.png", lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
 
     fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(6 * max(1, len(metrics)), 4 + 0.2 * len(runs)),
@@ -116,6 +138,6 @@ def write_report(run_dirs: list[str], out: str | Path) -> Path:
         axes[i].grid(alpha=0.3)
         axes[i].legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
     fig.tight_layout()
-    fig.savefig(out / "accuracy_vs_memory.png", dpi=120, bbox_inches="tight")
+    atomic_write(out / "accuracy_vs_memory.png", lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
     plt.close(fig)
     return md

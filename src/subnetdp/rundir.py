@@ -26,7 +26,8 @@ OWNER = ".owner.json"
 OWNER_ENV = "SUBNETDP_RUN_OWNER"  # set by the --workers launcher, which holds the lock for its ranks
 # what a run writes into its folder; any of them means the folder holds a run's state
 RUN_FILES = ("config.json", "plan.json", "plan.txt", "metrics.jsonl", "summary.json", "model.safetensors",
-             "checkpoints", "tensorboard")
+             "model_raw.safetensors", "checkpoints", "tensorboard")
+RUN_FOLDERS = ("checkpoints", "tensorboard", ".rendezvous")  # a run writes inside these: never through a link
 # settings that do not change what is computed: a resume may change them
 FREE_ON_RESUME = frozenset({"progress", "log_every", "eval_every", "threads", "resume", "overwrite", "timeout",
                             "max_restarts", "out", "data_dir", "download", "checkpoint_every", "workers"})
@@ -35,15 +36,31 @@ LENGTH = frozenset({"steps", "epochs", "flop_matched"})
 
 
 class RunLock:
-    """An exclusive claim on a run folder, released by :meth:`release` or when the process dies."""
+    """A claim on a run folder, released by :meth:`release` or when the process dies.
 
-    def __init__(self, out: Path, fd: int | None, token: str) -> None:
-        self.out, self._fd, self.token = out, fd, token
+    The owner (a run, or the ``--workers`` launcher) writes ``.owner.json`` and removes it on release;
+    a launcher's ranks hold shared claims beside their launcher's (:func:`lock`).
+    """
+
+    def __init__(self, out: Path, fd: int | None, token: str, owner: bool = True) -> None:
+        self.out, self._fd, self.token, self._owner = out, fd, token, owner
+
+    def share(self) -> None:
+        """Turn the owner's exclusive lock into a shared one, so that its ranks can hold the folder beside it.
+
+        Every process of the run then holds the lock, and the folder stays locked until the last of them
+        ends: a launcher killed by SIGKILL no longer lets a second run in while its ranks still write.
+        """
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # type: ignore[arg-type]
+        except BlockingIOError:  # flock converts by unlocking first: another run took it in between
+            raise SystemExit(_in_use(self.out)) from None
 
     def release(self) -> None:
         if self._fd is None:
             return
-        (self.out / OWNER).unlink(missing_ok=True)
+        if self._owner:
+            (self.out / OWNER).unlink(missing_ok=True)
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = None
@@ -52,25 +69,32 @@ class RunLock:
 def lock(out: Path) -> RunLock:
     """Claim ``out`` for this process; SystemExit naming the holder if another run has it.
 
-    Inside a ``--workers`` launch the launcher holds the lock; its ranks pass the token it exported.
+    A run takes an exclusive ``flock``. Inside a ``--workers`` launch (the token the launcher exported
+    matches ``.owner.json``) each rank takes a shared lock beside its launcher's, so the folder stays
+    locked for as long as any process of the run lives.
     """
     out.mkdir(parents=True, exist_ok=True)
     owner = _owner(out)
-    if os.environ.get(OWNER_ENV) and owner.get("token") == os.environ[OWNER_ENV]:
-        return RunLock(out, None, owner["token"])
+    launched = bool(os.environ.get(OWNER_ENV)) and owner.get("token") == os.environ[OWNER_ENV]
     fd = os.open(out, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if launched else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        owner = _owner(out)
-        who = (f"pid {owner.get('pid')} on {owner.get('host')}, since {owner.get('started')}" if owner
-               else "a process that has not yet named itself")
-        raise SystemExit(f"{out} is in use by another run ({who}); wait for it to end or choose another --out") from None
+        raise SystemExit(_in_use(out)) from None
+    if launched:
+        return RunLock(out, fd, owner["token"], owner=False)
     token = uuid.uuid4().hex
     atomic_write(out / OWNER, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "token": token,
                                           "started": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
     return RunLock(out, fd, token)
+
+
+def _in_use(out: Path) -> str:
+    owner = _owner(out)
+    who = (f"pid {owner.get('pid')} on {owner.get('host')}, since {owner.get('started')}" if owner
+           else "a process that has not yet named itself")
+    return f"{out} is in use by another run ({who}); wait for it to end or choose another --out"
 
 
 def _owner(out: Path) -> dict[str, Any]:
@@ -82,7 +106,7 @@ def _owner(out: Path) -> dict[str, Any]:
 
 def existing_state(out: Path) -> list[str]:
     """The run files already in ``out``."""
-    return [name for name in RUN_FILES if (out / name).exists()]
+    return [name for name in RUN_FILES if os.path.lexists(out / name)]
 
 
 def admit(cfg: TrainConfig, out: Path) -> str | None:
@@ -90,6 +114,10 @@ def admit(cfg: TrainConfig, out: Path) -> str | None:
 
     Reads only, except that ``--overwrite`` removes the previous run's files (never anything else).
     """
+    linked = [name for name in RUN_FOLDERS if (out / name).is_symlink()]
+    if linked:
+        return (f"{out / linked[0]} is a symbolic link; a run writes and deletes only inside its own folder, "
+                "so it refuses to follow it: remove the link (or choose another --out)")
     found = existing_state(out)
     if not cfg.resume:
         if not found:
@@ -98,9 +126,7 @@ def admit(cfg: TrainConfig, out: Path) -> str | None:
             what = "a finished run" if "summary.json" in found else "another run's state"
             return (f"{out} already holds {what} ({', '.join(found)}); continue it with --resume, replace it "
                     "with --overwrite, or choose another --out")
-        for name in found:
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        _remove_run_files(out, found)
         return None
     saved = out / "config.json"
     if not saved.exists():
@@ -116,6 +142,28 @@ def admit(cfg: TrainConfig, out: Path) -> str | None:
         return (f"--resume: these settings differ from the run in {out} and change the training: {shown}; "
                 "resume with the run's own settings, or start a new run with another --out")
     return None
+
+
+def _remove_run_files(out: Path, found: list[str]) -> None:
+    """``--overwrite``: remove the previous run's files and nothing else, never through a link.
+
+    Files (or links, which are removed themselves) go; ``checkpoints/`` loses only its ``step-NNNNNNNNN``
+    folders and ``latest``, and stays if anything else is in it; ``tensorboard/`` is TensorBoard's own.
+    """
+    from subnetdp.checkpoint import LATEST, step_dirs
+
+    for name in found:
+        path = out / name
+        if name == "checkpoints" and not path.is_symlink():
+            for step_dir in step_dirs(path):
+                shutil.rmtree(step_dir)
+            (path / LATEST).unlink(missing_ok=True)
+            if not any(path.iterdir()):
+                path.rmdir()
+        elif path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def math_differences(before: dict[str, Any], after: dict[str, Any]) -> list[str]:

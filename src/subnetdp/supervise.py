@@ -15,15 +15,22 @@ the keys or ports of the attempt that failed.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 import re
+import signal
+import sys
 from datetime import timedelta
 from pathlib import Path
 
 import torch.distributed as dist
 
 STORE_ENV = "SUBNETDP_STORE_DIR"  # set by the --workers launcher: where each attempt's file store lives
+STOP_ENV = "SUBNETDP_STOP_FILE"  # set by the --workers launcher: this file's existence asks every rank to stop
+PARENT_ENV = "SUBNETDP_PARENT_PID"  # the parent a --workers process must still have when it starts
+TORCHRUN = "from subnetdp.supervise import run_torchrun; run_torchrun()"  # `python -c` of the --workers launcher
+_PR_SET_PDEATHSIG = 1
 
 _side_group: object | None = None
 _timeout_s: float = 300.0
@@ -31,6 +38,54 @@ _timeout_s: float = 300.0
 
 class StallError(RuntimeError):
     """Some ranks did not reach a boundary within the timeout; the message names them."""
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Have the kernel send ``sig`` to this process when its parent ends (Linux ``PR_SET_PDEATHSIG``).
+
+    The ``--workers`` launcher's torchrun and its ranks call this, so that a launcher killed by SIGKILL
+    (no handler sees it) takes them along: torchrun gets SIGTERM and ends its ranks; a rank whose
+    torchrun dies gets SIGTERM, finishes its step, saves and exits. A parent that ended before the call
+    (``PARENT_ENV`` names the expected one) is caught by comparing the parent pid. Elsewhere: no-op.
+    """
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return
+    prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    expected = os.environ.get(PARENT_ENV)
+    if expected and os.getppid() != int(expected):
+        os.kill(os.getpid(), sig)
+
+
+def run_torchrun() -> None:
+    """torchrun (``sys.argv[1:]`` are its arguments) as the ``--workers`` launcher runs it.
+
+    It dies with the launcher, and its ranks with it (:func:`die_with_parent`). When a rank fails, the
+    rank has already printed its one line; torchrun's own report (a traceback and a table of the
+    same failure, 40 to 110 lines) is replaced by its exit code, or by one line when the rank was killed.
+    """
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main
+
+    die_with_parent()
+    os.environ[PARENT_ENV] = str(os.getpid())  # each rank checks that this torchrun is still its parent
+    for name in list(logging.Logger.manager.loggerDict):  # each of torchrun's loggers has its own level
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        main()
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        if failure.exitcode < 0:  # killed: the rank could not say so itself
+            print(f"subnetdp train: error: rank {rank} (pid {failure.pid}) was killed by "
+                  f"{signal.Signals(-failure.exitcode).name}; continue the run with --resume", file=sys.stderr)
+        raise SystemExit(failure.exitcode if 0 < failure.exitcode < 128 else 1) from None
+    except SignalException as e:  # its launcher ended (die_with_parent): the ranks were stopped
+        raise SystemExit(128 + int(e.sigval)) from None
 
 
 def restart_count() -> int:

@@ -27,7 +27,7 @@ from subnetdp.data import (
 )
 from subnetdp.data.text import get_tokenizer, is_token_file, read_token_file, token_file_vocab_size
 from subnetdp.losses import classification_loss, next_token_loss
-from subnetdp.models import get_model, load_model_factory
+from subnetdp.models import get_model, user_model_factory
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Metrics = dict[str, float]
@@ -64,7 +64,7 @@ class ImageTask:
             if self.cfg.width is not None:
                 kwargs["width"] = self.cfg.width
         if ":" in self.cfg.model:
-            return functools.partial(load_model_factory(self.cfg.model), **kwargs)
+            return user_model_factory(self.cfg.model, **kwargs)
         return functools.partial(get_model, self.cfg.model, **kwargs)
 
     def loader(self, rank: int, world: int) -> TensorImageLoader:
@@ -150,7 +150,7 @@ class TextTask:
     def model_factory(self) -> Callable[[], nn.Module]:
         kwargs = {"vocab_size": self.vocab_size, "max_seq_len": self.cfg.seq_len}
         if ":" in self.cfg.model:
-            return functools.partial(load_model_factory(self.cfg.model), **kwargs)
+            return user_model_factory(self.cfg.model, **kwargs)
         return functools.partial(get_model, self.cfg.model, **kwargs)
 
     def loader(self, rank: int, world: int) -> TokenBatches:

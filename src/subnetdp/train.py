@@ -25,7 +25,8 @@ from tqdm import tqdm
 from subnetdp import optimizers, rundir, supervise
 from subnetdp.backends import Distributed, SimulatedSDP, autocast_for
 from subnetdp.checkpoint import CheckpointError, RunFileError, atomic_write, find_resumable, load_checkpoint, save_checkpoint
-from subnetdp.config import TrainConfig, validate, world_size_of
+from subnetdp.consistency import HolderDivergenceError
+from subnetdp.config import TrainConfig, from_values, validate, world_size_of
 from subnetdp.evaluation import evaluation_model
 from subnetdp.init import materialize
 from subnetdp.measure.prediction import (
@@ -44,22 +45,44 @@ def launch_local(cfg: TrainConfig, argv: list[str]) -> int:
     """``--workers K``: start K processes on this machine with torchrun's launcher; returns the exit code.
 
     The launcher owns the run folder for the whole job (its ranks come and go with restarts), checks
-    it before any process starts, and gives each attempt a fresh rendezvous store in the folder.
-    torchrun runs in its own session, so a Ctrl-C reaches only this process, which forwards it to the
-    workers as one stop request: they finish the step, save a checkpoint and exit, and this process
-    exits 130 with one line instead of three processes' tracebacks. ``OMP_NUM_THREADS`` is set here
-    (``--threads``, else the cores divided among the workers), so torchrun does not warn about it.
+    it before any process starts, and gives each attempt a fresh rendezvous store in the folder; its
+    ranks hold the folder's lock beside it, so the folder stays locked while any of them lives.
+    torchrun runs in its own session, so a Ctrl-C, SIGTERM or SIGHUP (a closed terminal) reaches only
+    this process, which asks every rank to stop through a file in the store folder (ranks that have
+    not started yet see it too): they finish the step, save a checkpoint and exit, and this process
+    exits 130 with one line instead of three processes' tracebacks. A second signal stops at once.
+    SIGKILL, which no handler sees, reaches them through the kernel: torchrun and the ranks die with
+    their parent (:func:`supervise.die_with_parent`). ``OMP_NUM_THREADS`` is set here (``--threads``,
+    else the cores divided among the workers), so torchrun does not warn about it.
     """
     import subprocess
 
     out = cfg.run_dir()
     claim = rundir.lock(out)
     store_dir = out / ".rendezvous"
+    asked: list[int] = []
+    proc: subprocess.Popen | None = None
+
+    def on_signal(sig: int, _frame: object) -> None:
+        asked.append(sig)
+        if len(asked) == 1 and store_dir.is_dir():
+            (store_dir / "stop").touch()  # every rank, started or not yet, stops at its next step boundary
+        elif len(asked) > 1 and proc is not None:  # a second signal: stop at once
+            for pid in [*_children(proc.pid), proc.pid]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, on_signal) for sig in stops}
     try:
         problem = rundir.admit(cfg, out)
         if problem:
             raise SystemExit(problem)
         store_dir.mkdir(exist_ok=True)
+        (store_dir / "stop").unlink(missing_ok=True)
+        claim.share()
         rest = _drop_flag(_drop_flag(argv, "--workers"), "--max-restarts")
         args = ["--standalone", f"--nproc-per-node={cfg.workers}", f"--max-restarts={cfg.max_restarts}",
                 "-m", "subnetdp", "train", *rest]
@@ -70,26 +93,18 @@ def launch_local(cfg: TrainConfig, argv: list[str]) -> int:
         env[_LAUNCHED] = "1"
         env[rundir.OWNER_ENV] = claim.token
         env[supervise.STORE_ENV] = str(store_dir.resolve())
-        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args], env=env,
-                                start_new_session=True)
-        interrupted = False
-
-        def forward(_sig: int, _frame: object) -> None:
-            nonlocal interrupted
-            interrupted = True
-            for pid in _children(proc.pid):
-                try:
-                    os.kill(pid, signal.SIGINT)
-                except ProcessLookupError:
-                    pass
-
-        previous = signal.signal(signal.SIGINT, forward)
-        try:
-            code = proc.wait()
-        finally:
-            signal.signal(signal.SIGINT, previous)
-        return 130 if interrupted else code
+        env[supervise.STOP_ENV] = str((store_dir / "stop").resolve())
+        env[supervise.PARENT_ENV] = str(os.getpid())
+        if asked:  # stopped before any process started
+            return 130
+        proc = subprocess.Popen([sys.executable, "-c", supervise.TORCHRUN, *args], env=env, start_new_session=True)
+        if asked:  # a signal between the check and the start: the stop file did not exist yet
+            (store_dir / "stop").touch()
+        code = proc.wait()
+        return 130 if asked else code
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         shutil.rmtree(store_dir, ignore_errors=True)
         claim.release()
 
@@ -144,7 +159,8 @@ def _peak_memory(device: torch.device) -> dict[str, int]:
 
 
 class _StopRequest:
-    """Ctrl-C (SIGINT) or SIGTERM as a request to stop at the next step boundary.
+    """Ctrl-C (SIGINT), SIGTERM or the ``--workers`` launcher's stop file as a request to stop at the
+    next step boundary.
 
     The handler only sets a flag: the step in progress (every simulated worker's forward, backward
     and optimizer step, or this rank's) finishes, then the loop saves a checkpoint and returns, so
@@ -155,6 +171,13 @@ class _StopRequest:
         self.requested = False
         self.stopped = False
         self._previous: dict[int, Any] = {}
+        self._file = Path(os.environ[supervise.STOP_ENV]) if os.environ.get(supervise.STOP_ENV) else None
+
+    def poll(self) -> bool:
+        """Whether a stop was asked for: a signal to this process, or the launcher's stop file."""
+        if not self.requested and self._file is not None and self._file.exists():
+            self.requested = True
+        return self.requested
 
     def _handle(self, sig: int, _frame: object) -> None:
         if self.requested and sig == signal.SIGINT:
@@ -183,11 +206,13 @@ def run(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any] | Non
         code = launch_local(cfg, argv if argv is not None else sys.argv[2:])
         if code == 130:
             raise SystemExit(130)
-        if code != 0:
-            raise SystemExit(f"subnetdp train: the --workers processes failed (exit code {code}); see their output above")
+        if code != 0:  # the failing rank's one line (or torchrun's, for a killed rank) is the last one printed
+            raise SystemExit(code)
         summary = Path(cfg.run_dir()) / "summary.json"
         return json.loads(summary.read_text()) if summary.exists() else None
     distributed = "WORLD_SIZE" in os.environ and not cfg.simulate
+    if distributed and os.environ.get(_LAUNCHED):
+        supervise.die_with_parent()  # torchrun's death (its launcher's SIGKILL) stops this rank too
     device = _device(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -214,19 +239,24 @@ def run(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any] | Non
 
 
 def _claim_run_dir(cfg: TrainConfig, distributed: bool) -> rundir.RunLock | None:
-    """Lock the run folder and check that this run may start there; every rank stops together, or none."""
+    """Lock the run folder and check that this run may start there; every rank stops together, or none.
+
+    The lead locks and admits; under the ``--workers`` launcher every rank also holds the folder's lock
+    (shared with its launcher), so the folder stays locked while any process of the run can write.
+    """
     lead = not distributed or dist.get_rank() == 0
     claim, problem = None, None
-    if lead:
+    if lead or os.environ.get(_LAUNCHED):
         try:
             claim = rundir.lock(cfg.run_dir())
-            problem = rundir.admit(cfg, cfg.run_dir())
+            if lead:
+                problem = rundir.admit(cfg, cfg.run_dir())
         except SystemExit as e:
             problem = str(e.code)
     if distributed:
-        shared = [problem]
-        dist.broadcast_object_list(shared, src=0)
-        problem = shared[0]
+        shared: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(shared, problem)
+        problem = next((p for p in shared if p), None)
     if problem:
         if claim is not None:
             claim.release()
@@ -314,7 +344,6 @@ class Run:
         source = self._resume_point()
         if source is not None:
             payload = self._load_everywhere(self.ckpt_dir / source)
-            self.progress.update(payload["extra"].get("progress", {}))
             self.global_step = payload["step"]
             if self.lead:
                 print(f"resumed from {self.ckpt_dir / source} at step {self.global_step}")
@@ -350,8 +379,11 @@ class Run:
             opt = None if isinstance(self.backend, SimulatedSDP) else self.backend.opt
             payload = load_checkpoint(step_dir.parent, _ckpt_module(self.backend), opt, self.plan, step_dir=step_dir)
             self.backend.load_state(payload["extra"]["backend"])
+            self.progress.update(payload["extra"].get("progress", {}))
         except CheckpointError as e:
             problem = str(e)
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:  # a tampered 'extra'
+            problem = f"{step_dir}: its saved loop state does not fit this run ({type(e).__name__}: {e})"
         if self.distributed:
             problems: list[str | None] = [None] * dist.get_world_size()
             dist.all_gather_object(problems, problem)
@@ -359,7 +391,26 @@ class Run:
         if problem:
             raise SystemExit(f"--resume: {problem}")
         assert payload is not None
+        if self.distributed:
+            self._check_agreement(step_dir, payload)
         return payload
+
+    def _check_agreement(self, step_dir: Path, payload: dict[str, Any]) -> None:
+        """After loading, every rank must be at the same step with the same loop state, and the holders of
+        each parameter must hold equal values (the engine's exact checksum per holder set): rank files
+        from different steps, with a manifest edited to match, would otherwise train on, diverged."""
+        fix = "they come from different checkpoints: restore the folder, or start over with --overwrite"
+        mine = (payload["step"], self.backend.scheduler.last_epoch, self.progress["samples"])
+        everyone: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+        if len(set(everyone)) > 1:
+            steps = ", ".join(f"rank {r}: step {e[0]}, schedule step {e[1]}" for r, e in enumerate(everyone))
+            raise SystemExit(f"--resume: the rank files of {step_dir} disagree ({steps}); {fix}")
+        if self.backend.sdp is not None:
+            try:
+                self.backend.sdp.check_synced_holders(f"--resume from {step_dir}")  # --sync params: not between averages
+            except HolderDivergenceError as e:
+                raise SystemExit(f"--resume: after loading {step_dir} the holders' values differ ({e.summary}); {fix}") from None
 
     def _print_header(self) -> None:
         cfg, plan = self.cfg, self.plan
@@ -432,7 +483,7 @@ class Run:
         self.global_step += 1
         # every worker's figures, and whether any process was asked to stop (one small all-reduce)
         totals = [sum(m["loss"] for m in metrics), float(len(metrics)), float(sum(len(b[0]) for b in batches)),
-                  float(self.stop.requested), *(sum(m[k] for m in metrics) for k in task.summed_metrics)]
+                  float(self.stop.poll()), *(sum(m[k] for m in metrics) for k in task.summed_metrics)]
         if self.distributed:
             t = torch.tensor(totals, dtype=torch.float64, device=self.device)
             dist.all_reduce(t)
@@ -615,26 +666,52 @@ def _ckpt_module(backend: SimulatedSDP | Distributed) -> torch.nn.Module:
     return backend.model
 
 
-def evaluate_run(run_dir: str | Path, device: str = "auto") -> dict[str, float]:
+def evaluate_run(run_dir: str | Path, device: str = "auto", model: str | None = None,
+                 trust_run_code: bool = False) -> dict[str, float]:
     """``subnetdp evaluate``: the test metrics of a finished run's ``model.safetensors``, from its files alone.
 
     The model already holds the evaluation conventions, so it is loaded into the plain
     architecture and evaluated on the run's test data (same data set, subset and precision).
+    A run folder is data: a ``module:callable`` model that its ``config.json`` names is imported
+    only when the caller names it too (``model``) or says to trust the folder (``trust_run_code``).
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     d = Path(run_dir)
     missing = [f for f in ("config.json", "model.safetensors") if not (d / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{d} has no {' or '.join(missing)}: is it a finished run directory of subnetdp train?")
-    values = json.loads((d / "config.json").read_text())
+    try:
+        values = json.loads((d / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{d / 'config.json'}: not a readable run config ({' '.join(str(e).split())})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{d / 'config.json'}: not a run config (expected a JSON object)")
+    named = values.get("model")
+    if model is not None:
+        values["model"] = model
+    elif isinstance(named, str) and ":" in named and not trust_run_code:
+        raise ValueError(f"{d / 'config.json'} names the model {named!r}: evaluating it would import and run that "
+                         f"code; if you trust it, say so with --model {named} (or --trust-run-code)")
     values.update(device=device, progress=False, workers=None, resume=False)
-    cfg = TrainConfig(**{k: v for k, v in values.items() if k in TrainConfig.__dataclass_fields__})
+    known = {k: v for k, v in values.items() if k in TrainConfig.__dataclass_fields__}
+    cfg = from_values(known, str(d / "config.json"))
     dev = _device(cfg)
     task = make_task(cfg, dev)
-    model = materialize(task.model_factory(), seed=cfg.seed, device=dev)
-    model.load_state_dict(load_file(d / "model.safetensors", device=str(dev)))
-    return dict(task.evaluate(model, autocast_for(cfg, dev)))
+    net = materialize(task.model_factory(), seed=cfg.seed, device=dev)
+    try:
+        state = load_file(d / "model.safetensors", device=str(dev))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{d / 'model.safetensors'}: not a readable safetensors file ({e}); it is damaged: "
+                         "restore it, or train the run again") from None
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        first = " ".join(str(e).split())[:300]
+        raise ValueError(f"{d / 'model.safetensors'} does not fit the model its config.json names ({first}); "
+                         "give the run's own model.safetensors and config.json") from None
+    return dict(task.evaluate(net, autocast_for(cfg, dev)))
 
 
 def _save_models(model: dict[str, torch.Tensor] | None, raw: dict[str, torch.Tensor] | None, out: Path) -> None:

@@ -12,6 +12,7 @@ import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -162,7 +163,7 @@ def load_text(path_or_dir: str | Path | None = None) -> str:
     """
     path = Path(path_or_dir) if path_or_dir is not None else default_text_path()
     if path.is_dir():
-        files = sorted(path.rglob("*.txt"))
+        files = sorted(f for f in path.rglob("*.txt") if f.is_file())
         if not files:
             raise FileNotFoundError(f"no *.txt files under {path}")
         return "\n".join(_read_utf8(f) for f in files)
@@ -170,7 +171,12 @@ def load_text(path_or_dir: str | Path | None = None) -> str:
 
 
 def _read_utf8(path: Path) -> str:
-    """A training text file's contents; a file that is empty or not UTF-8 is named with the cause."""
+    """A training text file's contents; a file that is empty or not UTF-8 is named with the cause.
+
+    Only a regular file is read: a FIFO or device would block or never end.
+    """
+    if not path.is_file():
+        raise ValueError(f"{path}: not a regular file (a pipe, socket or device?); give a text file or folder")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -207,6 +213,9 @@ def write_token_file(tokens: Sequence[int] | np.ndarray | Tensor, path: str | Pa
     arr = np.asarray(tokens.cpu() if isinstance(tokens, Tensor) else tokens).ravel()
     if arr.size and (arr.min() < 0 or arr.max() >= 2**32):
         raise ValueError("token ids must lie in 0..2**32-1")
+    if vocab_size is not None and arr.size and int(arr.max()) >= vocab_size:
+        raise ValueError(f"token id {int(arr.max())} is beyond vocab_size={vocab_size}; give the tokenizer's "
+                         "vocabulary size")
     dtype = np.dtype("<u2") if not arr.size or arr.max() < 2**16 else np.dtype("<u4")
     path.parent.mkdir(parents=True, exist_ok=True)
     for target, payload in ((path, arr.astype(dtype).tobytes()),
@@ -220,20 +229,66 @@ def write_token_file(tokens: Sequence[int] | np.ndarray | Tensor, path: str | Pa
     return path
 
 
-def read_token_file(path: str | Path) -> np.ndarray:
-    """Memory-map a file written by :func:`write_token_file` (read-only, nothing loaded)."""
+# the integer types token ids come in (numpy's ``dtype.str``); anything else is refused before mapping:
+# an object dtype would map pointers (a crash), a float one would train on garbage
+TOKEN_DTYPES = ("|u1", "<u2", "<u4", "<i2", "<i4", "<i8")
+MAX_VOCAB = 2**32  # the writer's bound on ids; a larger vocabulary is a damaged header
+_REWRITE = "write it again with subnetdp.data.write_token_file"
+
+
+def read_token_header(path: str | Path) -> dict[str, Any]:
+    """A token file's header, every field checked against the rules and the file's size.
+
+    Returns ``dtype`` (a numpy dtype from :data:`TOKEN_DTYPES`), ``length`` and ``vocab_size`` (or
+    None). A header is data from disk: a wrong type, an unknown dtype or a length the file does not
+    hold raises ValueError naming the header, the field and the fix, before anything is mapped.
+    """
     path = Path(path)
-    header = json.loads(_header_path(path).read_text())
-    if header.get("format") != TOKEN_FILE_FORMAT:
-        raise ValueError(f"{_header_path(path)} is not a {TOKEN_FILE_FORMAT} header")
-    dtype, length = np.dtype(header["dtype"]), int(header["length"])
-    if path.stat().st_size != length * dtype.itemsize:
-        raise ValueError(f"{path} has {path.stat().st_size} bytes; its header says "
-                         f"{length} tokens of {dtype} (truncated or overwritten?); "
-                         "write it again with subnetdp.data.write_token_file")
+    head = _header_path(path)
+    if not head.is_file() or not path.is_file():
+        raise ValueError(f"{path}: a token file and its header {head.name} must both be regular files; {_REWRITE}")
+    try:
+        header = json.loads(head.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{head}: not a JSON token-file header ({' '.join(str(e).split())}); {_REWRITE}") from None
+    if not isinstance(header, dict) or header.get("format") != TOKEN_FILE_FORMAT:
+        raise ValueError(f"{head} is not a {TOKEN_FILE_FORMAT} header; {_REWRITE}")
+    dtype, length, vocab = header.get("dtype"), header.get("length"), header.get("vocab_size")
+    if not isinstance(dtype, str) or dtype not in TOKEN_DTYPES:
+        raise ValueError(f"{head}: \"dtype\" {dtype!r} is not a token id type; use one of "
+                         f"{', '.join(TOKEN_DTYPES)}, or {_REWRITE}")
+    if type(length) is not int or length < 0:
+        raise ValueError(f"{head}: \"length\" {length!r} must be a whole number >= 0; {_REWRITE}")
+    if vocab is not None and (type(vocab) is not int or not 0 < vocab <= MAX_VOCAB):
+        raise ValueError(f"{head}: \"vocab_size\" {vocab!r} must be null or a whole number in 1..{MAX_VOCAB}; "
+                         f"{_REWRITE}")
+    np_dtype = np.dtype(dtype)
+    size = path.stat().st_size
+    if size != length * np_dtype.itemsize:
+        raise ValueError(f"{path} has {size} bytes; its header says {length} tokens of {np_dtype} "
+                         f"(truncated or overwritten?); {_REWRITE}")
+    return {"dtype": np_dtype, "length": length, "vocab_size": vocab}
+
+
+def read_token_file(path: str | Path) -> np.ndarray:
+    """Memory-map a file written by :func:`write_token_file` (read-only), after checking its header.
+
+    One pass over the mapped ids checks them against the vocabulary (ids below 0 or at or above the
+    header's ``vocab_size`` would index outside the model's embedding: a crash, or silent garbage).
+    """
+    path = Path(path)
+    header = read_token_header(path)
+    dtype, length, vocab = header["dtype"], header["length"], header["vocab_size"]
     if length == 0:
         return np.empty(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r", shape=(length,))
+    tokens = np.memmap(path, dtype=dtype, mode="r", shape=(length,))
+    low = int(tokens.min()) if dtype.kind == "i" else 0
+    high = int(tokens.max()) if vocab is not None else None
+    if low < 0 or (high is not None and high >= vocab):
+        bad, allowed = (low, "ids >= 0") if low < 0 else (high, f"the vocabulary 0..{vocab - 1}")
+        raise ValueError(f"{path}: token id {bad} is outside {allowed} of its header {_header_path(path).name}; "
+                         f"fix its \"vocab_size\" or {_REWRITE}")
+    return tokens
 
 
 def is_token_file(path: str | Path) -> bool:
@@ -243,9 +298,9 @@ def is_token_file(path: str | Path) -> bool:
 
 def token_file_vocab_size(path: str | Path) -> int:
     """The vocabulary size recorded in a token file's header, else the largest id + 1 (one pass)."""
-    header = json.loads(_header_path(Path(path)).read_text())
-    if header.get("vocab_size"):
-        return int(header["vocab_size"])
+    vocab = read_token_header(path)["vocab_size"]
+    if vocab:
+        return vocab
     tokens = read_token_file(path)
     return int(tokens.max()) + 1 if len(tokens) else 0
 

@@ -220,8 +220,22 @@ def get_vision_dataset(name: str, data_dir: str | Path | None = None, train: boo
                 f"{name} not found under {root}: add --download to fetch it (download=True in Python), or "
                 "point --data-dir (data_dir) at a copy in torchvision's format") from e
     labels = torch.as_tensor(np.asarray(y), dtype=torch.int64)
+    _check_labels(name, data_dir, images, labels)
     mean, std = _STATS[name]
     return ImageDataset(name, images.contiguous(), labels, _NUM_CLASSES[name], mean, std)
+
+
+def _check_labels(name: str, data_dir: str | Path | None, images: Tensor, labels: Tensor) -> None:
+    """One label per image, each a class of the data set: a label beyond the classes would index outside
+    the classifier (a crash on the GPU, an IndexError traceback on the CPU) after minutes of loading."""
+    n = _NUM_CLASSES[name]
+    where = f"{name} in {data_dir}" if data_dir is not None else name
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise ValueError(f"{where}: {len(images)} images but labels of shape {tuple(labels.shape)}; "
+                         "copy the data set again")
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= n):
+        bad = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())
+        raise ValueError(f"{where}: label {bad} is not one of its {n} classes (0..{n - 1}); copy the data set again")
 
 
 # --------------------------------------------------------------------------- the fast loader

@@ -40,6 +40,7 @@ from subnetdp.measure.planner import DEFAULT_TRANSITIONS, profile_workload, sdp_
 from subnetdp.measure.tables import sdp_name
 from subnetdp.measure.workloads import workload_from_spec
 from subnetdp.optimizers import make_optimizer
+from subnetdp.supervise import PARENT_ENV, TORCHRUN, die_with_parent
 from subnetdp.sync import step_traffic
 
 
@@ -219,10 +220,15 @@ def time_part(spec: dict[str, Any], ranks: int, coverages: Sequence[float], leve
                                          "checkpointing": list(checkpointing),
                                          "steps": steps, "warmup": warmup, "rounds": rounds, "seed": seed,
                                          "transitions": transitions, "balance": balance, "out": str(out)}))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
+        cmd = [sys.executable, "-c", TORCHRUN, "--standalone", "--nproc-per-node", str(ranks),
                "-m", "subnetdp.measure.timing", str(spec_path)]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", PARENT_ENV: str(os.getpid())}
+        try:  # torchrun dies when killed at the limit, and its ranks with it (supervise.die_with_parent)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"--time-limit {timeout:g}: the timing part under torchrun did not finish in "
+                               f"{timeout:g} s and was stopped; raise --time-limit, or lower --rounds, "
+                               "--time-steps or --time-ranks (0 skips it)") from None
         if proc.returncode != 0:
             raise RuntimeError(f"timing under torchrun failed ({' '.join(cmd)}):\n{proc.stdout[-2000:]}\n"
                                f"{proc.stderr[-4000:]}")
@@ -240,6 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("usage: torchrun ... -m subnetdp.measure.timing SPEC.json (started by subnetdp bench; "
               "run subnetdp bench instead)", file=sys.stderr)
         return 2
+    if os.environ.get(PARENT_ENV):  # started by time_part: end with its torchrun
+        die_with_parent()
     run_worker(argv[0])
     return 0
 

@@ -6,7 +6,9 @@ device, and reads layer widths at forward time so that SDP can make layers physi
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 from collections.abc import Callable
 
 from torch import nn
@@ -65,8 +67,33 @@ def load_model_factory(spec: str) -> Callable[..., nn.Module]:
     return obj  # type: ignore[return-value]
 
 
+def user_model_factory(spec: str, **kwargs: object) -> Callable[[], nn.Module]:
+    """The factory of a user's ``module:callable`` model, called with ``kwargs``, that checks what it builds.
+
+    A callable that does not take ``kwargs``, or returns anything but a module, fails here with one line
+    naming the spec, not later, deep in planning, with a traceback.
+    """
+    factory = load_model_factory(spec)
+    try:
+        inspect.signature(factory).bind(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"model factory {spec!r} cannot be called with {', '.join(f'{k}=' for k in kwargs)} "
+                         f"({e}); give a callable that accepts them (or **kwargs) and returns a torch.nn.Module") from None
+    except ValueError:  # no signature to check (a builtin): the call itself tells
+        pass
+    return functools.partial(_build_checked, spec, factory, **kwargs)
+
+
+def _build_checked(spec: str, factory: Callable[..., object], **kwargs: object) -> nn.Module:
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module; give a "
+                         "callable that builds the model")
+    return model
+
+
 __all__ = [
-    "MODELS", "get_model", "load_model_factory",
+    "MODELS", "get_model", "load_model_factory", "user_model_factory",
     "ResNet", "BasicBlock", "Bottleneck", "resnet18", "wide_resnet18", "resnet50",
     "VisionTransformer", "vit_small_patch4", "swin_t_cifar",
     "Llama", "LlamaConfig", "llama_tiny", "llama_char_small", "llama_125m",
