@@ -174,10 +174,8 @@ def dcp_optimizer_positional_ids(tmp: Path) -> dict:
     state = {"model": again.state_dict(), "optim": opt2.state_dict()}
     dcp.load(state, checkpoint_id=str(tmp / "ids"))
     again.load_state_dict(state["model"])
-    opt2.load_state_dict(state["optim"])
-    for i in range(2, 5):
-        step(again, opt2, i)
-    return {"steps": 3}
+    opt2.load_state_dict(state["optim"])  # the rank whose copy DCP kept loads its own; the others must refuse
+    return {"loaded": True}
 
 
 def main() -> None:

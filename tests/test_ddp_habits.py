@@ -109,10 +109,11 @@ def test_an_optimizers_own_state_dict_through_dcp_never_loads_silently(habits):
     where they agree the load is refused by the state's rank-and-plan origin (neuron level)."""
     _, _, results = habits
     seen = _every_rank(results, "dcp_optimizer_positional_ids")
-    assert not any("ok" in r for r in seen), seen
-    origin = [r for r in seen if "sdp.optimizer_state_dict(optimizer)" in r.get("message", "")]
     dcp_refused = [r for r in seen if r.get("error") == "CheckpointException"]
-    assert origin or len(dcp_refused) == len(seen), seen
+    origin = [r for r in seen if "sdp.optimizer_state_dict(optimizer)" in r.get("message", "")]
+    # DCP keeps one rank's copy: that rank loads its own state, every other rank refuses (and a job whose
+    # ranks raised stops: torchrun ends the rest)
+    assert len(dcp_refused) == len(seen) or (len(origin) == len(seen) - 1 and sum("ok" in r for r in seen) == 1), seen
 
 
 # ---- another world size: through the full state -----------------------------------------------------------

@@ -53,7 +53,8 @@ def holder_slots(structure: nn.Module, module: nn.Module, plan: Plan, rank: int,
     names = [n for n, _ in plan.tensors if n in sync_tensors(structure, kind)]
     if everyone_holds:
         world = tuple(range(plan.workers))
-        mine = sync_tensors(module, kind)
+        # every parameter, held or not: backward masking's non-held ones do not require gradients
+        mine = dict(module.named_parameters()) if kind == "params" else sync_tensors(module, kind)
         return [Slot(n, world, Entry(n, mine[n])) for n in names if n in mine] if plan.workers > 1 else []
     local = {(b.holders, e.name): e for b in build_buckets(module, plan, rank, kind) for e in b.entries}
     slots = []
