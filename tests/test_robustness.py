@@ -588,3 +588,33 @@ def test_rank_files_from_different_steps_are_refused_after_loading(tmp_path):
     resumed = _start_workers(out, "--resume")
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-3000:]
+
+
+# ---- what a resume cannot see in config.json (issue 19 item 8) -----------------------------------------------
+def test_a_resume_on_other_data_is_refused_and_another_thread_count_is_said(tmp_path, capsys):
+    """--data-dir may point elsewhere and a text file may change under the same name: the run's data digest,
+    saved with every checkpoint, must match. Another thread count only loses bitwise equality: it is said."""
+    from subnetdp.cli import main
+
+    threads = torch.get_num_threads()
+    try:
+        _resume_other_data_and_threads(tmp_path, capsys, main)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _resume_other_data_and_threads(tmp_path, capsys, main) -> None:
+    text = tmp_path / "corpus.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    out = tmp_path / "run"
+    base = ["train", "--model", "llama_tiny", "--dataset", str(text), "--simulate", "2", "--seq-len", "32",
+            "--batch-size", "4", "--schedule", "constant", "--warmup", "0", "--checkpoint-every", "1",
+            "--no-progress", "--eval-every", "0", "--out", str(out)]
+    assert main([*base, "--steps", "2", "--threads", "1"]) == 0
+    assert main([*base, "--steps", "3", "--threads", "2", "--resume"]) == 0
+    assert "not bitwise equal to an uninterrupted run" in capsys.readouterr().out
+    text.write_text("the lazy dog jumps over the quick brown fox. " * 400)  # the same characters, another text
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and ".owner" not in p.name}
+    with pytest.raises(SystemExit, match="the training data differ from the run's"):
+        main([*base, "--steps", "4", "--threads", "2", "--resume"])
+    assert before == {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and ".owner" not in p.name}

@@ -7,11 +7,13 @@ with it, and evaluates the assembled full model.
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -33,6 +35,16 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 Metrics = dict[str, float]
 
 
+def _digest(*parts: torch.Tensor | np.ndarray | int | tuple) -> str:
+    """A short sha256 of arrays' bytes and plain values: what a resume compares to know it has the run's data."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            part = part.detach().cpu().numpy()
+        h.update(np.ascontiguousarray(part).tobytes() if isinstance(part, np.ndarray) else repr(part).encode())
+    return h.hexdigest()[:16]
+
+
 class ImageTask:
     """Classification on an image data set held whole on the device (the fast path)."""
 
@@ -50,6 +62,11 @@ class ImageTask:
         self.num_classes = train.num_classes
         self.in_channels = train.images.shape[1]
         self.channels_last = device.type == "cuda"
+
+    def data_identity(self) -> str:
+        """A digest of the training data (labels in full, images' shape and a strided sample of their values)."""
+        images = self.train.images
+        return _digest(tuple(images.shape), self.train.labels, images.reshape(-1)[:: max(1, images.numel() // 2**20)])
 
     def model_factory(self) -> Callable[[], nn.Module]:
         kwargs: dict = {"num_classes": self.num_classes}
@@ -146,6 +163,12 @@ class TextTask:
             tokens = self.tokenizer.encode(text)
             self.vocab_size = self.tokenizer.vocab_size
         self.train, self.val = train_val_split(tokens)
+
+    def data_identity(self) -> str:
+        """A digest of the training tokens (their count, vocabulary and first and last 2**20 ids; a token
+        file may be larger than memory)."""
+        n = len(self.train)
+        return _digest(n, self.vocab_size, self.train[: 2**20], self.train[max(0, n - 2**20):])
 
     def model_factory(self) -> Callable[[], nn.Module]:
         kwargs = {"vocab_size": self.vocab_size, "max_seq_len": self.cfg.seq_len}

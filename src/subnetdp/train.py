@@ -307,6 +307,8 @@ class Run:
         ranks_here = list(range(self.world)) if cfg.simulate else [self.rank]
         self.loaders = [self.task.loader(k, self.world) for k in ranks_here]
         self.autocast = autocast_for(cfg, self.device)
+        self.progress["data"] = self.task.data_identity()
+        self.progress["threads"] = torch.get_num_threads()
         self._resume()
         if self.lead:  # only now: a refused resume leaves the run's files as they were
             cfg.save(self.out / "config.json")
@@ -343,12 +345,28 @@ class Run:
         """Continue from the newest intact checkpoint under ``--resume`` (or a restart), on every rank."""
         source = self._resume_point()
         if source is not None:
+            data, threads = self.progress["data"], self.progress["threads"]
             payload = self._load_everywhere(self.ckpt_dir / source)
+            self._check_resumed_settings(data, threads)
             self.global_step = payload["step"]
             if self.lead:
                 print(f"resumed from {self.ckpt_dir / source} at step {self.global_step}")
         elif self.cfg.resume and self.lead:
             print(f"--resume: no checkpoint under {self.ckpt_dir}; starting from step 0")
+
+    def _check_resumed_settings(self, data: str, threads: int) -> None:
+        """What the config cannot show: the same data (``--data-dir`` may point elsewhere, a file may have
+        changed), refused when it differs; and the thread count, said when it differs (the run continues,
+        but CPU sums depend on it, so it is no longer bitwise equal to an uninterrupted run)."""
+        saved_data, saved_threads = self.progress.get("data"), self.progress.get("threads")
+        self.progress.update(data=data, threads=threads)
+        if saved_data is not None and saved_data != data:
+            raise SystemExit(f"--resume: the training data differ from the run's (--dataset {self.cfg.dataset}, "
+                             f"--data-dir {self.cfg.data_dir}; digest {data}, the run's {saved_data}): resume on "
+                             "the run's own data, or start a new run with another --out")
+        if saved_threads is not None and saved_threads != threads and self.lead:
+            print(f"--resume: {threads} CPU threads per process, the run had {saved_threads} (--threads): it continues, "
+                  "but CPU sums depend on the thread count, so it is not bitwise equal to an uninterrupted run")
 
     def _resume_point(self) -> str | None:
         """The step directory to resume from (the newest intact one), agreed by every rank; None: from step 0.
