@@ -163,6 +163,20 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def markdown_table(cells: list[dict[str, Any]]) -> str:
+    """The per-cell summary as the markdown table docs/evaluation.md shows (validation loss, nats per character)."""
+    def ms(d: dict[str, float], sign: str = "") -> str:
+        return f"{d['mean']:{sign}.4f} ± {d['std']:.4f}"
+
+    lines = ["| model | C | regime | steps | unscaled | scaled r/K | scaled − unscaled | unscaled better in |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in cells:
+        lines.append(f"| {MODEL_FLAGS[c['family']].split(':')[-1]} | {c['coverage']:g} | {c['regime']} | {c['steps']} | "
+                     f"{ms(c['val_loss_unscaled'])} | {ms(c['val_loss_scaled'])} | {ms(c['scaled_minus_unscaled'], '+')} | "
+                     f"{c['unscaled_better_in']} of {len(c['seeds'])} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -180,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
                     out.write_text(json.dumps({"settings": vars(args), "machine": platform.processor() or platform.machine(),
                                                "torch": torch.__version__, "runs": results,
                                                "cells": summarise(results)}, indent=1) + "\n")
+    print(markdown_table(summarise(results)))
 
 
 if __name__ == "__main__":
