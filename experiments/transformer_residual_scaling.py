@@ -11,7 +11,10 @@ simulated in one process) on character-level Tiny Shakespeare:
 
 Each run is evaluated both ways from the SAME trained weights (its ``model_raw.safetensors``, the
 assembled state as trained): as assembled ("unscaled") and with :func:`subnetdp.scale_residual_branches`
-("scaled"), on the main job's validation batches (the held-out last 10% of the text). Two step
+("scaled"), on 20 validation batches of ``--eval-batch-size`` sequences from the held-out last 10% of
+the text, drawn as the main job draws its own (whose smaller evaluation is recorded too). For context
+each worker's own subnetwork (from the run's last checkpoint) is evaluated on the same batches, and the
+workers' training loss over the last tenth of the steps is read from ``metrics.jsonl``. Two step
 regimes: ``same`` (``--steps``) and ``flop`` (``--flop-matched``: 1/C times as many steps).
 
 Resumable: a run whose result file (``RUN_DIR/scaling.json``) exists is skipped; a run folder without
@@ -121,12 +124,42 @@ def evaluate_both(run_dir: Path, eval_batch_size: int) -> dict[str, Any]:
             "job_val_tokens": task.eval_batches * cfg.batch_size * cfg.seq_len}
 
 
+@torch.no_grad()
+def subnetwork_val_loss(run_dir: Path, eval_batch_size: int) -> float:
+    """Each worker's own subnetwork, from the run's last checkpoint, on the paired evaluation's validation
+    batches, averaged over workers: what the assembled model would match if assembly lost nothing."""
+    import subnetdp as sd
+    from subnetdp.checkpoint import load_checkpoint
+    from subnetdp.config import TrainConfig
+    from subnetdp.tasks import make_task
+
+    cfg = TrainConfig(**json.loads((run_dir / "config.json").read_text()))
+    plan = sd.Plan.from_json((run_dir / "plan.json").read_text())
+    task = make_task(dataclasses.replace(cfg, batch_size=eval_batch_size), torch.device("cpu"))
+    sim = sd.Simulation(task.model_factory(), plan, lambda ps: torch.optim.SGD(ps, lr=0.0), seed=cfg.seed)
+    load_checkpoint(run_dir / "checkpoints", nn.ModuleList(sim.workers), None, plan, restore_rng=False)
+    return statistics.fmean(task.evaluate(w, contextlib.nullcontext)["val_loss"] for w in sim.workers)
+
+
+def train_loss_end(run_dir: Path) -> float:
+    """Mean training loss (the subnetworks', on their training batches) over the last tenth of the logged steps:
+    what the workers reached, to set beside the assembled model's validation loss."""
+    steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"kind": "step"' in x]
+    tail = steps[-max(1, len(steps) // 10):]
+    return statistics.fmean(r["loss"] for r in tail)
+
+
 def one_run(args: argparse.Namespace, family: str, coverage: float, regime: str, seed: int) -> dict[str, Any]:
     """Train one configuration with the main job (unless its result exists) and evaluate it both ways."""
     run_dir = Path(args.runs_dir) / run_name(family, coverage, regime, seed)
     result_file = run_dir / "scaling.json"
     if result_file.exists():
-        return json.loads(result_file.read_text())
+        result = json.loads(result_file.read_text())
+        if "subnetwork_val_loss" not in result:  # results written before these were recorded
+            result.update(train_loss_end=train_loss_end(run_dir),
+                          subnetwork_val_loss=subnetwork_val_loss(run_dir, args.eval_batch_size))
+            result_file.write_text(json.dumps(result, indent=1) + "\n")
+        return result
     argv = train_argv(args, family, coverage, regime, seed, run_dir)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parent),
                                                                       os.environ.get("PYTHONPATH")])))
@@ -136,7 +169,8 @@ def one_run(args: argparse.Namespace, family: str, coverage: float, regime: str,
     summary = json.loads((run_dir / "summary.json").read_text())
     result = {"family": family, "coverage": coverage, "regime": regime, "seed": seed,
               "command": "subnetdp train " + " ".join(argv), "steps": summary["steps"], "wall_s": wall,
-              "train_loss_last_epoch": summary["epochs"][-1]["train_loss"],
+              "train_loss_last_epoch": summary["epochs"][-1]["train_loss"], "train_loss_end": train_loss_end(run_dir),
+              "subnetwork_val_loss": subnetwork_val_loss(run_dir, args.eval_batch_size),
               "summary_val_loss": summary["final"]["val_loss"], "summary_evaluation": summary["evaluation"],
               **evaluate_both(run_dir, args.eval_batch_size)}
     result["scaled_minus_unscaled"] = result["val_loss_scaled"] - result["val_loss_unscaled"]
@@ -158,7 +192,8 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out.append({"family": family, "coverage": coverage, "regime": regime, "steps": rs[0]["steps"],
                     "seeds": [r["seed"] for r in rs],
                     **{k: mean_std([r[k] for r in rs])
-                       for k in ("val_loss_unscaled", "val_loss_scaled", "scaled_minus_unscaled")},
+                       for k in ("val_loss_unscaled", "val_loss_scaled", "scaled_minus_unscaled", "train_loss_end",
+                                 "subnetwork_val_loss")},
                     "unscaled_better_in": sum(r["scaled_minus_unscaled"] > 0 for r in rs)})
     return out
 
@@ -168,12 +203,13 @@ def markdown_table(cells: list[dict[str, Any]]) -> str:
     def ms(d: dict[str, float], sign: str = "") -> str:
         return f"{d['mean']:{sign}.4f} ± {d['std']:.4f}"
 
-    lines = ["| model | C | regime | steps | unscaled | scaled r/K | scaled − unscaled | unscaled better in |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | C | regime | steps | unscaled | scaled r/K | scaled − unscaled | unscaled better in | "
+             "workers' subnetworks | workers' train loss, last 10% |", "|---|---|---|---|---|---|---|---|---|---|"]
     for c in cells:
         lines.append(f"| {MODEL_FLAGS[c['family']].split(':')[-1]} | {c['coverage']:g} | {c['regime']} | {c['steps']} | "
                      f"{ms(c['val_loss_unscaled'])} | {ms(c['val_loss_scaled'])} | {ms(c['scaled_minus_unscaled'], '+')} | "
-                     f"{c['unscaled_better_in']} of {len(c['seeds'])} |")
+                     f"{c['unscaled_better_in']} of {len(c['seeds'])} | "
+                     f"{ms(c['subnetwork_val_loss'])} | {ms(c['train_loss_end'])} |")
     return "\n".join(lines)
 
 
