@@ -19,9 +19,12 @@ regimes: ``same`` (``--steps``) and ``flop`` (``--flop-matched``: 1/C times as m
 
 Resumable: a run whose result file (``RUN_DIR/scaling.json``) exists is skipped; a run folder without
 one is trained again from the start. ``--out`` (JSON with every run and the per-cell summary) is
-rewritten after every run. Example (the runs docs/evaluation.md reports)::
+rewritten after every run. The runs docs/evaluation.md reports (about an hour of one core)::
 
-    python experiments/transformer_residual_scaling.py --out docs/results/transformer_residual_scaling.json
+    python experiments/transformer_residual_scaling.py --coverages 0.5 0.25 \
+        --out docs/results/transformer_residual_scaling.json
+    python experiments/transformer_residual_scaling.py --families gpt2 --steps 400 --regimes flop \
+        --runs-dir runs/transformer_scaling_long --out docs/results/transformer_residual_scaling_long.json
 """
 
 from __future__ import annotations
