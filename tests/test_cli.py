@@ -17,6 +17,7 @@ from conftest import CIFAR10_JPEG, TINY_SHAKESPEARE
 from safetensors.torch import load_file
 
 from subnetdp.cli import main
+from subnetdp.config import TrainConfig
 from subnetdp.models import llama_tiny, resnet18
 
 pytestmark = pytest.mark.shared_data(CIFAR10_JPEG, TINY_SHAKESPEARE)
@@ -110,12 +111,32 @@ def test_language_model_on_tiny_shakespeare(tmp_path):
     model.load_state_dict(load_file(out / "model.safetensors"))
 
 
+@pytest.mark.parametrize("flags,scaled", [([], False), (["--residual-scaling"], True),
+                                          (["--residual-scaling", "on"], True), (["--no-residual-scaling"], False)])
+def test_block_level_language_model_residual_scaling_rule(tmp_path, capsys, flags, scaled):
+    """auto (the default) leaves a LLaMA unscaled (docs/evaluation.md); the summary, its text and `evaluate`
+    name the rule; --residual-scaling / --no-residual-scaling still choose."""
+    out = tmp_path / "lm"
+    assert main(["train", "--model", "llama_tiny", "--dataset", "tinyshakespeare", "--simulate", "4",
+                 "--coverage", "0.5", "--level", "block", "--optimizer", "adamw", "--steps", "2", "--batch-size", "2",
+                 "--seq-len", "16", "--threads", "1", "--no-progress", "--out", str(out), *flags]) == 0
+    ev = json.loads((out / "summary.json").read_text())["evaluation"]
+    rule = {(): "auto: off", ("--no-residual-scaling",): "off (chosen)"}.get(tuple(flags), "on (chosen)")
+    assert ev["residual_scaling"] is scaled and ev["residual_scaling_rule"].startswith(rule)
+    raw, shipped = load_file(out / "model_raw.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.equal(raw[k], t) for k, t in shipped.items()) is not scaled
+    assert f"[residual scaling: {rule}" in capsys.readouterr().out
+    assert main(["evaluate", str(out)]) == 0
+    assert f"[residual scaling: {rule}" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--coverage", "1.5"], "--coverage 1.5 is outside (0, 1]"),
     (["--simulate", "4", "--coverage", "0.3"], "--coverage 0.3 with 4 workers"),
     (["--strategy", "zero3"], "--strategy 'zero3' is not allowed"),
     (["--transitions", "skip"], "--transitions 'skip' is not allowed; choose one of: keep, shortcut"),
     (["--balance", "flops"], "--balance 'flops' is not allowed; choose one of: memory, params"),
+    (["--residual-scaling", "yes"], "--residual-scaling 'yes' is not allowed; choose one of: auto, on, off"),
     (["--model", "gpt9"], "--model 'gpt9' is unknown"),
     (["--batch-size", "0"], "--batch-size 0"),
     (["--epochs", "x"], "argument --epochs: invalid float value: 'x'"),
@@ -141,6 +162,19 @@ def test_bad_config_file_gives_one_clear_line(tmp_path, capsys):
     cfg.write_text('coverage = "half"\n')
     assert main(["train", "--config", str(cfg)]) == 2
     assert "--coverage 'half': expected float" in capsys.readouterr().err
+
+
+def test_residual_scaling_as_a_boolean_still_reads(tmp_path):
+    """Config files and the config.json of runs from before "auto" hold true/false: they mean on/off, and a
+    resume of such a run with today's default is allowed (the rule only changes the evaluated model)."""
+    from subnetdp.cli import build_parser, config_from_args
+    from subnetdp.rundir import math_differences
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("residual_scaling = false\n")
+    assert config_from_args(build_parser().parse_args(["train", "--config", str(cfg)])).residual_scaling == "off"
+    assert TrainConfig(residual_scaling=True).residual_scaling == "on"
+    assert math_differences({**TrainConfig().to_dict(), "residual_scaling": True}, TrainConfig().to_dict()) == []
 
 
 def test_config_file_values_apply_and_flags_override(tmp_path):
@@ -256,9 +290,12 @@ def test_evaluate_reproduces_the_summary_from_the_run_files(tmp_path, capsys):
     out = train(tmp_path, "run", "--simulate", "4", "--coverage", "0.5", "--level", "block", "--steps", "4")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["evaluation"]["residual_scaling"] and summary["evaluation"]["bn_recalibrate"] > 0
+    assert summary["evaluation"]["residual_scaling_rule"].startswith("auto: on")  # ResNet blocks
     capsys.readouterr()
     assert main(["evaluate", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == summary["final"]
+    assert main(["evaluate", str(out)]) == 0
+    assert "residual branches scaled by r/K=0.5" in capsys.readouterr().out.splitlines()[-1]
     raw, baked = load_file(out / "model_raw.safetensors"), load_file(out / "model.safetensors")
     assert not torch.equal(raw["layer1.0.bn2.weight"], baked["layer1.0.bn2.weight"])
     assert main(["evaluate", str(tmp_path / "nothing")]) == 2

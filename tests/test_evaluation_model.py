@@ -3,6 +3,7 @@ simulated and under torch.distributed, and the main job's ``model.safetensors`` 
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -11,6 +12,8 @@ from conftest import CIFAR10_JPEG, FACTORIES, ResidualMLP, image_batches
 from distributed import OPTIMIZERS, run_ranks, simulate, train_step, values
 
 import subnetdp as sd
+from subnetdp.evaluation import residual_scaling_rule
+from subnetdp.models import get_model
 
 
 def _trained(level: str, coverage: float, **kw: object) -> sd.Simulation:
@@ -49,8 +52,9 @@ def test_batchnorm_at_partial_coverage_needs_batches_or_an_explicit_opt_out():
     with pytest.raises(ValueError, match="gave no batch"):
         sd.evaluation_model(sim, [])
     kept = sd.evaluation_model(sim, recalibrate=False)
-    assert kept.evaluation_conventions == {"residual_scaling": True, "bn_recalibrate": 0, "residual_scale": 0.5,
-                                           "scaled_layers": len(sim.plan.units)}
+    assert kept.evaluation_conventions == {
+        "residual_scaling": True, "bn_recalibrate": 0, "residual_scale": 0.5, "scaled_layers": len(sim.plan.units),
+        "residual_scaling_rule": "auto: on (blocks other than LLaMA-style ones, e.g. ResNet, GPT-2)"}
     plain = sd.evaluation_model(sim, recalibrate=False, residual_scaling=False)
     state = sim.full_state_dict()
     assert all(torch.equal(plain.state_dict()[n], t) for n, t in state.items())
@@ -72,6 +76,42 @@ def test_a_model_without_batchnorm_needs_no_batches():
     model = sd.evaluation_model(sim)
     assert isinstance(model, ResidualMLP) and model.evaluation_conventions["residual_scaling"]
     assert model.evaluation_conventions["bn_recalibrate"] == 0
+
+
+def _gpt2() -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=65, n_positions=32))
+
+
+@pytest.mark.parametrize("name,scaled", [("resnet18", True), ("llama_char_small", False), ("gpt2", True)])
+def test_auto_scales_every_family_but_llama_style_decoders(name, scaled):
+    """The measured rule (docs/evaluation.md): residual scaling helped ResNets with BatchNorm, hurt the zoo's
+    LLaMA and was mixed on GPT-2 (the earlier default stays); explicit choices override it."""
+    if name == "gpt2":
+        pytest.importorskip("transformers")
+    factory = _gpt2 if name == "gpt2" else functools.partial(get_model, name)
+    p = sd.plan(factory, 4, 0.5, "block")
+    with torch.device("meta"):
+        model = factory()
+    scale, rule = residual_scaling_rule(model, p)
+    assert scale is scaled and rule.startswith("auto: " + ("on" if scaled else "off"))
+    assert residual_scaling_rule(model, p, "on") == (True, "on (chosen)")
+    assert residual_scaling_rule(model, p, False) == (False, "off (chosen)")
+
+
+def test_auto_leaves_a_llama_unscaled_and_says_so():
+    f = functools.partial(get_model, "llama_tiny", dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16)
+    sim = sd.Simulation(f, sd.plan(f, 4, 0.5, "block"), OPTIMIZERS["sgd"])
+    model = sd.evaluation_model(sim)
+    assert model.evaluation_conventions == {
+        "residual_scaling": False, "bn_recalibrate": 0,
+        "residual_scaling_rule": "auto: off (LLaMA-style blocks: SwiGLU MLP, RMSNorm pre-norm)"}
+    assert all(torch.equal(model.state_dict()[n], t) for n, t in sim.full_state_dict().items())
+    on = sd.evaluation_model(sim, residual_scaling="on")
+    assert on.evaluation_conventions["residual_scaling"] and on.evaluation_conventions["scaled_layers"] == 4
+    with pytest.raises(ValueError, match="residual_scaling 'yes': choose one of auto, on, off"):
+        sd.evaluation_model(sim, residual_scaling="yes")
 
 
 def _evaluated_on_ranks(rank: int, world: int, level: str) -> dict[str, torch.Tensor] | None:

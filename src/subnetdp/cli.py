@@ -16,6 +16,7 @@ import os
 import sys
 import typing
 from collections.abc import Sequence
+from pathlib import Path
 
 from subnetdp.config import DEVICES, WIDTH_MODELS, ConfigError, TrainConfig, field_type, from_values, load_file, validate
 from subnetdp.measure.workloads import DEFAULT_VOCAB
@@ -57,12 +58,18 @@ def _add_field_flag(p: argparse.ArgumentParser, f: dataclasses.Field, for_train:
             kwargs["choices"] = f.metadata["choices"]
     if t is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
+    elif "bare" in f.metadata:  # a mode that was a boolean flag: --flag alone and --no-flag keep their meaning
+        kwargs.update(type=t, nargs="?", const=f.metadata["bare"][0], metavar="{" + ",".join(f.metadata["choices"]) + "}")
     else:
         kwargs["type"] = t
         if "choices" not in kwargs:  # argparse shows the choices instead
             kwargs["metavar"] = f.name.upper()
     kwargs.update(override)
     p.add_argument(flag, **kwargs)
+    if "bare" in f.metadata:
+        off = f.metadata["bare"][1]
+        p.add_argument("--no-" + flag[2:], dest=f.name, action="store_const", const=off, default=kwargs["default"],
+                       help=f"same as {flag} {off} (default: {f.default})")
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
@@ -186,7 +193,7 @@ def _plan_command(args: argparse.Namespace) -> int:
 def _evaluate_command(args: argparse.Namespace) -> int:
     import json
 
-    from subnetdp.train import evaluate_run
+    from subnetdp.train import conventions_text, evaluate_run
 
     try:
         result = evaluate_run(args.run, args.device, model=args.model, trust_run_code=args.trust_run_code)
@@ -198,6 +205,9 @@ def _evaluate_command(args: argparse.Namespace) -> int:
     else:
         for k, v in result.items():
             print(f"{k:<12} {v:.4f}")
+        summary = Path(args.run) / "summary.json"
+        if summary.is_file():  # the model file holds the conventions; say which, and by which rule
+            print(f"model.safetensors evaluated with: {conventions_text(json.loads(summary.read_text())['evaluation'])}")
     return 0
 
 

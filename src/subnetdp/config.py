@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from subnetdp.data import VISION_DATASETS
+from subnetdp.evaluation import RESIDUAL_SCALINGS
 from subnetdp.sync import SYNC_MODES
 from subnetdp.init import INIT_MODES
 from subnetdp.masking import MASKINGS
@@ -105,9 +106,11 @@ class TrainConfig:
     bn_recalibrate: int = field(default=20, metadata={
         "help": "SDP with C<1: re-estimate the assembled model's BatchNorm statistics on N training batches "
                 "before evaluation (0: off; see docs/evaluation.md)"})
-    residual_scaling: bool = field(default=True, metadata={
-        "help": "SDP block level: scale each block's residual branch by its holder fraction r/K at evaluation "
-                "(see docs/evaluation.md)"})
+    residual_scaling: str = field(default="auto", metadata={
+        "choices": RESIDUAL_SCALINGS, "bare": ("on", "off"),
+        "help": "SDP block level: scale each block's residual branch by its holder fraction r/K at evaluation: "
+                "auto (off for LLaMA-style decoders, on for the others: ResNet, GPT-2, ...), on or off; "
+                "--residual-scaling alone is on, --no-residual-scaling off (see docs/evaluation.md)"})
     # machine
     device: str = field(default="auto", metadata={"choices": DEVICES, "help": "auto, cpu or cuda"})
     precision: str = field(default="auto", metadata={"choices": PRECISIONS, "help": "auto (bf16 autocast on GPU), fp32 or bf16"})
@@ -119,6 +122,11 @@ class TrainConfig:
     checkpoint_every: int = field(default=0, metadata={"help": "save a checkpoint every N steps (0: at epoch ends)"})
     log_every: int = field(default=10, metadata={"help": "write step metrics every N steps"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
+    def __post_init__(self) -> None:
+        # runs before "auto" existed saved the flag as a boolean in config.json
+        if isinstance(self.residual_scaling, bool):
+            self.residual_scaling = "on" if self.residual_scaling else "off"
 
     # ---- derived -----------------------------------------------------------------------------------
     @property

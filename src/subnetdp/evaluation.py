@@ -8,7 +8,9 @@ conventions reconcile the two (compared on real data in docs/evaluation.md):
   time, as stochastic depth does (``relu(x + (r/K) * f(x))`` for a ResNet block, ``x + (r/K) *
   attn(...)`` and ``h + (r/K) * mlp(...)`` for a transformer block), the shortcut unscaled. The
   scale is folded into the weights of each branch's last affine layer, so the scaled model is the
-  plain architecture with other weights: it is what ``model.safetensors`` holds;
+  plain architecture with other weights: it is what ``model.safetensors`` holds. By default
+  (:func:`residual_scaling_rule`, ``"auto"``) LLaMA-style decoders are not scaled: on them the
+  scaling was measured to make the validation loss worse;
 - neuron level, inverted scaling during training (``build_subnetwork(neuron_scaling="inverted")``):
   the assembled model then needs no rescaling;
 - ``recalibrate_batchnorm``: re-estimate BatchNorm statistics of the full model on training batches.
@@ -78,6 +80,41 @@ def scale_residual_branches(model: nn.Module, plan: Plan) -> list[str]:
     return scaled
 
 
+RESIDUAL_SCALINGS = ("auto", "on", "off")
+
+
+def _llama_style(block: nn.Module) -> bool:
+    """Whether ``block`` is a LLaMA-style decoder layer: its MLP branch ends in a SwiGLU ``down_proj`` (the zoo's
+    LLaMA, Hugging Face's Llama and its kin: RMSNorm pre-norm, ``q/k/v/o_proj`` attention, SwiGLU MLP)."""
+    return any(name.rsplit(".", 1)[-1] == "down_proj" for name in branch_output_layers(block))
+
+
+def _scaling_mode(residual_scaling: bool | str) -> str:
+    """``"auto"``, ``"on"`` or ``"off"`` from the mode or a boolean (the flag's meaning before ``"auto"``)."""
+    mode = ("on" if residual_scaling else "off") if isinstance(residual_scaling, bool) else residual_scaling
+    if mode not in RESIDUAL_SCALINGS:
+        raise ValueError(f"residual_scaling {residual_scaling!r}: choose one of {', '.join(RESIDUAL_SCALINGS)} "
+                         "(or True/False)")
+    return mode
+
+
+def residual_scaling_rule(model: nn.Module, plan: Plan, residual_scaling: bool | str = "auto") -> tuple[bool, str]:
+    """Whether the block-level evaluation scales ``model``'s unit blocks' residual branches by ``r/K``, and the rule.
+
+    ``"on"``/``True`` and ``"off"``/``False`` decide it; ``"auto"`` decides by the model family, because the
+    measurements differ by family (docs/evaluation.md): on LLaMA-style decoders the scaling made the validation
+    loss worse in every run, so ``"auto"`` leaves them unscaled; elsewhere it scales (ResNets with BatchNorm:
+    better in every run; a GPT-2 decoder: neither consistently better, so the earlier default stays). Returns
+    ``(scale, rule)``, the rule in words for the run's summary.
+    """
+    mode = _scaling_mode(residual_scaling)
+    if mode != "auto":
+        return mode == "on", f"{mode} (chosen)"
+    if all(_llama_style(model.get_submodule(u.name)) for u in plan.units):
+        return False, "auto: off (LLaMA-style blocks: SwiGLU MLP, RMSNorm pre-norm)"
+    return True, "auto: on (blocks other than LLaMA-style ones, e.g. ResNet, GPT-2)"
+
+
 def _inputs(batch: object) -> object:
     """The model input of a calibration batch: a tensor, or the first element of an (x, y) pair."""
     if isinstance(batch, torch.Tensor):
@@ -122,7 +159,7 @@ def evaluation_model(
     trained: SubnetDataParallel | Simulation,
     calibration_batches: Iterable[Batch] | None = None,
     *,
-    residual_scaling: bool = True,
+    residual_scaling: bool | str = "auto",
     recalibrate: bool = True,
     device: torch.device | str | None = None,
 ) -> nn.Module | None:
@@ -130,16 +167,20 @@ def evaluation_model(
     evaluation conventions that apply to how it was trained, in eval mode.
 
     With ``C<1`` (forward masking): at block level each residual branch is scaled by ``r/K`` in its
-    weights (``residual_scaling``); a model with BatchNorm gets its statistics re-estimated on
+    weights where :func:`residual_scaling_rule` says so (``residual_scaling``: ``"auto"`` decides by the
+    model family, no for LLaMA-style decoders, yes for the others; ``"on"`` or ``"off"`` decide
+    themselves); a model with BatchNorm gets its statistics re-estimated on
     ``calibration_batches`` (training batches, ``(x, y)`` pairs or inputs; about 20 suffice), which
     are then required unless ``recalibrate=False``. At ``C=1``, at neuron level (trained with
     inverted scaling) and under backward masking the corresponding convention does not apply and
-    nothing is done. ``model.evaluation_conventions`` says what was applied (the main job's
-    ``summary.json`` ``evaluation``). ``device`` defaults to the trained workers' device.
+    nothing is done. ``model.evaluation_conventions`` says what was applied and, at block level, by
+    which rule (``residual_scaling_rule``); it is the main job's ``summary.json`` ``evaluation``.
+    ``device`` defaults to the trained workers' device.
 
     Collective for :class:`~subnetdp.SubnetDataParallel`, like ``full_state_dict()``: every rank must
     call it; rank 0 gets the model, the others ``None`` (only rank 0 uses its calibration batches).
     """
+    _scaling_mode(residual_scaling)  # a bad value fails whether or not it would apply
     plan = trained.plan
     partial = plan.holders_per_unit < plan.workers and trained.masking == "forward"
     state = trained.full_state_dict()
@@ -149,10 +190,12 @@ def evaluation_model(
     model = materialize_(meta_copy(trained.structure), device=device if device is not None else trained.device)
     model.load_state_dict(state)
     applied: dict[str, Any] = {"residual_scaling": False, "bn_recalibrate": 0}
-    if partial and residual_scaling and plan.level == "block":
-        layers = scale_residual_branches(model, plan)
-        applied.update(residual_scaling=True, residual_scale=plan.holders_per_unit / plan.workers,
-                       scaled_layers=len(layers))
+    if partial and plan.level == "block":
+        scale, applied["residual_scaling_rule"] = residual_scaling_rule(model, plan, residual_scaling)
+        if scale:
+            layers = scale_residual_branches(model, plan)
+            applied.update(residual_scaling=True, residual_scale=plan.holders_per_unit / plan.workers,
+                           scaled_layers=len(layers))
     if partial and recalibrate and has_batchnorm(model):
         if calibration_batches is None:
             raise ValueError(f"evaluation_model: the model has BatchNorm and was trained at C={plan.coverage:g}, so "

@@ -28,9 +28,11 @@ OWNER_ENV = "SUBNETDP_RUN_OWNER"  # set by the --workers launcher, which holds t
 RUN_FILES = ("config.json", "plan.json", "plan.txt", "metrics.jsonl", "summary.json", "model.safetensors",
              "model_raw.safetensors", "checkpoints", "tensorboard")
 RUN_FOLDERS = ("checkpoints", "tensorboard", ".rendezvous")  # a run writes inside these: never through a link
-# settings that do not change what is computed: a resume may change them
+# settings that do not change what is trained: a resume may change them (residual_scaling only changes the
+# evaluated model, and the summary names the rule applied)
 FREE_ON_RESUME = frozenset({"progress", "log_every", "eval_every", "threads", "resume", "overwrite", "timeout",
-                            "max_restarts", "out", "data_dir", "download", "checkpoint_every", "workers"})
+                            "max_restarts", "out", "data_dir", "download", "checkpoint_every", "workers",
+                            "residual_scaling"})
 # settings that set the run's length; they change the learning-rate schedule unless it is constant
 LENGTH = frozenset({"steps", "epochs", "flop_matched"})
 

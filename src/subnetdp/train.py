@@ -742,6 +742,19 @@ def _save_models(model: dict[str, torch.Tensor] | None, raw: dict[str, torch.Ten
             atomic_write(out / name, save({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}))
 
 
+def conventions_text(ev: dict[str, Any]) -> str:
+    """The evaluation conventions of a summary's ``evaluation`` entry in words, with the residual-scaling rule
+    that decided them, so that a reader of the summary or of ``subnetdp evaluate`` knows what was applied."""
+    done = []
+    if ev.get("residual_scaling"):
+        done.append(f"residual branches scaled by r/K={ev['residual_scale']:g} (in {ev['scaled_layers']} layers' weights)")
+    if ev.get("bn_recalibrate"):
+        done.append(f"BatchNorm statistics re-estimated on {ev['bn_recalibrate']} training batches")
+    text = "; ".join(done) if done else "the assembled model as trained (no conventions)"
+    rule = ev.get("residual_scaling_rule")
+    return f"{text} [residual scaling: {rule}]" if rule else text
+
+
 def _summary_text(s: dict[str, Any], out: Path) -> str:
     lines = ["", "=" * 72, f"summary: {s['strategy']}" + (f" level={s['level']} C={s['coverage']:g}" if s["level"] else "")
              + f", {s['workers']} workers, {s['model']} on {s['dataset']}"]
@@ -760,13 +773,7 @@ def _summary_text(s: dict[str, Any], out: Path) -> str:
     if comm:
         lines.append(f"  {'communication per step':<28} {format_bytes(min(comm))} - {format_bytes(max(comm))} per worker")
     lines.append(f"  {'wall time':<28} {s['wall_s']:.1f} s ({s['steps']} steps, {s['samples_per_s']:.0f} samples/s)")
-    ev = s["evaluation"]
-    done = []
-    if ev.get("residual_scaling"):
-        done.append(f"residual branches scaled by r/K={ev['residual_scale']:g} (in {ev['scaled_layers']} layers' weights)")
-    if ev.get("bn_recalibrate"):
-        done.append(f"BatchNorm statistics re-estimated on {ev['bn_recalibrate']} training batches")
-    lines.append(f"  {'evaluated with':<28} {'; '.join(done) if done else 'the assembled model as trained (no conventions)'}")
+    lines.append(f"  {'evaluated with':<28} {conventions_text(s['evaluation'])}")
     lines.append(f"  outputs: {out}/ (metrics.jsonl, summary.json, checkpoints/, model.safetensors: the evaluated "
                  "model, loads into the plain architecture; model_raw.safetensors: as assembled)")
     lines.append("=" * 72)

@@ -1,0 +1,240 @@
+"""Block-level residual-branch scaling on pre-norm transformers: scaled against unscaled, paired.
+
+At block level the evaluated model has each unit block's residual branches scaled by ``r/K``
+(docs/evaluation.md); the evidence for that rule comes from ResNets with BatchNorm. This script
+measures it on two pre-norm decoders trained by the main job (``subnetdp train``, K workers
+simulated in one process) on character-level Tiny Shakespeare:
+
+- ``llama``: the zoo's ``llama_char_small`` (RMSNorm, rotary, SwiGLU, untied; 2.46M parameters);
+- ``gpt2``: a Hugging Face ``GPT2LMHeadModel`` built here from a small config (:func:`gpt2_char`:
+  LayerNorm, learned positions, GELU MLP, tied head; no downloads).
+
+Each run is evaluated both ways from the SAME trained weights (its ``model_raw.safetensors``, the
+assembled state as trained): as assembled ("unscaled") and with :func:`subnetdp.scale_residual_branches`
+("scaled"), on 20 validation batches of ``--eval-batch-size`` sequences from the held-out last 10% of
+the text, drawn as the main job draws its own (whose smaller evaluation is recorded too). For context
+each worker's own subnetwork (from the run's last checkpoint) is evaluated on the same batches, and the
+workers' training loss over the last tenth of the steps is read from ``metrics.jsonl``. Two step
+regimes: ``same`` (``--steps``) and ``flop`` (``--flop-matched``: 1/C times as many steps).
+
+Resumable: a run whose result file (``RUN_DIR/scaling.json``) exists is skipped; a run folder without
+one is trained again from the start. ``--out`` (JSON with every run and the per-cell summary) is
+rewritten after every run. The runs docs/evaluation.md reports (about an hour of one core)::
+
+    python experiments/transformer_residual_scaling.py --coverages 0.5 0.25 \
+        --out docs/results/transformer_residual_scaling.json
+    python experiments/transformer_residual_scaling.py --families gpt2 --steps 400 --regimes flop \
+        --runs-dir runs/transformer_scaling_long --out docs/results/transformer_residual_scaling_long.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+FAMILIES = ("llama", "gpt2")
+REGIMES = ("same", "flop")
+
+
+def gpt2_char(vocab_size: int, max_seq_len: int) -> nn.Module:
+    """A GPT-2-style decoder about the size of ``llama_char_small`` (6 layers, width 192, 6 heads; 2.68M
+    parameters at 65 characters), dropout off as in the zoo's LLaMA; ``subnetdp train --model`` calls it."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(n_layer=6, n_embd=192, n_head=6, vocab_size=vocab_size, n_positions=max_seq_len,
+                                      bos_token_id=0, eos_token_id=0,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+
+MODEL_FLAGS = {"llama": "llama_char_small", "gpt2": f"{Path(__file__).stem}:gpt2_char"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
+    p.add_argument("--coverages", nargs="+", type=float, default=[0.5], help="SDP coverages C (block level)")
+    p.add_argument("--regimes", nargs="+", choices=REGIMES, default=list(REGIMES),
+                   help="same: --steps steps; flop: --flop-matched (1/C times as many)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--workers", type=int, default=4, help="K, simulated in one process")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps of the same-steps regime")
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per worker per step")
+    p.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate (cosine after 5%% warm-up)")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--eval-batch-size", type=int, default=32,
+                   help="sequences per validation batch of the paired evaluation (20 batches, drawn as the main job "
+                        "draws its own; the main job's own, at --batch-size, is reported too)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--runs-dir", default="runs/transformer_scaling", help="one run folder per training")
+    p.add_argument("--out", default="docs/results/transformer_residual_scaling.json")
+    return p.parse_args(argv)
+
+
+def run_name(family: str, coverage: float, regime: str, seed: int) -> str:
+    return f"{family}-C{coverage:g}-{regime}-s{seed}"
+
+
+def train_argv(args: argparse.Namespace, family: str, coverage: float, regime: str, seed: int, out: Path) -> list[str]:
+    """The ``subnetdp train`` flags of one run (one epoch: the run is evaluated once, at its end)."""
+    steps = args.steps * (round(1 / coverage) if regime == "flop" else 1)
+    argv = ["--model", MODEL_FLAGS[family], "--dataset", "tinyshakespeare", "--simulate", str(args.workers),
+            "--level", "block", "--coverage", f"{coverage:g}", "--optimizer", "adamw", "--lr", f"{args.lr:g}",
+            "--weight-decay", f"{args.weight_decay:g}", "--seq-len", str(args.seq_len),
+            "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--steps-per-epoch", str(steps),
+            "--seed", str(seed), "--threads", str(args.threads), "--no-progress", "--out", str(out), "--overwrite"]
+    return argv + (["--flop-matched"] if regime == "flop" else [])
+
+
+@torch.no_grad()
+def evaluate_both(run_dir: Path, eval_batch_size: int) -> dict[str, Any]:
+    """Validation loss of the run's assembled state as trained, unscaled and with branches scaled by r/K:
+    on the main job's validation batches and on ``eval_batch_size`` sequences per batch (more held-out text)."""
+    from safetensors.torch import load_file
+
+    import subnetdp as sd
+    from subnetdp.config import TrainConfig
+    from subnetdp.tasks import make_task
+
+    cfg = TrainConfig(**json.loads((run_dir / "config.json").read_text()))
+    plan = sd.Plan.from_json((run_dir / "plan.json").read_text())
+    task = make_task(cfg, torch.device("cpu"))
+    big = make_task(dataclasses.replace(cfg, batch_size=eval_batch_size), torch.device("cpu"))
+    model = sd.materialize(task.model_factory(), seed=cfg.seed)
+    model.load_state_dict(load_file(run_dir / "model_raw.safetensors"))
+    out: dict[str, Any] = {}
+    for rule in ("unscaled", "scaled"):
+        if rule == "scaled":
+            out["scaled_layers"] = len(sd.scale_residual_branches(model, plan))
+        out[f"val_loss_{rule}"] = big.evaluate(model, contextlib.nullcontext)["val_loss"]
+        out[f"job_val_loss_{rule}"] = task.evaluate(model, contextlib.nullcontext)["val_loss"]
+    return {**out, "residual_scale": plan.holders_per_unit / plan.workers,
+            "val_tokens": big.eval_batches * eval_batch_size * cfg.seq_len,
+            "job_val_tokens": task.eval_batches * cfg.batch_size * cfg.seq_len}
+
+
+@torch.no_grad()
+def subnetwork_val_loss(run_dir: Path, eval_batch_size: int) -> float:
+    """Each worker's own subnetwork, from the run's last checkpoint, on the paired evaluation's validation
+    batches, averaged over workers: what the assembled model would match if assembly lost nothing."""
+    import subnetdp as sd
+    from subnetdp.checkpoint import load_checkpoint
+    from subnetdp.config import TrainConfig
+    from subnetdp.tasks import make_task
+
+    cfg = TrainConfig(**json.loads((run_dir / "config.json").read_text()))
+    plan = sd.Plan.from_json((run_dir / "plan.json").read_text())
+    task = make_task(dataclasses.replace(cfg, batch_size=eval_batch_size), torch.device("cpu"))
+    sim = sd.Simulation(task.model_factory(), plan, lambda ps: torch.optim.SGD(ps, lr=0.0), seed=cfg.seed)
+    load_checkpoint(run_dir / "checkpoints", nn.ModuleList(sim.workers), None, plan, restore_rng=False)
+    return statistics.fmean(task.evaluate(w, contextlib.nullcontext)["val_loss"] for w in sim.workers)
+
+
+def train_loss_end(run_dir: Path) -> float:
+    """Mean training loss (the subnetworks', on their training batches) over the last tenth of the logged steps:
+    what the workers reached, to set beside the assembled model's validation loss."""
+    steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"kind": "step"' in x]
+    tail = steps[-max(1, len(steps) // 10):]
+    return statistics.fmean(r["loss"] for r in tail)
+
+
+def one_run(args: argparse.Namespace, family: str, coverage: float, regime: str, seed: int) -> dict[str, Any]:
+    """Train one configuration with the main job (unless its result exists) and evaluate it both ways."""
+    run_dir = Path(args.runs_dir) / run_name(family, coverage, regime, seed)
+    result_file = run_dir / "scaling.json"
+    if result_file.exists():
+        result = json.loads(result_file.read_text())
+        if "subnetwork_val_loss" not in result:  # results written before these were recorded
+            result.update(train_loss_end=train_loss_end(run_dir),
+                          subnetwork_val_loss=subnetwork_val_loss(run_dir, args.eval_batch_size))
+            result_file.write_text(json.dumps(result, indent=1) + "\n")
+        return result
+    argv = train_argv(args, family, coverage, regime, seed, run_dir)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parent),
+                                                                      os.environ.get("PYTHONPATH")])))
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "subnetdp", "train", *argv], check=True, env=env)
+    wall = time.perf_counter() - start
+    summary = json.loads((run_dir / "summary.json").read_text())
+    result = {"family": family, "coverage": coverage, "regime": regime, "seed": seed,
+              "command": "subnetdp train " + " ".join(argv), "steps": summary["steps"], "wall_s": wall,
+              "train_loss_last_epoch": summary["epochs"][-1]["train_loss"], "train_loss_end": train_loss_end(run_dir),
+              "subnetwork_val_loss": subnetwork_val_loss(run_dir, args.eval_batch_size),
+              "summary_val_loss": summary["final"]["val_loss"], "summary_evaluation": summary["evaluation"],
+              **evaluate_both(run_dir, args.eval_batch_size)}
+    result["scaled_minus_unscaled"] = result["val_loss_scaled"] - result["val_loss_unscaled"]
+    result_file.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def mean_std(xs: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "n": len(xs)}
+
+
+def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (family, C, regime): mean and sample std over seeds of each loss and of the paired difference."""
+    cells: dict[tuple, list[dict[str, Any]]] = {}
+    for r in results:
+        cells.setdefault((r["family"], r["coverage"], r["regime"]), []).append(r)
+    out = []
+    for (family, coverage, regime), rs in cells.items():
+        out.append({"family": family, "coverage": coverage, "regime": regime, "steps": rs[0]["steps"],
+                    "seeds": [r["seed"] for r in rs],
+                    **{k: mean_std([r[k] for r in rs])
+                       for k in ("val_loss_unscaled", "val_loss_scaled", "scaled_minus_unscaled", "train_loss_end",
+                                 "subnetwork_val_loss")},
+                    "unscaled_better_in": sum(r["scaled_minus_unscaled"] > 0 for r in rs)})
+    return out
+
+
+def markdown_table(cells: list[dict[str, Any]]) -> str:
+    """The per-cell summary as the markdown table docs/evaluation.md shows (validation loss, nats per character)."""
+    def ms(d: dict[str, float], sign: str = "") -> str:
+        return f"{d['mean']:{sign}.4f} ± {d['std']:.4f}"
+
+    lines = ["| model | C | regime | steps | unscaled | scaled r/K | scaled − unscaled | unscaled better in | "
+             "workers' subnetworks | workers' train loss, last 10% |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in cells:
+        lines.append(f"| {MODEL_FLAGS[c['family']].split(':')[-1]} | {c['coverage']:g} | {c['regime']} | {c['steps']} | "
+                     f"{ms(c['val_loss_unscaled'])} | {ms(c['val_loss_scaled'])} | {ms(c['scaled_minus_unscaled'], '+')} | "
+                     f"{c['unscaled_better_in']} of {len(c['seeds'])} | "
+                     f"{ms(c['subnetwork_val_loss'])} | {ms(c['train_loss_end'])} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    results = []
+    for regime in args.regimes:  # every family's same-steps runs first: the shorter regime is complete soonest
+        for family in args.families:
+            for coverage in args.coverages:
+                for seed in args.seeds:
+                    r = one_run(args, family, coverage, regime, seed)
+                    results.append(r)
+                    print(f"{run_name(family, coverage, regime, seed)}: val loss unscaled {r['val_loss_unscaled']:.4f}, "
+                          f"scaled {r['val_loss_scaled']:.4f} ({r['scaled_minus_unscaled']:+.4f})", flush=True)
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    out.write_text(json.dumps({"settings": vars(args), "machine": platform.processor() or platform.machine(),
+                                               "torch": torch.__version__, "runs": results,
+                                               "cells": summarise(results)}, indent=1) + "\n")
+    print(markdown_table(summarise(results)))
+
+
+if __name__ == "__main__":
+    main()
