@@ -15,7 +15,12 @@ The engine holds its process groups weakly (the whole world as ``None``, torch's
 subgroups through ``weakref``), so ``dist.destroy_process_group()`` frees them even while the
 engine is alive. A group kept alive past it is destroyed only at interpreter exit, and gloo's
 worker threads, still releasing their last collective's tensors then, abort the process
-("terminate called without an active exception") after a correct run.
+("terminate called without an active exception") after a correct run. For the same reason this
+module imports ``torch._dynamo`` at once: in torch 2.14 its first import after ``init_process_group``
+(which building any optimizer triggers) takes references to the default group that
+``destroy_process_group()`` never drops; imported with ``subnetdp``, before the group exists, it takes
+none (the README's torchrun example aborted in 1 of 12 runs, its group alive after destroy; with the
+import first the group is freed).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+import torch._dynamo  # noqa: F401  (imported before the user's init_process_group: see below)
 import torch.distributed as dist
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
