@@ -107,7 +107,7 @@ class TrainConfig:
         "help": "SDP with C<1: re-estimate the assembled model's BatchNorm statistics on N training batches "
                 "before evaluation (0: off; see docs/evaluation.md)"})
     residual_scaling: str = field(default="auto", metadata={
-        "choices": RESIDUAL_SCALINGS, "bare": ("on", "off"),
+        "choices": RESIDUAL_SCALINGS, "bare": ("on", "off"), "legacy": bool,  # files from before "auto": true/false
         "help": "SDP block level: scale each block's residual branch by its holder fraction r/K at evaluation: "
                 "auto (off for LLaMA-style decoders, on for the others: ResNet, GPT-2, ...), on or off; "
                 "--residual-scaling alone is on, --no-residual-scaling off (see docs/evaluation.md)"})
@@ -189,9 +189,10 @@ def from_values(values: dict[str, Any], source: str) -> TrainConfig:
     if unknown:
         raise ConfigError(f"{source}: unknown settings {unknown}; known: "
                           f"{', '.join(sorted(f.name for f in dataclasses.fields(TrainConfig)))}")
+    legacy = {f.name: f.metadata["legacy"] for f in dataclasses.fields(TrainConfig) if "legacy" in f.metadata}
     for name, v in values.items():
         t = field_type(name)
-        ok = isinstance(v, t) and not (t is not bool and isinstance(v, bool))
+        ok = (isinstance(v, t) and not (t is not bool and isinstance(v, bool))) or isinstance(v, legacy.get(name, ()))
         if v is not None and not ok and not (t is float and isinstance(v, int) and not isinstance(v, bool)):
             raise ConfigError(f"--{name.replace('_', '-')} {v!r}: expected {t.__name__} ({source})")
     return TrainConfig(**values)
