@@ -27,7 +27,7 @@ from subnetdp.planning import Plan
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared by identity: an Entry holds tensors, whose == is elementwise
 class Slot:
     """One tensor's elements with one holder set: the ranks in ``holders`` must agree on them."""
 
