@@ -9,6 +9,7 @@ from subnetdp.buckets import Bucket, build_buckets
 from subnetdp.checkpointing import checkpoint_blocks
 from subnetdp.evaluation import evaluation_model, recalibrate_batchnorm, scale_residual_branches
 from subnetdp.init import materialize
+from subnetdp.options import SDPOptions
 from subnetdp.measure.prediction import memory_balanced_plan
 from subnetdp.planning import Plan, Unit, plan, valid_coverages
 from subnetdp.engine import SubnetDataParallel, agree_finite, clip_grad_norm_
@@ -18,6 +19,7 @@ from subnetdp.subnet import build_subnetwork
 __all__ = [
     "Bucket",
     "Plan",
+    "SDPOptions",
     "Simulation",
     "SubnetDataParallel",
     "Unit",
