@@ -336,7 +336,7 @@ def test_a_full_disk_ends_the_run_with_one_line_naming_the_file(tmp_path, monkey
 
 def _run_processes(launcher: int) -> list[int]:
     """torchrun and every rank below ``launcher``, found now (they die with it, so look before signalling)."""
-    from subnetdp.train import _children
+    from subnetdp.launch import _children
 
     found, todo = [], [launcher]
     while todo:

@@ -1,9 +1,13 @@
 """One interface over the ways the main job can train: SDP (distributed or simulated), DDP, FSDP2,
 each with or without activation checkpointing (``cfg.checkpointing``; ``ddp-ckpt`` is DDP with it).
-The training loop in :mod:`subnetdp.train` sees only this.
+The training loop in :mod:`subnetdp.train` sees only this, never which class it has.
 
 A backend trains the workers of this process (all K when simulating, else one), steps their
-optimizers and schedulers, reports memory and communication, and assembles the full model.
+optimizers and schedulers, reports memory and communication, and assembles the full model. Its
+state is exposed as stateful components (``state_dict``/``load_state_dict``, as torchtitan's
+checkpointer takes them): ``model`` and ``optimizer`` go into a checkpoint's model and optimizer
+slots, :meth:`state_dict` holds the rest of the loop's state; ``trained`` is the SDP engine the
+full model is assembled from (``None`` for DDP and FSDP2).
 """
 
 from __future__ import annotations
@@ -66,6 +70,23 @@ def _channels_last(cfg: TrainConfig, model: nn.Module, device: torch.device) -> 
     return model
 
 
+class Optimizers:
+    """Several optimizers as one stateful component: their state dicts, in worker order."""
+
+    def __init__(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        self.optimizers = list(optimizers)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"per_worker": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state["per_worker"]
+        if len(saved) != len(self.optimizers):
+            raise ValueError(f"the checkpoint holds {len(saved)} optimizers, this run has {len(self.optimizers)} workers")
+        for o, sd in zip(self.optimizers, saved):
+            o.load_state_dict(sd)
+
+
 class SimulatedSDP:
     """K SDP workers in this process (``--simulate K``)."""
 
@@ -77,6 +98,9 @@ class SimulatedSDP:
         self.schedulers = [make_scheduler(cfg, o, total) for o in self.sim.optimizers]
         self.models = self.sim.workers
         self.optimizers = self.sim.optimizers
+        self.model: nn.Module = nn.ModuleList(self.models)  # what a checkpoint's model slot holds
+        self.optimizer = Optimizers(self.optimizers)
+        self.trained = self.sim
 
     def train_step(self, batches: Sequence[Any], loss_fn: LossFn, autocast: Callable) -> list[dict[str, float]]:
         metrics: list[dict[str, float]] = []
@@ -105,13 +129,11 @@ class SimulatedSDP:
     def memory(self) -> list[dict[str, int]]:
         return [state_bytes(m, o) for m, o in zip(self.sim.workers, self.sim.optimizers)]
 
-    def state(self) -> dict[str, Any]:
-        return {"optimizers": [o.state_dict() for o in self.sim.optimizers],
-                "schedulers": [s.state_dict() for s in self.schedulers], "sim_steps": self.sim.steps}
+    def state_dict(self) -> dict[str, Any]:
+        """The loop's state beside the model and optimizers: schedulers and the simulation's step count."""
+        return {"schedulers": [s.state_dict() for s in self.schedulers], "sim_steps": self.sim.steps}
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        for o, sd in zip(self.sim.optimizers, state["optimizers"]):
-            o.load_state_dict(sd)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         for s, sd in zip(self.schedulers, state["schedulers"]):
             s.load_state_dict(sd)
         self.sim.steps = state["sim_steps"]
@@ -145,6 +167,8 @@ class Distributed:
         self.scheduler = make_scheduler(cfg, self.opt, total)
         self.models = [model]
         self.optimizers = [self.opt]
+        self.optimizer = self.opt
+        self.trained = self.sdp
 
     def train_step(self, batches: Sequence[Any], loss_fn: LossFn, autocast: Callable) -> list[dict[str, float]]:
         self.opt.zero_grad(set_to_none=True)
@@ -183,11 +207,12 @@ class Distributed:
     def memory(self) -> list[dict[str, int]]:
         return [state_bytes(self.model, self.opt)]
 
-    def state(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
+        """The loop's state beside the model and optimizer: the scheduler and the optimizer-step count."""
         steps = self.sdp.optimizer_steps if self.sdp is not None else 0
         return {"scheduler": self.scheduler.state_dict(), "optimizer_steps": steps}
 
-    def load_state(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.sdp is not None:
             self.sdp.optimizer_steps = state["optimizer_steps"]  # keeps the --sync-every cadence

@@ -332,7 +332,11 @@ def load_checkpoint(
             raise CheckpointError(f"checkpoint {step_dir} was written for a different plan; resume with the same "
                                   "model, workers, coverage, level and seed")
         getattr(model, "module", model).load_state_dict(payload["model"])
-        if optimizer is not None and payload["optimizer"] is not None:
+        if optimizer is not None:
+            if payload["optimizer"] is None:  # loading on would silently restart the optimizer from scratch
+                raise CheckpointError(f"{file} holds no optimizer state, and this run has an optimizer (written by "
+                                      "an older subnetdp, or saved without one); restore a checkpoint that has it, "
+                                      "or start over with --overwrite")
             optimizer.load_state_dict(payload["optimizer"])
         if restore_rng:
             set_rng_state(payload["rng"])

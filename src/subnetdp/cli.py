@@ -193,7 +193,8 @@ def _plan_command(args: argparse.Namespace) -> int:
 def _evaluate_command(args: argparse.Namespace) -> int:
     import json
 
-    from subnetdp.train import conventions_text, evaluate_run
+    from subnetdp.report import conventions_text
+    from subnetdp.train import evaluate_run
 
     try:
         result = evaluate_run(args.run, args.device, model=args.model, trust_run_code=args.trust_run_code)

@@ -141,3 +141,41 @@ def write_report(run_dirs: list[str], out: str | Path) -> Path:
     atomic_write(out / "accuracy_vs_memory.png", lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
     plt.close(fig)
     return md
+
+
+def conventions_text(ev: dict[str, Any]) -> str:
+    """The evaluation conventions of a summary's ``evaluation`` entry in words, with the residual-scaling rule
+    that decided them, so that a reader of the summary or of ``subnetdp evaluate`` knows what was applied."""
+    done = []
+    if ev.get("residual_scaling"):
+        done.append(f"residual branches scaled by r/K={ev['residual_scale']:g} (in {ev['scaled_layers']} layers' weights)")
+    if ev.get("bn_recalibrate"):
+        done.append(f"BatchNorm statistics re-estimated on {ev['bn_recalibrate']} training batches")
+    text = "; ".join(done) if done else "the assembled model as trained (no conventions)"
+    rule = ev.get("residual_scaling_rule")
+    return f"{text} [residual scaling: {rule}]" if rule else text
+
+
+def summary_text(s: dict[str, Any], out: Path) -> str:
+    lines = ["", "=" * 72, f"summary: {s['strategy']}" + (f" level={s['level']} C={s['coverage']:g}" if s["level"] else "")
+             + f", {s['workers']} workers, {s['model']} on {s['dataset']}"]
+    for k, v in s["final"].items():
+        lines.append(f"  {k:<28} {v:.4f}")
+    if s["params_per_worker"]:
+        lines.append(f"  {'params per worker':<28} {min(s['params_per_worker']):,} - {max(s['params_per_worker']):,}"
+                     f" of {s['full_params']:,}")
+    st = s["model_state_bytes_per_worker"]
+    lines.append(f"  {'model state per worker':<28} {format_bytes(min(st))} - {format_bytes(max(st))}"
+                 " (params + grads + optimizer)")
+    peaks = s["peak_memory_per_process"]
+    key = "peak_device_bytes" if "peak_device_bytes" in peaks[0] else "peak_rss_bytes"
+    lines.append(f"  {'peak memory per process':<28} {format_bytes(max(p[key] for p in peaks))} ({key.replace('_bytes', '')})")
+    comm = [c for c in s["comm_bytes_per_step_per_worker"] if c is not None]
+    if comm:
+        lines.append(f"  {'communication per step':<28} {format_bytes(min(comm))} - {format_bytes(max(comm))} per worker")
+    lines.append(f"  {'wall time':<28} {s['wall_s']:.1f} s ({s['steps']} steps, {s['samples_per_s']:.0f} samples/s)")
+    lines.append(f"  {'evaluated with':<28} {conventions_text(s['evaluation'])}")
+    lines.append(f"  outputs: {out}/ (metrics.jsonl, summary.json, checkpoints/, model.safetensors: the evaluated "
+                 "model, loads into the plain architecture; model_raw.safetensors: as assembled)")
+    lines.append("=" * 72)
+    return "\n".join(lines)

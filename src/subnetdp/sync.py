@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from subnetdp.buckets import Bucket, Holders, build_buckets
+from subnetdp.buckets import Bucket, Holders
 from subnetdp.masking import regime
 from subnetdp.planning import Plan
 

@@ -11,7 +11,6 @@ import json
 import math
 import os
 import resource
-import shutil
 import signal
 import sys
 import time
@@ -29,6 +28,7 @@ from subnetdp.consistency import HolderDivergenceError
 from subnetdp.config import TrainConfig, from_values, validate, world_size_of
 from subnetdp.evaluation import evaluation_model
 from subnetdp.init import materialize
+from subnetdp.launch import LAUNCHED, launch_local
 from subnetdp.measure.prediction import (
     ActivationProfile,
     memory_balanced_plan,
@@ -38,104 +38,8 @@ from subnetdp.measure.prediction import (
 )
 from subnetdp.metrics import MetricsLog, format_bytes
 from subnetdp.planning import Plan, plan as make_plan
+from subnetdp.report import summary_text
 from subnetdp.tasks import make_task
-
-
-def launch_local(cfg: TrainConfig, argv: list[str]) -> int:
-    """``--workers K``: start K processes on this machine with torchrun's launcher; returns the exit code.
-
-    The launcher owns the run folder for the whole job (its ranks come and go with restarts), checks
-    it before any process starts, and gives each attempt a fresh rendezvous store in the folder; its
-    ranks hold the folder's lock beside it, so the folder stays locked while any of them lives.
-    torchrun runs in its own session, so a Ctrl-C, SIGTERM or SIGHUP (a closed terminal) reaches only
-    this process, which asks every rank to stop through a file in the store folder (ranks that have
-    not started yet see it too): they finish the step, save a checkpoint and exit, and this process
-    exits 130 with one line instead of three processes' tracebacks. A second signal stops at once.
-    SIGKILL, which no handler sees, reaches them through the kernel: torchrun and the ranks die with
-    their parent (:func:`supervise.die_with_parent`). ``OMP_NUM_THREADS`` is set here (``--threads``,
-    else the cores divided among the workers), so torchrun does not warn about it.
-    """
-    import subprocess
-
-    out = cfg.run_dir()
-    claim = rundir.lock(out)
-    store_dir = out / ".rendezvous"
-    asked: list[int] = []
-    proc: subprocess.Popen | None = None
-
-    def on_signal(sig: int, _frame: object) -> None:
-        asked.append(sig)
-        if len(asked) == 1 and store_dir.is_dir():
-            (store_dir / "stop").touch()  # every rank, started or not yet, stops at its next step boundary
-        elif len(asked) > 1 and proc is not None:  # a second signal: stop at once
-            for pid in [*_children(proc.pid), proc.pid]:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-
-    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {sig: signal.signal(sig, on_signal) for sig in stops}
-    try:
-        problem = rundir.admit(cfg, out)
-        if problem:
-            raise SystemExit(problem)
-        store_dir.mkdir(exist_ok=True)
-        (store_dir / "stop").unlink(missing_ok=True)
-        claim.share()
-        rest = _drop_flag(_drop_flag(argv, "--workers"), "--max-restarts")
-        args = ["--standalone", f"--nproc-per-node={cfg.workers}", f"--max-restarts={cfg.max_restarts}",
-                "-m", "subnetdp", "train", *rest]
-        if "--out" not in " ".join(rest):  # every process must agree on the run directory
-            args += ["--out", str(out)]
-        env = dict(os.environ)
-        env.setdefault("OMP_NUM_THREADS", str(cfg.threads or max(1, (os.cpu_count() or 1) // (cfg.workers or 1))))
-        env[_LAUNCHED] = "1"
-        env[rundir.OWNER_ENV] = claim.token
-        env[supervise.STORE_ENV] = str(store_dir.resolve())
-        env[supervise.STOP_ENV] = str((store_dir / "stop").resolve())
-        env[supervise.PARENT_ENV] = str(os.getpid())
-        if asked:  # stopped before any process started
-            return 130
-        proc = subprocess.Popen([sys.executable, "-c", supervise.TORCHRUN, *args], env=env, start_new_session=True)
-        if asked:  # a signal between the check and the start: the stop file did not exist yet
-            (store_dir / "stop").touch()
-        code = proc.wait()
-        return 130 if asked else code
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        shutil.rmtree(store_dir, ignore_errors=True)
-        claim.release()
-
-
-_LAUNCHED = "SUBNETDP_LAUNCHED"  # set by --workers' launcher for its workers: an interrupt exits 0 there
-
-
-def _children(pid: int) -> list[int]:
-    """Child process ids of ``pid`` (Linux /proc)."""
-    out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            out += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return out
-
-
-def _drop_flag(argv: list[str], flag: str) -> list[str]:
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a == flag:
-            skip = True
-            continue
-        if a.startswith(flag + "="):
-            continue
-        out.append(a)
-    return out
 
 
 def _device(cfg: TrainConfig) -> torch.device:
@@ -211,7 +115,7 @@ def run(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any] | Non
         summary = Path(cfg.run_dir()) / "summary.json"
         return json.loads(summary.read_text()) if summary.exists() else None
     distributed = "WORLD_SIZE" in os.environ and not cfg.simulate
-    if distributed and os.environ.get(_LAUNCHED):
+    if distributed and os.environ.get(LAUNCHED):
         supervise.die_with_parent()  # torchrun's death (its launcher's SIGKILL) stops this rank too
     device = _device(cfg)
     if cfg.threads:
@@ -227,7 +131,7 @@ def run(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any] | Non
             result = job.train()
         supervise.boundary("end of the run")  # every rank leaves together: gloo can abort when a peer tears down early
         if stop.stopped:
-            raise SystemExit(0 if os.environ.get(_LAUNCHED) else 130)
+            raise SystemExit(0 if os.environ.get(LAUNCHED) else 130)
         return result
     except (supervise.StallError, RunFileError) as e:  # one line: who stalled, or which file the full disk refused
         raise SystemExit(str(e)) from None
@@ -241,15 +145,17 @@ def run(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any] | Non
 def _claim_run_dir(cfg: TrainConfig, distributed: bool) -> rundir.RunLock | None:
     """Lock the run folder and check that this run may start there; every rank stops together, or none.
 
-    The lead locks and admits; under the ``--workers`` launcher every rank also holds the folder's lock
-    (shared with its launcher), so the folder stays locked while any process of the run can write.
+    The lead locks and admits; under the ``--workers`` launcher, which locked and admitted the folder once
+    for the whole job, every rank joins its lock (shared), so the folder stays locked while any process
+    of the run can write.
     """
     lead = not distributed or dist.get_rank() == 0
     claim, problem = None, None
-    if lead or os.environ.get(_LAUNCHED):
+    launched = bool(os.environ.get(LAUNCHED))
+    if lead or launched:
         try:
             claim = rundir.lock(cfg.run_dir())
-            if lead:
+            if lead and not launched:  # the launcher admitted the whole job, before any rank started
                 problem = rundir.admit(cfg, cfg.run_dir())
         except SystemExit as e:
             problem = str(e.code)
@@ -394,9 +300,9 @@ class Run:
         """Load ``step_dir`` on every rank; if any rank cannot, every rank stops with its message."""
         payload, problem = None, None
         try:
-            opt = None if isinstance(self.backend, SimulatedSDP) else self.backend.opt
-            payload = load_checkpoint(step_dir.parent, _ckpt_module(self.backend), opt, self.plan, step_dir=step_dir)
-            self.backend.load_state(payload["extra"]["backend"])
+            payload = load_checkpoint(step_dir.parent, self.backend.model, self.backend.optimizer, self.plan,
+                                      step_dir=step_dir)
+            self.backend.load_state_dict(payload["extra"]["backend"])
             self.progress.update(payload["extra"].get("progress", {}))
         except CheckpointError as e:
             problem = str(e)
@@ -563,8 +469,7 @@ class Run:
                 model.load_state_dict(state)
                 model.evaluation_conventions = {"residual_scaling": False, "bn_recalibrate": 0}
         else:
-            trained = self.backend.sim if isinstance(self.backend, SimulatedSDP) else self.backend.sdp
-            model = evaluation_model(trained, self.task.calibration_batches(cfg.bn_recalibrate),
+            model = evaluation_model(self.backend.trained, self.task.calibration_batches(cfg.bn_recalibrate),
                                      residual_scaling=cfg.residual_scaling, recalibrate=cfg.bn_recalibrate > 0,
                                      device=self.device)
         if model is None:
@@ -579,9 +484,8 @@ class Run:
         """A checkpoint at the current step, with what the summary needs from the steps so far."""
         self.progress["wall_s"] = time.perf_counter() - self.start_time
         supervise.boundary(f"checkpoint at step {self.global_step}")
-        opt = None if isinstance(self.backend, SimulatedSDP) else self.backend.opt
-        save_checkpoint(self.ckpt_dir, self.global_step, _ckpt_module(self.backend), opt, self.plan,
-                        extra={"backend": self.backend.state(), "progress": self.progress})
+        save_checkpoint(self.ckpt_dir, self.global_step, self.backend.model, self.backend.optimizer, self.plan,
+                        extra={"backend": self.backend.state_dict(), "progress": self.progress})
 
     # ---- the end -----------------------------------------------------------------------------------
     def finish(self) -> dict[str, Any] | None:
@@ -599,7 +503,7 @@ class Run:
         _save_models(self.model_state, raw_state, self.out)
         atomic_write(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
         self.log.close()
-        print(_summary_text(summary, self.out))
+        print(summary_text(summary, self.out))
         return summary
 
     def _summary(self, wall: float) -> dict[str, Any]:
@@ -678,12 +582,6 @@ def _opt_name(cfg: TrainConfig) -> str:
     return optimizers.name_for(cfg.optimizer, cfg.momentum)
 
 
-def _ckpt_module(backend: SimulatedSDP | Distributed) -> torch.nn.Module:
-    if isinstance(backend, SimulatedSDP):
-        return torch.nn.ModuleList(backend.models)
-    return backend.model
-
-
 def evaluate_run(run_dir: str | Path, device: str = "auto", model: str | None = None,
                  trust_run_code: bool = False) -> dict[str, float]:
     """``subnetdp evaluate``: the test metrics of a finished run's ``model.safetensors``, from its files alone.
@@ -740,41 +638,3 @@ def _save_models(model: dict[str, torch.Tensor] | None, raw: dict[str, torch.Ten
     for state, name in ((model, "model.safetensors"), (raw, "model_raw.safetensors")):
         if state is not None:
             atomic_write(out / name, save({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}))
-
-
-def conventions_text(ev: dict[str, Any]) -> str:
-    """The evaluation conventions of a summary's ``evaluation`` entry in words, with the residual-scaling rule
-    that decided them, so that a reader of the summary or of ``subnetdp evaluate`` knows what was applied."""
-    done = []
-    if ev.get("residual_scaling"):
-        done.append(f"residual branches scaled by r/K={ev['residual_scale']:g} (in {ev['scaled_layers']} layers' weights)")
-    if ev.get("bn_recalibrate"):
-        done.append(f"BatchNorm statistics re-estimated on {ev['bn_recalibrate']} training batches")
-    text = "; ".join(done) if done else "the assembled model as trained (no conventions)"
-    rule = ev.get("residual_scaling_rule")
-    return f"{text} [residual scaling: {rule}]" if rule else text
-
-
-def _summary_text(s: dict[str, Any], out: Path) -> str:
-    lines = ["", "=" * 72, f"summary: {s['strategy']}" + (f" level={s['level']} C={s['coverage']:g}" if s["level"] else "")
-             + f", {s['workers']} workers, {s['model']} on {s['dataset']}"]
-    for k, v in s["final"].items():
-        lines.append(f"  {k:<28} {v:.4f}")
-    if s["params_per_worker"]:
-        lines.append(f"  {'params per worker':<28} {min(s['params_per_worker']):,} - {max(s['params_per_worker']):,}"
-                     f" of {s['full_params']:,}")
-    st = s["model_state_bytes_per_worker"]
-    lines.append(f"  {'model state per worker':<28} {format_bytes(min(st))} - {format_bytes(max(st))}"
-                 " (params + grads + optimizer)")
-    peaks = s["peak_memory_per_process"]
-    key = "peak_device_bytes" if "peak_device_bytes" in peaks[0] else "peak_rss_bytes"
-    lines.append(f"  {'peak memory per process':<28} {format_bytes(max(p[key] for p in peaks))} ({key.replace('_bytes', '')})")
-    comm = [c for c in s["comm_bytes_per_step_per_worker"] if c is not None]
-    if comm:
-        lines.append(f"  {'communication per step':<28} {format_bytes(min(comm))} - {format_bytes(max(comm))} per worker")
-    lines.append(f"  {'wall time':<28} {s['wall_s']:.1f} s ({s['steps']} steps, {s['samples_per_s']:.0f} samples/s)")
-    lines.append(f"  {'evaluated with':<28} {conventions_text(s['evaluation'])}")
-    lines.append(f"  outputs: {out}/ (metrics.jsonl, summary.json, checkpoints/, model.safetensors: the evaluated "
-                 "model, loads into the plain architecture; model_raw.safetensors: as assembled)")
-    lines.append("=" * 72)
-    return "\n".join(lines)
