@@ -12,7 +12,7 @@ from distributed import (OPTIMIZERS, STEPS, assert_close_by_name, assert_ranks_e
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import subnetdp as sd
-from subnetdp.checkpointing import checkpoint_blocks, is_checkpointed
+from subnetdp.recompute import checkpoint_blocks, is_checkpointed
 from subnetdp.measure.meters import SavedTensorMeter
 from subnetdp.subnet import SkippedBlock
 

@@ -104,7 +104,7 @@ def test_predicted_optimizer_state_is_what_the_optimizer_holds_after_a_step(name
 @pytest.mark.parametrize("optimizer,momentum", [("sgd", 0.9), ("sgd", 0.0), ("adamw", 0.9)])
 def test_what_train_holds_is_what_plan_predicts(optimizer, momentum):
     """``subnetdp train --optimizer sgd`` holds a momentum buffer; ``plan --optimizer sgd`` predicts it too."""
-    from subnetdp.backends import make_optimizer as train_optimizer
+    from subnetdp.strategies import make_optimizer as train_optimizer
     from subnetdp.config import TrainConfig
 
     w = image_workload(width=4)

@@ -18,8 +18,8 @@ from conftest import CIFAR10_JPEG
 from distributed import run_ranks
 from safetensors.torch import load_file
 
-from subnetdp.checkpoint import (CheckpointError, RunFileError, atomic_write, find_resumable, load_checkpoint,
-                                 save_checkpoint)
+from subnetdp.checkpoint import CheckpointError, find_resumable, load_checkpoint, save_checkpoint
+from subnetdp.files import RunFileError, atomic_write
 from subnetdp.faults import TINY_RUN, run_env, signal_at_step, start_workers, worker_pid
 
 

@@ -6,7 +6,7 @@ layer's inner width); parameters shared by several workers are averaged over exa
 
 from subnetdp.assemble import assemble_state_dict
 from subnetdp.buckets import Bucket, build_buckets
-from subnetdp.checkpointing import checkpoint_blocks
+from subnetdp.recompute import checkpoint_blocks
 from subnetdp.evaluation import evaluation_model, recalibrate_batchnorm, scale_residual_branches
 from subnetdp.init import materialize
 from subnetdp.options import SDPOptions

@@ -1,6 +1,6 @@
 """The baselines SDP is measured against: DDP, DDP with activation checkpointing, FSDP2 (+ checkpointing).
 
-One wrapping, shared by the main job (:class:`subnetdp.backends.Distributed`) and the benchmark's
+One wrapping, shared by the main job (:class:`subnetdp.strategies.Distributed`) and the benchmark's
 timing worker (:mod:`subnetdp.measure.timing`), so that both measure the same thing. Checkpointing is
 applied before sharding (torchtitan's order); FSDP2 shards every residual block and then the root.
 """
@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from subnetdp.checkpointing import checkpoint_blocks
+from subnetdp.recompute import checkpoint_blocks
 from subnetdp.units import find_blocks
 
 BASELINES = ("ddp", "ddp-ckpt", "fsdp")

@@ -136,14 +136,15 @@ class TrainConfig:
         return self.lr if self.lr is not None else (0.1 if self.optimizer == "sgd" else 1e-3)
 
     def sdp_options(self) -> SDPOptions:
-        """The SDP options this configuration trains with (the same object for both SDP backends)."""
+        """The SDP options this configuration trains with (the same object for both SDP strategies)."""
         return SDPOptions(seed=self.seed, sync=self.sync, sync_every=self.sync_every, neuron_scaling=self.neuron_scaling,
-                          checkpointing=self.checkpointing, masking=self.masking, init=self.init)
+                          checkpointing="blocks" if self.recomputes_blocks else "none", masking=self.masking,
+                          init=self.init)
 
     @property
-    def checkpointing(self) -> str:
-        """``"blocks"`` when activations are checkpointed (the flag, or ``--strategy ddp-ckpt``), else ``"none"``."""
-        return "blocks" if self.activation_checkpointing or self.strategy == "ddp-ckpt" else "none"
+    def recomputes_blocks(self) -> bool:
+        """Whether residual blocks are recomputed in backward: ``--activation-checkpointing``, or ``--strategy ddp-ckpt``."""
+        return self.activation_checkpointing or self.strategy == "ddp-ckpt"
 
     def run_dir(self) -> Path:
         if self.out:
@@ -157,7 +158,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def save(self, path: Path) -> None:
-        from subnetdp.checkpoint import atomic_write
+        from subnetdp.files import atomic_write
 
         atomic_write(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 

@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from subnetdp.checkpointing import checkpoint_blocks
+from subnetdp.recompute import checkpoint_blocks
 from subnetdp.buckets import Bucket, Entry, Holders, build_buckets, layout_buckets, sync_tensors
 from subnetdp.init import ModelFactory, materialize_, structure_of
 from subnetdp.options import MASKINGS, SDPOptions, sdp_options

@@ -8,7 +8,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from subnetdp.checkpoint import atomic_write
+from subnetdp.files import atomic_write
 
 
 def format_bytes(n: float | None) -> str:

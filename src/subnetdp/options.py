@@ -16,7 +16,7 @@ import operator
 from dataclasses import dataclass
 from typing import Any
 
-from subnetdp.checkpointing import check_checkpointing
+from subnetdp.recompute import check_checkpointing
 from subnetdp.init import check_init
 
 SYNC_MODES = ("grads", "params")  # average gradients every step, or parameters every sync_every steps

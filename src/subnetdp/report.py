@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from subnetdp.checkpoint import atomic_write
+from subnetdp.files import atomic_write
 from subnetdp.metrics import format_bytes, pyplot, read_jsonl
 
 

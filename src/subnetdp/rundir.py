@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from subnetdp.checkpoint import atomic_write
+from subnetdp.files import atomic_write
 from subnetdp.config import TrainConfig
 
 OWNER = ".owner.json"

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from subnetdp.checkpointing import checkpoint_blocks
+from subnetdp.recompute import checkpoint_blocks
 from subnetdp.init import ModelFactory, materialize_, structure_of
 from subnetdp.options import SDPOptions, sdp_options
 from subnetdp.planning import Plan
@@ -112,7 +112,7 @@ def build_subnetwork(
     no rescaling at evaluation (as width-sliced federated methods do).
 
     ``checkpointing="blocks"`` runs every block the worker trains (held or narrowed) under activation
-    checkpointing (:mod:`subnetdp.checkpointing`), as DDP+ckpt does for the full model; a transition
+    checkpointing (:mod:`subnetdp.recompute`), as DDP+ckpt does for the full model; a transition
     reduced to its shortcut (a 1x1 convolution) runs plainly, as the memory prediction assumes. Names
     and state-dict keys are unchanged.
     """

@@ -22,8 +22,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from subnetdp import optimizers, rundir, supervise
-from subnetdp.backends import Distributed, SimulatedSDP, autocast_for
-from subnetdp.checkpoint import CheckpointError, RunFileError, atomic_write, find_resumable, load_checkpoint, save_checkpoint
+from subnetdp.strategies import Distributed, SimulatedSDP, autocast_for
+from subnetdp.checkpoint import CheckpointError, find_resumable, load_checkpoint, save_checkpoint
+from subnetdp.files import RunFileError, atomic_write
 from subnetdp.consistency import HolderDivergenceError
 from subnetdp.config import TrainConfig, from_values, validate, world_size_of
 from subnetdp.evaluation import evaluation_model
@@ -173,7 +174,7 @@ def _claim_run_dir(cfg: TrainConfig, distributed: bool) -> rundir.RunLock | None
 class Run:
     """One run of the main job in this process: what the loop needs, set up once, and its steps.
 
-    ``setup()`` builds the task, plan and backend, resumes from the newest checkpoint and writes the
+    ``setup()`` builds the task, plan and strategy, resumes from the newest checkpoint and writes the
     run's config; ``step(batches, started)`` trains one step on every worker here and logs it;
     ``end_epoch()`` logs the epoch and evaluates when due; ``evaluate()`` assembles and evaluates the
     full model; ``finish()`` writes the summary and the models. ``train()`` is the loop over them.
@@ -198,7 +199,7 @@ class Run:
 
     # ---- setup -------------------------------------------------------------------------------------
     def setup(self) -> None:
-        """Task, plan, backend and data streams; resume; the run's config and plan files; the header."""
+        """Task, plan, strategy and data streams; resume; the run's config and plan files; the header."""
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         self.task = make_task(cfg, self.device)
@@ -208,8 +209,8 @@ class Run:
         self.n_epochs = math.ceil(self.total / self.steps_per_epoch)
         if cfg.strategy == "sdp":
             self.plan, self.profile = self._make_plan()
-        backend = SimulatedSDP if cfg.simulate else Distributed
-        self.backend = backend(cfg, self.factory, self.plan, self.device, self.total)
+        strategy = SimulatedSDP if cfg.simulate else Distributed
+        self.strategy = strategy(cfg, self.factory, self.plan, self.device, self.total)
         ranks_here = list(range(self.world)) if cfg.simulate else [self.rank]
         self.loaders = [self.task.loader(k, self.world) for k in ranks_here]
         self.autocast = autocast_for(cfg, self.device)
@@ -243,7 +244,7 @@ class Run:
         profile = profile_activations(self.factory, sample, task.loss, len(sample[0]), seed=cfg.seed, device="cpu")
         plan = memory_balanced_plan(self.factory, self.world, cfg.coverage, cfg.level, cfg.seed, sample=sample,
                                     loss_fn=task.loss, batch_size=cfg.batch_size, optimizer=_opt_name(cfg),
-                                    transitions=cfg.transitions, activation_checkpointing=cfg.checkpointing == "blocks",
+                                    transitions=cfg.transitions, activation_checkpointing=cfg.recomputes_blocks,
                                     masking=cfg.masking, profile=profile)
         return plan, profile
 
@@ -300,9 +301,9 @@ class Run:
         """Load ``step_dir`` on every rank; if any rank cannot, every rank stops with its message."""
         payload, problem = None, None
         try:
-            payload = load_checkpoint(step_dir.parent, self.backend.model, self.backend.optimizer, self.plan,
+            payload = load_checkpoint(step_dir.parent, self.strategy.model, self.strategy.optimizer, self.plan,
                                       step_dir=step_dir)
-            self.backend.load_state_dict(payload["extra"]["backend"])
+            self.strategy.load_state_dict(payload["extra"]["backend"])
             self.progress.update(payload["extra"].get("progress", {}))
         except CheckpointError as e:
             problem = str(e)
@@ -324,15 +325,15 @@ class Run:
         each parameter must hold equal values (the engine's exact checksum per holder set): rank files
         from different steps, with a manifest edited to match, would otherwise train on, diverged."""
         fix = "they come from different checkpoints: restore the folder, or start over with --overwrite"
-        mine = (payload["step"], self.backend.scheduler.last_epoch, self.progress["samples"])
+        mine = (payload["step"], self.strategy.scheduler.last_epoch, self.progress["samples"])
         everyone: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, mine)
         if len(set(everyone)) > 1:
             steps = ", ".join(f"rank {r}: step {e[0]}, schedule step {e[1]}" for r, e in enumerate(everyone))
             raise SystemExit(f"--resume: the rank files of {step_dir} disagree ({steps}); {fix}")
-        if self.backend.sdp is not None:
+        if self.strategy.trained is not None:
             try:
-                self.backend.sdp.check_synced_holders(f"--resume from {step_dir}")  # --sync params: not between averages
+                self.strategy.trained.check_synced_holders(f"--resume from {step_dir}")  # --sync params: not between averages
             except HolderDivergenceError as e:
                 raise SystemExit(f"--resume: after loading {step_dir} the holders' values differ ({e.summary}); {fix}") from None
 
@@ -341,7 +342,7 @@ class Run:
         mode = f"simulated in one process ({self.world} workers)" if cfg.simulate else f"{self.world} process(es)"
         what = (f"SDP level={plan.level} C={plan.coverage:g} masking={cfg.masking}" if plan is not None
                 else cfg.strategy.upper())
-        if cfg.checkpointing == "blocks" and cfg.strategy != "ddp-ckpt":
+        if cfg.recomputes_blocks and cfg.strategy != "ddp-ckpt":
             what += " + activation checkpointing"
         print(f"subnetdp train: {what} | {cfg.model} on {cfg.dataset} | {mode} on {self.device} | "
               f"{self.total} steps in {self.n_epochs} epoch(s), batch {cfg.batch_size}/worker | run dir {self.out}")
@@ -400,7 +401,7 @@ class Run:
         """
         task, sums = self.task, self.progress["sums"]
         t0 = time.perf_counter()
-        metrics = self.backend.train_step(batches, task.loss, self.autocast)
+        metrics = self.strategy.train_step(batches, task.loss, self.autocast)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0
@@ -422,7 +423,7 @@ class Run:
             sums[k] += v
         running = task.running_metrics(sums)
         record = {"step": self.global_step, "epoch": (self.global_step - 1) // self.steps_per_epoch + 1, "loss": loss,
-                  "lr": self.backend.lr, "samples_per_s": n / dt, "step_time_s": dt, **running}
+                  "lr": self.strategy.lr, "samples_per_s": n / dt, "step_time_s": dt, **running}
         if self.global_step % self.cfg.log_every == 0 or self.global_step == self.total:
             self.log.step(record)
         mem = _peak_memory(self.device)
@@ -462,14 +463,14 @@ class Run:
         """
         cfg = self.cfg
         if self.plan is None:
-            state = self.backend.full_state_dict()
+            state = self.strategy.full_state_dict()
             model = None
             if state is not None:
                 model = materialize(self.factory, seed=cfg.seed, device=self.device, init=cfg.init)
                 model.load_state_dict(state)
                 model.evaluation_conventions = {"residual_scaling": False, "bn_recalibrate": 0}
         else:
-            model = evaluation_model(self.backend.trained, self.task.calibration_batches(cfg.bn_recalibrate),
+            model = evaluation_model(self.strategy.trained, self.task.calibration_batches(cfg.bn_recalibrate),
                                      residual_scaling=cfg.residual_scaling, recalibrate=cfg.bn_recalibrate > 0,
                                      device=self.device)
         if model is None:
@@ -484,8 +485,8 @@ class Run:
         """A checkpoint at the current step, with what the summary needs from the steps so far."""
         self.progress["wall_s"] = time.perf_counter() - self.start_time
         supervise.boundary(f"checkpoint at step {self.global_step}")
-        save_checkpoint(self.ckpt_dir, self.global_step, self.backend.model, self.backend.optimizer, self.plan,
-                        extra={"backend": self.backend.state_dict(), "progress": self.progress})
+        save_checkpoint(self.ckpt_dir, self.global_step, self.strategy.model, self.strategy.optimizer, self.plan,
+                        extra={"backend": self.strategy.state_dict(), "progress": self.progress})
 
     # ---- the end -----------------------------------------------------------------------------------
     def finish(self) -> dict[str, Any] | None:
@@ -494,7 +495,7 @@ class Run:
         wall = self.progress["wall_s"]
         if not self.evaluated_final:  # e.g. resuming a run that had already reached its last step (same on every rank)
             self.evaluate()
-        raw_state = self.backend.full_state_dict()  # the assembled state as trained (a collective, a pure read)
+        raw_state = self.strategy.full_state_dict()  # the assembled state as trained (a collective, a pure read)
         summary = self._summary(wall)
         summary["predicted_peak_bytes_per_worker"] = self._predicted_peaks()
         if not self.lead:
@@ -508,8 +509,8 @@ class Run:
 
     def _summary(self, wall: float) -> dict[str, Any]:
         cfg, plan, progress = self.cfg, self.plan, self.progress
-        memory = self.backend.memory()
-        comm = self.backend.comm_bytes_per_step()
+        memory = self.strategy.memory()
+        comm = self.strategy.comm_bytes_per_step()
         peak = _peak_memory(self.device)
         if self.distributed:  # gather every rank's figures on rank 0
             mine = {"memory": memory[0], "comm": comm[0], "peak": peak}
@@ -524,7 +525,7 @@ class Run:
         epochs = progress["epochs"]
         return {
             "strategy": cfg.strategy, "level": plan.level if plan is not None else None,
-            "activation_checkpointing": cfg.checkpointing == "blocks",
+            "activation_checkpointing": cfg.recomputes_blocks,
             "coverage": plan.coverage if plan is not None else 1.0, "model": cfg.model, "width": cfg.width,
             "masking": cfg.masking if plan is not None else None,
             "dataset": "CIFAR-10 (JPEG)" if cfg.dataset == "cifar10-jpeg" else cfg.dataset,
@@ -553,7 +554,7 @@ class Run:
         if plan is None or profile is None or cfg.masking != "forward":
             return None
         return [predict_worker(plan, k, _opt_name(cfg), profile, cfg.batch_size,
-                               activation_checkpointing=cfg.checkpointing == "blocks")["peak_bytes"]
+                               activation_checkpointing=cfg.recomputes_blocks)["peak_bytes"]
                 for k in range(plan.workers)]
 
 

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from subnetdp.baselines import fsdp2_bytes
-from subnetdp.checkpointing import checkpoint_blocks
+from subnetdp.recompute import checkpoint_blocks
 from subnetdp.init import build_meta, materialize
 from subnetdp.masking import MASKINGS, build_backward_worker
 from subnetdp.measure.meters import measure_step

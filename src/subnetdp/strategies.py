@@ -1,5 +1,5 @@
 """One interface over the ways the main job can train: SDP (distributed or simulated), DDP, FSDP2,
-each with or without activation checkpointing (``cfg.checkpointing``; ``ddp-ckpt`` is DDP with it).
+each with or without activation checkpointing (``cfg.recomputes_blocks``; ``ddp-ckpt`` is DDP with it).
 The training loop in :mod:`subnetdp.train` sees only this, never which class it has.
 
 A backend trains the workers of this process (all K when simulating, else one), steps their
@@ -159,7 +159,7 @@ class Distributed:
         else:
             base = materialize(factory, seed=cfg.seed, device=device, init=cfg.init)
             base = _channels_last(cfg, base, device)
-            model = wrap_baseline(base, cfg.strategy, checkpointing=cfg.checkpointing == "blocks", device=device)
+            model = wrap_baseline(base, cfg.strategy, checkpointing=cfg.recomputes_blocks, device=device)
         self.model = model
         self.opt = make_optimizer(cfg, model.parameters())
         if self.sdp is not None and self.sdp.needs_optimizer:
