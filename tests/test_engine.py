@@ -145,6 +145,8 @@ def mismatched(rank: int, world: int, what: str) -> None:
         sd.SubnetDataParallel(g, sd.plan(g, world, 0.5, "block"))
     elif what == "bucket_elements":
         sd.SubnetDataParallel(f, sd.plan(f, world, 0.5, "block"), bucket_elements=1000 + rank)
+    elif what == "check_every":  # a rank checking at another cadence would wait in a collective the others skip
+        sd.SubnetDataParallel(f, sd.plan(f, world, 0.5, "block"), sd.SDPOptions(check_every=100 + rank))
     elif what == "values":
         torch.manual_seed(rank)  # an unseeded real model: each rank draws its own values
         sd.SubnetDataParallel(f(), sd.plan(f, world, 0.5, "block"))
@@ -157,6 +159,7 @@ def mismatched(rank: int, world: int, what: str) -> None:
     ("architecture", "ranks disagree on the architecture"),
     ("world", "the plan is for 4 workers but the world size is 2"),
     ("bucket_elements", "'bucket_elements': 1000"),
+    ("check_every", "ranks disagree on the options: rank 0: {'check_every': 100}, rank 1: {'check_every': 101}"),
     ("values", "initial values differ between the holders parameters of [0, 1]"),
 ])
 def test_mismatch_fails_fast_with_one_clear_error_on_every_rank(what, message):

@@ -58,6 +58,15 @@ def test_a_planted_pickle_payload_is_refused_not_run(tmp_path):
     assert marker.exists()
 
 
+def test_a_checkpoint_without_optimizer_state_is_refused_for_an_optimizer(tmp_path):
+    """Loading on would restart the optimizer from scratch without a word."""
+    model = torch.nn.Linear(2, 2)
+    save_checkpoint(tmp_path, 1, model, None)
+    with pytest.raises(CheckpointError, match="holds no optimizer state, and this run has an optimizer"):
+        load_checkpoint(tmp_path, model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert load_checkpoint(tmp_path, model, None)["step"] == 1
+
+
 def test_checkpoint_round_trips_rng_states_as_plain_data(tmp_path):
     import random
 
