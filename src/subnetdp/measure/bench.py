@@ -108,9 +108,8 @@ def _measure(model: nn.Module, optimizer_name: str, batch: Any, w: Workload, rep
 
 def _release(device: torch.device) -> None:
     """Free a measured model before the next one is built. A checkpointed block's forward refers back to
-    its module (a reference cycle), so only the garbage collector frees it; left alone, the previous
-    workers' tensors stayed allocated and inflated the next worker's measured allocator peak (seen on
-    an H200: up to 1.8 GiB held before an SDP+ckpt step)."""
+    its module (a reference cycle), so only the garbage collector frees it; otherwise the previous
+    workers' tensors inflate the next worker's measured allocator peak (docs/benchmarks.md)."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

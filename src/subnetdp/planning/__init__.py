@@ -5,7 +5,7 @@
 (saved-for-backward bytes), ``profile`` (the full model's activation profile), ``memory`` (predicted
 bytes per worker, memory costs, memory-balanced plans), ``job`` (:func:`main_job_plan`, the plan the main
 job makes); and, imported by name, ``budget`` (``subnetdp plan --budget``: the largest coverage that fits
-a memory budget). Nothing here reads :mod:`subnetdp.measure`.
+a memory budget). Nothing here reads ``measure/``.
 """
 
 from subnetdp.planning.data import (

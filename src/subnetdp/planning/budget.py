@@ -11,7 +11,7 @@ that names the smallest peak any plan reaches.
 
 The prediction counts what autograd keeps and the model state; a real process also holds the
 allocator's caches, temporary buffers inside kernels, and the framework's own memory, so leave a
-margin (:func:`subnetdp.measure.meters.measure_choice` reports how close the prediction was for the chosen plan).
+margin (``measure_choice`` in ``measure/meters.py`` reports how close the prediction was for the chosen plan).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import torch
 
 from subnetdp.metrics import format_bytes
 from subnetdp.planning.data import LEVELS, Plan, valid_coverages
-from subnetdp.planning.job import WorkloadLike, profile_workload
-from subnetdp.planning.memory import memory_plan, predict_worker
+from subnetdp.planning.job import WorkloadLike, main_job_plan, profile_workload
+from subnetdp.planning.memory import predict_worker
 from subnetdp.planning.profile import ActivationProfile
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -98,9 +98,10 @@ def plan_for_budget(workload: WorkloadLike, workers: int, budget: str | int, *, 
     candidates = []
     for c in sorted(valid_coverages(workers), reverse=True):
         for level in levels:
-            try:  # balanced on memory, as the main job plans by default
-                p = memory_plan(workload.factory, workers, c, level, seed, profile=profile, optimizer=optimizer,
-                                batch_size=batch_size, transitions=transitions)
+            try:
+                p, _ = main_job_plan(workload.factory, workers, c, level, seed, balance="memory",
+                                     transitions=transitions, optimizer=optimizer, batch_size=batch_size,
+                                     profile=profile)
             except ValueError:  # e.g. a model without inner widths at neuron level
                 continue
             peak, worker = predicted_peak(p, profile, optimizer, batch_size)

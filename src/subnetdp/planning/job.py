@@ -1,7 +1,7 @@
 """The plan the main job makes, in one place: ``train``, ``plan --json``, ``plan --budget`` and ``bench``
 all make their plans through :func:`main_job_plan`, so they cannot drift apart.
 
-The measurements name a workload (:class:`subnetdp.measure.workloads.Workload`); the planning side
+The measurements name a workload (``Workload`` in ``measure/workloads.py``); the planning side
 needs only what :class:`WorkloadLike` says of it, so it reads no measurement code.
 """
 
@@ -39,7 +39,8 @@ def main_job_plan(model: nn.Module | ModelFactory, workers: int, coverage: float
     """The plan the main job makes, and the activation profile it was balanced on.
 
     ``balance="memory"`` (the default of ``train`` and ``plan``) is :func:`memory_balanced_plan` on
-    ``sample`` with ``loss_fn``; the profile is measured on ``sample`` on the CPU unless given.
+    ``sample`` with ``loss_fn``; the profile is measured on ``sample`` on the CPU unless given (with a
+    profile, forward masking needs no sample; backward masking needs one for ``weight_grads`` unless given).
     ``balance="params"`` balances parameter counts and profiles nothing (the escape hatch for models
     too large to profile on the host): the profile returned is the one given, if any.
     """

@@ -135,8 +135,8 @@ def _place_exact(costs: np.ndarray, workers: int, r: int, rng: random.Random) ->
 
 
 def _search(costs: np.ndarray, greedy: list[int], workers: int, r: int, rng: random.Random) -> list[int]:
-    """The greedy placement when it is already optimal (so plans that were optimal before stay
-    the same), else the exhaustive optimum, else the greedy placement improved by local search."""
+    """The greedy placement when it is already optimal (an optimal greedy plan does not depend on
+    whether the search ran), else the exhaustive optimum, else the greedy placement improved by local search."""
     exact = _place_exact(costs, workers, r, rng)
     if exact is None:
         return _improve(costs, greedy, workers, r)
