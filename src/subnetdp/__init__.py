@@ -9,6 +9,7 @@ from subnetdp.buckets import Bucket, build_buckets
 from subnetdp.checkpointing import checkpoint_blocks
 from subnetdp.evaluation import evaluation_model, recalibrate_batchnorm, scale_residual_branches
 from subnetdp.init import materialize
+from subnetdp.options import SDPOptions
 from subnetdp.planning import Plan, Unit, memory_balanced_plan, plan, valid_coverages
 from subnetdp.engine import SubnetDataParallel, agree_finite, clip_grad_norm_
 from subnetdp.simulate import Simulation
@@ -17,6 +18,7 @@ from subnetdp.subnet import build_subnetwork
 __all__ = [
     "Bucket",
     "Plan",
+    "SDPOptions",
     "Simulation",
     "SubnetDataParallel",
     "Unit",

@@ -71,9 +71,7 @@ class SimulatedSDP:
 
     def __init__(self, cfg: TrainConfig, factory: ModelFactory, plan: Plan, device: torch.device, total: int) -> None:
         self.cfg, self.plan = cfg, plan
-        self.sim = Simulation(factory, plan, lambda ps: make_optimizer(cfg, ps), seed=cfg.seed, device=device,
-                              neuron_scaling=cfg.neuron_scaling, sync=cfg.sync, sync_every=cfg.sync_every,
-                              checkpointing=cfg.checkpointing, masking=cfg.masking, init=cfg.init)
+        self.sim = Simulation(factory, plan, lambda ps: make_optimizer(cfg, ps), cfg.sdp_options(), device=device)
         for w in self.sim.workers:
             _channels_last(cfg, w, device)
         self.schedulers = [make_scheduler(cfg, o, total) for o in self.sim.optimizers]
@@ -133,9 +131,7 @@ class Distributed:
         self.sdp: SubnetDataParallel | None = None
         if cfg.strategy == "sdp":
             assert plan is not None
-            self.sdp = SubnetDataParallel(factory, plan, seed=cfg.seed, device=device, sync=cfg.sync,
-                                          sync_every=cfg.sync_every, neuron_scaling=cfg.neuron_scaling,
-                                          checkpointing=cfg.checkpointing, masking=cfg.masking, init=cfg.init)
+            self.sdp = SubnetDataParallel(factory, plan, cfg.sdp_options(), device=device)
             _channels_last(cfg, self.sdp.module, device)
             model: nn.Module = self.sdp
         else:
@@ -144,7 +140,7 @@ class Distributed:
             model = wrap_baseline(base, cfg.strategy, checkpointing=cfg.checkpointing == "blocks", device=device)
         self.model = model
         self.opt = make_optimizer(cfg, model.parameters())
-        if self.sdp is not None and (cfg.sync == "params" or cfg.masking == "backward"):
+        if self.sdp is not None and self.sdp.needs_optimizer:
             self.sdp.attach_optimizer(self.opt)
         self.scheduler = make_scheduler(cfg, self.opt, total)
         self.models = [model]

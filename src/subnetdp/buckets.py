@@ -98,20 +98,26 @@ def build_buckets(module: nn.Module, plan: Plan, worker: int, kind: str = "param
     return list(layout_buckets(sync_tensors(module, kind), plan, lambda name, _size: tmap[name][1]).values())
 
 
-def layout_buckets(tensors: dict[str, torch.Tensor], plan: Plan,
-                   full_positions: Callable[[str, int], Sequence[int]]) -> dict[Holders, Bucket]:
+ElementHolders = Callable[[str], "tuple[int | None, list[Holders]]"]
+
+
+def layout_buckets(tensors: dict[str, torch.Tensor], plan: Plan, full_positions: Callable[[str, int], Sequence[int]],
+                   element_holders: ElementHolders | None = None) -> dict[Holders, Bucket]:
     """Buckets over ``tensors`` (full-model names), one per holder set, sorted by holder set.
 
     Tensor order is the plan's, then increasing local index; ``full_positions(name, size)`` gives, for
     each local index along a sliced tensor's dim (``size`` long in the full model), its position in the
     full model (a subnetwork's narrowed tensor: the plan's tensor map; a full-size tensor: ``range(size)``).
+    ``element_holders(name)`` says who holds each element (default: :meth:`subnetdp.Plan.element_holders`;
+    a regime's layout may say more, e.g. backward masking's values are everyone's).
     """
+    element_holders = element_holders or plan.element_holders
     buckets: dict[Holders, Bucket] = {}
     for name, _ in plan.tensors:
         if name not in tensors:
             continue
         t = tensors[name]
-        dim, holders = plan.element_holders(name)
+        dim, holders = element_holders(name)
         if dim is None:
             buckets.setdefault(holders[0], Bucket(holders[0])).entries.append(Entry(name, t))
             continue

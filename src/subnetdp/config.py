@@ -16,12 +16,10 @@ from typing import Any
 
 from subnetdp.data import VISION_DATASETS
 from subnetdp.evaluation import RESIDUAL_SCALINGS
-from subnetdp.sync import SYNC_MODES
 from subnetdp.init import INIT_MODES
-from subnetdp.masking import MASKINGS
 from subnetdp.models import MODELS
 from subnetdp.planning import JOB_BALANCES, LEVELS, TRANSITIONS, check_coverage
-from subnetdp.subnet import NEURON_SCALINGS
+from subnetdp.options import MASKINGS, NEURON_SCALINGS, SYNC_MODES, SDPOptions
 
 STRATEGIES = ("sdp", "ddp", "fsdp", "ddp-ckpt")
 OPTIMIZERS = ("sgd", "adamw")
@@ -136,6 +134,11 @@ class TrainConfig:
     @property
     def peak_lr(self) -> float:
         return self.lr if self.lr is not None else (0.1 if self.optimizer == "sgd" else 1e-3)
+
+    def sdp_options(self) -> SDPOptions:
+        """The SDP options this configuration trains with (the same object for both SDP backends)."""
+        return SDPOptions(seed=self.seed, sync=self.sync, sync_every=self.sync_every, neuron_scaling=self.neuron_scaling,
+                          checkpointing=self.checkpointing, masking=self.masking, init=self.init)
 
     @property
     def checkpointing(self) -> str:

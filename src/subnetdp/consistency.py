@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from subnetdp.buckets import Entry, Holders, build_buckets, sync_tensors
+from subnetdp.buckets import Entry, Holders, layout_buckets, sync_tensors
+from subnetdp.masking import Layout
 from subnetdp.planning import Plan
 
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -42,24 +43,27 @@ def checksum(values: torch.Tensor) -> torch.Tensor:
     return bits.sum(dtype=bits.dtype).to(torch.int64)
 
 
-def holder_slots(structure: nn.Module, module: nn.Module, plan: Plan, rank: int, kind: str = "params",
-                 everyone_holds: bool = False) -> list[Slot]:
+def holder_slots(structure: nn.Module, layout: Layout, plan: Plan, rank: int, kind: str = "params") -> list[Slot]:
     """The slots of ``kind`` (``"params"`` or ``"buffers"``), the same list on every rank.
 
     ``structure`` is the full model (meta is fine), which every rank has, so the slot list does not
-    depend on what this rank holds. ``everyone_holds``: every rank holds every tensor whole (backward
-    masking), so all ranks must agree on all of it. Slots of one holder are left out: nothing to compare.
+    depend on what this rank holds; ``layout.value_holders`` says who must hold equal values of each
+    element (backward masking: every rank, of every tensor). Slots of one holder are left out:
+    nothing to compare.
     """
     names = [n for n, _ in plan.tensors if n in sync_tensors(structure, kind)]
-    if everyone_holds:
-        world = tuple(range(plan.workers))
-        # every parameter, held or not: backward masking's non-held ones do not require gradients
-        mine = dict(module.named_parameters()) if kind == "params" else sync_tensors(module, kind)
-        return [Slot(n, world, Entry(n, mine[n])) for n in names if n in mine] if plan.workers > 1 else []
-    local = {(b.holders, e.name): e for b in build_buckets(module, plan, rank, kind) for e in b.entries}
+    # every parameter, trainable here or not: backward masking's non-held ones do not require gradients
+    module = layout.module
+    mine = dict(module.named_parameters()) if kind == "params" else sync_tensors(module, kind)
+    tmap = layout.tensor_map
+    local = {(b.holders, e.name): e
+             for b in layout_buckets({n: mine[n] for n in names if n in mine}, plan,
+                                     lambda name, size: range(size) if tmap[name] is None else tmap[name][1],
+                                     layout.value_holders).values()
+             for e in b.entries}
     slots = []
     for name in names:
-        _, per_index = plan.element_holders(name)
+        _, per_index = layout.value_holders(name)
         for holders in sorted(set(per_index)):
             if len(holders) > 1:
                 slots.append(Slot(name, holders, local.get((holders, name))))

@@ -41,17 +41,11 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
 from subnetdp.assemble import assemble_state_dict
-from subnetdp.buckets import Bucket, Entry, build_buckets, rebind
+from subnetdp.buckets import Bucket, Entry, rebind
 from subnetdp.consistency import disagreements, divergence_error, holder_slots, local_checksums
 from subnetdp.init import ModelFactory, structure_of
-from subnetdp.masking import (
-    broadcast_buckets,
-    buffer_bucket,
-    build_backward_worker,
-    check_masking,
-    full_buckets,
-    held_buckets,
-)
+from subnetdp.masking import regime
+from subnetdp.options import DEFAULT_BUCKET_ELEMENTS, DEFAULT_CHECK_EVERY, SDPOptions, differing, sdp_options
 from subnetdp.planning import Plan
 from subnetdp.state_dicts import (
     checkpointable,
@@ -62,12 +56,11 @@ from subnetdp.state_dicts import (
     optimizer_state,
     tag_optimizer,
 )
-from subnetdp.subnet import build_subnetwork
-from subnetdp.sync import check_sync, clip_gradients_, divide_by_holders_, holder_weighted_norm_part, traffic
+from subnetdp.sync import clip_gradients_, divide_by_holders_, holder_weighted_norm_part, traffic
 
-DEFAULT_BUCKET_ELEMENTS = 25 * 2**20 // 4  # DDP's default 25 MiB of fp32
+__all__ = ["DEFAULT_BUCKET_ELEMENTS", "DEFAULT_CHECK_EVERY", "SubnetDataParallel", "agree_finite", "clip_grad_norm_"]
+
 FIRST_BUCKET_ELEMENTS = 2**20 // 4  # DDP's first bucket: 1 MiB of fp32
-DEFAULT_CHECK_EVERY = 100  # holder agreement checked every N training forwards (docs/ddp_habits.md: its cost)
 _ENGINE_OF = WeakIdKeyDictionary()  # parameter -> weakref to its engine, for clip_grad_norm_
 
 
@@ -131,6 +124,10 @@ class SubnetDataParallel(nn.Module):
     the ordinary loop: ``loss = criterion(sdp(x), y); loss.backward(); optimizer.step()`` where the
     optimizer is built over ``sdp.parameters()``.
 
+    How the plan is trained is one :class:`subnetdp.SDPOptions` (``options``), or its fields as
+    keywords (``SubnetDataParallel(model, plan, seed=0, masking="backward")``); every rank must give
+    the same, which setup checks. ``device`` is this rank's own (default: its CUDA device under NCCL).
+
     ``sync="grads"`` (default) averages gradients over holders in every backward.
     ``sync="params"`` instead averages parameters after every ``sync_every`` optimizer steps
     (local-SGD style); attach the optimizer with :meth:`attach_optimizer`.
@@ -167,78 +164,51 @@ class SubnetDataParallel(nn.Module):
         self,
         model: nn.Module | ModelFactory,
         plan: Plan,
+        options: SDPOptions | None = None,
         *,
-        seed: int = 0,
         device: torch.device | str | None = None,
-        sync: str = "grads",
-        sync_every: int = 1,
-        neuron_scaling: str = "inverted",
-        checkpointing: str | None = None,
-        bucket_elements: int = DEFAULT_BUCKET_ELEMENTS,
-        masking: str = "forward",
-        init: str = "full",
-        check_every: int = DEFAULT_CHECK_EVERY,
+        **overrides: object,
     ) -> None:
         super().__init__()
         if not dist.is_initialized():
             raise RuntimeError("SubnetDataParallel needs torch.distributed: call "
                                "torch.distributed.init_process_group() first, in every process (torchrun "
                                "only sets the environment it reads; it does not initialise the group)")
-        check_sync(sync, sync_every)
-        if isinstance(bucket_elements, bool) or not isinstance(bucket_elements, int) or bucket_elements < 1:
-            raise ValueError(f"bucket_elements={bucket_elements!r}: need a positive whole number of elements")
-        check_masking(masking, sync)
-        if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 0:
-            raise ValueError(f"check_every={check_every!r}: need a whole number of steps, 0 (never) or more")
-        self.masking = masking
-        self.check_every = check_every
+        self.options = options = sdp_options(options, **overrides)
+        self.regime = regime(options.masking)
+        self.check_every = options.check_every
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        structure, source = structure_of(model, seed, init)  # init="full": the factory's own model, on the host
-        self._agree(plan, structure, seed, sync, sync_every, neuron_scaling, bucket_elements, init, masking)
+        structure, source = structure_of(model, options.seed, options.init)  # init="full": the factory's own model, on the host
+        self._agree(plan, structure, options)
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        self.plan, self.sync, self.sync_every = plan, sync, sync_every
+        self.plan = plan
         self.device = torch.device(device)
         # The full model's meta structure (for assembling), kept out of the module tree: registered as a
         # submodule it would add the full model's (meta) parameters to parameters() and state_dict().
         self.__dict__["structure"] = structure
-        self._broadcast: dict[tuple[int, ...], Bucket] = {}
         self._optimizer_attached = False
-        values = source if source is not None else model
-        if masking == "backward":
-            self.module = build_backward_worker(values, plan, self.rank, seed=seed, device=device,
-                                                checkpointing=checkpointing)
-        else:
-            self.module = build_subnetwork(values, plan, self.rank, seed=seed, device=device,
-                                           neuron_scaling=neuron_scaling, checkpointing=checkpointing, init=init)
-        del source, values  # the full model built for init="full" is freed here
+        layout = self.regime.worker(source if source is not None else model, plan, self.rank, options, device)
+        del source  # the full model built for init="full" is freed here
+        self.module = layout.module
+        self._layout = layout
         self.stats = CommStats()
         self._groups = self._make_groups(plan)
         order = {n: i for i, (n, _) in enumerate(plan.tensors)}
         params = dict(self.module.named_parameters())
+        self._all_buckets = layout.reduce
+        self._broadcast = layout.broadcast
         self._chunks: list[_Chunk] = []
-        if masking == "backward":
-            every = full_buckets(self.module, plan)
-            self._all_buckets = list(held_buckets(every, self.rank).values())
-            self._broadcast = broadcast_buckets(every, self.world_size)
-        else:
-            self._all_buckets = build_buckets(self.module, plan, self.rank)
         for b in self._all_buckets:
             if not b.shared:
                 continue  # held by this rank alone: nothing to average
-            for key, piece in _split(b, bucket_elements, order):
+            for key, piece in _split(b, options.bucket_elements, order):
                 members = list({id(params[e.name]): params[e.name] for e in piece.entries}.values())
                 self._chunks.append(_Chunk(key, piece, members))
         self._chunks.sort(key=lambda c: c.key)
-        if masking == "backward":  # every rank computes every buffer in its full forward
-            whole = buffer_bucket(self.module, self.world_size)
-            self._buffer_buckets = [whole] if whole is not None and self.world_size > 1 else []
-            self._groups.setdefault(tuple(range(self.world_size)), None)
-        else:
-            self._buffer_buckets = [b for b in build_buckets(self.module, plan, self.rank, "buffers") if b.shared]
-        everyone = masking == "backward"
-        self._param_slots = holder_slots(structure, self.module, plan, self.rank, "params", everyone)
-        self._check_initial_values(holder_slots(structure, self.module, plan, self.rank, "buffers", everyone))
+        self._buffer_buckets = [b for b in layout.buffers if b.shared]
+        self._param_slots = holder_slots(structure, layout, plan, self.rank, "params")
+        self._check_initial_values(holder_slots(structure, layout, plan, self.rank, "buffers"))
         self._chunks_of: dict[int, list[_Chunk]] = {}
         for c in self._chunks:
             for p in c.params:
@@ -255,31 +225,41 @@ class SubnetDataParallel(nn.Module):
         for p in params.values():
             _ENGINE_OF[p] = weakref.ref(self)
         _watch_optimizers()
-        if sync == "grads":
+        if options.sync == "grads":
             for p in params.values():
                 if id(p) in self._chunks_of:
                     p.register_post_accumulate_grad_hook(self._on_grad_ready)
 
+    @property
+    def sync(self) -> str:
+        return self.options.sync
+
+    @property
+    def needs_optimizer(self) -> bool:
+        """Whether :meth:`attach_optimizer` must be called: values move after optimizer steps
+        (``sync="params"``, or a regime that sends values, as backward masking does)."""
+        return self.options.sync == "params" or self.regime.sends_values
+
     # ---- setup ------------------------------------------------------------------------------------
-    def _agree(self, plan: Plan, structure: nn.Module, seed: int, sync: str, every: int, scaling: str,
-               bucket_elements: int, init: str, masking: str = "forward") -> None:
+    def _agree(self, plan: Plan, structure: nn.Module, options: SDPOptions) -> None:
         """Every rank checks the same facts and raises the same error, so nothing hangs."""
         mine = {
             "plan": plan.digest(),
             "architecture": architecture_digest(structure),
             "plan architecture": plan_architecture_digest(plan, type(structure).__qualname__),
             "plan workers": plan.workers,
-            # bucket_elements sets the chunk boundaries, hence which collectives every rank issues
-            "options": {"seed": seed, "sync": sync, "sync_every": every, "neuron_scaling": scaling,
-                        "bucket_elements": bucket_elements, "init": init},
-            "masking": masking,
+            # every option decides values or which collectives a rank issues (bucket_elements: the chunks)
+            "options": options.digest(),
+            "option values": options.as_dict(),
         }
         everyone: list[dict] = [None] * self.world_size  # type: ignore[list-item]
         dist.all_gather_object(everyone, mine)
         problems = []
-        for key in ("plan", "architecture", "options", "masking"):
+        for key in ("plan", "architecture", "options"):
             values = [d[key] for d in everyone]
-            if len(set(map(str, values))) > 1:
+            if key == "options":
+                values = differing([d["option values"] for d in everyone])
+            if len({d[key] for d in everyone}) > 1:
                 problems.append(f"ranks disagree on the {key}: " + ", ".join(f"rank {r}: {v}" for r, v in enumerate(values)))
         if any(d["architecture"] != d["plan architecture"] for d in everyone):
             bad = [r for r, d in enumerate(everyone) if d["architecture"] != d["plan architecture"]]
@@ -359,7 +339,7 @@ class SubnetDataParallel(nn.Module):
             yield from self.module.named_buffers(prefix, recurse, remove_duplicate)
 
     def forward(self, *args: object, **kwargs: object) -> object:
-        if self.masking == "backward" and not self._optimizer_attached and torch.is_grad_enabled():
+        if self.regime.sends_values and not self._optimizer_attached and torch.is_grad_enabled():
             raise RuntimeError("masking='backward' needs sdp.attach_optimizer(optimizer) before training: after "
                                "each optimizer step the holders' new values must reach the other ranks")
         if torch.is_grad_enabled():
@@ -511,7 +491,7 @@ class SubnetDataParallel(nn.Module):
 
         Under ``masking="backward"``: send the holders' new values to the other ranks after every step.
         """
-        if self.masking == "backward":
+        if self.regime.sends_values:
             def broadcast_after(_opt: torch.optim.Optimizer, _args: tuple, _kwargs: dict) -> None:
                 if self._initialising_state:
                     return  # optimizer_state_dict's step at learning rate 0 changed nothing
@@ -529,9 +509,9 @@ class SubnetDataParallel(nn.Module):
             if self._initialising_state:
                 return
             self._optimizer_steps += 1
-            if self._optimizer_steps % self.sync_every == 0:
+            if self._optimizer_steps % self.options.sync_every == 0:
                 self.average_parameters()
-                syncs = self._optimizer_steps // self.sync_every
+                syncs = self._optimizer_steps // self.options.sync_every
                 if self.check_every and syncs % self.check_every == 0:
                     self.check_holders(f"the periodic check after parameter average {syncs}")
 
@@ -563,8 +543,8 @@ class SubnetDataParallel(nn.Module):
             self.check_holders(where)
 
     def _tensor_map(self) -> dict[str, tuple[int, list[int]] | None]:
-        """Where this rank's tensors sit in the full model (backward masking: every tensor whole)."""
-        return {} if self.masking == "backward" else self.plan.tensor_map(self.rank)
+        """Where this rank's tensors sit in the full model (the regime's layout)."""
+        return self._layout.tensor_map
 
     @torch.no_grad()
     def state_dict(self, *args: object, destination: dict | None = None, prefix: str = "",
@@ -630,7 +610,7 @@ class SubnetDataParallel(nn.Module):
         Those functions key the optimizer state by parameter name with plain tensors, which cannot tell
         the ranks' neuron-level slices apart: there they are refused, naming the supported calls.
         """
-        if self.masking == "forward" and self.plan.level == "neuron":
+        if any(where is not None for where in self._tensor_map().values()):  # slices of tensors
             raise RuntimeError(
                 "torch.distributed.checkpoint.state_dict.get_state_dict/set_state_dict cannot checkpoint neuron-level "
                 "SDP: each rank holds other slices of a tensor under one name. Use dcp.save({'model': sdp.state_dict(), "
@@ -661,17 +641,13 @@ class SubnetDataParallel(nn.Module):
         lowest-numbered holder. Collective: call on every rank. Checks first that holders agree.
         """
         self.check_synced_holders("full_state_dict()")
-        if self.masking == "backward":  # every rank holds the full model, identical after each step
-            state = {**self.module.state_dict(), **self.averaged_buffers()}
-            return {n: t.detach().cpu().clone() for n, t in state.items()} if self.rank == 0 else None
-        tmap = self.plan.tensor_map(self.rank)
         state = {**self.module.state_dict(), **self.averaged_buffers()}
         where: dict[str, tuple[int, list[int]] | None] = {}
         piece: dict[str, torch.Tensor] = {}
-        for name, loc in tmap.items():
+        for name, loc in self._tensor_map().items():
             if name not in state:
                 continue
-            dim, holders = self.plan.element_holders(_canonical(self.plan, name))
+            dim, holders = self._layout.value_holders(_canonical(self.plan, name))
             if dim is None:
                 if holders[0][0] == self.rank:
                     where[name], piece[name] = None, state[name].cpu()

@@ -182,7 +182,7 @@ def evaluation_model(
     """
     _scaling_mode(residual_scaling)  # a bad value fails whether or not it would apply
     plan = trained.plan
-    partial = plan.holders_per_unit < plan.workers and trained.masking == "forward"
+    partial = plan.holders_per_unit < plan.workers and trained.regime.partial_forward
     state = trained.full_state_dict()
     if state is None:
         return None

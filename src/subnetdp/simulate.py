@@ -4,24 +4,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from subnetdp.assemble import assemble_state_dict
-from subnetdp.buckets import build_buckets, rebind
+from subnetdp.buckets import rebind
 from subnetdp.init import ModelFactory, structure_of
-from subnetdp.masking import (
-    broadcast_buckets,
-    buffer_bucket,
-    build_backward_worker,
-    check_masking,
-    full_buckets,
-    held_buckets,
-)
+from subnetdp.masking import regime
+from subnetdp.options import SDPOptions, sdp_options
 from subnetdp.planning import Plan
-from subnetdp.subnet import build_subnetwork
-from subnetdp.sync import average_over_holders, check_sync, clip_gradients_, holder_weighted_sq_norm, traffic
+from subnetdp.sync import average_over_holders, clip_gradients_, holder_weighted_sq_norm, traffic
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 LossFn = Callable[[nn.Module, object], torch.Tensor]
@@ -30,10 +24,12 @@ LossFn = Callable[[nn.Module, object], torch.Tensor]
 class Simulation:
     """``plan.workers`` SDP workers in one process, each with its subnetwork, optimizer and data.
 
-    Same math as :class:`subnetdp.SubnetDataParallel`, including ``sync="params"`` (average
-    parameters over holders every ``sync_every`` steps instead of gradients every step),
-    ``checkpointing="blocks"`` (activation checkpointing of every block a worker has) and
-    ``masking="backward"`` (full forward on every worker; see :mod:`subnetdp.masking`).
+    Same math as :class:`subnetdp.SubnetDataParallel`, with the same options
+    (:class:`subnetdp.SDPOptions`, or its fields as keywords; ``bucket_elements`` and ``check_every``
+    concern collectives and do nothing here), including ``sync="params"`` (average parameters over
+    holders every ``sync_every`` steps instead of gradients every step), ``checkpointing="blocks"``
+    (activation checkpointing of every block a worker has) and ``masking="backward"`` (full forward
+    on every worker; see :mod:`subnetdp.masking`).
 
     >>> sim = Simulation(factory, plan, lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))
     >>> losses = sim.step(batches, lambda model, batch: F.cross_entropy(model(batch[0]), batch[1]))
@@ -46,72 +42,47 @@ class Simulation:
         model: nn.Module | ModelFactory,
         plan: Plan,
         optimizer: OptimizerFactory,
+        options: SDPOptions | None = None,
         *,
-        seed: int = 0,
         device: torch.device | str = "cpu",
-        neuron_scaling: str = "inverted",
-        sync: str = "grads",
-        sync_every: int = 1,
-        checkpointing: str | None = None,
-        masking: str = "forward",
-        init: str = "full",
+        **overrides: Any,
     ) -> None:
-        check_sync(sync, sync_every)
-        check_masking(masking, sync)
-        self.plan, self.sync, self.sync_every, self.masking = plan, sync, sync_every, masking
+        self.options = sdp_options(options, **overrides)
+        self.plan = plan
+        self.regime = regime(self.options.masking)
         self.device = torch.device(device)
         # the full model's meta structure: what full_state_dict() assembles and evaluation_model() loads into
-        self.structure, source = structure_of(model, seed, init)
+        self.structure, source = structure_of(model, self.options.seed, self.options.init)
         # init="full": the factory's model is built once and every worker slices it, then it is freed
         values = source if source is not None else model
-        if masking == "backward":
-            self._init_backward(values, optimizer, seed, device, checkpointing)
-            return
-        self.workers = [
-            build_subnetwork(values, plan, k, seed=seed, device=device, neuron_scaling=neuron_scaling,
-                             checkpointing=checkpointing, init=init)
-            for k in range(plan.workers)
-        ]
+        self.layouts = [self.regime.worker(values, plan, k, self.options, device) for k in range(plan.workers)]
         del source, values
+        self.workers = [layout.module for layout in self.layouts]
+        # every parameter goes to the optimizer; one without a gradient (backward masking: a unit not
+        # held) gets no state
         self.optimizers = [optimizer(w.parameters()) for w in self.workers]
-        self._grad_buckets = [{b.holders: b for b in build_buckets(w, plan, k)} for k, w in enumerate(self.workers)]
-        self._buffer_buckets = [
-            {b.holders: b for b in build_buckets(w, plan, k, "buffers")} for k, w in enumerate(self.workers)
-        ]
-        self.steps = 0
-
-    def _init_backward(self, model: nn.Module | ModelFactory, optimizer: OptimizerFactory, seed: int,
-                       device: torch.device | str, checkpointing: str | None) -> None:
-        k_all = range(self.plan.workers)
-        self.workers = [build_backward_worker(model, self.plan, k, seed=seed, device=device,
-                                              checkpointing=checkpointing) for k in k_all]
-        # every parameter goes to the optimizer; those without a gradient (units not held) get no state
-        self.optimizers = [optimizer(w.parameters()) for w in self.workers]
-        self._value_buckets = [full_buckets(w, self.plan) for w in self.workers]
-        self._grad_buckets = [held_buckets(b, k) for k, b in enumerate(self._value_buckets)]
-        buffers = [buffer_bucket(w, self.plan.workers) for w in self.workers]
-        self._buffer_buckets = [{b.holders: b} if b is not None else {} for b in buffers]
+        self._grad_buckets = [{b.holders: b for b in layout.reduce} for layout in self.layouts]
+        self._buffer_buckets = [{b.holders: b for b in layout.buffers} for layout in self.layouts]
         self.steps = 0
 
     def predicted_bytes_per_sync(self, worker: int) -> int:
         """Bytes ``worker`` would hand to collectives per sync, as :class:`subnetdp.SubnetDataParallel`
-        on that rank does: its elements held by others too (:func:`subnetdp.sync.traffic`).
-
-        Under backward masking, plus the broadcast after each step (every element some worker lacks).
+        on that rank does: its elements held by others too (:func:`subnetdp.sync.traffic`), plus the
+        values it sends after each step under backward masking (every element some worker lacks).
         """
         self.plan.check_worker(worker)
-        backward = self.masking == "backward"
-        broadcast = broadcast_buckets(self._value_buckets[worker], self.plan.workers) if backward else {}
-        return int(traffic(self._grad_buckets[worker].values(), broadcast.values())["collective_bytes"])
+        layout = self.layouts[worker]
+        return int(traffic(layout.reduce, layout.broadcast.values())["collective_bytes"])
 
     @torch.no_grad()
     def broadcast_parameters(self) -> None:
-        """Backward masking: every worker takes each holder set's elements from its lowest holder."""
-        for h in broadcast_buckets(self._value_buckets[0], self.plan.workers):
-            values = self._value_buckets[h[0]][h].gather(grads=False)
+        """Every worker takes the values of each holder set it is not in from the set's lowest holder
+        (backward masking, after each step; nothing to send under forward masking)."""
+        for h in self.layouts[0].broadcast:
+            values = self.layouts[h[0]].broadcast[h].gather(grads=False)
             for k in range(self.plan.workers):
                 if k not in h:
-                    self._value_buckets[k][h].scatter(values, grads=False)
+                    self.layouts[k].broadcast[h].scatter(values, grads=False)
 
     def train(self, mode: bool = True) -> Simulation:
         for w in self.workers:
@@ -159,16 +130,15 @@ class Simulation:
                 raise FloatingPointError(f"worker {k} got a non-finite loss ({value}) at step {self.steps}")
             loss.backward()
             losses.append(value)
-        if self.sync == "grads":
+        if self.options.sync == "grads":
             self.sync_gradients()
         if max_grad_norm:
             self.clip_grad_norm_(max_grad_norm)
         for opt in self.optimizers:
             opt.step()
-        if self.masking == "backward":
-            self.broadcast_parameters()
+        self.broadcast_parameters()
         self.steps += 1
-        if self.sync == "params" and self.steps % self.sync_every == 0:
+        if self.options.sync == "params" and self.steps % self.options.sync_every == 0:
             self.average_parameters()
         return losses
 
@@ -184,7 +154,5 @@ class Simulation:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The assembled full model's state dict, buffers averaged over holders (a pure read)."""
         buffers = self.averaged_buffers()
-        if self.masking == "backward":  # every worker holds the full model, identical after each step
-            return {n: t.detach().cpu().clone() for n, t in {**self.workers[0].state_dict(), **buffers[0]}.items()}
-        return assemble_state_dict(((self.plan.tensor_map(k), {**w.state_dict(), **buffers[k]})
-                                    for k, w in enumerate(self.workers)), self.plan, self.structure)
+        return assemble_state_dict(((layout.tensor_map, {**layout.module.state_dict(), **buffers[k]})
+                                    for k, layout in enumerate(self.layouts)), self.plan, self.structure)

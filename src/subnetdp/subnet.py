@@ -12,15 +12,15 @@ subnetwork tensor sits in the full model.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from subnetdp.checkpointing import check_checkpointing, checkpoint_blocks
+from subnetdp.checkpointing import checkpoint_blocks
 from subnetdp.init import ModelFactory, materialize_, structure_of
+from subnetdp.options import SDPOptions, sdp_options
 from subnetdp.planning import Plan
-
-NEURON_SCALINGS = ("inverted", "none")
 
 
 class ShortcutOnly(nn.Module):
@@ -91,14 +91,15 @@ def build_subnetwork(
     model: nn.Module | ModelFactory,
     plan: Plan,
     worker: int,
+    options: SDPOptions | None = None,
     *,
-    seed: int = 0,
     device: torch.device | str = "cpu",
-    neuron_scaling: str = "inverted",
-    checkpointing: str | None = None,
-    init: str = "full",
+    **overrides: Any,
 ) -> nn.Module:
     """Build ``worker``'s subnetwork of ``model`` under ``plan``.
+
+    Options (:class:`subnetdp.SDPOptions`, or its fields as keywords): ``seed``, ``init``,
+    ``neuron_scaling`` and ``checkpointing`` apply.
 
     ``model`` is a factory, a model on the meta device, or a real model (its current values are
     sliced). A factory's values: with ``init="full"`` (default) its own, built once in host memory
@@ -115,10 +116,9 @@ def build_subnetwork(
     reduced to its shortcut (a 1x1 convolution) runs plainly, as the memory prediction assumes. Names
     and state-dict keys are unchanged.
     """
+    options = sdp_options(options, **overrides)
+    seed, init, neuron_scaling, checkpointing = options.seed, options.init, options.neuron_scaling, options.checkpointing
     plan.check_worker(worker)
-    if neuron_scaling not in NEURON_SCALINGS:
-        raise ValueError(f"neuron_scaling={neuron_scaling!r}: choose one of {NEURON_SCALINGS}")
-    checkpointing = check_checkpointing(checkpointing)
     if checkpointing == "blocks" and not plan.blocks:
         raise ValueError("checkpointing='blocks': the plan knows no residual blocks of this model; "
                          "make the plan with blocks=[...] (module paths) or use checkpointing=None")

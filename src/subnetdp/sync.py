@@ -25,18 +25,8 @@ import torch
 from torch import nn
 
 from subnetdp.buckets import Bucket, Holders, build_buckets
-from subnetdp.masking import broadcast_buckets, check_masking, full_buckets, held_buckets
+from subnetdp.masking import regime
 from subnetdp.planning import Plan
-
-SYNC_MODES = ("grads", "params")  # average gradients every step, or parameters every sync_every steps
-
-
-def check_sync(sync: str, sync_every: int) -> None:
-    """Fail fast on an unknown sync mode or a cadence that is not a positive whole number of steps."""
-    if sync not in SYNC_MODES:
-        raise ValueError(f"sync={sync!r}: choose one of {SYNC_MODES}")
-    if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
-        raise ValueError(f"sync_every={sync_every!r}: need a positive whole number of steps")
 
 
 def divide_by_holders_(summed: torch.Tensor, holders: Holders) -> torch.Tensor:
@@ -135,11 +125,11 @@ def step_traffic(module: nn.Module, plan: Plan, worker: int, masking: str = "for
     its full model under backward masking; meta tensors are fine), as :func:`traffic` counts it.
 
     Equals what :class:`subnetdp.SubnetDataParallel` hands to collectives per gradient sync
-    (``predicted_bytes_per_sync``). ``broadcast_bytes`` appears under backward masking only.
+    (``predicted_bytes_per_sync``). ``broadcast_bytes`` appears when the regime sends values after a step.
     """
-    check_masking(masking, "grads")
-    if masking == "forward":
-        out = traffic(build_buckets(module, plan, worker))
+    chosen = regime(masking)
+    layout = chosen.layout(module, plan, worker)
+    out = traffic(layout.reduce, layout.broadcast.values())
+    if not chosen.sends_values:
         return {"collective_bytes": out["collective_bytes"], "ring_bytes": out["ring_bytes"]}
-    every = full_buckets(module, plan)
-    return traffic(held_buckets(every, worker).values(), broadcast_buckets(every, plan.workers).values())
+    return out
