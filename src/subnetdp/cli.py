@@ -305,9 +305,9 @@ def _budget_command(args: argparse.Namespace) -> int:
     """``subnetdp plan --budget``: print the chosen plan (uses the ``plan`` command's model flags)."""
     from subnetdp.measure.meters import measure_choice
     from subnetdp.measure.workloads import workload_for
+    from subnetdp.metrics import format_bytes
     from subnetdp.planning import plan_summary
     from subnetdp.planning.budget import plan_for_budget
-    from subnetdp.metrics import format_bytes
 
     try:
         w = workload_for(args)
