@@ -73,11 +73,12 @@ import torch
 import subnetdp as sd
 from subnetdp.measure.alignment import alignment_table, plot_alignment, track_alignment
 from subnetdp.measure.bench import memory_part
-from subnetdp.measure.planner import measure_choice, plan_for_budget, predicted_peak
-from subnetdp.measure.prediction import profile_activations
+from subnetdp.measure.meters import measure_choice
 from subnetdp.measure.tables import memory_table, plot
 from subnetdp.measure.workloads import workload_from_spec
 from subnetdp.metrics import format_bytes
+from subnetdp.planning import profile_activations
+from subnetdp.planning.budget import plan_for_budget, predicted_peak
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

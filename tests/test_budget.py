@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import subnetdp as sd
-from subnetdp.measure.planner import measure_choice, parse_bytes, plan_for_budget, predicted_peak
-from subnetdp.measure.prediction import memory_plan, profile_activations
+from subnetdp.measure.meters import measure_choice
 from subnetdp.measure.workloads import image_workload
-from subnetdp.planning import plan
+from subnetdp.planning import memory_plan, plan, profile_activations
+from subnetdp.planning.budget import parse_bytes, plan_for_budget, predicted_peak
 
 W = image_workload(width=4)
 K, BATCH, OPT = 4, 8, "sgd-momentum"
@@ -85,9 +85,9 @@ def test_command_line(capsys):
 def test_plan_json_parses_and_equals_the_library_prediction(capsys, checkpointing):
     import json
 
-    from subnetdp.measure.planner import plan_prediction, profile_workload
+    from subnetdp.planning import plan_prediction, profile_workload
     from subnetdp.cli import main
-    from subnetdp.measure.prediction import memory_plan, predict_worker
+    from subnetdp.planning import memory_plan, predict_worker
 
     flags = ["plan", "--model", "resnet18", "--width", "4", "--workers", "4", "--coverage", "0.5", "--level", "block",
              "--batch-size", "16", "--optimizer", "sgd-momentum", "--transitions", "shortcut", "--json"]
@@ -116,9 +116,9 @@ def test_plan_json_predicts_backward_masking(capsys):
     """--masking backward: full parameters, held gradients and optimizer state (issue 14's prediction)."""
     import json
 
-    from subnetdp.measure.planner import profile_workload
+    from subnetdp.planning import profile_workload
     from subnetdp.cli import main
-    from subnetdp.measure.prediction import memory_plan, predict_backward_worker, profile_weight_grads
+    from subnetdp.planning import memory_plan, predict_backward_worker, profile_weight_grads
 
     flags = ["plan", "--model", "resnet18", "--width", "4", "--workers", "4", "--coverage", "0.5", "--level", "block",
              "--batch-size", "16", "--optimizer", "sgd-momentum", "--json"]
@@ -157,8 +157,8 @@ def test_backward_masking_plans_balance_what_differs_between_its_workers(workloa
     """Under backward masking every worker holds the full parameters and (almost) the full forward's
     activations: a plan balanced on forward masking's costs left the ResNet's worst worker with more
     held state (7.85 against 7.25 MiB at width 16) than one balanced on backward masking's own."""
-    from subnetdp.measure.planner import backward_weight_grads, profile_workload
-    from subnetdp.measure.prediction import predict_backward_worker
+    from subnetdp.planning import backward_weight_grads, profile_workload
+    from subnetdp.planning import predict_backward_worker
     from subnetdp.measure.workloads import text_workload
 
     w = workload or text_workload("llama_char_small", seq_len=16)

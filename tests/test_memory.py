@@ -12,9 +12,9 @@ from torch import nn
 
 import subnetdp as sd
 from subnetdp.measure.meters import SavedTensorMeter, measure_step, state_bytes
-from subnetdp.measure.prediction import memory_plan, model_state_bytes, predict_worker, profile_activations
 from subnetdp.measure.workloads import image_workload, text_workload
 from subnetdp.optimizers import OPTIMIZER_NAMES, make_optimizer, name_for
+from subnetdp.planning import memory_plan, model_state_bytes, predict_worker, profile_activations
 from subnetdp.models import llama_tiny
 
 
@@ -251,7 +251,7 @@ def test_memory_balance_keeps_uniform_representation_and_a_worst_worker_near_the
 def test_backward_masking_prediction_matches_measurement_per_worker(name, w, batch, optimizer, level):
     """Full parameters, held-fraction gradients and state, the full forward minus weight-only saves."""
     from subnetdp.masking import build_backward_worker
-    from subnetdp.measure.prediction import predict_backward_worker, profile_weight_grads
+    from subnetdp.planning import predict_backward_worker, profile_weight_grads
 
     cpu = torch.device("cpu")
     data = w.make_batch(batch, cpu, 0)
@@ -275,7 +275,7 @@ def test_backward_masking_prediction_matches_measurement_per_worker(name, w, bat
 def test_a_profile_of_a_view_counts_only_the_samples_it_holds():
     """A sample cut from a loaded batch (``x[:2]``) shares the batch's storage; the profile must count
     the two samples, not the whole batch's storage scaled up (the main job profiles such a slice)."""
-    from subnetdp.measure.prediction import profile_activations
+    from subnetdp.planning import profile_activations
     from subnetdp.measure.workloads import image_workload
 
     w = image_workload(width=4)

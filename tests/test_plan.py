@@ -230,7 +230,7 @@ def test_block_plans_minimise_the_worst_worker_when_every_assignment_can_be_scor
 def test_local_search_never_makes_the_worst_worker_heavier(monkeypatch):
     """Above the exhaustive limit: greedy placement, arrangement, then moves and swaps, which lower
     the worst worker (here from 46 to 43)."""
-    from subnetdp import planning
+    from subnetdp.planning import placement as planning
 
     f = functools.partial(resnet18, width=4)
     costs = [2.0, 8.0, 21.0, 21.0, 21.0, 1.0, 3.0, 1.0]  # greedy alone: worst 46 at C=0.5

@@ -10,8 +10,7 @@ from subnetdp.recompute import checkpoint_blocks
 from subnetdp.evaluation import evaluation_model, recalibrate_batchnorm, scale_residual_branches
 from subnetdp.init import materialize
 from subnetdp.options import SDPOptions
-from subnetdp.measure.prediction import memory_balanced_plan
-from subnetdp.planning import Plan, Unit, plan, valid_coverages
+from subnetdp.planning import Plan, Unit, memory_balanced_plan, plan, valid_coverages
 from subnetdp.engine import SubnetDataParallel, agree_finite, clip_grad_norm_
 from subnetdp.simulate import Simulation
 from subnetdp.subnet import build_subnetwork

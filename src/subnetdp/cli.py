@@ -121,11 +121,9 @@ def _user_factory(args: argparse.Namespace) -> typing.Callable[[], typing.Any]:
 def _plan_command(args: argparse.Namespace) -> int:
     import json
 
-    from subnetdp.measure.planner import plan_prediction
-    from subnetdp.measure.prediction import plan_summary
     from subnetdp.measure.workloads import workload_for
     from subnetdp.metrics import format_bytes
-    from subnetdp.planning import plan
+    from subnetdp.planning import plan, plan_prediction, plan_summary
 
     if args.batch_size < 1:
         print(f"subnetdp plan: error: --batch-size {args.batch_size}: must be > 0", file=sys.stderr)
@@ -306,10 +304,11 @@ def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _budget_command(args: argparse.Namespace) -> int:
     """``subnetdp plan --budget``: print the chosen plan (uses the ``plan`` command's model flags)."""
-    from subnetdp.measure.planner import measure_choice, plan_for_budget
-    from subnetdp.measure.prediction import plan_summary
+    from subnetdp.measure.meters import measure_choice
     from subnetdp.measure.workloads import workload_for
     from subnetdp.metrics import format_bytes
+    from subnetdp.planning import plan_summary
+    from subnetdp.planning.budget import plan_for_budget
 
     try:
         w = workload_for(args)

@@ -1,7 +1,7 @@
 """The one table of optimizers: how each is built, and how much memory it holds per parameter.
 
 Training (:func:`subnetdp.strategies.make_optimizer`), the memory prediction
-(:mod:`subnetdp.measure.prediction`) and the planner build and count optimizers only through this
+(:mod:`subnetdp.planning.memory`) and the planner build and count optimizers only through this
 table, so that what ``subnetdp plan --optimizer X`` predicts is what ``subnetdp train --optimizer X``
 holds. ``sgd`` is what ``train`` runs: SGD with Nesterov momentum (0.9 unless ``momentum`` says
 otherwise), which keeps one momentum buffer per parameter.

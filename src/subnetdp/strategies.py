@@ -26,8 +26,8 @@ from subnetdp.baselines import wrap_baseline
 from subnetdp.config import TrainConfig
 from subnetdp.engine import SubnetDataParallel, agree_finite
 from subnetdp.init import ModelFactory, materialize
-from subnetdp.measure.meters import state_bytes as count_state_bytes
 from subnetdp.planning import Plan
+from subnetdp.planning.counting import state_bytes as count_state_bytes
 from subnetdp.simulate import Simulation
 
 LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]

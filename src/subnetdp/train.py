@@ -30,15 +30,8 @@ from subnetdp.config import TrainConfig, from_values, validate, world_size_of
 from subnetdp.evaluation import evaluation_model
 from subnetdp.init import materialize
 from subnetdp.launch import LAUNCHED, launch_local
-from subnetdp.measure.prediction import (
-    ActivationProfile,
-    memory_balanced_plan,
-    plan_summary,
-    predict_worker,
-    profile_activations,
-)
 from subnetdp.metrics import MetricsLog, format_bytes
-from subnetdp.planning import Plan, plan as make_plan
+from subnetdp.planning import ActivationProfile, Plan, main_job_plan, plan_summary, predict_worker
 from subnetdp.report import summary_text
 from subnetdp.tasks import make_task
 
@@ -235,18 +228,15 @@ class Run:
         training data (scaled to ``--batch-size``), so every rank derives the same plan.
         """
         cfg, task = self.cfg, self.task
-        if cfg.balance == "params":  # no profile: the escape hatch for models too large to profile on the host
-            return make_plan(self.factory, self.world, cfg.coverage, cfg.level, cfg.seed,
-                             transitions=cfg.transitions), None
-        with torch.random.fork_rng(devices=[]):  # drawing the sample leaves the training's random streams alone
-            batch = next(task.epoch_batches(task.loader(0, self.world), 10_000, 0))
-        sample = tuple(t[:2].cpu() for t in batch)
-        profile = profile_activations(self.factory, sample, task.loss, len(sample[0]), seed=cfg.seed, device="cpu")
-        plan = memory_balanced_plan(self.factory, self.world, cfg.coverage, cfg.level, cfg.seed, sample=sample,
-                                    loss_fn=task.loss, batch_size=cfg.batch_size, optimizer=_opt_name(cfg),
-                                    transitions=cfg.transitions, activation_checkpointing=cfg.recomputes_blocks,
-                                    masking=cfg.masking, profile=profile)
-        return plan, profile
+        sample = None
+        if cfg.balance == "memory":
+            with torch.random.fork_rng(devices=[]):  # drawing the sample leaves the training's random streams alone
+                batch = next(task.epoch_batches(task.loader(0, self.world), 10_000, 0))
+            sample = tuple(t[:2].cpu() for t in batch)
+        return main_job_plan(self.factory, self.world, cfg.coverage, cfg.level, cfg.seed, balance=cfg.balance,
+                             transitions=cfg.transitions, optimizer=_opt_name(cfg), batch_size=cfg.batch_size,
+                             activation_checkpointing=cfg.recomputes_blocks, masking=cfg.masking,
+                             sample=sample, loss_fn=task.loss)
 
     def _resume(self) -> None:
         """Continue from the newest intact checkpoint under ``--resume`` (or a restart), on every rank."""

@@ -24,7 +24,7 @@ Two parts, each labelled in the output with what is measured and what is derived
      checkpointed (``build_subnetwork(..., checkpointing="blocks")``), measured like SDP.
    - SDP with backward masking (``--masking backward`` or ``both``; docs/masking.md): each worker's
      full model, trainable where it holds, measured the same way; predicted by
-     :func:`subnetdp.measure.prediction.predict_backward_worker`; its traffic adds the broadcasts of new values.
+     :func:`subnetdp.planning.memory.predict_backward_worker`; its traffic adds the broadcasts of new values.
 
 2. **Communication and time per step under torchrun** (``--time-ranks N`` processes, gloo on CPU):
    :mod:`subnetdp.measure.timing`.
@@ -54,20 +54,20 @@ from subnetdp.recompute import checkpoint_blocks
 from subnetdp.init import build_meta, materialize
 from subnetdp.masking import MASKINGS, build_backward_worker
 from subnetdp.measure.meters import measure_step
-from subnetdp.measure.planner import DEFAULT_TRANSITIONS, sdp_plan
-from subnetdp.measure.prediction import (
-    ActivationProfile,
-    predict_backward_worker,
-    predict_worker,
-    profile_activations,
-    profile_weight_grads,
-)
-from subnetdp.measure.tables import MEMORY_KEYS, memory_table, plot, sdp_name, time_table
+from subnetdp.measure.tables import DEFAULT_TRANSITIONS, MEMORY_KEYS, memory_table, plot, sdp_name, time_table
 from subnetdp.measure.timing import time_part
 from subnetdp.measure.workloads import Workload, workload_from_spec
 from subnetdp.metrics import pyplot
 from subnetdp.optimizers import make_optimizer
-from subnetdp.planning import plan
+from subnetdp.planning import (
+    ActivationProfile,
+    plan,
+    predict_backward_worker,
+    predict_worker,
+    profile_activations,
+    profile_weight_grads,
+    sdp_plan,
+)
 from subnetdp.subnet import build_subnetwork
 from subnetdp.sync import step_traffic
 
@@ -108,9 +108,8 @@ def _measure(model: nn.Module, optimizer_name: str, batch: Any, w: Workload, rep
 
 def _release(device: torch.device) -> None:
     """Free a measured model before the next one is built. A checkpointed block's forward refers back to
-    its module (a reference cycle), so only the garbage collector frees it; left alone, the previous
-    workers' tensors stayed allocated and inflated the next worker's measured allocator peak (seen on
-    an H200: up to 1.8 GiB held before an SDP+ckpt step)."""
+    its module (a reference cycle), so only the garbage collector frees it; otherwise the previous
+    workers' tensors inflate the next worker's measured allocator peak (docs/benchmarks.md)."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -7,8 +7,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from subnetdp.config import TrainConfig
 from subnetdp.metrics import pyplot
 
+DEFAULT_TRANSITIONS = TrainConfig.transitions  # the main job's default, measured as "SDP" by the benchmark
 MEMORY_KEYS = ("param_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes")
 
 

@@ -36,10 +36,10 @@ from torch import nn
 from subnetdp.baselines import fsdp2_bytes, wrap_baseline
 from subnetdp.init import materialize
 from subnetdp.measure.meters import state_bytes
-from subnetdp.measure.planner import DEFAULT_TRANSITIONS, profile_workload, sdp_plan
-from subnetdp.measure.tables import sdp_name
+from subnetdp.measure.tables import DEFAULT_TRANSITIONS, sdp_name
 from subnetdp.measure.workloads import workload_from_spec
 from subnetdp.optimizers import make_optimizer
+from subnetdp.planning import profile_workload, sdp_plan
 from subnetdp.supervise import PARENT_ENV, TORCHRUN, die_with_parent
 from subnetdp.sync import step_traffic
 

@@ -1,41 +1,31 @@
-"""First-principles memory of an SDP worker, predicted from a plan and one activation profile.
+"""The activation profile of the full model: saved-for-backward bytes by unit, measured once.
 
-Predicted, for a worker of a :class:`~subnetdp.planning.Plan`:
+Every saved storage is credited to the module running when it was first saved (module hooks and
+:class:`~subnetdp.planning.counting.SavedTensorMeter`), and a worker's activations are predicted from
+these parts (:meth:`ActivationProfile.predict`):
 
-* model state = parameter elements x 4 bytes x (1 parameter + 1 gradient + optimizer states), the
-  states from :mod:`subnetdp.optimizers` (0 for SGD without momentum, 1 for SGD with momentum, which is
-  what ``sgd`` means, 2 for Adam(W); fp32 throughout);
-* activations, from an :class:`ActivationProfile` of the *full* model measured once with module hooks
-  and :class:`~subnetdp.measure.meters.SavedTensorMeter` (each saved storage is credited to the module
-  running when it was first saved):
+- block level: ``always-kept part + sum of the held blocks' parts``. A skipped block saves nothing
+  and its successor saves the same-sized tensor it would have saved anyway, so the parts add up;
+- neuron level: ``fixed part + sum over width groups of f_g x (the group's width-dependent part)``,
+  where ``f_g = held / size`` is the fraction of group ``g``'s width the worker holds. The
+  width-dependent part of a group is what is saved between the end of its first producer (the layer
+  whose output width is sliced) and the end of its consumer (the layer that sums over that width),
+  not counting what the producers themselves save (their inputs, which keep full width). It is
+  measured twice: as the full model runs (used where ``f_g = 1``) and with the subnetwork's
+  inverted-scaling hook installed at factor 1 (used where ``f_g < 1``), so that whatever that hook
+  saves is counted;
+- activations scale linearly with the batch (a profile taken at batch ``b0`` is multiplied by
+  ``b / b0``; the per-channel statistics that batch norm saves do not scale, a negligible error);
+- a transition block reduced to its shortcut (``transitions="shortcut"``) saves its shortcut's
+  bytes (always counted) plus its post-add ReLU's output;
+- with block checkpointing (every block the worker runs wrapped in non-reentrant
+  ``torch.utils.checkpoint``), what runs outside the blocks plus each running block's input (unless an
+  uncheckpointed module saved that tensor already) plus what reduced transitions save.
 
-  - block level: ``always-kept part + sum of the held blocks' parts``. A skipped block saves nothing
-    and its successor saves the same-sized tensor it would have saved anyway, so the parts add up;
-  - neuron level: ``fixed part + sum over width groups of f_g x (the group's width-dependent part)``,
-    where ``f_g = held / size`` is the fraction of group ``g``'s width the worker holds. The
-    width-dependent part of a group is what is saved between the end of its first producer (the layer
-    whose output width is sliced) and the end of its consumer (the layer that sums over that width),
-    not counting what the producers themselves save (their inputs, which keep full width). It is
-    measured twice: as the full model runs (used where ``f_g = 1``) and with the subnetwork's
-    inverted-scaling hook installed at factor 1 (used where ``f_g < 1``), so that whatever that hook
-    saves is counted (it scales the consumer's output, which saves nothing extra today);
-  - activations scale linearly with the batch (a profile taken at batch ``b0`` is multiplied by
-    ``b / b0``; the per-channel statistics that batch norm saves do not scale, a negligible error);
-  - a transition block reduced to its shortcut (``transitions="shortcut"``) saves its shortcut's
-    bytes (always counted) plus its post-add ReLU's output;
-  - with block checkpointing (``activation_checkpointing=True``: every block the worker runs is wrapped
-    in non-reentrant ``torch.utils.checkpoint``), what runs outside the blocks plus each running block's
-    input (unless an uncheckpointed module saved that tensor already) plus what reduced transitions save;
-
-* the peak = model state + activations + the transient of the backward (two logits-sized loss buffers or
-  one gradient the size of the largest saved tensor, whichever is larger; with checkpointing, one
-  block's recompute), or the optimizer step's peak if larger (Adam(W)'s foreach step forms one
-  parameter-sized temporary). On a GPU the allocator also holds memory outside the step (CUDA library
-  workspaces), which is not predicted.
-
-:func:`memory_plan` balances plans on these predictions (``balance="memory"``); :func:`memory_balanced_plan`
-profiles a model on a sample batch first, and is the plan ``subnetdp train`` and ``subnetdp plan`` make.
+Backward masking's counterpart, :func:`profile_weight_grads`, measures what only each unit's weight
+gradients need saved (docs/masking.md).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -46,28 +36,12 @@ import torch
 from torch import nn
 
 from subnetdp.init import ModelFactory, materialize
-from subnetdp.masking import MASKINGS
-from subnetdp.measure.meters import LossFn, SavedTensorMeter, loss_of, storage_key
-from subnetdp.optimizers import optimizer_kind
-from subnetdp.planning import Plan
-from subnetdp.planning import plan as plan_units
+from subnetdp.planning.counting import LossFn, SavedTensorMeter, loss_of, storage_key
+from subnetdp.planning.data import Plan
 from subnetdp.subnet import inverted_scaling_hook
 from subnetdp.units import find_blocks, find_width_groups
 
-BYTES_PER_ELEMENT = 4  # predictions are for fp32 parameters, gradients, optimizer state and activations
 
-
-def model_state_bytes(plan: Plan, worker: int, optimizer: str, bytes_per_element: int = BYTES_PER_ELEMENT) -> int:
-    """Predicted bytes of parameters + gradients + optimizer state on ``worker``."""
-    return plan.param_count(worker) * bytes_per_element * (2 + optimizer_kind(optimizer).state_tensors)
-
-
-def plan_summary(plan: Plan, optimizer: str) -> str:
-    """:meth:`Plan.summary` with each worker's predicted model state for ``optimizer``."""
-    return plan.summary([model_state_bytes(plan, k, optimizer) for k in range(plan.workers)], optimizer)
-
-
-# ---- the activation profile of the full model -------------------------------------------------------
 class _Attribution:
     """Who is running when a tensor is first saved: the innermost block (or shortcut), and the open width
     group (between its first producer's end and its consumers' end, outside the producers)."""
@@ -348,6 +322,13 @@ def profile_activations(model: nn.Module | ModelFactory, batch: Any, loss_fn: Lo
     )
 
 
+def profile_sample(model: nn.Module | ModelFactory, sample: Any, loss_fn: LossFn, seed: int = 0) -> ActivationProfile:
+    """:func:`profile_activations` on the CPU at ``sample``'s own size: every rank given the same sample
+    measures the same profile, so plans balanced on it agree without communication."""
+    n = len(sample[0]) if isinstance(sample, (tuple, list)) else len(sample)
+    return profile_activations(model, sample, loss_fn, n, seed=seed, device="cpu")
+
+
 def _is_meta(model: nn.Module) -> bool:
     return any(t.is_meta for t in model.parameters())
 
@@ -361,140 +342,6 @@ def _sum_by(by_owner: dict, index: int, prefix: str) -> dict[str, int]:
     return out
 
 
-def predict_worker(plan: Plan, worker: int, optimizer: str, profile: ActivationProfile | None = None,
-                   batch_size: int | None = None, neuron_scaling: str = "inverted",
-                   activation_checkpointing: bool = False) -> dict[str, int]:
-    """First-principles bytes of ``worker``: parameters, gradients, optimizer state, activations, peak.
-
-    ``total_bytes`` = model state + saved activations (what the meters account); ``peak_bytes`` adds
-    the transient (:meth:`ActivationProfile.transient`), or is the optimizer step's peak (state plus
-    its temporaries) when that is larger. ``activation_checkpointing=True`` predicts a worker whose
-    every block runs under ``torch.utils.checkpoint`` (non-reentrant), as ``subnetdp bench``'s SDP+ckpt rows run it.
-    """
-    kind = optimizer_kind(optimizer)
-    n = plan.param_count(worker) * BYTES_PER_ELEMENT
-    out = {"param_bytes": n, "grad_bytes": n, "optimizer_bytes": n * kind.state_tensors}
-    out["state_bytes"] = model_state_bytes(plan, worker, optimizer)
-    assert out["state_bytes"] == sum(out[k] for k in ("param_bytes", "grad_bytes", "optimizer_bytes"))
-    if profile is not None:
-        out["activation_bytes"] = profile.predict(plan, worker, batch_size, neuron_scaling, activation_checkpointing)
-        out["total_bytes"] = out["state_bytes"] + out["activation_bytes"]
-        out["transient_bytes"] = profile.transient(plan, worker, batch_size, activation_checkpointing)
-        out["peak_bytes"] = max(out["total_bytes"] + out["transient_bytes"],
-                                out["state_bytes"] + n * kind.step_temporaries)
-    return out
-
-
-def memory_cost(plan: Plan, profile: ActivationProfile, optimizer: str, batch_size: int | None = None,
-                activation_checkpointing: bool = False) -> tuple[dict[int, float], float]:
-    """Each unit's predicted bytes (its model state + its saved activations) and the always-kept part's.
-
-    Returns ``(cost per unit index, kept cost)``: what :func:`memory_plan` balances across workers.
-    With checkpointing a block unit's activations are its input (the recompute is a transient).
-    """
-    scale = (batch_size or profile.batch_size) / profile.batch_size
-    per_param = BYTES_PER_ELEMENT * (2 + optimizer_kind(optimizer).state_tensors)
-    sizes = {g.name: g.size for g in plan.groups}
-    costs: dict[int, float] = {}
-    for u in plan.units:
-        if plan.level == "neuron":
-            saved = profile.group_bytes_scaled.get(u.group, 0) / sizes[u.group]
-        elif activation_checkpointing:
-            saved = profile.block_input_bytes.get(u.name, 0)
-        else:
-            saved = profile.block_bytes.get(u.name, 0) - profile._reduced_bytes(plan, u.name)
-        costs[u.index] = u.numel * per_param + saved * scale
-    if activation_checkpointing:
-        kept_saved = profile.total - sum(profile.block_bytes.values()) - sum(profile.shortcut_bytes.values())
-    else:
-        kept_saved = profile.kept_bytes(plan)
-        if plan.level == "block":  # a transition unit's reduced form saves its ReLU's output on every worker
-            kept_saved += sum(profile._reduced_bytes(plan, u.name) for u in plan.units)
-    return costs, plan.kept_params * per_param + kept_saved * scale
-
-
-def backward_memory_cost(plan: Plan, profile: ActivationProfile, optimizer: str, weight_grads: dict[str, int],
-                         batch_size: int | None = None) -> tuple[dict[int, float], float]:
-    """Backward masking's counterpart of :func:`memory_cost`: what a unit adds to each of its holders.
-
-    Every worker holds the full parameters and the full forward's activations, so only two things
-    differ between workers: the gradients and optimizer state of held units, and the saved bytes
-    that only held units' weight gradients need (``weight_grads`` from :func:`profile_weight_grads`,
-    at the profile's batch; a neuron-level group's share per unit).
-    """
-    scale = (batch_size or profile.batch_size) / profile.batch_size
-    per_param = BYTES_PER_ELEMENT * (1 + optimizer_kind(optimizer).state_tensors)
-    sizes = {g.name: g.size for g in plan.groups}
-    costs: dict[int, float] = {}
-    for u in plan.units:
-        key_bytes = weight_grads.get(u.name if plan.level == "block" else u.group, 0)
-        share = key_bytes if plan.level == "block" else key_bytes / sizes[u.group]
-        costs[u.index] = u.numel * per_param + share * scale
-    return costs, plan.kept_params * per_param
-
-
-def memory_plan(model: nn.Module | ModelFactory, workers: int, coverage: float, level: str = "block",
-                seed: int = 0, *, profile: ActivationProfile, optimizer: str, batch_size: int | None = None,
-                activation_checkpointing: bool = False, masking: str = "forward",
-                weight_grads: dict[str, int] | None = None, **plan_kwargs: Any) -> Plan:
-    """A plan balanced on predicted memory per worker (``balance="memory"``), from one activation profile.
-
-    Same units and uniform representation as :func:`subnetdp.plan` (every unit exactly ``r``
-    holders); only the slots differ, chosen so that the workers' model state plus saved activations
-    (for ``optimizer`` at ``batch_size``) spread least. ``masking="backward"`` balances what differs
-    between backward-masking workers (:func:`backward_memory_cost`; ``weight_grads`` from
-    :func:`profile_weight_grads`, or ``{}`` to balance held state alone, as with activation
-    checkpointing). ``plan_kwargs`` go to :func:`subnetdp.plan`.
-    """
-    if masking not in MASKINGS:
-        raise ValueError(f"masking={masking!r}: choose one of {MASKINGS}")
-    base = plan_units(model, workers, coverage, level, seed, **plan_kwargs)
-    if masking == "backward":
-        if weight_grads is None:
-            raise ValueError("memory_plan(masking='backward') needs weight_grads= (from profile_weight_grads, "
-                             "or {} to balance the held gradients and optimizer state alone)")
-        costs, kept = backward_memory_cost(base, profile, optimizer, weight_grads, batch_size)
-    else:
-        costs, kept = memory_cost(base, profile, optimizer, batch_size, activation_checkpointing)
-    return plan_units(model, workers, coverage, level, seed, cost=lambda u: costs[u.index], balance="memory",
-                      kept_cost=kept, **plan_kwargs)
-
-
-def memory_balanced_plan(model: nn.Module | ModelFactory, workers: int, coverage: float, level: str = "block",
-                         seed: int = 0, *, sample: Any, loss_fn: LossFn, batch_size: int,
-                         optimizer: str = "sgd-momentum", transitions: str = "keep",
-                         activation_checkpointing: bool = False, masking: str = "forward",
-                         profile: ActivationProfile | None = None,
-                         weight_grads: dict[str, int] | None = None) -> Plan:
-    """The plan ``subnetdp train`` and ``subnetdp plan`` make by default (``--balance memory``).
-
-    :func:`subnetdp.plan` balances parameter counts; this plan balances what limits a device, the
-    predicted memory per worker: model state for ``optimizer`` (a name of :mod:`subnetdp.optimizers`,
-    e.g. ``"sgd-momentum"``, ``"adamw"``) plus the activations saved at ``batch_size`` samples per
-    worker (under backward masking: held state plus the inputs only held units' weight gradients
-    need). Same units and ``r`` holders per unit as :func:`subnetdp.plan`; only who holds which differs.
-
-    The activations are profiled once, on the CPU, on the full model built from ``model`` under
-    ``seed``: ``loss_fn(model, sample)`` on ``sample``, a small batch shaped like the training data
-    (an ``(inputs, targets)`` pair of 2 samples suffices; bytes are scaled to ``batch_size``).
-    Saved bytes depend on shapes only, so every rank given the same inputs gets the same plan.
-    ``profile`` and ``weight_grads``, when given, were measured on ``sample`` already (to reuse
-    them across several plans).
-    """
-    if profile is None:
-        n = len(sample[0]) if isinstance(sample, (tuple, list)) else len(sample)
-        profile = profile_activations(model, sample, loss_fn, n, seed=seed, device="cpu")
-    if masking == "backward" and weight_grads is None:
-        weight_grads = {}  # checkpointed blocks save their inputs anyway
-        if not activation_checkpointing:
-            units = plan_units(model, workers, 1.0, level, seed, transitions=transitions)  # units do not depend on C
-            weight_grads = profile_weight_grads(model, sample, loss_fn, units, seed=seed, device="cpu")
-    return memory_plan(model, workers, coverage, level, seed, profile=profile, optimizer=optimizer,
-                       batch_size=batch_size, transitions=transitions,
-                       activation_checkpointing=activation_checkpointing, masking=masking, weight_grads=weight_grads)
-
-
-# ---- backward masking (docs/masking.md) ----------------------------------------------------------------
 def _frozen_sets(plan: Plan) -> dict[str, list[str]]:
     """Per unit key (block name, or width group at neuron level): the parameters it would freeze."""
     if plan.level == "block":
@@ -536,50 +383,4 @@ def profile_weight_grads(model: nn.Module | ModelFactory, batch: Any, loss_fn: L
         finally:
             for n in names:
                 params[n].requires_grad_(True)
-    return out
-
-
-def backward_trainable_elements(plan: Plan, worker: int) -> int:
-    """Parameter elements that require gradients on ``worker`` under backward masking.
-
-    Block level: exactly the worker's parameters in the plan. Neuron level: every tensor with a held
-    element, whole (a partly held tensor has a full-size gradient whose other slices are zeroed).
-    """
-    if plan.level == "block":
-        return plan.param_count(worker)
-    tmap = plan.tensor_map(worker)
-    return sum(_prod(plan.shapes[n]) for n in plan.params
-               if n in tmap and (tmap[n] is None or len(tmap[n][1]) > 0))
-
-
-def _prod(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def predict_backward_worker(plan: Plan, worker: int, optimizer: str, profile: ActivationProfile | None = None,
-                            weight_grads: dict[str, int] | None = None,
-                            batch_size: int | None = None) -> dict[str, int]:
-    """Bytes of ``worker`` under backward masking: the full model's parameters, gradients and optimizer
-    state of its trainable elements (:func:`backward_trainable_elements`), and the full forward's
-    activations minus what only the weight gradients of the units it does not train would save
-    (``weight_grads`` from :func:`profile_weight_grads`; a neuron-level group counts only when the
-    worker holds none of it).
-    """
-    trained = backward_trainable_elements(plan, worker) * BYTES_PER_ELEMENT
-    out = {"param_bytes": plan.total_params * BYTES_PER_ELEMENT, "grad_bytes": trained,
-           "optimizer_bytes": trained * optimizer_kind(optimizer).state_tensors}
-    out["state_bytes"] = out["param_bytes"] + out["grad_bytes"] + out["optimizer_bytes"]
-    if profile is not None:
-        scale = (batch_size or profile.batch_size) / profile.batch_size
-        if plan.level == "block":
-            idle = [u.name for u in plan.units if not plan.holds(worker, u)]
-        else:
-            held = {u.group for u in plan.units_of(worker)}
-            idle = [g.name for g in plan.groups if g.name not in held]
-        spared = sum((weight_grads or {}).get(key, 0) for key in idle)
-        out["activation_bytes"] = round((profile.total - spared) * scale)
-        out["total_bytes"] = out["state_bytes"] + out["activation_bytes"]
     return out
