@@ -28,7 +28,7 @@ from torch import nn
 from subnetdp.init import ModelFactory
 from subnetdp.masking import MASKINGS
 from subnetdp.optimizers import optimizer_kind
-from subnetdp.planning.assign import plan as plan_units
+from subnetdp.planning import assign
 from subnetdp.planning.counting import LossFn
 from subnetdp.planning.data import Plan
 from subnetdp.planning.profile import ActivationProfile, profile_sample, profile_weight_grads
@@ -133,7 +133,7 @@ def memory_plan(model: nn.Module | ModelFactory, workers: int, coverage: float, 
     """
     if masking not in MASKINGS:
         raise ValueError(f"masking={masking!r}: choose one of {MASKINGS}")
-    base = plan_units(model, workers, coverage, level, seed, **plan_kwargs)
+    base = assign.plan(model, workers, coverage, level, seed, **plan_kwargs)
     if masking == "backward":
         if weight_grads is None:
             raise ValueError("memory_plan(masking='backward') needs weight_grads= (from profile_weight_grads, "
@@ -141,7 +141,7 @@ def memory_plan(model: nn.Module | ModelFactory, workers: int, coverage: float, 
         costs, kept = backward_memory_cost(base, profile, optimizer, weight_grads, batch_size)
     else:
         costs, kept = memory_cost(base, profile, optimizer, batch_size, activation_checkpointing)
-    return plan_units(model, workers, coverage, level, seed, cost=lambda u: costs[u.index], balance="memory",
+    return assign.plan(model, workers, coverage, level, seed, cost=lambda u: costs[u.index], balance="memory",
                       kept_cost=kept, **plan_kwargs)
 
 
@@ -172,7 +172,7 @@ def memory_balanced_plan(model: nn.Module | ModelFactory, workers: int, coverage
     if masking == "backward" and weight_grads is None:
         weight_grads = {}  # checkpointed blocks save their inputs anyway
         if not activation_checkpointing:
-            units = plan_units(model, workers, 1.0, level, seed, transitions=transitions)  # units do not depend on C
+            units = assign.plan(model, workers, 1.0, level, seed, transitions=transitions)  # units do not depend on C
             weight_grads = profile_weight_grads(model, sample, loss_fn, units, seed=seed, device="cpu")
     return memory_plan(model, workers, coverage, level, seed, profile=profile, optimizer=optimizer,
                        batch_size=batch_size, transitions=transitions,
