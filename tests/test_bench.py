@@ -32,6 +32,7 @@ def test_memory_part_measures_every_strategy_and_worker():
     assert list(rows) == ["DDP", "DDP+ckpt", "FSDP2 (K=2)", "FSDP2+ckpt (K=2)", "SDP block C=0.5", "SDP neuron C=0.5",
                           old, "SDP+ckpt block C=0.5", "SDP+ckpt neuron C=0.5"]
     assert "balance=memory" in rows["SDP block C=0.5"]["basis"] and "balance=params" in rows[old]["basis"]
+    assert [n for n, r in rows.items() if r["old_default"]] == [old]  # the field plots and tables read, not the name
     n = sum(p.numel() for p in sd.materialize(_factory()).parameters())
     ddp = rows["DDP"]["workers"][0]["measured"]
     assert ddp["param_bytes"] == ddp["grad_bytes"] == ddp["optimizer_bytes"] == 4 * n

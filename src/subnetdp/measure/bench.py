@@ -144,9 +144,9 @@ def memory_part(spec: dict[str, Any], workers: int, coverages: Sequence[float], 
     rows: list[dict[str, Any]] = []
 
     def add(name: str, strategy: str, level: str | None, coverage: float | None,
-            per_worker: list[dict[str, Any]], basis: str, ckpt: bool = False) -> None:
+            per_worker: list[dict[str, Any]], basis: str, ckpt: bool = False, old_default: bool = False) -> None:
         rows.append({"name": name, "strategy": strategy, "level": level, "coverage": coverage,
-                     "checkpointing": ckpt, "basis": basis, "workers": per_worker})
+                     "checkpointing": ckpt, "old_default": old_default, "basis": basis, "workers": per_worker})
         worst = max(per_worker, key=lambda r: r["measured"]["total_bytes"])
         log(f"  {name:<24} worst worker total {worst['measured']['total_bytes'] / 2**20:8.2f} MiB "
             f"(activations {worst['measured']['activation_bytes'] / 2**20:.2f} MiB)")
@@ -216,7 +216,8 @@ def memory_part(spec: dict[str, Any], workers: int, coverages: Sequence[float], 
                     _release(device)
                 add(f"{sdp_name(ckpt)} {level} C={c:g}{label}", "sdp", level, c, per_worker,
                     "measured (each worker's subnetwork step" + (", every block it has checkpointed" if ckpt else "")
-                    + f"); plan: balance={bal}" + (f", transitions={trans}" if level == "block" else ""), ckpt=ckpt)
+                    + f"); plan: balance={bal}" + (f", transitions={trans}" if level == "block" else ""), ckpt=ckpt,
+                    old_default=bool(label))
     if "backward" in maskings:
         rows += backward_rows(w, batch, batch_size, opt_name, profile, workers, coverages, levels, repeats, device,
                               seed, log, transitions=transitions, balance=balance)

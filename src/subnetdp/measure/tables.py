@@ -111,11 +111,11 @@ def plot(part: dict[str, Any], timing: dict[str, Any] | None, out: Path, stem: s
 
     fig, axes = plt.subplots(1, 2 if timing else 1, figsize=(9 if timing else 5, 3.4), dpi=90, squeeze=False)
     ax = axes[0][0]
-    sdp_lines = sorted({(r["strategy"], r["level"], r.get("checkpointing", False), "old default" in r["name"])
+    sdp_lines = sorted({(r["strategy"], r["level"], r.get("checkpointing", False), r.get("old_default", False))
                         for r in rows if r["level"]})
     for strategy, level, ckpt, old in sdp_lines:
         mine = [r for r in rows if (r["strategy"], r["level"], r.get("checkpointing", False),
-                                    "old default" in r["name"]) == (strategy, level, ckpt, old)]
+                                    r.get("old_default", False)) == (strategy, level, ckpt, old)]
         pts = sorted((r["coverage"], worst_worker(r)["measured"]["total_bytes"] / 2**20,
                       worst_worker(r)["predicted"].get("total_bytes", 0) / 2**20) for r in mine)
         name = ("SDP backward" if strategy == "sdp-backward" else sdp_name(ckpt)) + f" {level}" + (" (old default)" if old else "")
