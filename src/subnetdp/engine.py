@@ -19,8 +19,7 @@ worker threads, still releasing their last collective's tensors then, abort the 
 module imports ``torch._dynamo`` at once: in torch 2.14 its first import after ``init_process_group``
 (which building any optimizer triggers) takes references to the default group that
 ``destroy_process_group()`` never drops; imported with ``subnetdp``, before the group exists, it takes
-none (the README's torchrun example aborted in 1 of 12 runs, its group alive after destroy; with the
-import first the group is freed).
+none (measured in docs/robustness.md).
 """
 
 from __future__ import annotations
