@@ -74,7 +74,7 @@ def test_the_chosen_plan_measures_close_to_its_prediction(profile):
 def test_command_line(capsys):
     from subnetdp.cli import main
 
-    flags = ["plan", "--width", "4", "--workers", "4", "--optimizer", "sgd-momentum", "--batch-size", "4"]
+    flags = ["plan", "--width", "4", "--workers", "4", "--optimizer", "sgd", "--batch-size", "4"]
     assert main(flags + ["--budget", "1GiB"]) == 0
     assert "coverage C=1" in capsys.readouterr().out
     assert main(flags + ["--budget", "1KiB"]) == 2
@@ -90,7 +90,7 @@ def test_plan_json_parses_and_equals_the_library_prediction(capsys, checkpointin
     from subnetdp.planning import memory_plan, predict_worker
 
     flags = ["plan", "--model", "resnet18", "--width", "4", "--workers", "4", "--coverage", "0.5", "--level", "block",
-             "--batch-size", "16", "--optimizer", "sgd-momentum", "--transitions", "shortcut", "--json"]
+             "--batch-size", "16", "--optimizer", "sgd", "--transitions", "shortcut", "--json"]
     assert main(flags + (["--activation-checkpointing"] if checkpointing else [])) == 0
     out = json.loads(capsys.readouterr().out)  # one JSON object, nothing else on stdout
     assert {"workers", "coverage", "level", "optimizer", "batch_size", "activation_checkpointing", "peak_bytes",
@@ -98,17 +98,17 @@ def test_plan_json_parses_and_equals_the_library_prediction(capsys, checkpointin
     assert (out["workers"], out["coverage"], out["level"], out["batch_size"]) == (4, 0.5, "block", 16)
     assert out["activation_checkpointing"] is checkpointing and out["balance"] == "memory"
     profile = profile_workload(W)  # the CLI's workload: resnet18 width 4, 10 classes, profiled on 2 samples
-    p = memory_plan(W.factory, 4, 0.5, "block", profile=profile, optimizer="sgd-momentum", batch_size=16,
+    p = memory_plan(W.factory, 4, 0.5, "block", profile=profile, optimizer="sgd", batch_size=16,
                     transitions="shortcut", activation_checkpointing=checkpointing)
     assert out["plan_digest"] == p.digest()
     for k in range(4):
-        pred = predict_worker(p, k, "sgd-momentum", profile, 16, activation_checkpointing=checkpointing)
+        pred = predict_worker(p, k, "sgd", profile, 16, activation_checkpointing=checkpointing)
         assert out["peak_bytes"][k] == pred["peak_bytes"]
         assert out["state_bytes"][k] == pred["state_bytes"] and out["activation_bytes"][k] == pred["activation_bytes"]
-    ddp = predict_worker(plan(W.factory, 4, 1.0, "block"), 0, "sgd-momentum", profile, 16,
+    ddp = predict_worker(plan(W.factory, 4, 1.0, "block"), 0, "sgd", profile, 16,
                          activation_checkpointing=checkpointing)
     assert out["ddp_peak_bytes"] == ddp["peak_bytes"] > max(out["peak_bytes"])
-    assert plan_prediction(W, 4, 0.5, optimizer="sgd-momentum", batch_size=16, transitions="shortcut",
+    assert plan_prediction(W, 4, 0.5, optimizer="sgd", batch_size=16, transitions="shortcut",
                            activation_checkpointing=checkpointing)[1] == {**out, "model": W.name}
 
 
@@ -121,7 +121,7 @@ def test_plan_json_predicts_backward_masking(capsys):
     from subnetdp.planning import memory_plan, predict_backward_worker, profile_weight_grads
 
     flags = ["plan", "--model", "resnet18", "--width", "4", "--workers", "4", "--coverage", "0.5", "--level", "block",
-             "--batch-size", "16", "--optimizer", "sgd-momentum", "--json"]
+             "--batch-size", "16", "--optimizer", "sgd", "--json"]
     assert main(flags) == 0
     forward = json.loads(capsys.readouterr().out)
     assert main(flags + ["--masking", "backward"]) == 0
@@ -130,11 +130,11 @@ def test_plan_json_predicts_backward_masking(capsys):
     profile = profile_workload(W)
     grads = profile_weight_grads(W.factory, W.make_batch(profile.batch_size, torch.device("cpu"), 0), W.loss_fn,
                                  plan(W.factory, 4, 1.0, "block"))
-    p = memory_plan(W.factory, 4, 0.5, "block", profile=profile, optimizer="sgd-momentum", batch_size=16,
+    p = memory_plan(W.factory, 4, 0.5, "block", profile=profile, optimizer="sgd", batch_size=16,
                     masking="backward", weight_grads=grads)
     full_params = sum(t.numel() for t in sd.materialize(W.factory).parameters()) * 4
     for k in range(4):
-        pred = predict_backward_worker(p, k, "sgd-momentum", profile, grads, 16)
+        pred = predict_backward_worker(p, k, "sgd", profile, grads, 16)
         assert out["state_bytes"][k] == pred["state_bytes"]
         assert out["activation_bytes"][k] == pred["activation_bytes"]
         assert out["peak_bytes"][k] == pred["total_bytes"] + out["transient_bytes"][k]
@@ -189,11 +189,11 @@ def test_memory_balanced_plan_is_the_plan_of_plan_json(capsys, level, masking):
     from subnetdp.cli import main
 
     assert main(["plan", "--model", "resnet18", "--width", "4", "--workers", "4", "--coverage", "0.5", "--level", level,
-                 "--batch-size", "16", "--optimizer", "sgd-momentum", "--masking", masking, "--json"]) == 0
+                 "--batch-size", "16", "--optimizer", "sgd", "--masking", masking, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     sample = (torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,)))  # any values: saved bytes depend on shapes
     p = sd.memory_balanced_plan(W.factory, 4, 0.5, level, sample=sample, loss_fn=W.loss_fn, batch_size=16,
-                                optimizer="sgd-momentum", masking=masking)
+                                optimizer="sgd", masking=masking)
     assert p.balance == "memory" and p.digest() == out["plan_digest"]
     if level == "block":
         assert sd.plan(W.factory, 4, 0.5, level).digest() != p.digest()

@@ -474,6 +474,50 @@ def test_plan_shares_trains_flag_definitions():
     assert plan_flags["workers"].default == 8  # plan's K; train's --workers starts processes
 
 
+def test_plan_flags_that_train_also_has_cannot_drift():
+    """Issue 20 item 7: every flag plan shares with train is made from the same TrainConfig field: same
+    default, choices, type and help (plan's --seq-len was 256 and its --optimizer sgd-momentum while train's
+    were 128 and sgd). The one flag that differs on purpose is --workers: plan's K, train's processes."""
+    import argparse
+    import dataclasses
+
+    from subnetdp.cli import build_parser
+    from subnetdp.config import PLAN_FIELDS, TrainConfig
+
+    verbs = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    plan_flags, train_flags = ({a.option_strings[0]: a for a in verbs[v]._actions if a.option_strings}
+                               for v in ("plan", "train"))
+    fields = {"--" + f.name.replace("_", "-"): f for f in dataclasses.fields(TrainConfig)}
+    shared = set(plan_flags) & set(train_flags) - {"-h"}
+    assert shared == {"--" + n.replace("_", "-") for n in PLAN_FIELDS}
+    for flag in sorted(shared - {"--workers"}):
+        field, plan_flag = fields[flag], plan_flags[flag]
+        assert plan_flag.default == field.default, flag
+        assert plan_flag.choices == field.metadata.get("choices"), flag
+        assert plan_flag.type == train_flags[flag].type and plan_flag.help == field.metadata["help"], flag
+        assert train_flags[flag].help == f"{plan_flag.help} (default: {plan_flag.default})", flag
+    assert plan_flags["--seq-len"].default == 128 and plan_flags["--optimizer"].default == "sgd"
+
+
+@pytest.mark.parametrize("flags", [["--batch-size", "0"], ["--seq-len", "-1"], ["--momentum", "1.5"], ["--width", "0"],
+                                   ["--model", "vit_s4", "--width", "8"], ["--model", "nope"], ["--level", "layer"]])
+def test_plan_and_train_reject_a_bad_shared_value_with_the_same_line(flags, capsys):
+    """One rule per flag (subnetdp.config), one message: plan says what train says about the same value."""
+    def error(*argv: str) -> str:
+        try:
+            assert main(list(argv)) == 2
+        except SystemExit as e:  # argparse's own check of plan's choices
+            assert e.code == 2
+        return capsys.readouterr().err.split(": error: ", 1)[1]
+
+    plan_error = error("plan", *flags)
+    train_error = error("train", "--simulate", "2", *flags)
+    if flags[0] == "--level":  # argparse checks plan's choices (the field's list) before config.validate_plan
+        assert "'layer'" in plan_error and "'block', 'neuron'" in plan_error and "'layer'" in train_error
+    else:
+        assert plan_error == train_error
+
+
 @pytest.mark.parametrize("masking", ["forward", "backward"])
 def test_train_makes_the_memory_balanced_plan_of_the_library(tmp_path, masking):
     """The main job's default plan is subnetdp.memory_balanced_plan's for the same model, sample shape,

@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from subnetdp.init import has_own_tensors, init_module_, materialize
-from subnetdp.models import MODELS, get_model, load_model_factory
+from subnetdp.models import IMAGE, LANGUAGE, MODELS, ZOO, get_model, load_model_factory, model_factory, model_kind, zoo_model
 from subnetdp.models.llama import Attention as LlamaAttention
 from subnetdp.models.llama import FeedForward, Llama, LlamaConfig, llama_tiny
 from subnetdp.models.resnet import resnet18, resnet50, wide_resnet18
+from subnetdp.models.zoo import names as zoo_names
 from subnetdp.models.vit import Attention as VitAttention
 from subnetdp.models.vit import Mlp, vit_small_patch4
 
@@ -276,3 +277,70 @@ def test_registry_and_factory_specs() -> None:
         with pytest.raises(ValueError, match=r"module:callable") as info:
             load_model_factory(bad)
         assert repr(bad) in str(info.value)
+
+
+# what callers offer the zoo's table: every dimension a data set or a flag may fix
+OFFERED = {"num_classes": 7, "in_channels": 1, "img_size": 32, "width": 8, "vocab_size": 50, "max_seq_len": 16}
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_the_zoo_table_knows_what_each_model_takes_and_its_defaults(name: str) -> None:
+    """Issue 20 item 4: one table knows each model's kind, dimensions, defaults and whether it is
+    convolutional; a factory passes exactly the dimensions the model takes, and they reach the model."""
+    m = ZOO[name]
+    assert m.kind in (IMAGE, LANGUAGE) and set(m.defaults) == set(m.dims) and model_kind(name) == m.kind
+    factory = m.factory(**OFFERED, unknown_dimension=3)
+    assert factory.keywords == {d: OFFERED[d] for d in m.dims}
+    assert m.factory(width=None).keywords == {}  # None leaves the builder's default
+    with torch.device("meta"):
+        built, default = factory(), m.build()
+    if m.kind == LANGUAGE:
+        assert (built.config.vocab_size, built.config.max_seq_len) == (50, 16)
+        assert (default.config.vocab_size, default.config.max_seq_len) == (m.defaults["vocab_size"],
+                                                                           m.defaults["max_seq_len"])
+        assert not m.convolutional
+        return
+    for model, dims in ((built, OFFERED), (default, m.defaults)):
+        convs = [c for c in model.modules() if isinstance(c, nn.Conv2d)]
+        head = [lin for lin in model.modules() if isinstance(lin, nn.Linear)][-1]
+        assert head.out_features == dims["num_classes"] and convs[0].in_channels == dims["in_channels"]
+        if m.takes("width"):  # ResNet's stem width, Swin's embedding width
+            assert convs[0].out_channels == dims["width"]
+        assert m.convolutional == (len(convs) > 1)  # a body of convolutions, not one patch embedding
+
+
+def test_model_factory_builds_zoo_names_and_module_callables_alike() -> None:
+    """The one way a name becomes a model: a zoo name takes its dimensions, a 'module:callable' gets only
+    those a user's callable is called with (num_classes, or vocab_size and max_seq_len), checked."""
+    assert model_factory("resnet18", **OFFERED).keywords == {"num_classes": 7, "in_channels": 1, "width": 8}
+    with pytest.raises(ValueError, match="cannot be called with num_classes=, vocab_size=, max_seq_len="):
+        model_factory("subnetdp.models.resnet:resnet18", **OFFERED)  # no vocabulary: named before any build
+    assert model_factory("subnetdp.models.resnet:resnet18", num_classes=7, width=8)().fc.out_features == 7
+    assert model_kind("subnetdp.models.resnet:resnet18") is None
+    assert zoo_names(LANGUAGE) == ("llama_tiny", "llama_char_small", "llama_125m")
+    assert zoo_names(takes="width") == ("resnet18", "resnet50", "swin_t_cifar")
+    with pytest.raises(ValueError, match="known models"):
+        zoo_model("resnet19")
+
+
+def test_no_module_outside_the_zoo_tests_model_names() -> None:
+    """Names are looked up in the table (models/zoo.py), not tested: no ``startswith("llama")`` and no list of
+    two or more zoo names anywhere else in src/subnetdp."""
+    import ast
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "src" / "subnetdp"
+    found = []
+    for path in src.rglob("*.py"):
+        if path.parent.name == "models":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "startswith"
+                    and any(isinstance(a, ast.Constant) and str(a.value) in ("llama", "resnet", "vit", "swin")
+                            for a in node.args)):
+                found.append(f"{path.name}:{node.lineno} startswith")
+            if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+                zoo = [e.value for e in node.elts if isinstance(e, ast.Constant) and e.value in ZOO]
+                if len(zoo) >= 2:
+                    found.append(f"{path.name}:{node.lineno} {zoo}")
+    assert not found, found

@@ -2,7 +2,10 @@
 
 Every ``train`` flag is a field of :class:`subnetdp.config.TrainConfig`; values come from the
 defaults, then ``--config FILE`` (TOML or YAML), then the flags given. The flags ``plan`` shares with
-``train`` are made from the same fields (name, type, help, choices), so the two cannot drift apart.
+``train`` are made from the same fields (name, type, help, default, choices and rules), so the two
+cannot drift apart. Every verb's values are checked by :mod:`subnetdp.config` before any work; a
+:class:`~subnetdp.config.ConfigError` (or any other user error) ends in one line and exit status 2, in
+:func:`main` only.
 """
 
 from __future__ import annotations
@@ -11,17 +14,28 @@ import argparse
 import dataclasses
 import errno
 import io
-import math
 import os
 import sys
 import typing
 from collections.abc import Sequence
 from pathlib import Path
 
-from subnetdp.config import DEVICES, WIDTH_MODELS, ConfigError, TrainConfig, field_type, from_values, load_file, validate
+from subnetdp.config import (
+    DEVICES,
+    PLAN_FIELDS,
+    ConfigError,
+    TrainConfig,
+    field_type,
+    from_values,
+    load_file,
+    validate,
+    validate_bench,
+    validate_plan,
+)
 from subnetdp.measure.workloads import DEFAULT_VOCAB
-from subnetdp.optimizers import OPTIMIZER_NAMES
-from subnetdp.planning import JOB_BALANCES, LEVELS, TRANSITIONS
+from subnetdp.models import LANGUAGE, model_factory, model_kind
+from subnetdp.optimizers import OPTIMIZER_NAMES, name_for
+from subnetdp.planning import JOB_BALANCES, TRANSITIONS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -78,14 +92,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         _add_field_flag(p, f, for_train=True)
 
 
-# the flags ``subnetdp plan`` shares with ``train``: same names, types, help and choices
-_PLAN_FIELDS = ("model", "width", "workers", "coverage", "level", "seed", "activation_checkpointing", "masking",
-                "transitions", "balance")
-
-
 def _add_plan_flags(p: argparse.ArgumentParser) -> None:
+    """``plan``'s flags of :data:`subnetdp.config.PLAN_FIELDS`, from train's fields (``--workers`` is plan's K)."""
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    for name in _PLAN_FIELDS:
+    for name in PLAN_FIELDS:
         override = {"default": 8, "help": "number of SDP workers K"} if name == "workers" else {}
         _add_field_flag(p, fields[name], for_train=False, **override)
 
@@ -105,17 +115,20 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return from_values(values, f"--config {args.config}" if getattr(args, "config", None) else "flags")
 
 
-def _user_factory(args: argparse.Namespace) -> typing.Callable[[], typing.Any]:
-    """A ``module:callable`` model of ``subnetdp plan``, built as ``train`` builds it: with ``num_classes`` (an
-    image model), or with ``vocab_size`` and ``max_seq_len`` when ``--vocab-size`` is given (a language
-    model, as ``train`` builds one on text)."""
-    import functools
+def plan_config(args: argparse.Namespace) -> TrainConfig:
+    """``plan``'s shared flags as the :class:`TrainConfig` of the run it predicts, checked by train's rules
+    and plan's own (:func:`subnetdp.config.validate_plan`)."""
+    cfg = TrainConfig(**{name: getattr(args, name) for name in PLAN_FIELDS})
+    validate_plan(cfg, args.num_classes, args.vocab_size, json=args.json, budget=args.budget is not None)
+    return cfg
 
-    from subnetdp.models import load_model_factory
 
-    kwargs = ({"vocab_size": args.vocab_size, "max_seq_len": args.seq_len} if args.vocab_size is not None
-              else {"num_classes": args.num_classes})
-    return functools.partial(load_model_factory(args.model), **kwargs)
+def _save_plan(path: str, text: str) -> None:
+    try:
+        with open(path, "w") as f:
+            f.write(text)
+    except OSError as e:
+        raise ConfigError(f"--save {path}: {e.strerror}; give a file in an existing, writable folder") from None
 
 
 def _plan_command(args: argparse.Namespace) -> int:
@@ -125,47 +138,33 @@ def _plan_command(args: argparse.Namespace) -> int:
     from subnetdp.metrics import format_bytes
     from subnetdp.planning import plan, plan_prediction, plan_summary
 
-    if args.batch_size < 1:
-        print(f"subnetdp plan: error: --batch-size {args.batch_size}: must be > 0", file=sys.stderr)
-        return 2
-    for flag in ("width", "num_classes", "vocab_size"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            print(f"subnetdp plan: error: --{flag.replace('_', '-')} {value}: must be a positive whole number",
-                  file=sys.stderr)
-            return 2
-    if args.width is not None and args.model not in WIDTH_MODELS:  # train's rule (config.validate)
-        print(f"subnetdp plan: error: --width applies to {', '.join(WIDTH_MODELS)}, not {args.model}", file=sys.stderr)
-        return 2
-    user_model = ":" in args.model
-    try:
-        if user_model:  # no workload to profile: balance parameter counts, predict model state only
-            p, prediction = plan(_user_factory(args), args.workers, args.coverage, args.level, args.seed,
-                                 transitions=args.transitions), None
-        else:
-            p, prediction = plan_prediction(
-                workload_for(args), args.workers, args.coverage, args.level, optimizer=args.optimizer,
-                batch_size=args.batch_size, seed=args.seed, transitions=args.transitions, balance=args.balance,
-                activation_checkpointing=args.activation_checkpointing, masking=args.masking)
-    except ValueError as e:
-        print(f"subnetdp plan: error: {e}", file=sys.stderr)
-        return 2
+    cfg = plan_config(args)
+    optimizer = name_for(cfg.optimizer, cfg.momentum)  # what train runs: sgd without momentum keeps no state
+    if model_kind(cfg.model) is None:  # a 'module:callable': no workload to profile; balance parameter counts
+        # built as train builds it: an image model with --num-classes, a language model (--vocab-size given)
+        # with its vocabulary and --seq-len
+        dims = ({"vocab_size": args.vocab_size, "max_seq_len": cfg.seq_len} if args.vocab_size is not None
+                else {"num_classes": args.num_classes})
+        p, prediction = plan(model_factory(cfg.model, **dims), cfg.workers, cfg.coverage, cfg.level, cfg.seed,
+                             transitions=cfg.transitions), None
+    else:
+        p, prediction = plan_prediction(
+            workload_for(args), cfg.workers, cfg.coverage, cfg.level, optimizer=optimizer,
+            batch_size=cfg.batch_size, seed=cfg.seed, transitions=cfg.transitions, balance=cfg.balance,
+            activation_checkpointing=cfg.activation_checkpointing, masking=cfg.masking)
     if args.json:
-        if prediction is None:
-            print("subnetdp plan: error: --json needs a zoo model (a 'module:callable' model has no known inputs "
-                  "to predict activations from)", file=sys.stderr)
-            return 2
         print(json.dumps(prediction))
     else:
-        print(plan_summary(p, args.optimizer))
+        print(plan_summary(p, optimizer))
         print()
         if prediction is None:
             print(f"activations: not predicted for a 'module:callable' model (subnetdp does not know its inputs); "
-                  f"the state above is params + grads + {args.optimizer} state; the plan balances parameter counts")
+                  f"the state above is params + grads + {optimizer} state; the plan balances parameter counts")
         else:
-            what = f"batch {args.batch_size} per worker" + (f" x {args.seq_len} tokens" if args.model.startswith("llama") else "")
-            ckpt = ", block checkpointing" if args.activation_checkpointing else ""
-            print(f"predicted memory per worker ({what}, fp32, {args.optimizer}{ckpt}; --batch-size sets the batch):")
+            tokens = f" x {cfg.seq_len} tokens" if model_kind(cfg.model) == LANGUAGE else ""
+            ckpt = ", block checkpointing" if cfg.activation_checkpointing else ""
+            print(f"predicted memory per worker (batch {cfg.batch_size} per worker{tokens}, fp32, {optimizer}{ckpt}; "
+                  "--batch-size sets the batch):")
             print("| worker | model state | activations | predicted peak |")
             print("|---|---|---|---|")
             for k in range(p.workers):
@@ -176,13 +175,7 @@ def _plan_command(args: argparse.Namespace) -> int:
             print(f"worst worker: {worst}, predicted peak {format_bytes(prediction['peak_bytes'][worst])} = "
                   f"{prediction['peak_bytes'][worst] / ddp:.3f} x DDP's {format_bytes(ddp)}")
     if args.save:
-        try:
-            with open(args.save, "w") as f:
-                f.write(p.to_json())
-        except OSError as e:
-            print(f"subnetdp plan: error: --save {args.save}: {e.strerror}; give a file in an existing, writable "
-                  "folder", file=sys.stderr)
-            return 2
+        _save_plan(args.save, p.to_json())
         if not args.json:
             print(f"plan saved to {args.save}")
     return 0
@@ -194,11 +187,7 @@ def _evaluate_command(args: argparse.Namespace) -> int:
     from subnetdp.report import conventions_text
     from subnetdp.train import evaluate_run
 
-    try:
-        result = evaluate_run(args.run, args.device, model=args.model, trust_run_code=args.trust_run_code)
-    except (FileNotFoundError, ConfigError, ValueError) as e:
-        print(f"subnetdp evaluate: error: {e}", file=sys.stderr)
-        return 2
+    result = evaluate_run(args.run, args.device, model=args.model, trust_run_code=args.trust_run_code)
     if args.json:
         print(json.dumps(result))
     else:
@@ -259,44 +248,11 @@ def add_bench_parser(subparsers: typing.Any) -> argparse.ArgumentParser:
     return p
 
 
-def check_bench_args(args: argparse.Namespace) -> None:
-    """Reject bad ``subnetdp bench`` values before any work, naming the flag and what it accepts."""
-    for flag in ("width", "batch", "llama_batch", "seq_len", "workers", "repeats", "time_steps", "rounds"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be a positive whole number")
-    if not (math.isfinite(args.time_limit) and args.time_limit > 0):
-        raise ValueError(f"--time-limit {args.time_limit}: seconds, a finite number > 0")
-    for flag in ("time_ranks", "time_warmup", "threads"):
-        if getattr(args, flag) < 0:
-            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be 0 or more")
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    if not models or any(m not in ("resnet18", "llama") for m in models):
-        raise ValueError(f"--models {args.models!r}: give a comma-separated list of resnet18, llama")
-    levels = [lv.strip() for lv in args.levels.split(",") if lv.strip()]
-    if not levels or any(lv not in LEVELS for lv in levels):
-        raise ValueError(f"--levels {args.levels!r}: give a comma-separated list of {', '.join(LEVELS)}")
-    try:
-        coverages = [float(c) for c in args.coverages.split(",") if c.strip()]
-    except ValueError:
-        coverages = []
-    if not coverages or any(not 0 < c <= 1 for c in coverages):
-        raise ValueError(f"--coverages {args.coverages!r}: give comma-separated numbers in (0, 1], e.g. 0.75,0.5")
-    import torch
-
-    try:
-        torch.device(args.device)
-    except RuntimeError as e:
-        raise ValueError(f"--device {args.device!r}: not a device ({e}); use cpu or cuda") from e
-
-
 def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags for ``subnetdp plan --budget 6GiB``: pick the coverage and level from a memory budget."""
     parser.add_argument("--budget", default=None,
                         help="memory per worker (e.g. 6GiB, 512MiB): choose the largest coverage and the level "
                              "whose predicted peak fits, instead of --coverage/--level")
-    parser.add_argument("--batch-size", type=int, default=128,
-                        help="samples per worker per step (the predictions and --balance memory scale to it)")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sample for language models")
     parser.add_argument("--measure", action="store_true",
                         help="with --budget: run one step of the chosen plan's worst worker here and report "
                              "measured / predicted")
@@ -310,24 +266,20 @@ def _budget_command(args: argparse.Namespace) -> int:
     from subnetdp.planning import plan_summary
     from subnetdp.planning.budget import plan_for_budget
 
-    try:
-        w = workload_for(args)
-        choice = plan_for_budget(w, args.workers, args.budget, optimizer=args.optimizer,
-                                 batch_size=args.batch_size, seed=args.seed,
-                                 transitions=args.transitions)
-    except ValueError as e:
-        print(f"subnetdp plan: error: {e}", file=sys.stderr)
-        return 2
+    cfg = plan_config(args)
+    optimizer = name_for(cfg.optimizer, cfg.momentum)
+    w = workload_for(args)
+    choice = plan_for_budget(w, cfg.workers, args.budget, optimizer=optimizer, batch_size=cfg.batch_size,
+                             seed=cfg.seed, transitions=cfg.transitions)
     print(choice.summary())
     print()
-    print(plan_summary(choice.plan, args.optimizer))
+    print(plan_summary(choice.plan, optimizer))
     if args.measure:
-        r = measure_choice(choice, w, seed=args.seed)
+        r = measure_choice(choice, w, seed=cfg.seed)
         print(f"\nmeasured worker {r['worker']}: {format_bytes(r['measured_bytes'])} (state + saved activations) "
               f"vs predicted {format_bytes(r['predicted_bytes'])}: ratio {r['ratio']:.3f}")
     if args.save:
-        with open(args.save, "w") as f:
-            f.write(choice.plan.to_json())
+        _save_plan(args.save, choice.plan.to_json())
         print(f"plan saved to {args.save}")
     return 0
 
@@ -349,12 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--vocab-size", type=int, default=None,
                     help=f"vocabulary of a language model (zoo: {DEFAULT_VOCAB} if not given); a 'module:callable' "
                          "model gets vocab_size and max_seq_len=--seq-len when it is given, else num_classes")
-    pl.add_argument("--optimizer", choices=OPTIMIZER_NAMES, default="sgd-momentum",
-                    help="optimizer whose state the prediction counts")
     pl.add_argument("--json", action="store_true",
                     help="print one JSON object: the settings, peak/state/activation bytes per worker and DDP's peak")
     pl.add_argument("--save", help="write the plan as JSON to this file (default: not saved)")
-    add_budget_arguments(pl)  # --budget, --batch-size, --seq-len, --measure
+    add_budget_arguments(pl)  # --budget, --measure
 
     add_bench_parser(sub)
 
@@ -463,7 +413,7 @@ def _main(argv: list[str]) -> int:
     if args.command == "bench":
         from subnetdp.measure.bench import run_bench
 
-        check_bench_args(args)
+        validate_bench(args)
         run_bench(args)
         return 0
     if args.command == "evaluate":
@@ -471,20 +421,12 @@ def _main(argv: list[str]) -> int:
     if args.command == "report":
         from subnetdp.report import write_report
 
-        try:
-            path = write_report(args.runs, args.out)
-        except (FileNotFoundError, ValueError) as e:
-            print(f"subnetdp report: error: {e}", file=sys.stderr)
-            return 2
+        path = write_report(args.runs, args.out)
         print(path.read_text())
         print(f"written: {path} and plots in {path.parent}")
         return 0
-    try:
-        cfg = config_from_args(args)
-        validate(cfg)
-    except ConfigError as e:
-        print(f"subnetdp train: error: {e}", file=sys.stderr)
-        return 2
+    cfg = config_from_args(args)
+    validate(cfg)
     from subnetdp.train import run
 
     run(cfg, argv[1:])

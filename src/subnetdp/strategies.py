@@ -26,6 +26,7 @@ from subnetdp.baselines import wrap_baseline
 from subnetdp.config import TrainConfig
 from subnetdp.engine import SubnetDataParallel, agree_finite
 from subnetdp.init import ModelFactory, materialize
+from subnetdp.models import is_user_model, zoo_model
 from subnetdp.planning import Plan
 from subnetdp.planning.counting import state_bytes as count_state_bytes
 from subnetdp.simulate import Simulation
@@ -65,7 +66,7 @@ def state_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, int]:
 
 def _channels_last(cfg: TrainConfig, model: nn.Module, device: torch.device) -> nn.Module:
     """Convolutional models train faster in channels-last layout on a GPU (in place; parameters keep identity)."""
-    if device.type == "cuda" and cfg.model in ("resnet18", "wide_resnet18", "resnet50"):
+    if device.type == "cuda" and not is_user_model(cfg.model) and zoo_model(cfg.model).convolutional:
         model.to(memory_format=torch.channels_last)
     return model
 

@@ -6,7 +6,6 @@ with it, and evaluates the assembled full model.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import itertools
 import math
@@ -29,7 +28,7 @@ from subnetdp.data import (
 )
 from subnetdp.data.text import get_tokenizer, is_token_file, read_token_file, token_file_vocab_size
 from subnetdp.losses import classification_loss, next_token_loss
-from subnetdp.models import get_model, user_model_factory
+from subnetdp.models import model_factory
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Metrics = dict[str, float]
@@ -69,20 +68,9 @@ class ImageTask:
         return _digest(tuple(images.shape), self.train.labels, images.reshape(-1)[:: max(1, images.numel() // 2**20)])
 
     def model_factory(self) -> Callable[[], nn.Module]:
-        kwargs: dict = {"num_classes": self.num_classes}
-        if self.cfg.model in ("resnet18", "wide_resnet18", "resnet50"):
-            kwargs["in_channels"] = self.in_channels
-            if self.cfg.width is not None:
-                kwargs["width"] = self.cfg.width
-        elif self.cfg.model == "vit_s4":
-            kwargs.update(in_channels=self.in_channels, img_size=self.train.images.shape[-1])
-        elif self.cfg.model == "swin_t_cifar":
-            kwargs.update(in_channels=self.in_channels, img_size=self.train.images.shape[-1])
-            if self.cfg.width is not None:
-                kwargs["width"] = self.cfg.width
-        if ":" in self.cfg.model:
-            return user_model_factory(self.cfg.model, **kwargs)
-        return functools.partial(get_model, self.cfg.model, **kwargs)
+        """The model, with the dimensions the data set fixes (classes, channels, image size) and ``--width``."""
+        return model_factory(self.cfg.model, num_classes=self.num_classes, in_channels=self.in_channels,
+                             img_size=self.train.images.shape[-1], width=self.cfg.width)
 
     def loader(self, rank: int, world: int) -> TensorImageLoader:
         self.steps_per_epoch(world)
@@ -171,10 +159,8 @@ class TextTask:
         return _digest(n, self.vocab_size, self.train[: 2**20], self.train[max(0, n - 2**20):])
 
     def model_factory(self) -> Callable[[], nn.Module]:
-        kwargs = {"vocab_size": self.vocab_size, "max_seq_len": self.cfg.seq_len}
-        if ":" in self.cfg.model:
-            return user_model_factory(self.cfg.model, **kwargs)
-        return functools.partial(get_model, self.cfg.model, **kwargs)
+        """The model, with the vocabulary of the data and ``--seq-len`` as its longest sequence."""
+        return model_factory(self.cfg.model, vocab_size=self.vocab_size, max_seq_len=self.cfg.seq_len)
 
     def loader(self, rank: int, world: int) -> TokenBatches:
         return TokenBatches(self.train, self.cfg.batch_size, self.cfg.seq_len, seed=self.cfg.seed, rank=rank,

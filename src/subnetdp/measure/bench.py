@@ -269,7 +269,7 @@ def _profile_json(p: ActivationProfile) -> dict[str, Any]:
 def run_bench(args: argparse.Namespace, log=print) -> dict[str, Any]:
     """Run the benchmark (both parts, every workload) and write its outputs; returns the JSON.
 
-    ``args`` are ``subnetdp bench``'s flags, already checked (:func:`subnetdp.cli.check_bench_args`).
+    ``args`` are ``subnetdp bench``'s flags, already checked (:func:`subnetdp.config.validate_bench`).
     """
     pyplot()  # matplotlib is an optional extra: say so before the measurements, not after them
     if args.full:

@@ -16,6 +16,7 @@ import torch
 from subnetdp.init import ModelFactory
 from subnetdp.losses import image_batch_loss, token_batch_loss
 from subnetdp.measure.meters import LossFn
+from subnetdp.models import LANGUAGE, model_kind, zoo_model
 
 DEFAULT_VOCAB = 65  # Tiny Shakespeare's characters: a language model's vocabulary unless given
 
@@ -47,30 +48,28 @@ def token_batch(batch_size: int, device: torch.device, seed: int, *, seq_len: in
     return t[:, :-1].contiguous().to(device), t[:, 1:].contiguous().to(device)
 
 
-def image_workload(model: str = "resnet18", width: int = 16, num_classes: int = 10, image_size: int = 32,
+def image_workload(model: str = "resnet18", width: int | None = 16, num_classes: int = 10, image_size: int = 32,
                    channels: int = 3) -> Workload:
-    """A zoo image model on synthetic ``image_size`` x ``image_size`` inputs, cross-entropy loss."""
+    """A zoo image model on synthetic ``image_size`` x ``image_size`` inputs, cross-entropy loss.
+
+    ``width`` reaches the models that take one (``None``: the model's own default); others ignore it.
+    """
     import functools
 
-    from subnetdp.models import get_model
-
-    kwargs: dict[str, Any] = {"num_classes": num_classes, "in_channels": channels}
-    if model in ("resnet18", "resnet50"):
-        kwargs["width"] = width
-    factory = functools.partial(get_model, model, **kwargs)
+    m = zoo_model(model)
+    factory = m.factory(num_classes=num_classes, in_channels=channels, img_size=image_size, width=width)
     maker = functools.partial(image_batch, channels=channels, size=image_size, classes=num_classes)
-    label = f"{model}(width={width})" if "width" in kwargs else model
+    label = f"{model}(width={m.defaults['width'] if width is None else width})" if m.takes("width") else model
     return Workload(label, factory, maker, image_batch_loss)
 
 
 def text_workload(model: str = "llama_char_small", seq_len: int = 128, vocab_size: int = DEFAULT_VOCAB,
                   **overrides: Any) -> Workload:
-    """A zoo LLaMA preset on random tokens (next-token cross-entropy), ``seq_len`` tokens per sample."""
+    """A zoo language model on random tokens (next-token cross-entropy), ``seq_len`` tokens per sample;
+    ``overrides`` go to its builder (architecture fields such as ``n_layers``)."""
     import functools
 
-    from subnetdp.models import get_model
-
-    factory = functools.partial(get_model, model, vocab_size=vocab_size, max_seq_len=seq_len, **overrides)
+    factory = functools.partial(zoo_model(model).factory(vocab_size=vocab_size, max_seq_len=seq_len), **overrides)
     maker = functools.partial(token_batch, seq_len=seq_len, vocab=vocab_size)
     extra = "".join(f", {k}={v}" for k, v in overrides.items())
     return Workload(f"{model}(vocab={vocab_size}, seq={seq_len}{extra})", factory, maker, token_batch_loss)
@@ -87,7 +86,6 @@ def workload_from_spec(spec: dict[str, Any]) -> Workload:
 def workload_for(args: argparse.Namespace) -> Workload:
     """The workload of ``subnetdp plan``'s model flags (``--model``, ``--width``, ``--num-classes``,
     ``--vocab-size``, ``--seq-len``)."""
-    if args.model.startswith("llama"):
+    if model_kind(args.model) == LANGUAGE:
         return text_workload(args.model, seq_len=args.seq_len, vocab_size=args.vocab_size or DEFAULT_VOCAB)
-    width = args.width if args.width is not None else 64
-    return image_workload(args.model, width=width, num_classes=args.num_classes)
+    return image_workload(args.model, width=args.width, num_classes=args.num_classes)

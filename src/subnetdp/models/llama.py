@@ -201,19 +201,24 @@ def _preset(defaults: dict[str, object], overrides: dict[str, object]) -> Llama:
     return Llama(LlamaConfig(**{**defaults, **overrides}))  # type: ignore[arg-type]
 
 
+# each preset's configuration before a caller's overrides (the zoo's table reads its default dimensions here)
+PRESETS: dict[str, dict[str, object]] = {
+    "llama_tiny": dict(vocab_size=65, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=64),
+    "llama_char_small": dict(vocab_size=65, dim=192, n_layers=6, n_heads=6, n_kv_heads=3, max_seq_len=256),
+    "llama_125m": dict(vocab_size=32000, dim=768, n_layers=12, n_heads=12, n_kv_heads=4, max_seq_len=1024),
+}
+
+
 def llama_tiny(**overrides: object) -> Llama:
     """About 0.2M parameters: for tests."""
-    return _preset(dict(vocab_size=65, dim=64, n_layers=4, n_heads=4, n_kv_heads=2,
-                        max_seq_len=64), overrides)
+    return _preset(PRESETS["llama_tiny"], overrides)
 
 
 def llama_char_small(**overrides: object) -> Llama:
     """About 2.4M parameters: char-level Tiny Shakespeare on a CPU."""
-    return _preset(dict(vocab_size=65, dim=192, n_layers=6, n_heads=6, n_kv_heads=3,
-                        max_seq_len=256), overrides)
+    return _preset(PRESETS["llama_char_small"], overrides)
 
 
 def llama_125m(**overrides: object) -> Llama:
     """About 125M parameters (32k vocabulary, untied, 4 KV heads): for a GPU."""
-    return _preset(dict(vocab_size=32000, dim=768, n_layers=12, n_heads=12, n_kv_heads=4,
-                        max_seq_len=1024), overrides)
+    return _preset(PRESETS["llama_125m"], overrides)
