@@ -25,7 +25,7 @@ from subnetdp.init import INIT_MODES
 from subnetdp.models import LANGUAGE, ZOO, is_user_model, model_kind
 from subnetdp.models.zoo import names as zoo_names
 from subnetdp.planning import JOB_BALANCES, LEVELS, TRANSITIONS, check_coverage
-from subnetdp.options import MASKINGS, NEURON_SCALINGS, SYNC_MODES, SDPOptions
+from subnetdp.options import MASKINGS, NEURON_SCALINGS, SHARDINGS, SYNC_MODES, SDPOptions
 
 STRATEGIES = ("sdp", "ddp", "fsdp", "ddp-ckpt")
 OPTIMIZERS = ("sgd", "adamw")
@@ -140,6 +140,11 @@ class TrainConfig:
     sync: str = field(default="grads", metadata={"choices": SYNC_MODES, "help": "SDP sync: grads (every step) or params (every --sync-every steps)"})
     sync_every: int = field(default=1, metadata={"checks": (count(),), "help": "steps between parameter averages with --sync params"})
     neuron_scaling: str = field(default="inverted", metadata={"choices": NEURON_SCALINGS, "help": "neuron level: inverted (scale kept width by 1/C) or none"})
+    sharding: str = field(default="none", metadata={
+        "choices": SHARDINGS,
+        "help": "SDP: how a worker stores its units' state: none (every holder keeps all of it) or holders (each "
+                "unit's parameters, gradients and optimizer state split over its holders with FSDP2; block level, "
+                "forward masking, gradient sync; --simulate computes the same math unsharded; docs/sharding.md)"})
     masking: str = field(default="forward", metadata={
         "choices": MASKINGS,
         "help": "SDP regime: forward (units not held are absent) or backward (full forward on every worker, "
@@ -206,7 +211,7 @@ class TrainConfig:
         """The SDP options this configuration trains with (the same object for both SDP strategies)."""
         return SDPOptions(seed=self.seed, sync=self.sync, sync_every=self.sync_every, neuron_scaling=self.neuron_scaling,
                           checkpointing="blocks" if self.recomputes_blocks else "none", masking=self.masking,
-                          init=self.init)
+                          init=self.init, sharding=self.sharding)
 
     @property
     def recomputes_blocks(self) -> bool:
@@ -288,6 +293,14 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--masking backward is an SDP regime; --strategy {cfg.strategy} has no masking")
     if cfg.masking == "backward" and cfg.sync != "grads":
         raise ConfigError("--masking backward averages gradients every step; use --sync grads")
+    if cfg.sharding == "holders":
+        needs = [(cfg.strategy == "sdp", f"--strategy sdp (--strategy {cfg.strategy} has no holders; fsdp shards the whole model)"),
+                 (cfg.level == "block", "--level block: FSDP2 shards whole parameters, and a neuron-level unit is a slice of one"),
+                 (cfg.masking == "forward", "--masking forward: under backward masking every worker holds the full model"),
+                 (cfg.sync == "grads", "--sync grads: FSDP2 reduce-scatters the gradients in every backward")]
+        for ok, what in needs:
+            if not ok:
+                raise ConfigError(f"--sharding holders needs {what}")
     if cfg.max_restarts and not cfg.workers:
         raise ConfigError(f"--max-restarts {cfg.max_restarts} applies to --workers K; under torchrun use "
                           "torchrun's own --max-restarts (the run resumes by itself on a restart)")

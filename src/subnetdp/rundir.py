@@ -9,6 +9,7 @@ training math is refused with the differing keys named, before any file is writt
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
@@ -175,4 +176,7 @@ def math_differences(before: dict[str, Any], after: dict[str, Any]) -> list[str]
     """
     length_free = after.get("schedule") == "constant" and not after.get("warmup")
     skip = FREE_ON_RESUME | (LENGTH if length_free else frozenset())
-    return sorted(k for k in set(before) | set(after) if k not in skip and before.get(k) != after.get(k))
+    # a setting a run's config.json lacks is younger than the run, which therefore ran with its default
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    was = {**{k: v for k, v in defaults.items() if k not in before}, **before}
+    return sorted(k for k in set(was) | set(after) if k not in skip and was.get(k) != after.get(k))
