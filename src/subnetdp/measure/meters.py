@@ -135,3 +135,34 @@ def measure_choice(choice: BudgetChoice, workload: WorkloadLike, *, seed: int = 
     if "peak_allocated_bytes" in m:
         out["peak_ratio"] = m["peak_allocated_bytes"] / choice.peak
     return out
+
+
+def allocator_peak(step: Any, live_before: int, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """The peak of live tensor bytes while ``step()`` runs once, from the allocator's own record.
+
+    On CUDA it is the caching allocator's peak of allocated bytes (``torch.cuda.max_memory_allocated``,
+    reset first). On the CPU, which keeps no such statistic, it is ``live_before`` (the bytes of the
+    tensors alive when the step starts: count them, e.g. :func:`state_bytes` of the model and optimizer
+    plus the batch) plus the highest running sum of the allocations and frees that ``torch.profiler``
+    records during the step (its ``profile_memory`` events, every thread of this process: autograd's and
+    the collectives' buffers included). Returns ``{"peak_bytes", "step_delta_bytes", "basis"}``.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        return {"peak_bytes": int(peak), "step_delta_bytes": None, "basis": "CUDA allocator peak (max_memory_allocated)"}
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    running = highest = 0
+    for _, nbytes in events:
+        running += nbytes
+        highest = max(highest, running)
+    return {"peak_bytes": int(live_before + highest), "step_delta_bytes": int(highest),
+            "basis": "live tensors at the step's start + the highest running sum of torch.profiler's allocation events"}

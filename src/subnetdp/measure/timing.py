@@ -35,13 +35,16 @@ from torch import nn
 
 from subnetdp.baselines import fsdp2_bytes, wrap_baseline
 from subnetdp.init import materialize
-from subnetdp.measure.meters import state_bytes
+from subnetdp.measure.meters import allocator_peak, state_bytes
 from subnetdp.measure.tables import DEFAULT_TRANSITIONS, sdp_name
 from subnetdp.measure.workloads import workload_from_spec
 from subnetdp.optimizers import make_optimizer
 from subnetdp.planning import profile_workload, sdp_plan
 from subnetdp.supervise import PARENT_ENV, TORCHRUN, die_with_parent
 from subnetdp.sync import step_traffic
+
+
+_STATE_KEYS = ("param_bytes", "grad_bytes", "optimizer_bytes", "buffer_bytes")
 
 
 class _Config:
@@ -100,14 +103,16 @@ def run_worker(spec_path: str) -> None:
     profile = None
     if spec.get("balance", "params") == "memory":  # the memory part's profile: same batch, same plans
         profile = profile_workload(w, seed=seed, profile_batch=batch_size)
-    for ckpt_mode in spec["checkpointing"]:
-        for level in spec["levels"]:
-            for c in spec["coverages"]:
-                p = sdp_plan(w, world, c, level, seed, profile, opt_name, batch_size, spec.get("transitions", "keep"),
-                             spec.get("balance", "params"), ckpt_mode == "blocks")
-                sdp = SubnetDataParallel(w.factory, p, seed=seed, checkpointing=ckpt_mode)
-                configs.append(_Config(f"{sdp_name(ckpt_mode == 'blocks')} {level} C={c:g}", "sdp", sdp,
-                                       make_optimizer(opt_name, sdp.parameters()), level, c, ckpt_mode == "blocks"))
+    for sharding in spec.get("sharding", ["none"]):
+        for ckpt_mode in spec["checkpointing"]:
+            for level in spec["levels"] if sharding == "none" else [lv for lv in spec["levels"] if lv == "block"]:
+                for c in spec["coverages"]:
+                    p = sdp_plan(w, world, c, level, seed, profile, opt_name, batch_size, spec.get("transitions", "keep"),
+                                 spec.get("balance", "params"), ckpt_mode == "blocks")
+                    sdp = SubnetDataParallel(w.factory, p, seed=seed, checkpointing=ckpt_mode, sharding=sharding)
+                    name = sdp_name(ckpt_mode == "blocks").replace("SDP", "SDP-sharded" if sharding == "holders" else "SDP")
+                    configs.append(_Config(f"{name} {level} C={c:g}", "sdp" if sharding == "none" else "sdp-sharded",
+                                           sdp, make_optimizer(opt_name, sdp.parameters()), level, c, ckpt_mode == "blocks"))
 
     def step(cfg: _Config) -> None:
         cfg.opt.zero_grad(set_to_none=True)
@@ -136,15 +141,26 @@ def run_worker(spec_path: str) -> None:
                 b1, w1 = cfg.counters()
                 cfg.bytes.append(b1 - b0)
                 cfg.wait_s.append(w1 - w0)
-            if cfg.strategy != "fsdp":  # FSDP2 cannot switch its all-gathers off: it gets DDP's local step
+            if cfg.strategy not in ("fsdp", "sdp-sharded"):  # FSDP2 cannot switch its all-gathers off
                 for _ in range(spec["steps"]):
                     cfg.compute_s.append(timed(cfg, False))
     elapsed = time.perf_counter() - start
+    batch_bytes = sum(t.numel() * t.element_size() for t in batch)
+    peaks = {}
+    for cfg in configs:  # one more step each, under the allocator's record (after the timed ones: no profiler cost there)
+        live = sum(v for k, v in state_bytes(cfg.model, cfg.opt).items() if k in _STATE_KEYS) + batch_bytes
+        dist.barrier()
+        peaks[cfg.name] = allocator_peak(lambda cfg=cfg: step(cfg), live)
 
     mine = []
     for cfg in configs:
         static: dict[str, Any] = {}
-        if cfg.strategy == "sdp":
+        if cfg.strategy == "sdp-sharded":
+            handed, ring = sharded_bytes(cfg.model.parameters())
+            static = {"predicted_bytes": handed, "ring_bytes": ring,
+                      "params": sum(p.numel() for p in cfg.model.parameters()),
+                      "local_state": state_bytes(cfg.model, cfg.opt)}
+        elif cfg.strategy == "sdp":
             ring = step_traffic(cfg.model.module, cfg.model.plan, rank)["ring_bytes"]
             static = {"predicted_bytes": cfg.model.predicted_bytes_per_sync(), "ring_bytes": ring,
                       "params": sum(p.numel() for p in cfg.model.parameters())}
@@ -160,7 +176,7 @@ def run_worker(spec_path: str) -> None:
                           "params": full_bytes // 4}
         mine.append({"name": cfg.name, "strategy": cfg.strategy, "level": cfg.level, "coverage": cfg.coverage,
                      "checkpointing": cfg.checkpointing, "step_s": cfg.step_s, "compute_s": cfg.compute_s, "bytes": cfg.bytes, "wait_s": cfg.wait_s,
-                     "static": static})
+                     "static": static, "peak": peaks[cfg.name]})
     gathered = [None] * world if rank == 0 else None
     dist.gather_object(mine, gathered, dst=0)
     if rank == 0:
@@ -168,6 +184,18 @@ def run_worker(spec_path: str) -> None:
         Path(spec["out"]).write_text(json.dumps({"rows": rows, "elapsed_s": elapsed, "ranks": world}, indent=1))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def sharded_bytes(parameters: Any) -> tuple[float, float]:
+    """Derived traffic per rank per step of parameters FSDP2 shards (DTensors), each over its own mesh:
+    :func:`subnetdp.baselines.fsdp2_bytes` per parameter with its mesh's size (a mesh of one: no collective)."""
+    handed = ring = 0.0
+    for p in parameters:
+        n = p.device_mesh.size() if hasattr(p, "device_mesh") else 1
+        if n > 1:
+            h, r = fsdp2_bytes(p.numel() * p.element_size(), n)  # DTensor numel: the full size
+            handed, ring = handed + h, ring + r
+    return handed, ring
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -186,8 +214,12 @@ def _summarise_time(gathered: list[list[dict]], batch: int, world: int) -> list[
                    bytes_per_rank=[statistics.median(r["bytes"]) if r["bytes"] else None for r in per_rank],
                    predicted_bytes_per_rank=[r["static"]["predicted_bytes"] for r in per_rank],
                    ring_bytes_per_rank=[r["static"]["ring_bytes"] for r in per_rank],
-                   params_per_rank=[r["static"]["params"] for r in per_rank])
-        if row["strategy"] == "fsdp":
+                   params_per_rank=[r["static"]["params"] for r in per_rank],
+                   peak_bytes_per_rank=[r["peak"]["peak_bytes"] for r in per_rank], peak_basis=c0["peak"]["basis"])
+        if row["strategy"] == "sdp-sharded":
+            row["bytes_basis"] = "derived (fsdp2_bytes per parameter over its holder mesh)"
+            row["local_state_per_rank"] = [r["static"]["local_state"] for r in per_rank]
+        elif row["strategy"] == "fsdp":
             row["bytes_basis"] = "derived (fsdp2_bytes)"
             row["local_state_per_rank"] = [r["static"]["local_state"] for r in per_rank]
             row["compute_basis"] = (f"{'DDP+ckpt' if row['checkpointing'] else 'DDP'}'s local step "
@@ -198,7 +230,13 @@ def _summarise_time(gathered: list[list[dict]], batch: int, world: int) -> list[
         rows.append(row)
     ddp = next(r for r in rows if r["strategy"] == "ddp")
     ddp_ckpt = next(r for r in rows if r["strategy"] == "ddp-ckpt")
+    by_name = {r["name"]: r for r in rows}
     for r in rows:
+        if r["strategy"] == "sdp-sharded":  # the same subnetwork's local step, measured on the replicated engine
+            twin = by_name.get(r["name"].replace("SDP-sharded", "SDP"))
+            r["compute_basis"] = (f"{twin['name']}'s local step (FSDP2 cannot switch its all-gathers off)" if twin
+                                  else "none measured (no replicated row of the same plan)")
+            r["compute_s"] = twin["compute_s"] if twin else None
         compute = r["compute_s"] or (ddp_ckpt if r["checkpointing"] else ddp)["compute_s"]
         r["exposed_comm_s"] = r["step_s"]["median"] - compute["median"]
         r["samples_per_s_per_rank"] = batch / r["step_s"]["median"]
