@@ -217,6 +217,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--levels", default="block,neuron", help="comma-separated SDP levels")
     p.add_argument("--sdp-checkpointing", default="both", choices=("none", "blocks", "both"),
                    help="SDP rows without activation checkpointing, with it (SDP+ckpt), or both")
+    p.add_argument("--sharding", default="none", choices=("none", "holders", "both"),
+                   help="SDP rows of the timing part: replicated (none), sharded over holders on FSDP2 (holders, "
+                        "block level), or both")
     p.add_argument("--masking", default="forward", choices=("forward", "backward", "both"),
                    help="SDP regime(s) of the memory part; backward adds its rows (docs/masking.md)")
     p.add_argument("--repeats", type=int, default=3, help="measured steps per worker in the memory part")

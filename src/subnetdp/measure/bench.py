@@ -301,7 +301,8 @@ def run_bench(args: argparse.Namespace, log=print) -> dict[str, Any]:
             log(f"  timing under torchrun, {args.time_ranks} ranks ...")
             timing = time_part(spec, args.time_ranks, coverages, levels, args.time_steps, args.time_warmup,
                                args.rounds, args.seed, args.time_limit, ckpt_modes,
-                               transitions=args.transitions, balance=args.balance)
+                               transitions=args.transitions, balance=args.balance,
+                               sharding=("none", "holders") if args.sharding == "both" else (args.sharding,))
         stem = spec["model"] + (f"_w{spec['width']}" if spec["kind"] == "image" else "")
         plots = plot(part, timing, out, stem)
         part["timing"], part["plots"] = timing, [p.name for p in plots]

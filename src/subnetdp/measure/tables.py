@@ -71,17 +71,19 @@ def memory_table(part: dict[str, Any]) -> str:
 
 def time_table(part: dict[str, Any]) -> str:
     """Markdown of the timing part: traffic, step, compute and exposed communication per configuration."""
-    head = ("| configuration | bytes/rank/step MiB | ring traffic/rank MiB | step ms median [min-max] "
+    head = ("| configuration | peak MiB (worst rank) | bytes/rank/step MiB | ring traffic/rank MiB | step ms median [min-max] "
             "| compute ms (no comm) | exposed comm ms | SDP sync wait ms | samples/s/rank | step / DDP | step / DDP+ckpt |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in part["rows"]:
         measured = [b for b in r["bytes_per_rank"] if b is not None]
-        byt = span(r["predicted_bytes_per_rank"], mib) + " (derived)" if r["strategy"] == "fsdp" else span(measured, mib)
+        derived = r["strategy"] in ("fsdp", "sdp-sharded")
+        byt = span(r["predicted_bytes_per_rank"], mib) + " (derived)" if derived else span(measured, mib)
+        peak = f"{max(r['peak_bytes_per_rank']) / 2**20:.1f}" if r.get("peak_bytes_per_rank") else "n/a"
         s = r["step_s"]
         compute = (f"{r['compute_s']['median'] * 1e3:.0f}" if r["compute_s"]
                    else f"= {'DDP+ckpt' if r['checkpointing'] else 'DDP'}'s")
         wait = f"{r['wait_s']['median'] * 1e3:.1f}" if r["strategy"] == "sdp" else "n/a"
-        lines.append(f"| {r['name']} | {byt} | {span(r['ring_bytes_per_rank'], mib)} | {s['median'] * 1e3:.0f} "
+        lines.append(f"| {r['name']} | {peak} | {byt} | {span(r['ring_bytes_per_rank'], mib)} | {s['median'] * 1e3:.0f} "
                      f"[{s['min'] * 1e3:.0f}-{s['max'] * 1e3:.0f}] | {compute} | {r['exposed_comm_s'] * 1e3:.0f} | "
                      f"{wait} | {r['samples_per_s_per_rank']:.1f} | {r['step_ratio_to_ddp']:.2f} | "
                      f"{r['step_ratio_to_ddp_ckpt']:.2f} |")

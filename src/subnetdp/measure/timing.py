@@ -248,16 +248,18 @@ def _summarise_time(gathered: list[list[dict]], batch: int, world: int) -> list[
 def time_part(spec: dict[str, Any], ranks: int, coverages: Sequence[float], levels: Sequence[str], steps: int,
               warmup: int, rounds: int, seed: int = 0, timeout: float = 900,
               checkpointing: Sequence[str] = ("none", "blocks"), *,
-              transitions: str = DEFAULT_TRANSITIONS, balance: str = "memory") -> dict[str, Any]:
+              transitions: str = DEFAULT_TRANSITIONS, balance: str = "memory",
+              sharding: Sequence[str] = ("none",)) -> dict[str, Any]:
     """Run :func:`run_worker` under ``torchrun --nproc-per-node ranks`` and return its JSON (SDP plans as
-    :func:`sdp_plan` makes them)."""
+    :func:`sdp_plan` makes them; ``sharding`` ``"holders"`` adds SDP-sharded rows at block level)."""
     valid = [c for c in coverages if abs(c * ranks - round(c * ranks)) < 1e-9 and c < 1]
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, out = Path(tmp) / "spec.json", Path(tmp) / "time.json"
         spec_path.write_text(json.dumps({"workload": spec, "levels": list(levels), "coverages": valid,
                                          "checkpointing": list(checkpointing),
                                          "steps": steps, "warmup": warmup, "rounds": rounds, "seed": seed,
-                                         "transitions": transitions, "balance": balance, "out": str(out)}))
+                                         "transitions": transitions, "balance": balance, "out": str(out),
+                                         "sharding": list(sharding)}))
         cmd = [sys.executable, "-c", TORCHRUN, "--standalone", "--nproc-per-node", str(ranks),
                "-m", "subnetdp.measure.timing", str(spec_path)]
         env = {**os.environ, "OMP_NUM_THREADS": "1", PARENT_ENV: str(os.getpid())}
