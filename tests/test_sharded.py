@@ -230,3 +230,37 @@ def test_each_rank_keeps_less_state_and_each_element_once(coverage):
             assert mine[key] < replicated[key], (k, key, mine, replicated)
     assert sum(r["holders"]["param_bytes"] for r in ranks) == plan.total_params * 4
     assert sum(r["holders"]["grad_bytes"] for r in ranks) == plan.total_params * 4
+
+
+# ---- traffic: what FSDP2 hands to collectives, as predicted -------------------------------------------------
+
+def handed_per_step(rank: int, world: int, coverage: float) -> dict:
+    handed = [0]
+    for name, arg in (("all_gather_single", "input_tensor"), ("reduce_scatter_single", "input")):
+        real = getattr(dist, name)
+
+        def counting(*args: object, _real=real, _arg=arg, **kwargs: object) -> object:  # noqa: ANN001
+            t = kwargs[_arg] if _arg in kwargs else args[1]
+            handed[0] += t.numel() * t.element_size()
+            return _real(*args, **kwargs)
+
+        setattr(dist, name, counting)  # this process only: FSDP2 calls them through torch.distributed
+    f = FACTORIES["resnet"]
+    sdp = sd.SubnetDataParallel(f, sd.plan(f, world, coverage, "block"), seed=2, sharding="holders",
+                                checkpointing="blocks")
+    o = OPTIMIZERS["sgd"](sdp.parameters())
+    per_step = []
+    for step in range(2):
+        handed[0] = 0
+        o.zero_grad()
+        ce_loss(sdp, batches_for(step, world)[rank]).backward()
+        o.step()
+        per_step.append(handed[0])
+    return {"measured": per_step, "predicted": sdp.predicted_bytes_per_sync()}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("coverage", [0.5, 0.25])
+def test_predicted_bytes_per_sync_equal_what_fsdp2_hands_over(coverage):
+    for r in values(run_ranks(handed_per_step, WORLD, coverage, timeout=240)):
+        assert r["measured"] == [r["predicted"]] * 2 and r["predicted"] > 0, r

@@ -90,12 +90,13 @@ def holder_meshes(plan: Plan, device_type: str) -> dict[Holders, DeviceMesh]:
     return meshes
 
 
-def shard_over_holders(module: nn.Module, plan: Plan, meshes: dict[Holders, DeviceMesh]) -> nn.Module:
+def shard_over_holders(module: nn.Module, plan: Plan,
+                       meshes: dict[Holders, DeviceMesh]) -> tuple[nn.Module, list[tuple[FSDPModule, int]]]:
     """``fully_shard`` this rank's subnetwork ``module`` in place: each held block over its holders' mesh
     (its shortcut, always kept, over the world's first), each kept block and then the root over the world.
 
-    Returns the root; every FSDP2 module sums its gradients and divides by its mesh's holder count, and
-    prefetches nothing in backward (see the module docstring).
+    Returns the root and every FSDP2 module with its holder count, innermost first (the root last). Each
+    sums its gradients and divides by its holder count, and prefetches nothing in backward (module docstring).
     """
     world = tuple(range(plan.workers))
     rank = dist.get_rank()
@@ -117,7 +118,30 @@ def shard_over_holders(module: nn.Module, plan: Plan, meshes: dict[Holders, Devi
         m.set_force_sum_reduction_for_comms(True)
         m.set_gradient_divide_factor(float(holder_count))
         m.set_modules_to_backward_prefetch([m])
-    return module
+    return module, sharded
+
+
+def fsdp_groups(sharded: list[tuple[FSDPModule, int]]) -> list[tuple[list[nn.Parameter], int]]:
+    """Each FSDP2 group's parameters and holder count: a module's parameters that no module sharded
+    before it (innermost first) took, FSDP2's own rule for what ``fully_shard`` groups."""
+    taken: set[int] = set()
+    groups = []
+    for m, holder_count in sharded:
+        mine = [p for p in m.parameters() if id(p) not in taken]
+        taken.update(id(p) for p in mine)
+        groups.append((mine, holder_count))
+    return groups
+
+
+def handed_bytes(params: list[nn.Parameter], holder_count: int, gathers: int) -> int:
+    """Bytes one rank hands to one FSDP2 group's collectives per step: ``gathers`` all-gathers of its padded
+    shard and one reduce-scatter of the padded gradient (FSDP2 pads dim 0 to a multiple of the mesh size);
+    nothing for a mesh of one, where FSDP2 copies instead."""
+    if holder_count == 1:
+        return 0
+    padded = sum(math.ceil(p.shape[0] / holder_count) * holder_count * math.prod(p.shape[1:]) * p.element_size()
+                 for p in params)
+    return gathers * padded // holder_count + padded
 
 
 class HolderShardedSDP(nn.Module):
@@ -170,7 +194,9 @@ class HolderShardedSDP(nn.Module):
         check_initial_values(holder_slots(structure, layout, plan, self.rank, "params"),
                              holder_slots(structure, layout, plan, self.rank, "buffers"), self.device)
         meshes = holder_meshes(plan, self.device.type)
-        self.module = shard_over_holders(layout.module, plan, meshes)
+        self.module, sharded = shard_over_holders(layout.module, plan, meshes)
+        self._fsdp_groups = fsdp_groups(sharded)
+        del sharded
         # held weakly, as the replicated engine holds its groups (FSDP2 itself keeps its own references)
         self._groups = {h: weakref.ref(m.get_group()) for h, m in meshes.items()}
         del meshes
@@ -238,6 +264,14 @@ class HolderShardedSDP(nn.Module):
                                "the same on every rank; pass error_if_nonfinite=False to clip anyway")
         clip_gradients_(chosen, float(total), max_norm)
         return total
+
+    def predicted_bytes_per_sync(self) -> int:
+        """Bytes this rank hands to collectives per training step, derived from FSDP2's groups as built: each
+        group's padded shard all-gathered in forward and again in backward (once for the root, which FSDP2
+        keeps gathered from forward to backward), and its padded gradient reduce-scattered over its holders.
+        Counted as the replicated engine counts (the buffer handed over); under :meth:`no_sync` no reduce-scatter."""
+        last = len(self._fsdp_groups) - 1
+        return sum(handed_bytes(params, n, 1 if i == last else 2) for i, (params, n) in enumerate(self._fsdp_groups))
 
     # ---- groups -------------------------------------------------------------------------------------
     @property
