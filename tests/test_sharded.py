@@ -117,6 +117,17 @@ def test_neuron_level_is_refused_on_every_rank_before_any_collective():
     assert "level='block'" in errors[0]
 
 
+def mixed_storage(rank: int, world: int) -> None:
+    f = FACTORIES["resnet"]
+    sd.SubnetDataParallel(f, sd.plan(f, world, 0.5, "block"), sharding="holders" if rank == 0 else "none")
+
+
+def test_ranks_that_differ_in_sharding_fail_with_one_error():
+    errors = [r.get("error", "") for r in run_ranks(mixed_storage, 2, timeout=60)]
+    assert errors[0] == errors[1], errors
+    assert "ranks disagree on the options: rank 0: {'sharding': 'holders'}, rank 1: {'sharding': 'none'}" in errors[0]
+
+
 @pytest.mark.parametrize("options,message", [
     (dict(masking="backward"), "sharding='holders' with masking='backward'.*use masking='forward' or sharding='none'"),
     (dict(sync="params"), "sharding='holders' with sync='params'.*use sync='grads'"),
