@@ -99,6 +99,18 @@ def test_ranks_holding_different_blocks_issue_collectives_in_one_order():
     assert_runs_equal_simulation("vit", plan, configs, ranks)
 
 
+@pytest.mark.timeout(300)
+def test_transition_units_shard_their_shortcut_over_the_world():
+    """``transitions="shortcut"``: a transition block is a unit whose shortcut every worker keeps (a non-holder
+    runs the shortcut alone), so the shortcut is its own FSDP2 group over all K inside the holders' block."""
+    f = FACTORIES["resnet"]
+    plan = sd.plan(f, WORLD, 0.5, "block", transitions="shortcut")
+    assert any(b.transition and b.name in {u.name for u in plan.units} for b in plan.blocks)
+    configs = [("adamw", "blocks")]
+    ranks = values(run_ranks(sharded_runs, WORLD, "resnet", plan, configs, timeout=240))
+    assert_runs_equal_simulation("resnet", plan, configs, ranks)
+
+
 # ---- what is refused ------------------------------------------------------------------------------------
 
 def neuron_level(rank: int, world: int) -> None:
