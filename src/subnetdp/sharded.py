@@ -55,7 +55,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from subnetdp.assemble import assemble_state_dict
-from subnetdp.buckets import Bucket, Holders, build_buckets, rebind
+from subnetdp.buckets import Holders, build_buckets, rebind
 from subnetdp.consistency import holder_slots
 from subnetdp.engine import _ENGINE_OF, _watch_optimizers, agree_on_setup, check_initial_values
 from subnetdp.init import ModelFactory, structure_of
