@@ -139,8 +139,8 @@ def handed_bytes(params: list[nn.Parameter], holder_count: int, gathers: int) ->
     nothing for a mesh of one, where FSDP2 copies instead."""
     if holder_count == 1:
         return 0
-    padded = sum(math.ceil(p.shape[0] / holder_count) * holder_count * math.prod(p.shape[1:]) * p.element_size()
-                 for p in params)
+    padded = sum(math.ceil((p.shape[0] if p.dim() else 1) / holder_count) * holder_count * math.prod(p.shape[1:])
+                 * p.element_size() for p in params)
     return gathers * padded // holder_count + padded
 
 
@@ -155,9 +155,10 @@ class HolderShardedSDP(nn.Module):
     The surface follows the replicated engine where it has a meaning: :meth:`no_sync` (FSDP2's
     ``set_requires_gradient_sync``), :meth:`clip_grad_norm_` (also reached by
     :func:`subnetdp.clip_grad_norm_`), :meth:`full_state_dict`, :meth:`averaged_buffers`, ``plan``,
-    ``structure``, ``device``, ``options``, ``regime``, ``rank``, ``world_size``. Holders cannot
-    diverge (each value exists once, split), so there is no ``check_holders``; nothing moves after an
-    optimizer step, so ``needs_optimizer`` is False.
+    ``structure``, ``device``, ``options``, ``regime``, ``rank``, ``world_size``,
+    :meth:`predicted_bytes_per_sync`. Holders cannot diverge (each value exists once, split), so
+    :meth:`check_holders` raises; nothing moves after an optimizer step, so ``needs_optimizer`` is False.
+    ``state_dict()`` is ``nn.Module``'s: this rank's DTensor shards under ``module.``-prefixed names.
     """
 
     needs_optimizer = False
