@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import FACTORIES, ce_loss, image_batches
+from conftest import FACTORIES, ce_loss, image_batches, llama_tiny
 from distributed import OPTIMIZERS, assert_close_by_name, batches_for, one_thread, run_ranks, values
 
 import subnetdp as sd
@@ -109,6 +110,41 @@ def test_transition_units_shard_their_shortcut_over_the_world():
     configs = [("adamw", "blocks")]
     ranks = values(run_ranks(sharded_runs, WORLD, "resnet", plan, configs, timeout=240))
     assert_runs_equal_simulation("resnet", plan, configs, ranks)
+
+
+def lm_loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+
+
+def token_batch(step: int, worker: int) -> torch.Tensor:
+    return torch.randint(0, 65, (2, 17), generator=torch.Generator().manual_seed(100 * step + worker))
+
+
+TIED_LLAMA = functools.partial(llama_tiny, tie_embeddings=True)
+
+
+def llama_run(rank: int, world: int) -> dict[str, torch.Tensor]:
+    sdp = sd.SubnetDataParallel(TIED_LLAMA, sd.plan(TIED_LLAMA, world, 0.5, "block"), seed=3, sharding="holders",
+                                checkpointing="blocks")
+    opt = OPTIMIZERS["adamw"](sdp.parameters())
+    for step in range(STEPS):
+        opt.zero_grad()
+        lm_loss(sdp, token_batch(step, rank)).backward()
+        opt.step()
+    return full_params(sdp)
+
+
+@pytest.mark.timeout(300)
+def test_a_decoder_with_tied_embeddings_equals_the_simulation():
+    """The zoo's LLaMA, embedding and output tied (one parameter in the world's FSDP2 group), AdamW, checkpointed."""
+    ranks = values(run_ranks(llama_run, WORLD, timeout=240))
+    with one_thread():
+        sim = sd.Simulation(TIED_LLAMA, sd.plan(TIED_LLAMA, WORLD, 0.5, "block"), OPTIMIZERS["adamw"], seed=3,
+                            checkpointing="blocks")
+        for step in range(STEPS):
+            sim.step([token_batch(step, k) for k in range(WORLD)], lm_loss)
+    for k, params in enumerate(ranks):
+        assert_close_by_name(params, dict(sim.workers[k].named_parameters()), rtol=1e-5, atol=1e-6)
 
 
 # ---- what is refused ------------------------------------------------------------------------------------
