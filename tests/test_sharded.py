@@ -36,7 +36,11 @@ def sharded_runs(rank: int, world: int, model: str, plan: sd.Plan, configs: list
             opt.zero_grad()
             ce_loss(sdp, batches_for(step, world)[rank]).backward()
             opt.step()
+        sdp.eval()
+        with torch.no_grad():  # inference gathers each group as training does, and uses this worker's statistics
+            evaluated = sdp(batches_for(STEPS, world)[rank][0])
         out.append({"type": type(sdp).__name__, "dtensors": all(hasattr(p, "device_mesh") for p in sdp.parameters()),
+                    "eval": evaluated,
                     "checkpointed": sum(is_checkpointed(m) for m in sdp.module.modules()),
                     "params": full_params(sdp), "full": sdp.full_state_dict()})
     return out
@@ -66,6 +70,9 @@ def assert_runs_equal_simulation(model: str, plan: sd.Plan, configs: list[tuple[
             expected = dict(sim.workers[k].named_parameters())
             assert set(res["params"]) == set(expected)
             assert_close_by_name(res["params"], expected, rtol=1e-5, atol=1e-6)
+            with torch.no_grad(), one_thread():
+                torch.testing.assert_close(res["eval"], sim.workers[k].eval()(batches_for(STEPS, plan.workers)[k][0]),
+                                           rtol=1e-4, atol=1e-5)
         assert ranks[1][i]["full"] is None
         assert_close_by_name(ranks[0][i]["full"], sim.full_state_dict(), rtol=1e-5, atol=1e-6)
         FACTORIES[model]().load_state_dict(ranks[0][i]["full"])

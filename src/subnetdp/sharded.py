@@ -226,7 +226,12 @@ class HolderShardedSDP(nn.Module):
             yield from self.module.named_buffers(prefix, recurse, remove_duplicate)
 
     def forward(self, *args: object, **kwargs: object) -> object:
-        return self.module(*args, **kwargs)
+        out = self.module(*args, **kwargs)
+        if not torch.is_grad_enabled():
+            # FSDP2 keeps the root's group gathered from forward until backward; without a backward (inference)
+            # it would stay gathered, and parameters() would name whole plain tensors instead of the shards
+            self.module.reshard()
+        return out
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
