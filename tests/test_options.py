@@ -24,6 +24,7 @@ from subnetdp.options import MASKINGS, SDPOptions, sdp_options
     ("bucket_elements", 0, "bucket_elements=0: need a positive whole number"),
     ("check_every", -1, "check_every=-1: need a whole number of steps, 0 (never) or more"),
     ("seed", 1.5, "seed=1.5: need a whole number"),
+    ("sharding", "rows", "sharding='rows': choose one of"),
 ])
 def test_every_bad_option_fails_when_the_object_is_made(field, value, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -51,7 +52,7 @@ def test_options_are_frozen_normalised_and_keywords_override_them():
 def test_the_digest_changes_with_every_field():
     base = SDPOptions()
     changed = dict(seed=1, sync="params", sync_every=2, neuron_scaling="none", checkpointing="blocks",
-                   masking="backward", init="per-module", bucket_elements=7, check_every=0)
+                   masking="backward", init="per-module", bucket_elements=7, check_every=0, sharding="holders")
     assert set(changed) == {f.name for f in dataclasses.fields(SDPOptions)}
     digests = {base.digest()}
     for name, value in changed.items():

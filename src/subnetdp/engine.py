@@ -75,6 +75,59 @@ def plan_architecture_digest(plan: Plan, class_name: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def agree_on_setup(plan: Plan, structure: nn.Module, options: SDPOptions) -> None:
+    """Every rank checks the same facts (plan, architecture, options, world size) and raises the same
+    error, so nothing hangs. Collective: one ``all_gather_object``; both engines call it first."""
+    world_size = dist.get_world_size()
+    mine = {
+        "plan": plan.digest(),
+        "architecture": architecture_digest(structure),
+        "plan architecture": plan_architecture_digest(plan, type(structure).__qualname__),
+        "plan workers": plan.workers,
+        # every option decides values or which collectives a rank issues (bucket_elements: the chunks)
+        "options": options.digest(),
+        "option values": options.as_dict(),
+    }
+    everyone: list[dict] = [None] * world_size  # type: ignore[list-item]
+    dist.all_gather_object(everyone, mine)
+    problems = []
+    for key in ("plan", "architecture", "options"):
+        values = [d[key] for d in everyone]
+        if key == "options":
+            values = differing([d["option values"] for d in everyone])
+        if len({d[key] for d in everyone}) > 1:
+            problems.append(f"ranks disagree on the {key}: " + ", ".join(f"rank {r}: {v}" for r, v in enumerate(values)))
+    if any(d["architecture"] != d["plan architecture"] for d in everyone):
+        bad = [r for r, d in enumerate(everyone) if d["architecture"] != d["plan architecture"]]
+        problems.append(f"the model does not match the plan's architecture on ranks {bad}")
+    if any(d["plan workers"] != world_size for d in everyone):
+        problems.append(f"the plan is for {everyone[0]['plan workers']} workers but the world size is "
+                        f"{world_size}; make the plan with workers={world_size}")
+    if problems:
+        raise ValueError("SubnetDataParallel setup failed on every rank: " + "; ".join(problems))
+
+
+def slot_disagreements(slots: list, device: torch.device, group: object = None) -> list:
+    """The slots whose holders differ: one all-gather of every rank's checksums, the same verdict on every rank."""
+    mine = local_checksums(slots, device)
+    table = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(table, mine, group=group)
+    return disagreements(torch.stack(table), slots)
+
+
+@torch.no_grad()
+def check_initial_values(param_slots: list, buffer_slots: list, device: torch.device) -> None:
+    """Holders must start from identical values (DDP broadcasts them; here they are compared). Collective."""
+    found = slot_disagreements(param_slots + buffer_slots, device)
+    if found:
+        kinds = {s.name: "buffers" if s in buffer_slots else "parameters" for s, _ in found}
+        bad = sorted({(kinds[s.name], s.holders) for s, _ in found})
+        raise ValueError(
+            "SubnetDataParallel setup failed on every rank: initial values differ between the holders "
+            f"{', '.join(f'{kind} of {list(h)}' for kind, h in bad[:5])}; give a factory (seeded by seed=) or the same real model on every rank "
+            "(e.g. call torch.manual_seed with one seed on every rank before building it)")
+
+
 @dataclass
 class CommStats:
     """What this rank handed to collectives, and how long it waited for them (since the last reset)."""
@@ -157,7 +210,24 @@ class SubnetDataParallel(nn.Module):
     tensor), and :meth:`optimizer_state_dict` the optimizer's state the same way: ``dcp.save({"model":
     sdp.state_dict(), "optim": sdp.optimizer_state_dict(opt)})`` round-trips at both levels and loads
     into another plan or world size.
+
+    ``sharding="holders"`` gives a :class:`subnetdp.sharded.HolderShardedSDP` instead: each unit's
+    state split over its holders by FSDP2 (see :meth:`__new__` and :mod:`subnetdp.sharded`).
     """
+
+    def __new__(cls, *args: object, **kwargs: object) -> SubnetDataParallel:
+        """``sharding="holders"`` (a keyword, or the ``options``' field) builds the sharded engine, so that one
+        constructor serves both storages; anything else builds this class, whose ``__init__`` then runs.
+
+        Python runs ``__init__`` only on an instance of this class: the sharded engine, built here in full, is not one.
+        """
+        options = args[2] if len(args) > 2 else kwargs.get("options")
+        sharding = kwargs.get("sharding", getattr(options, "sharding", "none"))
+        if cls is SubnetDataParallel and sharding == "holders":
+            from subnetdp.sharded import HolderShardedSDP
+
+            return HolderShardedSDP(*args, **kwargs)  # type: ignore[return-value]
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -178,7 +248,7 @@ class SubnetDataParallel(nn.Module):
         self.check_every = options.check_every
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         structure, source = structure_of(model, options.seed, options.init)  # init="full": the factory's own model, on the host
-        self._agree(plan, structure, options)
+        agree_on_setup(plan, structure, options)
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
         self.plan = plan
@@ -207,7 +277,7 @@ class SubnetDataParallel(nn.Module):
         self._chunks.sort(key=lambda c: c.key)
         self._buffer_buckets = [b for b in layout.buffers if b.shared]
         self._param_slots = holder_slots(structure, layout, plan, self.rank, "params")
-        self._check_initial_values(holder_slots(structure, layout, plan, self.rank, "buffers"))
+        check_initial_values(self._param_slots, holder_slots(structure, layout, plan, self.rank, "buffers"), self.device)
         self._chunks_of: dict[int, list[_Chunk]] = {}
         for c in self._chunks:
             for p in c.params:
@@ -240,53 +310,9 @@ class SubnetDataParallel(nn.Module):
         return self.options.sync == "params" or self.regime.sends_values
 
     # ---- setup ------------------------------------------------------------------------------------
-    def _agree(self, plan: Plan, structure: nn.Module, options: SDPOptions) -> None:
-        """Every rank checks the same facts and raises the same error, so nothing hangs."""
-        mine = {
-            "plan": plan.digest(),
-            "architecture": architecture_digest(structure),
-            "plan architecture": plan_architecture_digest(plan, type(structure).__qualname__),
-            "plan workers": plan.workers,
-            # every option decides values or which collectives a rank issues (bucket_elements: the chunks)
-            "options": options.digest(),
-            "option values": options.as_dict(),
-        }
-        everyone: list[dict] = [None] * self.world_size  # type: ignore[list-item]
-        dist.all_gather_object(everyone, mine)
-        problems = []
-        for key in ("plan", "architecture", "options"):
-            values = [d[key] for d in everyone]
-            if key == "options":
-                values = differing([d["option values"] for d in everyone])
-            if len({d[key] for d in everyone}) > 1:
-                problems.append(f"ranks disagree on the {key}: " + ", ".join(f"rank {r}: {v}" for r, v in enumerate(values)))
-        if any(d["architecture"] != d["plan architecture"] for d in everyone):
-            bad = [r for r, d in enumerate(everyone) if d["architecture"] != d["plan architecture"]]
-            problems.append(f"the model does not match the plan's architecture on ranks {bad}")
-        if any(d["plan workers"] != self.world_size for d in everyone):
-            problems.append(f"the plan is for {everyone[0]['plan workers']} workers but the world size is "
-                            f"{self.world_size}; make the plan with workers={self.world_size}")
-        if problems:
-            raise ValueError("SubnetDataParallel setup failed on every rank: " + "; ".join(problems))
-
-    @torch.no_grad()
-    def _check_initial_values(self, buffer_slots: list) -> None:
-        """Holders must start from identical values (DDP broadcasts them; here they are compared)."""
-        found = self._disagreements(self._param_slots + buffer_slots)
-        if found:
-            kinds = {s.name: "buffers" if s in buffer_slots else "parameters" for s, _ in found}
-            bad = sorted({(kinds[s.name], s.holders) for s, _ in found})
-            raise ValueError(
-                "SubnetDataParallel setup failed on every rank: initial values differ between the holders "
-                f"{', '.join(f'{kind} of {list(h)}' for kind, h in bad[:5])}; give a factory (seeded by seed=) or the same real model on every rank "
-                "(e.g. call torch.manual_seed with one seed on every rank before building it)")
-
     def _disagreements(self, slots: list) -> list:
         """The slots whose holders differ: one all-gather of every rank's checksums, the same verdict on every rank."""
-        mine = local_checksums(slots, self.device)
-        table = [torch.empty_like(mine) for _ in range(self.world_size)]
-        dist.all_gather(table, mine, group=self._group(tuple(range(self.world_size))))
-        return disagreements(torch.stack(table), slots)
+        return slot_disagreements(slots, self.device, self._group(tuple(range(self.world_size))))
 
     @torch.no_grad()
     def check_holders(self, where: str = "check_holders()") -> None:

@@ -22,6 +22,7 @@ from subnetdp.init import check_init
 SYNC_MODES = ("grads", "params")  # average gradients every step, or parameters every sync_every steps
 MASKINGS = ("forward", "backward")  # what a worker runs: its subnetwork, or the full forward (docs/masking.md)
 NEURON_SCALINGS = ("inverted", "none")
+SHARDINGS = ("none", "holders")  # how a held unit's state is stored: whole on every holder, or split over them (FSDP2)
 DEFAULT_BUCKET_ELEMENTS = 25 * 2**20 // 4  # DDP's default 25 MiB of fp32
 DEFAULT_CHECK_EVERY = 100  # holder agreement checked every N training forwards (docs/ddp_habits.md: its cost)
 
@@ -47,6 +48,25 @@ def check_masking(masking: str, sync: str) -> None:
                          "step and sends the holders' new values to the others; use sync='grads'")
 
 
+def check_sharding(sharding: str, masking: str, sync: str) -> None:
+    """Fail fast on an unknown sharding, or ``"holders"`` with a regime FSDP2 cannot express.
+
+    Sharded over holders, a worker keeps only its shard of each value between steps: backward
+    masking's full forward would gather every unit on every worker, and parameter averaging has no
+    replicas to average (each holder already keeps the one copy's shard).
+    """
+    if sharding not in SHARDINGS:
+        raise ValueError(f"sharding={sharding!r}: choose one of {SHARDINGS}")
+    if sharding == "holders" and masking != "forward":
+        raise ValueError(f"sharding='holders' with masking={masking!r}: sharding splits each unit over the workers "
+                         "that run it, and backward masking runs every unit on every worker; use masking='forward' "
+                         "or sharding='none'")
+    if sharding == "holders" and sync != "grads":
+        raise ValueError(f"sharding='holders' with sync={sync!r}: a sharded unit has one copy split over its holders, "
+                         "so there are no replicas to average; use sync='grads' (gradients averaged over holders "
+                         "every step) or sharding='none'")
+
+
 @dataclass(frozen=True)
 class SDPOptions:
     """How a plan is trained. Every field is checked when the object is made (a ``ValueError``
@@ -63,7 +83,10 @@ class SDPOptions:
     - ``init``: ``"full"`` (the factory's model built once in host memory and sliced) or
       ``"per-module"`` (module by module, for models too large for host memory);
     - ``bucket_elements``: the distributed engine's all-reduce chunk size (sets which collectives run);
-    - ``check_every``: the distributed engine checks holder agreement every N training forwards (0: never).
+    - ``check_every``: the distributed engine checks holder agreement every N training forwards (0: never);
+    - ``sharding``: ``"none"`` (every holder keeps a unit's whole state) or ``"holders"`` (each unit's
+      parameters, gradients and optimizer state split over its holders by FSDP2; block level, forward
+      masking, gradient sync; :mod:`subnetdp.sharded`). The simulation computes the same math either way.
     """
 
     seed: int = 0
@@ -75,6 +98,7 @@ class SDPOptions:
     init: str = "full"
     bucket_elements: int = DEFAULT_BUCKET_ELEMENTS
     check_every: int = DEFAULT_CHECK_EVERY
+    sharding: str = "none"
 
     def __post_init__(self) -> None:
         try:
@@ -89,6 +113,7 @@ class SDPOptions:
         check_init(self.init)
         _whole("bucket_elements", self.bucket_elements, 1, "a positive whole number of elements")
         _whole("check_every", self.check_every, 0, "a whole number of steps, 0 (never) or more")
+        check_sharding(self.sharding, self.masking, self.sync)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
