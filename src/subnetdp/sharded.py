@@ -326,6 +326,21 @@ class HolderShardedSDP(nn.Module):
             return None
         return assemble_state_dict(pieces, self.plan, self.structure)
 
+    def check_synced_holders(self, where: str) -> None:
+        """Nothing to compare (each value exists once, split over its holders): what the main job's
+        checkpoint saves and resumes call on either engine."""
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Always 0: ``sync="params"`` is refused here, so no optimizer-step cadence is kept (the replicated
+        engine's counter, which the main job saves and restores)."""
+        return 0
+
+    @optimizer_steps.setter
+    def optimizer_steps(self, steps: int) -> None:
+        if steps != 0:
+            raise ValueError(f"optimizer_steps={steps!r}: sharding='holders' keeps no sync='params' cadence (only 0)")
+
     def check_holders(self, where: str = "check_holders()") -> None:
         """Not available: each value exists once, split over its holders, so there are no replicas to compare."""
         raise NotImplementedError("check_holders compares replicas of the replicated engine (sharding='none'); "
