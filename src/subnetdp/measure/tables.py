@@ -138,12 +138,15 @@ def plot(part: dict[str, Any], timing: dict[str, Any] | None, out: Path, stem: s
     if timing:
         ax = axes[0][1]
         trows = timing["rows"]
-        for level, ckpt in sorted({(r["level"], r.get("checkpointing", False)) for r in trows if r["level"]}):
+        for strategy, level, ckpt in sorted({(r["strategy"], r["level"], r.get("checkpointing", False))
+                                             for r in trows if r["level"]}):
             pts = sorted((r["coverage"], r["step_s"]["median"] * 1e3) for r in trows
-                         if r["level"] == level and r.get("checkpointing", False) == ckpt)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if not ckpt else "s-", label=f"{sdp_name(ckpt)} {level}")
+                         if (r["strategy"], r["level"], r.get("checkpointing", False)) == (strategy, level, ckpt))
+            name = sdp_name(ckpt).replace("SDP", "SDP-sharded") if strategy == "sdp-sharded" else sdp_name(ckpt)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], ("o-" if not ckpt else "s-") if strategy == "sdp"
+                    else ("^--" if not ckpt else "v--"), label=f"{name} {level}")
         for r in trows:
-            if r["strategy"] != "sdp":
+            if not r["level"]:
                 ax.axhline(r["step_s"]["median"] * 1e3, color="k" if not r.get("checkpointing") else "C7", lw=1,
                            linestyle={"ddp": "-", "ddp-ckpt": ":", "fsdp": "-."}[r["strategy"]], label=r["name"])
         ax.set_xlabel("coverage C")

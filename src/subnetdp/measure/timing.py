@@ -5,7 +5,9 @@
    so that machine noise hits them alike; each timed step starts at a barrier and its time is the
    slowest rank's. DDP runs with ``broadcast_buffers=False`` so that, like SDP, it communicates
    gradients only. Per configuration: bytes handed to collectives per step (DDP: counted by a comm hook;
-   SDP: the engine's counters; FSDP2 with or without checkpointing: derived, see :func:`subnetdp.baselines.fsdp2_bytes`),
+   SDP: the engine's counters; FSDP2 and SDP sharded over holders, with or without checkpointing: derived from
+   FSDP2's groups as built, see :func:`fsdp2_traffic`), the peak of live tensor bytes of one more step per rank
+   (:func:`subnetdp.measure.meters.allocator_peak`),
    the implied ring traffic
    ``2 (n - 1) / n x bytes`` per all-reduce over a group of ``n``, the step time, the *compute* time
    (the same step with communication off: ``no_sync()`` for DDP and SDP; FSDP2 has no such switch and
@@ -33,13 +35,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from subnetdp.baselines import fsdp2_bytes, wrap_baseline
+from subnetdp.baselines import wrap_baseline
 from subnetdp.init import materialize
 from subnetdp.measure.meters import allocator_peak, state_bytes
 from subnetdp.measure.tables import DEFAULT_TRANSITIONS, sdp_name
 from subnetdp.measure.workloads import workload_from_spec
 from subnetdp.optimizers import make_optimizer
 from subnetdp.planning import profile_workload, sdp_plan
+from subnetdp.sharded import fsdp_groups, handed_bytes
 from subnetdp.supervise import PARENT_ENV, TORCHRUN, die_with_parent
 from subnetdp.sync import step_traffic
 
@@ -156,7 +159,8 @@ def run_worker(spec_path: str) -> None:
     for cfg in configs:
         static: dict[str, Any] = {}
         if cfg.strategy == "sdp-sharded":
-            handed, ring = sharded_bytes(cfg.model.parameters())
+            handed, ring = fsdp2_traffic(cfg.model.module)
+            assert handed == cfg.model.predicted_bytes_per_sync()  # the engine's own derivation, tested against FSDP2's calls
             static = {"predicted_bytes": handed, "ring_bytes": ring,
                       "params": sum(p.numel() for p in cfg.model.parameters()),
                       "local_state": state_bytes(cfg.model, cfg.opt)}
@@ -168,7 +172,7 @@ def run_worker(spec_path: str) -> None:
             pbytes = sum(getattr(p, "_local_tensor", p).numel() * p.element_size() for p in cfg.model.parameters())
             full_bytes = sum(p.numel() * p.element_size() for p in cfg.model.parameters())  # DTensor numel: the full size
             if cfg.strategy == "fsdp":
-                handed, ring = fsdp2_bytes(full_bytes, world)
+                handed, ring = fsdp2_traffic(cfg.model)
                 static = {"predicted_bytes": handed, "ring_bytes": ring, "params": full_bytes // 4,
                           "local_state": state_bytes(cfg.model, cfg.opt), "local_param_bytes": pbytes}
             else:
@@ -186,16 +190,29 @@ def run_worker(spec_path: str) -> None:
     dist.destroy_process_group()
 
 
-def sharded_bytes(parameters: Any) -> tuple[float, float]:
-    """Derived traffic per rank per step of parameters FSDP2 shards (DTensors), each over its own mesh:
-    :func:`subnetdp.baselines.fsdp2_bytes` per parameter with its mesh's size (a mesh of one: no collective)."""
-    handed = ring = 0.0
-    for p in parameters:
-        n = p.device_mesh.size() if hasattr(p, "device_mesh") else 1
-        if n > 1:
-            h, r = fsdp2_bytes(p.numel() * p.element_size(), n)  # DTensor numel: the full size
-            handed, ring = handed + h, ring + r
+def fsdp2_traffic(model: nn.Module) -> tuple[int, float]:
+    """Derived bytes one rank hands to FSDP2's collectives per step, and the ring traffic, for a model that
+    FSDP2 sharded (the baseline over the world, or SDP's holder-sharded subnetwork over each unit's holders):
+    per FSDP2 group, its padded shard all-gathered in forward and again in backward (once for the root,
+    which stays gathered from forward to backward) and its padded gradient reduce-scattered
+    (:func:`subnetdp.sharded.handed_bytes`); a ring moves ``(n - 1) / n`` of the gathered or scattered
+    buffer, over a group of ``n`` holders."""
+    from torch.distributed.fsdp import FSDPModule
+
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)][::-1]  # innermost first, the root last
+    groups = fsdp_groups([(m, _mesh_size(m)) for m in modules])
+    handed, ring = 0, 0.0
+    for i, (params, n) in enumerate(groups):
+        gathers = 1 if i == len(groups) - 1 else 2
+        handed += handed_bytes(params, n, gathers)
+        padded = handed_bytes(params, n, 0)  # the reduce-scatter's buffer: the padded full gradient
+        ring += (gathers + 1) * (n - 1) / n * padded
     return handed, ring
+
+
+def _mesh_size(module: nn.Module) -> int:
+    own = next((p for p in module.parameters() if hasattr(p, "device_mesh")), None)
+    return own.device_mesh.size() if own is not None else 1
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -217,10 +234,10 @@ def _summarise_time(gathered: list[list[dict]], batch: int, world: int) -> list[
                    params_per_rank=[r["static"]["params"] for r in per_rank],
                    peak_bytes_per_rank=[r["peak"]["peak_bytes"] for r in per_rank], peak_basis=c0["peak"]["basis"])
         if row["strategy"] == "sdp-sharded":
-            row["bytes_basis"] = "derived (fsdp2_bytes per parameter over its holder mesh)"
+            row["bytes_basis"] = "derived (fsdp2_traffic: FSDP2's groups over each unit's holders)"
             row["local_state_per_rank"] = [r["static"]["local_state"] for r in per_rank]
         elif row["strategy"] == "fsdp":
-            row["bytes_basis"] = "derived (fsdp2_bytes)"
+            row["bytes_basis"] = "derived (fsdp2_traffic: FSDP2's groups over the world)"
             row["local_state_per_rank"] = [r["static"]["local_state"] for r in per_rank]
             row["compute_basis"] = (f"{'DDP+ckpt' if row['checkpointing'] else 'DDP'}'s local step "
                                     "(FSDP2 cannot switch its collectives off)")
