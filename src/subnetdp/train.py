@@ -334,6 +334,9 @@ class Run:
                 else cfg.strategy.upper())
         if cfg.recomputes_blocks and cfg.strategy != "ddp-ckpt":
             what += " + activation checkpointing"
+        if plan is not None and cfg.sharding == "holders":
+            what += (" + sharding over holders (simulated unsharded: the same math)" if cfg.simulate
+                     else " + sharding over holders (FSDP2)")
         print(f"subnetdp train: {what} | {cfg.model} on {cfg.dataset} | {mode} on {self.device} | "
               f"{self.total} steps in {self.n_epochs} epoch(s), batch {cfg.batch_size}/worker | run dir {self.out}")
         if plan is not None:
@@ -518,6 +521,7 @@ class Run:
             "activation_checkpointing": cfg.recomputes_blocks,
             "coverage": plan.coverage if plan is not None else 1.0, "model": cfg.model, "width": cfg.width,
             "masking": cfg.masking if plan is not None else None,
+            "sharding": cfg.sharding if plan is not None else None,
             "dataset": "CIFAR-10 (JPEG)" if cfg.dataset == "cifar10-jpeg" else cfg.dataset,
             "workers": self.world, "simulated": bool(cfg.simulate), "device": str(self.device),
             # steps, wall time, samples and epoch means cover the whole run, also across --resume
