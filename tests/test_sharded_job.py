@@ -55,3 +55,21 @@ def test_sharded_run_equals_the_replicated_run_and_holds_less(tmp_path):
     proc = _train(tmp_path / "holders", "--workers", "4", "--steps", "3", "--sharding", "none", "--resume")
     assert proc.returncode != 0
     assert "--sharding 'holders' -> 'none'" in proc.stdout + proc.stderr
+
+
+def test_a_sharded_run_resumes_bitwise(tmp_path):
+    """Stopped after 2 of 4 steps (--steps 2 with a constant schedule, then --steps 4 --resume): the
+    sharded ranks reload their DTensor shards and optimizer state and end bitwise where an
+    uninterrupted run ends."""
+    flags = ["--workers", "4", "--sharding", "holders", "--schedule", "constant", "--warmup", "0",
+             "--checkpoint-every", "1"]
+    straight = _train(tmp_path / "straight", *flags, "--steps", "4")
+    assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
+    first = _train(tmp_path / "resumed", *flags, "--steps", "2")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    second = _train(tmp_path / "resumed", *flags, "--steps", "4", "--resume")
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resumed from" in second.stdout
+    a, b = (load_file(tmp_path / s / "model_raw.safetensors") for s in ("straight", "resumed"))
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
