@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import statistics
@@ -149,35 +150,21 @@ def run_worker(spec_path: str) -> None:
                     cfg.compute_s.append(timed(cfg, False))
     elapsed = time.perf_counter() - start
     batch_bytes = sum(t.numel() * t.element_size() for t in batch)
-    peaks = {}
+    peaks, statics = {}, {}
+    gc.collect()
+    _trim_heap()
     for cfg in configs:  # one more step each, under the allocator's record (after the timed ones: no profiler cost there)
         live = sum(v for k, v in state_bytes(cfg.model, cfg.opt).items() if k in _STATE_KEYS) + batch_bytes
         dist.barrier()
         peaks[cfg.name] = allocator_peak(lambda cfg=cfg: step(cfg), live)
+        statics[cfg.name] = _static(cfg, rank, world)
+        cfg.model = cfg.opt = None  # measured: its memory goes back before the next one's (8 ranks share the host)
+        gc.collect()
+        _trim_heap()
 
     mine = []
     for cfg in configs:
-        static: dict[str, Any] = {}
-        if cfg.strategy == "sdp-sharded":
-            handed, ring = fsdp2_traffic(cfg.model.module)
-            assert handed == cfg.model.predicted_bytes_per_sync()  # the engine's own derivation, tested against FSDP2's calls
-            static = {"predicted_bytes": handed, "ring_bytes": ring,
-                      "params": sum(p.numel() for p in cfg.model.parameters()),
-                      "local_state": state_bytes(cfg.model, cfg.opt)}
-        elif cfg.strategy == "sdp":
-            ring = step_traffic(cfg.model.module, cfg.model.plan, rank)["ring_bytes"]
-            static = {"predicted_bytes": cfg.model.predicted_bytes_per_sync(), "ring_bytes": ring,
-                      "params": sum(p.numel() for p in cfg.model.parameters())}
-        else:
-            pbytes = sum(getattr(p, "_local_tensor", p).numel() * p.element_size() for p in cfg.model.parameters())
-            full_bytes = sum(p.numel() * p.element_size() for p in cfg.model.parameters())  # DTensor numel: the full size
-            if cfg.strategy == "fsdp":
-                handed, ring = fsdp2_traffic(cfg.model)
-                static = {"predicted_bytes": handed, "ring_bytes": ring, "params": full_bytes // 4,
-                          "local_state": state_bytes(cfg.model, cfg.opt), "local_param_bytes": pbytes}
-            else:
-                static = {"predicted_bytes": full_bytes, "ring_bytes": 2 * (world - 1) / world * full_bytes,
-                          "params": full_bytes // 4}
+        static = statics[cfg.name]
         mine.append({"name": cfg.name, "strategy": cfg.strategy, "level": cfg.level, "coverage": cfg.coverage,
                      "checkpointing": cfg.checkpointing, "step_s": cfg.step_s, "compute_s": cfg.compute_s, "bytes": cfg.bytes, "wait_s": cfg.wait_s,
                      "static": static, "peak": peaks[cfg.name]})
@@ -188,6 +175,42 @@ def run_worker(spec_path: str) -> None:
         Path(spec["out"]).write_text(json.dumps({"rows": rows, "elapsed_s": elapsed, "ranks": world}, indent=1))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _static(cfg: _Config, rank: int, world: int) -> dict[str, Any]:
+    """What a configuration's traffic and size are, derived from it as built (before it is dropped)."""
+    static: dict[str, Any] = {}
+    if cfg.strategy == "sdp-sharded":
+        handed, ring = fsdp2_traffic(cfg.model.module)
+        assert handed == cfg.model.predicted_bytes_per_sync()  # the engine's own derivation, tested against FSDP2's calls
+        static = {"predicted_bytes": handed, "ring_bytes": ring,
+                  "params": sum(p.numel() for p in cfg.model.parameters()),
+                  "local_state": state_bytes(cfg.model, cfg.opt)}
+    elif cfg.strategy == "sdp":
+        ring = step_traffic(cfg.model.module, cfg.model.plan, rank)["ring_bytes"]
+        static = {"predicted_bytes": cfg.model.predicted_bytes_per_sync(), "ring_bytes": ring,
+                  "params": sum(p.numel() for p in cfg.model.parameters())}
+    else:
+        pbytes = sum(getattr(p, "_local_tensor", p).numel() * p.element_size() for p in cfg.model.parameters())
+        full_bytes = sum(p.numel() * p.element_size() for p in cfg.model.parameters())  # DTensor numel: the full size
+        if cfg.strategy == "fsdp":
+            handed, ring = fsdp2_traffic(cfg.model)
+            static = {"predicted_bytes": handed, "ring_bytes": ring, "params": full_bytes // 4,
+                      "local_state": state_bytes(cfg.model, cfg.opt), "local_param_bytes": pbytes}
+        else:
+            static = {"predicted_bytes": full_bytes, "ring_bytes": 2 * (world - 1) / world * full_bytes,
+                      "params": full_bytes // 4}
+    return static
+
+
+def _trim_heap() -> None:
+    """Give freed heap back to the system (glibc's malloc_trim), so the next configuration's peak fits beside the others."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def fsdp2_traffic(model: nn.Module) -> tuple[int, float]:
