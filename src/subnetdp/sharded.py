@@ -35,6 +35,11 @@ How each piece is FSDP2's, not ours:
   way to switch the default off), so each rank issues its collectives in the model's block order: a
   subsequence of one global order, which cannot deadlock.
 
+Teardown: in torch 2.14 a group that FSDP2 resolved through its mesh (``DeviceMesh.get_group()``) stays
+alive after ``dist.destroy_process_group()``, so, unlike the replicated engine's, these groups are
+destroyed at interpreter shutdown, where gloo can abort a correct run; end a script with a barrier
+before ``destroy_process_group()`` (measured in docs/sharding.md, "At exit").
+
 What it cannot do: neuron level (the slices of one tensor have different holder sets, which one
 FSDP2 parameter cannot express), backward masking and ``sync="params"`` (refused by
 :class:`subnetdp.SDPOptions`). There are no replicas to compare, so there is no ``check_holders``.
