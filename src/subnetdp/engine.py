@@ -63,6 +63,21 @@ FIRST_BUCKET_ELEMENTS = 2**20 // 4  # DDP's first bucket: 1 MiB of fp32
 _ENGINE_OF = WeakIdKeyDictionary()  # parameter -> weakref to its engine, for clip_grad_norm_
 
 
+def require_process_group() -> None:
+    """Fail clearly when no process group exists: both storages (replicated and sharded) need one."""
+    if not dist.is_initialized():
+        raise RuntimeError("SubnetDataParallel needs torch.distributed: call "
+                           "torch.distributed.init_process_group() first, in every process (torchrun "
+                           "only sets the environment it reads; it does not initialise the group)")
+
+
+def rank_device(device: torch.device | str | None) -> torch.device:
+    """``device``, or by default this rank's own: its current CUDA device under NCCL, else the CPU."""
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    return torch.device(device)
+
+
 def architecture_digest(model: nn.Module) -> str:
     """A hash of the model's class and every tensor name and shape (meta models are fine)."""
     text = type(model).__qualname__ + ";" + ";".join(
@@ -239,25 +254,20 @@ class SubnetDataParallel(nn.Module):
         **overrides: object,
     ) -> None:
         super().__init__()
-        if not dist.is_initialized():
-            raise RuntimeError("SubnetDataParallel needs torch.distributed: call "
-                               "torch.distributed.init_process_group() first, in every process (torchrun "
-                               "only sets the environment it reads; it does not initialise the group)")
+        require_process_group()
         self.options = options = sdp_options(options, **overrides)
         self.regime = regime(options.masking)
         self.check_every = options.check_every
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         structure, source = structure_of(model, options.seed, options.init)  # init="full": the factory's own model, on the host
         agree_on_setup(plan, structure, options)
-        if device is None:
-            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
         self.plan = plan
-        self.device = torch.device(device)
+        self.device = rank_device(device)
         # The full model's meta structure (for assembling), kept out of the module tree: registered as a
         # submodule it would add the full model's (meta) parameters to parameters() and state_dict().
         self.__dict__["structure"] = structure
         self._optimizer_attached = False
-        layout = self.regime.worker(source if source is not None else model, plan, self.rank, options, device)
+        layout = self.regime.worker(source if source is not None else model, plan, self.rank, options, self.device)
         del source  # the full model built for init="full" is freed here
         self.module = layout.module
         self._layout = layout

@@ -62,7 +62,8 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from subnetdp.assemble import assemble_state_dict
 from subnetdp.buckets import Holders, build_buckets, rebind
 from subnetdp.consistency import holder_slots
-from subnetdp.engine import _ENGINE_OF, _watch_optimizers, agree_on_setup, check_initial_values
+from subnetdp.engine import (_ENGINE_OF, _watch_optimizers, agree_on_setup, check_initial_values, rank_device,
+                             require_process_group)
 from subnetdp.init import ModelFactory, structure_of
 from subnetdp.masking import regime
 from subnetdp.options import SDPOptions, sdp_options
@@ -178,9 +179,7 @@ class HolderShardedSDP(nn.Module):
         **overrides: object,
     ) -> None:
         super().__init__()
-        if not dist.is_initialized():
-            raise RuntimeError("SubnetDataParallel needs torch.distributed: call "
-                               "torch.distributed.init_process_group() first, in every process")
+        require_process_group()
         options = sdp_options(options, **overrides)
         if options.sharding != "holders":
             options = dataclasses.replace(options, sharding="holders")  # checked again: refuses what FSDP2 cannot do
@@ -190,10 +189,8 @@ class HolderShardedSDP(nn.Module):
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         structure, source = structure_of(model, options.seed, options.init)
         agree_on_setup(plan, structure, options)
-        if device is None:
-            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
         self.plan = plan
-        self.device = torch.device(device)
+        self.device = rank_device(device)
         self.__dict__["structure"] = structure  # the full model's meta structure, kept out of the module tree
         layout = self.regime.worker(source if source is not None else model, plan, self.rank, options, self.device)
         del source
