@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import pytest
 import torch
@@ -279,6 +280,9 @@ def state_on_rank(rank: int, world: int, coverage: float) -> dict:
         ce_loss(sdp, batches_for(0, world)[rank]).backward()
         o.step()
         out[sharding] = state_bytes(sdp, o)
+        if sharding == "holders":
+            names = {id(p): n for n, p in sdp.named_parameters()}
+            out["groups"] = [(sorted(names[id(p)] for p in params), n) for params, n in sdp._fsdp_groups]
     return out
 
 
@@ -296,6 +300,24 @@ def test_each_rank_keeps_less_state_and_each_element_once(coverage):
             assert mine[key] < replicated[key], (k, key, mine, replicated)
     assert sum(r["holders"]["param_bytes"] for r in ranks) == plan.total_params * 4
     assert sum(r["holders"]["grad_bytes"] for r in ranks) == plan.total_params * 4
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("coverage", [0.5, 0.25])
+def test_the_planner_predicts_the_groups_and_state_fsdp2_builds(coverage):
+    """``planning.shards`` describes the FSDP2 groups the engine builds (names and holder counts), and its
+    predicted state is each rank's counted shards plus FSDP2's padding (dim 0 rounded up per mesh)."""
+    ranks = values(run_ranks(state_on_rank, WORLD, coverage, timeout=240))
+    plan = sd.plan(FACTORIES["resnet"], WORLD, coverage, "block")
+    for k, r in enumerate(ranks):
+        assert r["groups"] == [(sorted(names), len(h)) for names, h in sd.planning.shards.group_params(plan, k)]
+        predicted = sd.planning.predict_sharded_worker(plan, k, "adamw")
+        counted = r["holders"]
+        padding = sum(plan.shapes[n][0] % len(h) and math.prod(plan.shapes[n][1:]) * 4 * len(h)
+                      for names, h in sd.planning.shards.group_params(plan, k) for n in names)
+        for key in ("param_bytes", "grad_bytes"):
+            assert counted[key] <= predicted[key] <= counted[key] + padding, (k, key, counted, predicted)
+        assert predicted["state_bytes"] == predicted["param_bytes"] * 4  # AdamW: parameter, gradient, two moments
 
 
 # ---- traffic: what FSDP2 hands to collectives, as predicted -------------------------------------------------

@@ -68,18 +68,10 @@ from subnetdp.init import ModelFactory, structure_of
 from subnetdp.masking import regime
 from subnetdp.options import SDPOptions, sdp_options
 from subnetdp.planning import Plan
+from subnetdp.planning.shards import check_shardable, shard_groups
 from subnetdp.sync import clip_gradients_, divide_by_holders_
 
-__all__ = ["HolderShardedSDP", "check_shardable", "holder_meshes", "shard_over_holders"]
-
-
-def check_shardable(plan: Plan) -> None:
-    """Refuse a plan whose holder sets FSDP2 cannot express: one FSDP2 parameter is sharded over one mesh,
-    so every tensor must have one holder set (block level). Local: raised on every rank before any collective."""
-    if plan.level != "block":
-        raise ValueError(f"sharding='holders' with a {plan.level}-level plan: at neuron level the slices of one tensor "
-                         "have different holder sets, and one FSDP2 parameter is sharded over one mesh; make the plan "
-                         "with level='block', or use sharding='none'")
+__all__ = ["HolderShardedSDP", "holder_meshes", "shard_over_holders"]
 
 
 def holder_meshes(plan: Plan, device_type: str) -> dict[Holders, DeviceMesh]:
@@ -98,28 +90,15 @@ def holder_meshes(plan: Plan, device_type: str) -> dict[Holders, DeviceMesh]:
 
 def shard_over_holders(module: nn.Module, plan: Plan,
                        meshes: dict[Holders, DeviceMesh]) -> tuple[nn.Module, list[tuple[FSDPModule, int]]]:
-    """``fully_shard`` this rank's subnetwork ``module`` in place: each held block over its holders' mesh
-    (its shortcut, always kept, over the world's first), each kept block and then the root over the world.
+    """``fully_shard`` this rank's subnetwork ``module`` in place, group by group as
+    :func:`subnetdp.planning.shards.shard_groups` lists them: each held block over its holders' mesh (its
+    shortcut, always kept, over the world's first), each kept block and then the root over the world.
 
     Returns the root and every FSDP2 module with its holder count, innermost first (the root last). Each
     sums its gradients and divides by its holder count, and prefetches nothing in backward (module docstring).
     """
-    world = tuple(range(plan.workers))
-    rank = dist.get_rank()
-    units = {u.name: u for u in plan.units}
-    sharded: list[tuple[FSDPModule, int]] = []
-
-    def shard(path: str, holders: Holders) -> None:
-        sharded.append((fully_shard(module.get_submodule(path), mesh=meshes[holders]), len(holders)))
-
-    for info in plan.blocks:  # the model's order; a dropped block is skipped or reduced to its shortcut
-        unit = units.get(info.name)
-        holders = plan.holders(unit) if unit is not None else world
-        if info.shortcut is not None and unit is not None:  # a transition unit: its shortcut is always kept
-            shard(f"{info.name}.{info.shortcut}", world)
-        if rank in holders:
-            shard(info.name, holders)
-    sharded.append((fully_shard(module, mesh=meshes[world]), len(world)))
+    sharded = [(fully_shard(module.get_submodule(path), mesh=meshes[holders]), len(holders))
+               for path, holders in shard_groups(plan, dist.get_rank())]  # the root ("") last
     for m, holder_count in sharded:
         m.set_force_sum_reduction_for_comms(True)
         m.set_gradient_divide_factor(float(holder_count))
@@ -183,7 +162,7 @@ class HolderShardedSDP(nn.Module):
         options = sdp_options(options, **overrides)
         if options.sharding != "holders":
             options = dataclasses.replace(options, sharding="holders")  # checked again: refuses what FSDP2 cannot do
-        check_shardable(plan)
+        check_shardable("holders", plan.level, options.masking)
         self.options = options
         self.regime = regime(options.masking)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()

@@ -3,7 +3,8 @@
 ``data`` (the :class:`Plan` and its answers), ``placement`` (slots that balance the workers' windows),
 ``assign`` (:func:`plan`: units found, costed, placed), ``text`` (the plan as a table), ``counting``
 (saved-for-backward bytes), ``profile`` (the full model's activation profile), ``memory`` (predicted
-bytes per worker, memory costs, memory-balanced plans), ``job`` (:func:`main_job_plan`, the plan the main
+bytes per worker, memory costs, memory-balanced plans), ``shards`` (the FSDP2 groups of
+``sharding="holders"`` and their predicted bytes), ``job`` (:func:`main_job_plan`, the plan the main
 job makes); and, imported by name, ``budget`` (``subnetdp plan --budget``: the largest coverage that fits
 a memory budget). Nothing here reads ``measure/``.
 """
@@ -34,6 +35,7 @@ from subnetdp.planning.memory import (
     predict_backward_worker,
     predict_worker,
 )
+from subnetdp.planning.shards import check_shardable, predict_sharded_worker, shard_groups
 from subnetdp.planning.job import (
     WorkloadLike,
     backward_weight_grads,
@@ -46,9 +48,9 @@ from subnetdp.planning.job import (
 __all__ = [
     "BALANCES", "BYTES_PER_ELEMENT", "JOB_BALANCES", "LEVELS", "TRANSITIONS",
     "ActivationProfile", "LossFn", "Plan", "SavedTensorMeter", "Unit", "WorkloadLike",
-    "backward_memory_cost", "backward_trainable_elements", "backward_weight_grads", "check_coverage",
+    "backward_memory_cost", "backward_trainable_elements", "backward_weight_grads", "check_coverage", "check_shardable",
     "loss_of", "main_job_plan", "memory_balanced_plan", "memory_cost", "memory_plan", "model_state_bytes",
     "plan", "plan_prediction", "plan_summary", "predict_backward_worker",
-    "predict_worker", "profile_activations", "profile_sample", "profile_weight_grads",
-    "profile_workload", "sdp_plan", "storage_key", "valid_coverages",
+    "predict_sharded_worker", "predict_worker", "profile_activations", "profile_sample", "profile_weight_grads",
+    "profile_workload", "sdp_plan", "shard_groups", "storage_key", "valid_coverages",
 ]
