@@ -217,3 +217,67 @@ def test_plan_builds_a_module_callable_model_as_train_does(tmp_path, capsys):
     capsys.readouterr()
     assert main(["plan", "--model", "subnetdp.models:resnet18", "--width", "8"]) == 2
     assert "--width applies to resnet18" in capsys.readouterr().err
+
+
+def test_plan_json_predicts_each_units_state_sharded_over_its_holders(capsys):
+    import json
+
+    from subnetdp.cli import main
+    from subnetdp.planning import predict_sharded_worker, profile_workload
+
+    flags = ["plan", "--model", "resnet18", "--width", "4", "--workers", "4", "--coverage", "0.5", "--level", "block",
+             "--batch-size", "16", "--optimizer", "adamw", "--json"]
+    assert main(flags) == 0
+    whole = json.loads(capsys.readouterr().out)
+    assert main(flags + ["--sharding", "holders"]) == 0
+    sharded = json.loads(capsys.readouterr().out)
+    assert (whole["sharding"], sharded["sharding"]) == ("none", "holders")
+    assert sharded["plan_digest"] == whole["plan_digest"]  # the same plan, stored another way
+    profile = profile_workload(W)
+    p = memory_plan(W.factory, 4, 0.5, "block", profile=profile, optimizer="adamw", batch_size=16)
+    for k in range(4):
+        pred = predict_sharded_worker(p, k, "adamw", profile, 16)
+        assert sharded["peak_bytes"][k] == pred["peak_bytes"] and sharded["state_bytes"][k] == pred["state_bytes"]
+        assert sharded["activation_bytes"][k] == whole["activation_bytes"][k]  # sharding moves no activation
+        assert sharded["state_bytes"][k] < whole["state_bytes"][k]
+    # FSDP2 is the sharded prediction at coverage 1 (every block over all K), the same in both outputs
+    full = plan(W.factory, 4, 1.0, "block")
+    assert whole["fsdp2_peak_bytes"] == sharded["fsdp2_peak_bytes"] == max(
+        predict_sharded_worker(full, k, "adamw", profile, 16)["peak_bytes"] for k in range(4))
+    assert main(flags[:-1] + ["--sharding", "holders"]) == 0
+    assert "x FSDP2's" in capsys.readouterr().out
+    assert main(flags + ["--sharding", "holders", "--level", "neuron"]) == 2
+    assert "--sharding holders needs --level block" in capsys.readouterr().err
+
+
+def test_the_budget_planner_takes_sharding_only_where_it_fits_a_larger_coverage(profile):
+    both = ("none", "holders")
+
+    def worst(c, sharding):
+        p = memory_plan(W.factory, K, c, "block", profile=profile, optimizer=OPT, batch_size=BATCH)
+        return predicted_peak(p, profile, OPT, BATCH, sharding)[0]
+
+    whole, split = worst(0.75, "none"), worst(0.75, "holders")
+    assert split < whole
+    # fits C=0.75 only sharded (and C=0.5 unsharded does not matter: the larger coverage wins)
+    choice = plan_for_budget(W, K, split, optimizer=OPT, batch_size=BATCH, profile=profile, levels=("block",),
+                             shardings=both)
+    assert (choice.plan.coverage, choice.sharding, choice.peak) == (0.75, "holders", split)
+    assert "--sharding holders" in choice.summary()
+    # at equal coverage the unsharded plan wins (fewer bytes handed to collectives)
+    choice = plan_for_budget(W, K, whole, optimizer=OPT, batch_size=BATCH, profile=profile, levels=("block",),
+                             shardings=both)
+    assert (choice.plan.coverage, choice.sharding) == (0.75, "none")
+    assert plan_for_budget(W, K, "1GiB", optimizer=OPT, batch_size=BATCH, profile=profile,
+                           shardings=both).sharding == "none"
+    with pytest.raises(ValueError, match="shardings"):
+        plan_for_budget(W, K, "1GiB", optimizer=OPT, batch_size=BATCH, profile=profile, shardings=("split",))
+
+
+def test_budget_measure_refuses_a_sharded_choice_in_one_line(capsys):
+    from subnetdp.cli import main
+
+    flags = ["plan", "--width", "4", "--workers", "4", "--optimizer", "sgd", "--batch-size", "4"]
+    assert main(flags + ["--budget", "1GiB", "--sharding", "holders", "--measure"]) == 2
+    err = capsys.readouterr().err
+    assert "--measure" in err and "subnetdp bench --sharding holders" in err

@@ -35,7 +35,7 @@ from subnetdp.config import (
 from subnetdp.measure.workloads import DEFAULT_VOCAB
 from subnetdp.models import LANGUAGE, model_factory, model_kind
 from subnetdp.optimizers import OPTIMIZER_NAMES, name_for
-from subnetdp.planning import JOB_BALANCES, TRANSITIONS
+from subnetdp.planning import JOB_BALANCES, LEVELS, TRANSITIONS, Plan
 
 
 class _Parser(argparse.ArgumentParser):
@@ -131,12 +131,22 @@ def _save_plan(path: str, text: str) -> None:
         raise ConfigError(f"--save {path}: {e.strerror}; give a file in an existing, writable folder") from None
 
 
+def _plan_table(p: Plan, optimizer: str, sharding: str) -> str:
+    """The plan's summary with each worker's predicted model state, whole or (``holders``) its shards."""
+    from subnetdp.planning import plan_summary, predict_sharded_worker
+
+    if sharding == "holders":
+        return p.summary([predict_sharded_worker(p, k, optimizer)["state_bytes"] for k in range(p.workers)],
+                         f"{optimizer}, sharded over holders")
+    return plan_summary(p, optimizer)
+
+
 def _plan_command(args: argparse.Namespace) -> int:
     import json
 
     from subnetdp.measure.workloads import workload_for
     from subnetdp.metrics import format_bytes
-    from subnetdp.planning import plan, plan_prediction, plan_summary
+    from subnetdp.planning import plan, plan_prediction
 
     cfg = plan_config(args)
     optimizer = name_for(cfg.optimizer, cfg.momentum)  # what train runs: sgd without momentum keeps no state
@@ -151,11 +161,11 @@ def _plan_command(args: argparse.Namespace) -> int:
         p, prediction = plan_prediction(
             workload_for(args), cfg.workers, cfg.coverage, cfg.level, optimizer=optimizer,
             batch_size=cfg.batch_size, seed=cfg.seed, transitions=cfg.transitions, balance=cfg.balance,
-            activation_checkpointing=cfg.activation_checkpointing, masking=cfg.masking)
+            activation_checkpointing=cfg.activation_checkpointing, masking=cfg.masking, sharding=cfg.sharding)
     if args.json:
         print(json.dumps(prediction))
     else:
-        print(plan_summary(p, optimizer))
+        print(_plan_table(p, optimizer, cfg.sharding))
         print()
         if prediction is None:
             print(f"activations: not predicted for a 'module:callable' model (subnetdp does not know its inputs); "
@@ -163,7 +173,9 @@ def _plan_command(args: argparse.Namespace) -> int:
         else:
             tokens = f" x {cfg.seq_len} tokens" if model_kind(cfg.model) == LANGUAGE else ""
             ckpt = ", block checkpointing" if cfg.activation_checkpointing else ""
-            print(f"predicted memory per worker (batch {cfg.batch_size} per worker{tokens}, fp32, {optimizer}{ckpt}; "
+            shard = (", each unit's state sharded over its holders (FSDP2; the peak includes the gathered groups)"
+                     if cfg.sharding == "holders" else "")
+            print(f"predicted memory per worker (batch {cfg.batch_size} per worker{tokens}, fp32, {optimizer}{ckpt}{shard}; "
                   "--batch-size sets the batch):")
             print("| worker | model state | activations | predicted peak |")
             print("|---|---|---|---|")
@@ -171,9 +183,10 @@ def _plan_command(args: argparse.Namespace) -> int:
                 print(f"| {k} | {format_bytes(prediction['state_bytes'][k])} | "
                       f"{format_bytes(prediction['activation_bytes'][k])} | {format_bytes(prediction['peak_bytes'][k])} |")
             worst = max(range(p.workers), key=lambda k: prediction["peak_bytes"][k])
-            ddp = prediction["ddp_peak_bytes"]
+            ddp, fsdp2 = prediction["ddp_peak_bytes"], prediction["fsdp2_peak_bytes"]
             print(f"worst worker: {worst}, predicted peak {format_bytes(prediction['peak_bytes'][worst])} = "
-                  f"{prediction['peak_bytes'][worst] / ddp:.3f} x DDP's {format_bytes(ddp)}")
+                  f"{prediction['peak_bytes'][worst] / ddp:.3f} x DDP's {format_bytes(ddp)}, "
+                  f"{prediction['peak_bytes'][worst] / fsdp2:.3f} x FSDP2's {format_bytes(fsdp2)} (K={p.workers}{ckpt})")
     if args.save:
         _save_plan(args.save, p.to_json())
         if not args.json:
@@ -266,17 +279,22 @@ def _budget_command(args: argparse.Namespace) -> int:
     from subnetdp.measure.meters import measure_choice
     from subnetdp.measure.workloads import workload_for
     from subnetdp.metrics import format_bytes
-    from subnetdp.planning import plan_summary
     from subnetdp.planning.budget import plan_for_budget
 
     cfg = plan_config(args)
     optimizer = name_for(cfg.optimizer, cfg.momentum)
     w = workload_for(args)
+    # sharded plans are considered always and taken where they fit a larger coverage; --sharding holders: only they
+    shardings = ("holders",) if cfg.sharding == "holders" else ("none", "holders")
     choice = plan_for_budget(w, cfg.workers, args.budget, optimizer=optimizer, batch_size=cfg.batch_size,
-                             seed=cfg.seed, transitions=cfg.transitions)
+                             seed=cfg.seed, transitions=cfg.transitions, shardings=shardings,
+                             levels=("block",) if cfg.sharding == "holders" else LEVELS)
     print(choice.summary())
     print()
-    print(plan_summary(choice.plan, optimizer))
+    print(_plan_table(choice.plan, optimizer, choice.sharding))
+    if args.measure and choice.sharding == "holders":
+        raise ConfigError("--measure runs the chosen plan's worst worker in this one process, and a plan sharded over "
+                          "holders needs its K processes; measure it with subnetdp bench --sharding holders")
     if args.measure:
         r = measure_choice(choice, w, seed=cfg.seed)
         print(f"\nmeasured worker {r['worker']}: {format_bytes(r['measured_bytes'])} (state + saved activations) "

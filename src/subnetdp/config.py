@@ -286,13 +286,8 @@ def _check_model_fits(cfg: TrainConfig) -> None:
         raise ConfigError(f"--width applies to {', '.join(zoo_names(takes='width'))}, not {cfg.model}")
 
 
-def validate(cfg: TrainConfig) -> None:
-    """Raise :class:`ConfigError` naming the first bad flag of ``subnetdp train``; does no work."""
-    check_fields(cfg)
-    if cfg.masking == "backward" and cfg.strategy != "sdp":
-        raise ConfigError(f"--masking backward is an SDP regime; --strategy {cfg.strategy} has no masking")
-    if cfg.masking == "backward" and cfg.sync != "grads":
-        raise ConfigError("--masking backward averages gradients every step; use --sync grads")
+def _check_sharding(cfg: TrainConfig) -> None:
+    """``--sharding holders``'s rules, the same for ``train`` and ``plan``."""
     if cfg.sharding == "holders":
         needs = [(cfg.strategy == "sdp", f"--strategy sdp (--strategy {cfg.strategy} has no holders; fsdp shards the whole model)"),
                  (cfg.level == "block", "--level block: FSDP2 shards whole parameters, and a neuron-level unit is a slice of one"),
@@ -301,6 +296,16 @@ def validate(cfg: TrainConfig) -> None:
         for ok, what in needs:
             if not ok:
                 raise ConfigError(f"--sharding holders needs {what}")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Raise :class:`ConfigError` naming the first bad flag of ``subnetdp train``; does no work."""
+    check_fields(cfg)
+    if cfg.masking == "backward" and cfg.strategy != "sdp":
+        raise ConfigError(f"--masking backward is an SDP regime; --strategy {cfg.strategy} has no masking")
+    if cfg.masking == "backward" and cfg.sync != "grads":
+        raise ConfigError("--masking backward averages gradients every step; use --sync grads")
+    _check_sharding(cfg)
     if cfg.max_restarts and not cfg.workers:
         raise ConfigError(f"--max-restarts {cfg.max_restarts} applies to --workers K; under torchrun use "
                           "torchrun's own --max-restarts (the run resumes by itself on a restart)")
@@ -344,7 +349,7 @@ def validate(cfg: TrainConfig) -> None:
 # defaults, choices and rules, because plan predicts what train does with them. One differs on purpose:
 # plan's --workers is the K the plan is for (8 unless given), train's the processes it starts.
 PLAN_FIELDS = ("model", "width", "workers", "coverage", "level", "seed", "activation_checkpointing", "masking",
-               "transitions", "balance", "batch_size", "seq_len", "optimizer", "momentum")
+               "transitions", "balance", "batch_size", "seq_len", "optimizer", "momentum", "sharding")
 
 
 def validate_plan(cfg: TrainConfig, num_classes: int, vocab_size: int | None, json: bool = False,
@@ -360,6 +365,7 @@ def validate_plan(cfg: TrainConfig, num_classes: int, vocab_size: int | None, js
     count(unset=True)("num-classes", num_classes)
     count(unset=True)("vocab-size", vocab_size)
     _check_model_fits(cfg)
+    _check_sharding(cfg)
     for flag, given in (("--json", json), ("--budget", budget)):
         if given and is_user_model(cfg.model):
             raise ConfigError(f"{flag} needs a zoo model (a 'module:callable' model has no known inputs to predict "

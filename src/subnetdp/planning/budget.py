@@ -27,6 +27,8 @@ from subnetdp.planning.data import LEVELS, Plan, valid_coverages
 from subnetdp.planning.job import WorkloadLike, main_job_plan, profile_workload
 from subnetdp.planning.memory import predict_worker
 from subnetdp.planning.profile import ActivationProfile
+from subnetdp.planning.shards import predict_sharded_worker
+from subnetdp.options import SHARDINGS
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -51,6 +53,7 @@ class BudgetChoice:
     """The chosen plan, its predicted worst worker, and every candidate's predicted peak."""
 
     plan: Plan
+    sharding: str  # "none", or "holders": train it with --sharding holders
     budget: int
     peak: int  # predicted bytes of the worst worker
     worker: int  # that worker
@@ -60,20 +63,23 @@ class BudgetChoice:
     candidates: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> str:
+        shard = (" sharding=holders (train with --sharding holders)" if self.sharding == "holders" else "")
         lines = [f"budget {format_bytes(self.budget)} per worker: level={self.plan.level} "
-                 f"coverage C={self.plan.coverage:g} (r={self.plan.holders_per_unit} of K={self.plan.workers}), "
+                 f"coverage C={self.plan.coverage:g} (r={self.plan.holders_per_unit} of K={self.plan.workers}){shard}, "
                  f"predicted peak {format_bytes(self.peak)} on worker {self.worker} "
                  f"({self.optimizer}, batch {self.batch_size})", "",
-                 "| coverage | level | predicted peak (worst worker) | fits |", "|---|---|---|---|"]
+                 "| coverage | level | sharding | predicted peak (worst worker) | fits |", "|---|---|---|---|---|"]
         for c in self.candidates:
-            lines.append(f"| {c['coverage']:g} | {c['level']} | {format_bytes(c['peak'])} | "
+            lines.append(f"| {c['coverage']:g} | {c['level']} | {c['sharding']} | {format_bytes(c['peak'])} | "
                          f"{'yes' if c['peak'] <= self.budget else 'no'} |")
         return "\n".join(lines)
 
 
-def predicted_peak(p: Plan, profile: ActivationProfile, optimizer: str, batch_size: int) -> tuple[int, int]:
+def predicted_peak(p: Plan, profile: ActivationProfile, optimizer: str, batch_size: int,
+                   sharding: str = "none") -> tuple[int, int]:
     """``(bytes, worker)``: the largest predicted peak (model state + activations + transient) over ``p``'s workers."""
-    totals = [predict_worker(p, k, optimizer, profile, batch_size)["peak_bytes"] for k in range(p.workers)]
+    predict = predict_sharded_worker if sharding == "holders" else predict_worker
+    totals = [predict(p, k, optimizer, profile, batch_size)["peak_bytes"] for k in range(p.workers)]
     worker = max(range(p.workers), key=totals.__getitem__)
     return totals[worker], worker
 
@@ -81,18 +87,22 @@ def predicted_peak(p: Plan, profile: ActivationProfile, optimizer: str, batch_si
 def plan_for_budget(workload: WorkloadLike, workers: int, budget: str | int, *, optimizer: str = "adamw",
                     batch_size: int, levels: tuple[str, ...] = LEVELS, seed: int = 0,
                     profile: ActivationProfile | None = None, profile_batch: int = 2,
-                    device: torch.device | str = "cpu", transitions: str = "keep") -> BudgetChoice:
+                    device: torch.device | str = "cpu", transitions: str = "keep",
+                    shardings: tuple[str, ...] = ("none",)) -> BudgetChoice:
     """Pick the largest coverage ``j/K`` (and level) whose predicted per-worker peak fits ``budget``.
 
     ``budget`` is bytes or a string such as ``"6GiB"``. The full model's activations are profiled
     once on ``profile_batch`` samples on ``device`` (or give ``profile``) and scaled to ``batch_size``.
-    ``transitions`` is passed to the block-level plans.
+    ``transitions`` is passed to the block-level plans. ``shardings`` (``"none"``, ``"holders"``) are the
+    storages considered; a sharded plan is taken only where it fits a larger coverage (module docstring).
     Raises ``ValueError`` naming the smallest achievable peak when no plan fits.
     """
     limit = parse_bytes(budget)
     bad = [lv for lv in levels if lv not in LEVELS]
     if bad or not levels:
         raise ValueError(f"levels {levels!r}: choose among {LEVELS}")
+    if not shardings or any(sh not in SHARDINGS for sh in shardings):
+        raise ValueError(f"shardings {shardings!r}: choose among {SHARDINGS}")
     if profile is None:
         profile = profile_workload(workload, seed=seed, profile_batch=profile_batch, device=device)
     candidates = []
@@ -104,8 +114,10 @@ def plan_for_budget(workload: WorkloadLike, workers: int, budget: str | int, *, 
                                      profile=profile)
             except ValueError:  # e.g. a model without inner widths at neuron level
                 continue
-            peak, worker = predicted_peak(p, profile, optimizer, batch_size)
-            candidates.append({"coverage": c, "level": level, "peak": peak, "worker": worker, "plan": p})
+            for sharding in shardings if level == "block" else [sh for sh in shardings if sh == "none"]:
+                peak, worker = predicted_peak(p, profile, optimizer, batch_size, sharding)
+                candidates.append({"coverage": c, "level": level, "sharding": sharding, "peak": peak,
+                                   "worker": worker, "plan": p})
     if not candidates:
         raise ValueError(f"{workload.name} has no maskable units at levels {levels}")
     fitting = [c for c in candidates if c["peak"] <= limit]
@@ -114,11 +126,12 @@ def plan_for_budget(workload: WorkloadLike, workers: int, budget: str | int, *, 
         raise ValueError(
             f"no SDP plan of {workload.name} with K={workers} fits {format_bytes(limit)} per worker "
             f"({optimizer}, batch {batch_size}): the smallest predicted peak is {format_bytes(best['peak'])} "
-            f"(level={best['level']}, coverage C={best['coverage']:g}); raise the budget, lower the batch size "
-            f"or use more workers")
+            f"(level={best['level']}, coverage C={best['coverage']:g}, sharding={best['sharding']}); raise the "
+            f"budget, lower the batch size or use more workers")
     top = max(c["coverage"] for c in fitting)
     at_top = [c for c in fitting if c["coverage"] == top]
-    chosen = next((c for c in at_top if c["level"] == "block"), at_top[0])
-    return BudgetChoice(plan=chosen["plan"], budget=limit, peak=chosen["peak"], worker=chosen["worker"],
+    # unsharded first (fewer bytes to collectives), then block level (the method's evidence)
+    chosen = min(at_top, key=lambda c: (c["sharding"] != "none", c["level"] != "block"))
+    return BudgetChoice(plan=chosen["plan"], sharding=chosen["sharding"], budget=limit, peak=chosen["peak"], worker=chosen["worker"],
                         optimizer=optimizer, batch_size=batch_size, profile=profile,
                         candidates=[{k: v for k, v in c.items() if k != "plan"} for c in candidates])

@@ -19,6 +19,7 @@ from subnetdp.planning.counting import LossFn
 from subnetdp.planning.data import JOB_BALANCES, Plan
 from subnetdp.planning.memory import memory_balanced_plan, predict_backward_worker, predict_worker
 from subnetdp.planning.profile import ActivationProfile, profile_activations, profile_sample, profile_weight_grads
+from subnetdp.planning.shards import check_shardable, predict_sharded_worker
 
 
 class WorkloadLike(Protocol):
@@ -91,10 +92,14 @@ def backward_weight_grads(w: WorkloadLike, workers: int, level: str, seed: int, 
 def plan_prediction(workload: WorkloadLike, workers: int, coverage: float, level: str = "block", *, optimizer: str,
                     batch_size: int, seed: int = 0, transitions: str = "keep", balance: str = "memory",
                     activation_checkpointing: bool = False, profile: ActivationProfile | None = None,
-                    masking: str = "forward") -> tuple[Plan, dict[str, Any]]:
-    """A plan as the main job makes it, and its predicted bytes per worker beside DDP's (``plan --json``).
+                    masking: str = "forward", sharding: str = "none") -> tuple[Plan, dict[str, Any]]:
+    """A plan as the main job makes it, and its predicted bytes per worker beside DDP's and FSDP2's
+    (``plan --json``).
 
-    The DDP figure is the full model under the same optimizer, batch and checkpointing choice.
+    The DDP figure is the full model under the same optimizer, batch and checkpointing choice; FSDP2's is
+    the full model sharded over all K, each block a group (:func:`~subnetdp.planning.shards.predict_sharded_worker`
+    at coverage 1). ``sharding="holders"`` predicts each unit's state sharded over its holders (block level,
+    forward masking).
     ``masking="backward"`` predicts backward masking (:func:`~subnetdp.planning.memory.predict_backward_worker`:
     full parameters, held gradients and optimizer state, the full forward's activations less what only
     the weight gradients of units not held would save); its transient is taken as the full model's.
@@ -106,27 +111,33 @@ def plan_prediction(workload: WorkloadLike, workers: int, coverage: float, level
                          "predict one of them (drop --activation-checkpointing or --masking backward)")
     if balance not in JOB_BALANCES:
         raise ValueError(f"balance={balance!r}: choose {' or '.join(JOB_BALANCES)}")
+    check_shardable(sharding, level, masking)
     if profile is None:
         profile = profile_workload(workload, seed=seed)
     weight_grads = (backward_weight_grads(workload, workers, level, seed, profile, transitions)
                     if masking == "backward" else None)
     p = sdp_plan(workload, workers, coverage, level, seed, profile, optimizer, batch_size, transitions, balance,
                  activation_checkpointing, masking, weight_grads)
-    ddp = predict_worker(plan(workload.factory, workers, 1.0, "block", seed), 0, optimizer, profile, batch_size,
-                         activation_checkpointing=activation_checkpointing)
+    full = plan(workload.factory, workers, 1.0, "block", seed)
+    ddp = predict_worker(full, 0, optimizer, profile, batch_size, activation_checkpointing=activation_checkpointing)
+    fsdp2 = max(predict_sharded_worker(full, k, optimizer, profile, batch_size, activation_checkpointing)["peak_bytes"]
+                for k in range(workers))
     if masking == "backward":
         per = [predict_backward_worker(p, k, optimizer, profile, weight_grads, batch_size) for k in range(workers)]
         for w in per:  # the full forward on every worker: the full model's transient
             w["transient_bytes"] = ddp["transient_bytes"]
             w["peak_bytes"] = w["total_bytes"] + w["transient_bytes"]
+    elif sharding == "holders":
+        per = [predict_sharded_worker(p, k, optimizer, profile, batch_size, activation_checkpointing)
+               for k in range(workers)]
     else:
         per = [predict_worker(p, k, optimizer, profile, batch_size, activation_checkpointing=activation_checkpointing)
                for k in range(workers)]
     return p, {
         "model": workload.name, "workers": workers, "coverage": coverage, "level": level, "optimizer": optimizer,
         "batch_size": batch_size, "activation_checkpointing": activation_checkpointing,
-        "transitions": transitions, "balance": balance, "masking": masking, "seed": seed,
-        "peak_bytes": [w["peak_bytes"] for w in per], "ddp_peak_bytes": ddp["peak_bytes"],
+        "transitions": transitions, "balance": balance, "masking": masking, "sharding": sharding, "seed": seed,
+        "peak_bytes": [w["peak_bytes"] for w in per], "ddp_peak_bytes": ddp["peak_bytes"], "fsdp2_peak_bytes": fsdp2,
         "state_bytes": [w["state_bytes"] for w in per], "activation_bytes": [w["activation_bytes"] for w in per],
         "transient_bytes": [w["transient_bytes"] for w in per],
         "param_counts": p.param_counts(), "plan_digest": p.digest(),
