@@ -143,7 +143,9 @@ class HolderShardedSDP(nn.Module):
     ``structure``, ``device``, ``options``, ``regime``, ``rank``, ``world_size``,
     :meth:`predicted_bytes_per_sync`. Holders cannot diverge (each value exists once, split), so
     :meth:`check_holders` raises; nothing moves after an optimizer step, so ``needs_optimizer`` is False.
-    ``state_dict()`` is ``nn.Module``'s: this rank's DTensor shards under ``module.``-prefixed names.
+    :meth:`state_dict` and :meth:`load_state_dict` are made for ``torch.distributed.checkpoint``
+    (``dcp.save({"model": sdp.state_dict(), "optim": get_optimizer_state_dict(sdp, opt)})``; ``get_state_dict`` and
+    ``set_state_dict`` work too).
     """
 
     needs_optimizer = False
@@ -259,6 +261,42 @@ class HolderShardedSDP(nn.Module):
         Counted as the replicated engine counts (the buffer handed over); under :meth:`no_sync` no reduce-scatter."""
         last = len(self._fsdp_groups) - 1
         return sum(handed_bytes(params, n, 1 if i == last else 2) for i, (params, n) in enumerate(self._fsdp_groups))
+
+    # ---- checkpoints (torch.distributed.checkpoint) -------------------------------------------------
+    @torch.no_grad()
+    def state_dict(self, *args: object, destination: dict | None = None, prefix: str = "",
+                   keep_vars: bool = False) -> dict[str, torch.Tensor]:
+        """This rank's state for ``torch.distributed.checkpoint``, keys without the ``module.`` level (as
+        ``get_state_dict`` gives DDP's): parameters as FSDP2's DTensor shards, which DCP writes once each
+        and loads back into the same plan; buffers averaged over their holders. Collective.
+
+        Why averaged: DCP keeps one rank's copy of a plain tensor that several ranks save under one name,
+        and each holder's BatchNorm statistics are its own, so ``nn.Module``'s state dict would resume
+        every holder from one holder's statistics (the assembled model silently wrong). The average is
+        what the full model gets, and a resume from it assembles the same model (the statistics' update
+        is linear). Tensors are detached aliases (``keep_vars`` is accepted and ignored).
+        """
+        if args:
+            raise TypeError("SubnetDataParallel.state_dict takes keyword arguments only (destination=, prefix=)")
+        buffers = self.averaged_buffers()
+        state = {n: buffers.get(n, t).detach() for n, t in self.module.state_dict().items()}
+        if destination is None:
+            return state
+        destination.update({prefix + k: v for k, v in state.items()})
+        return destination
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True,
+                        assign: bool = False) -> nn.modules.module._IncompatibleKeys:
+        """Load :meth:`state_dict`'s form (as ``dcp.load`` filled it): DTensor shards into the parameters,
+        the buffers into every holder's. ``assign`` is not supported (tensors are copied)."""
+        if assign:
+            raise ValueError("SubnetDataParallel.load_state_dict(assign=True) is not supported: values are copied")
+        return self.module.load_state_dict(state_dict, strict=strict)
+
+    def _fqn_modifiers(self) -> dict[str, str]:
+        """``torch.distributed.checkpoint.state_dict``'s hook: :meth:`state_dict`'s keys omit the ``module.``
+        level, so ``get_state_dict``/``set_state_dict`` see the model's own names, as for DDP."""
+        return {name: "module" for name, _ in self.module.named_children()}
 
     # ---- groups -------------------------------------------------------------------------------------
     @property
