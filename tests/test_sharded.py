@@ -323,27 +323,22 @@ def test_the_planner_predicts_the_groups_and_state_fsdp2_builds(coverage):
 # ---- traffic: what FSDP2 hands to collectives, as predicted -------------------------------------------------
 
 def handed_per_step(rank: int, world: int, coverage: float) -> dict:
-    handed = [0]
-    for name, arg in (("all_gather_single", "input_tensor"), ("reduce_scatter_single", "input")):
-        real = getattr(dist, name)
+    from subnetdp.measure.meters import counted_fsdp2_collectives
 
-        def counting(*args: object, _real=real, _arg=arg, **kwargs: object) -> object:  # noqa: ANN001
-            t = kwargs[_arg] if _arg in kwargs else args[1]
-            handed[0] += t.numel() * t.element_size()
-            return _real(*args, **kwargs)
-
-        setattr(dist, name, counting)  # this process only: FSDP2 calls them through torch.distributed
     f = FACTORIES["resnet"]
     sdp = sd.SubnetDataParallel(f, sd.plan(f, world, coverage, "block"), seed=2, sharding="holders",
                                 checkpointing="blocks")
     o = OPTIMIZERS["sgd"](sdp.parameters())
     per_step = []
-    for step in range(2):
-        handed[0] = 0
-        o.zero_grad()
-        ce_loss(sdp, batches_for(step, world)[rank]).backward()
-        o.step()
-        per_step.append(handed[0])
+    with counted_fsdp2_collectives() as handed:  # FSDP2's calls through torch.distributed, this process only
+        for step in range(2):
+            before = handed["bytes"]
+            o.zero_grad()
+            ce_loss(sdp, batches_for(step, world)[rank]).backward()
+            o.step()
+            per_step.append(handed["bytes"] - before)
+    if dist.all_gather_single.__name__ != "all_gather_single":
+        raise AssertionError("counted_fsdp2_collectives left torch.distributed wrapped")
     return {"measured": per_step, "predicted": sdp.predicted_bytes_per_sync()}
 
 

@@ -166,3 +166,35 @@ def allocator_peak(step: Any, live_before: int, device: torch.device | str = "cp
         highest = max(highest, running)
     return {"peak_bytes": int(live_before + highest), "step_delta_bytes": int(highest),
             "basis": "live tensors at the step's start + the highest running sum of torch.profiler's allocation events"}
+
+
+# FSDP2's collectives in torch 2.14 (``_fsdp_collectives``), with the argument that holds the buffer handed over
+FSDP2_COLLECTIVES = (("all_gather_single", "input_tensor"), ("reduce_scatter_single", "input"))
+
+
+@contextlib.contextmanager
+def counted_fsdp2_collectives() -> Any:
+    """Count the bytes this process hands to FSDP2's collectives while inside: yields ``{"bytes": n}``, updated
+    on every call. FSDP2 reaches them through ``torch.distributed``'s module attributes, which are wrapped
+    for the duration (this process only) and restored after. Counted as the buffer handed over (the padded
+    shard to an all-gather, the padded full gradient to a reduce-scatter), as DDP's comm hook counts its buckets.
+    """
+    import torch.distributed as dist
+
+    counter = {"bytes": 0}
+    originals = {name: getattr(dist, name) for name, _ in FSDP2_COLLECTIVES}
+
+    def counting(real: Any, arg: str) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            t = kwargs[arg] if arg in kwargs else args[1]
+            counter["bytes"] += t.numel() * t.element_size()
+            return real(*args, **kwargs)
+        return wrapper
+
+    for name, arg in FSDP2_COLLECTIVES:
+        setattr(dist, name, counting(originals[name], arg))
+    try:
+        yield counter
+    finally:
+        for name, real in originals.items():
+            setattr(dist, name, real)

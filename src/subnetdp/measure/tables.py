@@ -76,7 +76,7 @@ def time_table(part: dict[str, Any]) -> str:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in part["rows"]:
         measured = [b for b in r["bytes_per_rank"] if b is not None]
-        derived = r["strategy"] in ("fsdp", "sdp-sharded")
+        derived = r.get("bytes_basis", "").startswith("derived")  # FSDP2 rows of runs before the calls were counted
         byt = span(r["predicted_bytes_per_rank"], mib) + " (derived)" if derived else span(measured, mib)
         peak = f"{max(r['peak_bytes_per_rank']) / 2**20:.1f}" if r.get("peak_bytes_per_rank") else "n/a"
         s = r["step_s"]

@@ -5,8 +5,9 @@
    so that machine noise hits them alike; each timed step starts at a barrier and its time is the
    slowest rank's. DDP runs with ``broadcast_buffers=False`` so that, like SDP, it communicates
    gradients only. Per configuration: bytes handed to collectives per step (DDP: counted by a comm hook;
-   SDP: the engine's counters; FSDP2 and SDP sharded over holders, with or without checkpointing: derived from
-   FSDP2's groups as built, see :func:`fsdp2_traffic`), the peak of live tensor bytes of one more step per rank
+   SDP: the engine's counters; FSDP2 and SDP sharded over holders, with or without checkpointing: FSDP2's
+   collective calls counted, :func:`subnetdp.measure.meters.counted_fsdp2_collectives`, beside what
+   :func:`fsdp2_traffic` derives from FSDP2's groups as built), the peak of live tensor bytes of one more step per rank
    (:func:`subnetdp.measure.meters.allocator_peak`),
    the implied ring traffic
    ``2 (n - 1) / n x bytes`` per all-reduce over a group of ``n``, the step time, the *compute* time
@@ -38,7 +39,7 @@ from torch import nn
 
 from subnetdp.baselines import wrap_baseline
 from subnetdp.init import materialize
-from subnetdp.measure.meters import allocator_peak, state_bytes
+from subnetdp.measure.meters import allocator_peak, counted_fsdp2_collectives, state_bytes
 from subnetdp.measure.tables import DEFAULT_TRANSITIONS, sdp_name
 from subnetdp.measure.workloads import workload_from_spec
 from subnetdp.optimizers import make_optimizer
@@ -68,7 +69,7 @@ class _Config:
     def counters(self) -> tuple[int, float]:
         if self.strategy == "sdp":
             return self.model.stats.bytes, self.model.stats.wait_s
-        return self.hook["bytes"], 0.0
+        return self.hook["bytes"], 0.0  # DDP's comm hook, or FSDP2's counted collectives (run_worker)
 
 
 def run_worker(spec_path: str) -> None:
@@ -98,12 +99,15 @@ def run_worker(spec_path: str) -> None:
         model.register_comm_hook(cfg.hook, counting_allreduce)
         return cfg
 
+    stack = contextlib.ExitStack()
+    fsdp2_handed = stack.enter_context(counted_fsdp2_collectives())  # FSDP2 and SDP-sharded rows: counted calls
     configs = [ddp(materialize(w.factory, seed), "DDP", "ddp"),
                ddp(materialize(w.factory, seed), "DDP+ckpt", "ddp-ckpt")]
     for suffix, ckpt in (("", False), ("+ckpt", True)):
         fsdp_model = wrap_baseline(materialize(w.factory, seed), "fsdp", checkpointing=ckpt)
         configs.append(_Config(f"FSDP2{suffix} (K={world})", "fsdp", fsdp_model,
                                make_optimizer(opt_name, fsdp_model.parameters()), checkpointing=ckpt))
+        configs[-1].hook = fsdp2_handed
     profile = None
     if spec.get("balance", "params") == "memory":  # the memory part's profile: same batch, same plans
         profile = profile_workload(w, seed=seed, profile_batch=batch_size)
@@ -117,6 +121,8 @@ def run_worker(spec_path: str) -> None:
                     name = sdp_name(ckpt_mode == "blocks").replace("SDP", "SDP-sharded" if sharding == "holders" else "SDP")
                     configs.append(_Config(f"{name} {level} C={c:g}", "sdp" if sharding == "none" else "sdp-sharded",
                                            sdp, make_optimizer(opt_name, sdp.parameters()), level, c, ckpt_mode == "blocks"))
+                    if sharding == "holders":
+                        configs[-1].hook = fsdp2_handed
 
     def step(cfg: _Config) -> None:
         cfg.opt.zero_grad(set_to_none=True)
@@ -173,6 +179,7 @@ def run_worker(spec_path: str) -> None:
     if rank == 0:
         rows = _summarise_time(gathered, batch_size, world)
         Path(spec["out"]).write_text(json.dumps({"rows": rows, "elapsed_s": elapsed, "ranks": world}, indent=1))
+    stack.close()
     dist.barrier()
     dist.destroy_process_group()
 
@@ -256,17 +263,15 @@ def _summarise_time(gathered: list[list[dict]], batch: int, world: int) -> list[
                    ring_bytes_per_rank=[r["static"]["ring_bytes"] for r in per_rank],
                    params_per_rank=[r["static"]["params"] for r in per_rank],
                    peak_bytes_per_rank=[r["peak"]["peak_bytes"] for r in per_rank], peak_basis=c0["peak"]["basis"])
-        if row["strategy"] == "sdp-sharded":
-            row["bytes_basis"] = "derived (fsdp2_traffic: FSDP2's groups over each unit's holders)"
+        if row["strategy"] in ("sdp-sharded", "fsdp"):  # predicted_bytes: fsdp2_traffic, derived from the groups
+            row["bytes_basis"] = "measured (FSDP2's all_gather_single and reduce_scatter_single calls counted)"
             row["local_state_per_rank"] = [r["static"]["local_state"] for r in per_rank]
-        elif row["strategy"] == "fsdp":
-            row["bytes_basis"] = "derived (fsdp2_traffic: FSDP2's groups over the world)"
-            row["local_state_per_rank"] = [r["static"]["local_state"] for r in per_rank]
+        else:
+            row["bytes_basis"] = "measured (comm hook)" if row["strategy"] != "sdp" else "measured (engine counters)"
+        if row["strategy"] == "fsdp":
             row["compute_basis"] = (f"{'DDP+ckpt' if row['checkpointing'] else 'DDP'}'s local step "
                                     "(FSDP2 cannot switch its collectives off)")
             row["compute_s"] = None
-        else:
-            row["bytes_basis"] = "measured (comm hook)" if row["strategy"] != "sdp" else "measured (engine counters)"
         rows.append(row)
     ddp = next(r for r in rows if r["strategy"] == "ddp")
     ddp_ckpt = next(r for r in rows if r["strategy"] == "ddp-ckpt")
