@@ -3,9 +3,10 @@ under torchrun (gloo, one thread each), block level, every configuration with an
 checkpointing; each row's peak is the allocator's.
 
 - ``resnet18``: ResNet-18 width 64, batch 64 per rank, SGD with momentum (the default);
+- ``resnet18_w16``: ResNet-18 width 16, batch 32 per rank, SGD with momentum (docs/benchmarks.md's smaller table);
 - ``llama_char_small``: 8 sequences of 128 tokens per rank, AdamW.
 
-    PYTHONPATH=src python experiments/sharding_timing.py OUT.json 0.5 [resnet18|llama_char_small]
+    PYTHONPATH=src python experiments/sharding_timing.py OUT.json 0.5 [resnet18|resnet18_w16|llama_char_small]
 """
 import json
 import sys
@@ -17,6 +18,7 @@ cov = [float(c) for c in sys.argv[2].split(",")]
 model = sys.argv[3] if len(sys.argv) > 3 else "resnet18"
 specs = {
     "resnet18": {"kind": "image", "model": "resnet18", "width": 64, "batch": 64, "optimizer": "sgd-momentum"},
+    "resnet18_w16": {"kind": "image", "model": "resnet18", "width": 16, "batch": 32, "optimizer": "sgd-momentum"},
     "llama_char_small": {"kind": "text", "model": "llama_char_small", "seq_len": 128, "batch": 8, "optimizer": "adamw"},
 }
 if model not in specs:
