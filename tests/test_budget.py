@@ -223,7 +223,7 @@ def test_plan_json_predicts_each_units_state_sharded_over_its_holders(capsys):
     import json
 
     from subnetdp.cli import main
-    from subnetdp.planning import predict_sharded_worker, profile_workload
+    from subnetdp.planning import predict_sharded_worker, predict_worker, profile_workload
 
     flags = ["plan", "--model", "resnet18", "--width", "4", "--workers", "4", "--coverage", "0.5", "--level", "block",
              "--batch-size", "16", "--optimizer", "adamw", "--json"]
@@ -232,14 +232,16 @@ def test_plan_json_predicts_each_units_state_sharded_over_its_holders(capsys):
     assert main(flags + ["--sharding", "holders"]) == 0
     sharded = json.loads(capsys.readouterr().out)
     assert (whole["sharding"], sharded["sharding"]) == ("none", "holders")
-    assert sharded["plan_digest"] == whole["plan_digest"]  # the same plan, stored another way
     profile = profile_workload(W)
-    p = memory_plan(W.factory, 4, 0.5, "block", profile=profile, optimizer="adamw", batch_size=16)
+    # the plan --sharding holders trains: balanced on the state each worker keeps with its units split over holders
+    p = memory_plan(W.factory, 4, 0.5, "block", profile=profile, optimizer="adamw", batch_size=16, sharding="holders")
+    assert sharded["plan_digest"] == p.digest()
     for k in range(4):
         pred = predict_sharded_worker(p, k, "adamw", profile, 16)
         assert sharded["peak_bytes"][k] == pred["peak_bytes"] and sharded["state_bytes"][k] == pred["state_bytes"]
-        assert sharded["activation_bytes"][k] == whole["activation_bytes"][k]  # sharding moves no activation
-        assert sharded["state_bytes"][k] < whole["state_bytes"][k]
+        unsharded = predict_worker(p, k, "adamw", profile, 16)  # the same plan's workers, stored whole
+        assert sharded["activation_bytes"][k] == unsharded["activation_bytes"]  # sharding moves no activation
+        assert sharded["state_bytes"][k] < unsharded["state_bytes"]
     # FSDP2 is the sharded prediction at coverage 1 (every block over all K), the same in both outputs
     full = plan(W.factory, 4, 1.0, "block")
     assert whole["fsdp2_peak_bytes"] == sharded["fsdp2_peak_bytes"] == max(
@@ -254,7 +256,7 @@ def test_the_budget_planner_takes_sharding_only_where_it_fits_a_larger_coverage(
     both = ("none", "holders")
 
     def worst(c, sharding):
-        p = memory_plan(W.factory, K, c, "block", profile=profile, optimizer=OPT, batch_size=BATCH)
+        p = memory_plan(W.factory, K, c, "block", profile=profile, optimizer=OPT, batch_size=BATCH, sharding=sharding)
         return predicted_peak(p, profile, OPT, BATCH, sharding)[0]
 
     whole, split = worst(0.75, "none"), worst(0.75, "holders")

@@ -35,19 +35,23 @@ def test_sharding_refuses_what_it_cannot_shard(tmp_path, capsys, flags, needs):
     assert not (tmp_path / "x").exists()
 
 
-def test_sharded_run_equals_the_replicated_run_and_holds_less(tmp_path):
-    """4 processes, K=4, C=0.5: the assembled model equals the replicated engine's to fp32 rounding, each
-    rank keeps less model state, and a resume that changes --sharding is refused with the settings named."""
+def test_sharded_run_equals_the_simulation_and_holds_less(tmp_path):
+    """4 processes, K=4, C=0.5: the assembled model equals ``--simulate 4 --sharding holders`` (the same plan,
+    balanced for sharded storage, computed unsharded in one process) to fp32 rounding, each rank keeps less
+    model state than the same plan's worker stored whole, and a resume that changes --sharding is refused with
+    the settings named."""
     runs = {}
-    for sharding in ("none", "holders"):
-        proc = _train(tmp_path / sharding, "--workers", "4", "--steps", "3", "--sharding", sharding)
+    for name, flags in (("holders", ["--workers", "4", "--sharding", "holders"]),
+                        ("simulated", ["--simulate", "4", "--sharding", "holders"])):
+        proc = _train(tmp_path / name, "--steps", "3", *flags)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        runs[sharding] = json.loads((tmp_path / sharding / "summary.json").read_text())
-    a, b = (load_file(tmp_path / s / "model_raw.safetensors") for s in ("none", "holders"))
+        runs[name] = json.loads((tmp_path / name / "summary.json").read_text())
+    assert (tmp_path / "holders" / "plan.json").read_text() == (tmp_path / "simulated" / "plan.json").read_text()
+    a, b = (load_file(tmp_path / s / "model_raw.safetensors") for s in ("simulated", "holders"))
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
-    plain, sharded = runs["none"]["memory_per_worker"], runs["holders"]["memory_per_worker"]
+    plain, sharded = runs["simulated"]["memory_per_worker"], runs["holders"]["memory_per_worker"]  # one plan
     for p, s in zip(plain, sharded):
         for kind in ("param_bytes", "optimizer_bytes"):
             assert s[kind] < p[kind], (kind, plain, sharded)

@@ -35,7 +35,7 @@ from subnetdp.config import (
 from subnetdp.measure.workloads import DEFAULT_VOCAB
 from subnetdp.models import LANGUAGE, model_factory, model_kind
 from subnetdp.optimizers import OPTIMIZER_NAMES, name_for
-from subnetdp.planning import JOB_BALANCES, LEVELS, TRANSITIONS, Plan
+from subnetdp.planning import JOB_BALANCES, LEVELS, TRANSITIONS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -131,22 +131,12 @@ def _save_plan(path: str, text: str) -> None:
         raise ConfigError(f"--save {path}: {e.strerror}; give a file in an existing, writable folder") from None
 
 
-def _plan_table(p: Plan, optimizer: str, sharding: str) -> str:
-    """The plan's summary with each worker's predicted model state, whole or (``holders``) its shards."""
-    from subnetdp.planning import plan_summary, predict_sharded_worker
-
-    if sharding == "holders":
-        return p.summary([predict_sharded_worker(p, k, optimizer)["state_bytes"] for k in range(p.workers)],
-                         f"{optimizer}, sharded over holders")
-    return plan_summary(p, optimizer)
-
-
 def _plan_command(args: argparse.Namespace) -> int:
     import json
 
     from subnetdp.measure.workloads import workload_for
     from subnetdp.metrics import format_bytes
-    from subnetdp.planning import plan, plan_prediction
+    from subnetdp.planning import plan, plan_prediction, storage_summary
 
     cfg = plan_config(args)
     optimizer = name_for(cfg.optimizer, cfg.momentum)  # what train runs: sgd without momentum keeps no state
@@ -165,7 +155,7 @@ def _plan_command(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(prediction))
     else:
-        print(_plan_table(p, optimizer, cfg.sharding))
+        print(storage_summary(p, optimizer, cfg.sharding))
         print()
         if prediction is None:
             print(f"activations: not predicted for a 'module:callable' model (subnetdp does not know its inputs); "
@@ -279,6 +269,7 @@ def _budget_command(args: argparse.Namespace) -> int:
     from subnetdp.measure.meters import measure_choice
     from subnetdp.measure.workloads import workload_for
     from subnetdp.metrics import format_bytes
+    from subnetdp.planning import storage_summary
     from subnetdp.planning.budget import plan_for_budget
 
     cfg = plan_config(args)
@@ -291,7 +282,7 @@ def _budget_command(args: argparse.Namespace) -> int:
                              levels=("block",) if cfg.sharding == "holders" else LEVELS)
     print(choice.summary())
     print()
-    print(_plan_table(choice.plan, optimizer, choice.sharding))
+    print(storage_summary(choice.plan, optimizer, choice.sharding))
     if args.measure and choice.sharding == "holders":
         raise ConfigError("--measure runs the chosen plan's worst worker in this one process, and a plan sharded over "
                           "holders needs its K processes; measure it with subnetdp bench --sharding holders")

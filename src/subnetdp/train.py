@@ -31,7 +31,7 @@ from subnetdp.evaluation import evaluation_model
 from subnetdp.init import materialize
 from subnetdp.launch import LAUNCHED, launch_local
 from subnetdp.metrics import MetricsLog, format_bytes
-from subnetdp.planning import ActivationProfile, Plan, main_job_plan, plan_summary, predict_worker
+from subnetdp.planning import ActivationProfile, Plan, main_job_plan, predict_sharded_worker, predict_worker, storage_summary
 from subnetdp.report import summary_text
 from subnetdp.tasks import make_task
 
@@ -214,7 +214,7 @@ class Run:
             cfg.save(self.out / "config.json")
             if self.plan is not None:
                 atomic_write(self.out / "plan.json", self.plan.to_json())
-                atomic_write(self.out / "plan.txt", plan_summary(self.plan, _opt_name(cfg)) + "\n")
+                atomic_write(self.out / "plan.txt", storage_summary(self.plan, _opt_name(cfg), self._storage()) + "\n")
         self.log = MetricsLog(self.out, enabled=self.lead, resume_from_step=self.global_step)
         if self.lead:
             self._print_header()
@@ -236,7 +236,7 @@ class Run:
         return main_job_plan(self.factory, self.world, cfg.coverage, cfg.level, cfg.seed, balance=cfg.balance,
                              transitions=cfg.transitions, optimizer=_opt_name(cfg), batch_size=cfg.batch_size,
                              activation_checkpointing=cfg.recomputes_blocks, masking=cfg.masking,
-                             sample=sample, loss_fn=task.loss)
+                             sample=sample, loss_fn=task.loss, sharding=cfg.sharding)
 
     def _resume(self) -> None:
         """Continue from the newest intact checkpoint under ``--resume`` (or a restart), on every rank."""
@@ -541,12 +541,19 @@ class Run:
             "peak_memory_per_process": peaks,
         }
 
+    def _storage(self) -> str:
+        """How this run stores its units' state: ``--simulate`` computes the sharded math unsharded."""
+        return "none" if self.cfg.simulate else self.cfg.sharding
+
     def _predicted_peaks(self) -> list[int] | None:
         """The planner's predicted peak per worker (state + saved activations + transient, fp32), for forward
         masking; a run simulated in one process has no per-worker measured peak, so reports use these."""
         plan, profile, cfg = self.plan, self.profile, self.cfg
         if plan is None or profile is None or cfg.masking != "forward":
             return None
+        if self._storage() == "holders":  # each unit's state split over its holders (FSDP2)
+            return [predict_sharded_worker(plan, k, _opt_name(cfg), profile, cfg.batch_size,
+                                           cfg.recomputes_blocks)["peak_bytes"] for k in range(plan.workers)]
         return [predict_worker(plan, k, _opt_name(cfg), profile, cfg.batch_size,
                                activation_checkpointing=cfg.recomputes_blocks)["peak_bytes"]
                 for k in range(plan.workers)]

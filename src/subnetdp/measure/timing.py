@@ -120,7 +120,7 @@ def run_worker(spec_path: str) -> None:
             for level in spec["levels"] if sharding == "none" else [lv for lv in spec["levels"] if lv == "block"]:
                 for c in spec["coverages"]:
                     p = sdp_plan(w, world, c, level, seed, profile, opt_name, batch_size, spec.get("transitions", "keep"),
-                                 spec.get("balance", "params"), ckpt_mode == "blocks")
+                                 spec.get("balance", "params"), ckpt_mode == "blocks", sharding=sharding)
                     sdp = SubnetDataParallel(w.factory, p, seed=seed, checkpointing=ckpt_mode, sharding=sharding)
                     name = sdp_name(ckpt_mode == "blocks").replace("SDP", "SDP-sharded" if sharding == "holders" else "SDP")
                     configs.append(_Config(f"{name} {level} C={c:g}", "sdp" if sharding == "none" else "sdp-sharded",

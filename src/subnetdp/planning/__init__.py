@@ -35,7 +35,7 @@ from subnetdp.planning.memory import (
     predict_backward_worker,
     predict_worker,
 )
-from subnetdp.planning.shards import check_shardable, predict_sharded_worker, shard_groups
+from subnetdp.planning.shards import check_shardable, predict_sharded_worker, shard_groups, storage_summary
 from subnetdp.planning.job import (
     WorkloadLike,
     backward_weight_grads,
@@ -52,5 +52,5 @@ __all__ = [
     "loss_of", "main_job_plan", "memory_balanced_plan", "memory_cost", "memory_plan", "model_state_bytes",
     "plan", "plan_prediction", "plan_summary", "predict_backward_worker",
     "predict_sharded_worker", "predict_worker", "profile_activations", "profile_sample", "profile_weight_grads",
-    "profile_workload", "sdp_plan", "shard_groups", "storage_key", "valid_coverages",
+    "profile_workload", "sdp_plan", "shard_groups", "storage_key", "storage_summary", "valid_coverages",
 ]

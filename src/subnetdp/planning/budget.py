@@ -108,13 +108,13 @@ def plan_for_budget(workload: WorkloadLike, workers: int, budget: str | int, *, 
     candidates = []
     for c in sorted(valid_coverages(workers), reverse=True):
         for level in levels:
-            try:
-                p, _ = main_job_plan(workload.factory, workers, c, level, seed, balance="memory",
-                                     transitions=transitions, optimizer=optimizer, batch_size=batch_size,
-                                     profile=profile)
-            except ValueError:  # e.g. a model without inner widths at neuron level
-                continue
             for sharding in shardings if level == "block" else [sh for sh in shardings if sh == "none"]:
+                try:  # the plan the main job makes for this storage
+                    p, _ = main_job_plan(workload.factory, workers, c, level, seed, balance="memory",
+                                         transitions=transitions, optimizer=optimizer, batch_size=batch_size,
+                                         profile=profile, sharding=sharding)
+                except ValueError:  # e.g. a model without inner widths at neuron level
+                    continue
                 peak, worker = predicted_peak(p, profile, optimizer, batch_size, sharding)
                 candidates.append({"coverage": c, "level": level, "sharding": sharding, "peak": peak,
                                    "worker": worker, "plan": p})

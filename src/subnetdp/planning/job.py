@@ -36,14 +36,15 @@ def main_job_plan(model: nn.Module | ModelFactory, workers: int, coverage: float
                   balance: str, transitions: str, optimizer: str, batch_size: int,
                   activation_checkpointing: bool = False, masking: str = "forward", sample: Any = None,
                   loss_fn: LossFn | None = None, profile: ActivationProfile | None = None,
-                  weight_grads: dict[str, int] | None = None) -> tuple[Plan, ActivationProfile | None]:
+                  weight_grads: dict[str, int] | None = None, sharding: str = "none") -> tuple[Plan, ActivationProfile | None]:
     """The plan the main job makes, and the activation profile it was balanced on.
 
     ``balance="memory"`` (the default of ``train`` and ``plan``) is :func:`memory_balanced_plan` on
     ``sample`` with ``loss_fn``; the profile is measured on ``sample`` on the CPU unless given (with a
     profile, forward masking needs no sample; backward masking needs one for ``weight_grads`` unless given).
     ``balance="params"`` balances parameter counts and profiles nothing (the escape hatch for models
-    too large to profile on the host): the profile returned is the one given, if any.
+    too large to profile on the host): the profile returned is the one given, if any. ``sharding="holders"``
+    balances the state a worker keeps with its units' state split over their holders (``--sharding holders``).
     """
     if balance not in JOB_BALANCES:
         raise ValueError(f"balance={balance!r}: choose {' or '.join(JOB_BALANCES)}")
@@ -54,14 +55,14 @@ def main_job_plan(model: nn.Module | ModelFactory, workers: int, coverage: float
     p = memory_balanced_plan(model, workers, coverage, level, seed, sample=sample, loss_fn=loss_fn,
                              batch_size=batch_size, optimizer=optimizer, transitions=transitions,
                              activation_checkpointing=activation_checkpointing, masking=masking,
-                             profile=profile, weight_grads=weight_grads)
+                             profile=profile, weight_grads=weight_grads, sharding=sharding)
     return p, profile
 
 
 def sdp_plan(w: WorkloadLike, workers: int, coverage: float, level: str, seed: int,
              profile: ActivationProfile | None, optimizer: str, batch_size: int, transitions: str, balance: str,
              activation_checkpointing: bool = False, masking: str = "forward",
-             weight_grads: dict[str, int] | None = None) -> Plan:
+             weight_grads: dict[str, int] | None = None, sharding: str = "none") -> Plan:
     """:func:`main_job_plan` for a workload: its sample is the workload's synthetic batch at the profile's
     size (``batch_size`` when no profile is given); ``weight_grads`` (backward masking, at the profile's
     batch) is measured when not given."""
@@ -70,7 +71,8 @@ def sdp_plan(w: WorkloadLike, workers: int, coverage: float, level: str, seed: i
         sample = w.make_batch(profile.batch_size if profile is not None else batch_size, torch.device("cpu"), seed)
     p, _ = main_job_plan(w.factory, workers, coverage, level, seed, balance=balance, transitions=transitions,
                          optimizer=optimizer, batch_size=batch_size, activation_checkpointing=activation_checkpointing,
-                         masking=masking, sample=sample, loss_fn=w.loss_fn, profile=profile, weight_grads=weight_grads)
+                         masking=masking, sample=sample, loss_fn=w.loss_fn, profile=profile, weight_grads=weight_grads,
+                         sharding=sharding)
     return p
 
 
@@ -117,7 +119,7 @@ def plan_prediction(workload: WorkloadLike, workers: int, coverage: float, level
     weight_grads = (backward_weight_grads(workload, workers, level, seed, profile, transitions)
                     if masking == "backward" else None)
     p = sdp_plan(workload, workers, coverage, level, seed, profile, optimizer, batch_size, transitions, balance,
-                 activation_checkpointing, masking, weight_grads)
+                 activation_checkpointing, masking, weight_grads, sharding=sharding)
     full = plan(workload.factory, workers, 1.0, "block", seed)
     ddp = predict_worker(full, 0, optimizer, profile, batch_size, activation_checkpointing=activation_checkpointing)
     fsdp2 = max(predict_sharded_worker(full, k, optimizer, profile, batch_size, activation_checkpointing)["peak_bytes"]

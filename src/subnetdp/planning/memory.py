@@ -71,14 +71,17 @@ def predict_worker(plan: Plan, worker: int, optimizer: str, profile: ActivationP
 
 
 def memory_cost(plan: Plan, profile: ActivationProfile, optimizer: str, batch_size: int | None = None,
-                activation_checkpointing: bool = False) -> tuple[dict[int, float], float]:
+                activation_checkpointing: bool = False, sharding: str = "none") -> tuple[dict[int, float], float]:
     """Each unit's predicted bytes (its model state + its saved activations) and the always-kept part's.
 
     Returns ``(cost per unit index, kept cost)``: what :func:`memory_plan` balances across workers.
     With checkpointing a block unit's activations are its input (the recompute is a transient).
+    ``sharding="holders"``: a unit's state is split over its ``r`` holders and the kept part's over all K
+    (:mod:`subnetdp.planning.shards`), so activations weigh more in the balance.
     """
     scale = (batch_size or profile.batch_size) / profile.batch_size
     per_param = BYTES_PER_ELEMENT * (2 + optimizer_kind(optimizer).state_tensors)
+    unit_share, kept_share = (plan.holders_per_unit, plan.workers) if sharding == "holders" else (1, 1)
     sizes = {g.name: g.size for g in plan.groups}
     costs: dict[int, float] = {}
     for u in plan.units:
@@ -88,14 +91,14 @@ def memory_cost(plan: Plan, profile: ActivationProfile, optimizer: str, batch_si
             saved = profile.block_input_bytes.get(u.name, 0)
         else:
             saved = profile.block_bytes.get(u.name, 0) - profile._reduced_bytes(plan, u.name)
-        costs[u.index] = u.numel * per_param + saved * scale
+        costs[u.index] = u.numel * per_param / unit_share + saved * scale
     if activation_checkpointing:
         kept_saved = profile.total - sum(profile.block_bytes.values()) - sum(profile.shortcut_bytes.values())
     else:
         kept_saved = profile.kept_bytes(plan)
         if plan.level == "block":  # a transition unit's reduced form saves its ReLU's output on every worker
             kept_saved += sum(profile._reduced_bytes(plan, u.name) for u in plan.units)
-    return costs, plan.kept_params * per_param + kept_saved * scale
+    return costs, plan.kept_params * per_param / kept_share + kept_saved * scale
 
 
 def backward_memory_cost(plan: Plan, profile: ActivationProfile, optimizer: str, weight_grads: dict[str, int],
@@ -121,7 +124,7 @@ def backward_memory_cost(plan: Plan, profile: ActivationProfile, optimizer: str,
 def memory_plan(model: nn.Module | ModelFactory, workers: int, coverage: float, level: str = "block",
                 seed: int = 0, *, profile: ActivationProfile, optimizer: str, batch_size: int | None = None,
                 activation_checkpointing: bool = False, masking: str = "forward",
-                weight_grads: dict[str, int] | None = None, **plan_kwargs: Any) -> Plan:
+                weight_grads: dict[str, int] | None = None, sharding: str = "none", **plan_kwargs: Any) -> Plan:
     """A plan balanced on predicted memory per worker (``balance="memory"``), from one activation profile.
 
     Same units and uniform representation as :func:`subnetdp.plan` (every unit exactly ``r``
@@ -129,7 +132,8 @@ def memory_plan(model: nn.Module | ModelFactory, workers: int, coverage: float, 
     (for ``optimizer`` at ``batch_size``) spread least. ``masking="backward"`` balances what differs
     between backward-masking workers (:func:`backward_memory_cost`; ``weight_grads`` from
     :func:`profile_weight_grads`, or ``{}`` to balance held state alone, as with activation
-    checkpointing). ``plan_kwargs`` go to :func:`subnetdp.plan`.
+    checkpointing). ``sharding="holders"`` balances the state each worker keeps when every unit's state is
+    split over its holders (:func:`memory_cost`). ``plan_kwargs`` go to :func:`subnetdp.plan`.
     """
     if masking not in MASKINGS:
         raise ValueError(f"masking={masking!r}: choose one of {MASKINGS}")
@@ -140,7 +144,7 @@ def memory_plan(model: nn.Module | ModelFactory, workers: int, coverage: float, 
                              "or {} to balance the held gradients and optimizer state alone)")
         costs, kept = backward_memory_cost(base, profile, optimizer, weight_grads, batch_size)
     else:
-        costs, kept = memory_cost(base, profile, optimizer, batch_size, activation_checkpointing)
+        costs, kept = memory_cost(base, profile, optimizer, batch_size, activation_checkpointing, sharding)
     return assign.plan(model, workers, coverage, level, seed, cost=lambda u: costs[u.index], balance="memory",
                       kept_cost=kept, **plan_kwargs)
 
@@ -150,7 +154,7 @@ def memory_balanced_plan(model: nn.Module | ModelFactory, workers: int, coverage
                          optimizer: str = "sgd-momentum", transitions: str = "keep",
                          activation_checkpointing: bool = False, masking: str = "forward",
                          profile: ActivationProfile | None = None,
-                         weight_grads: dict[str, int] | None = None) -> Plan:
+                         weight_grads: dict[str, int] | None = None, sharding: str = "none") -> Plan:
     """The plan ``subnetdp train`` and ``subnetdp plan`` make by default (``--balance memory``; both make
     it through :func:`subnetdp.planning.job.main_job_plan`).
 
@@ -176,7 +180,8 @@ def memory_balanced_plan(model: nn.Module | ModelFactory, workers: int, coverage
             weight_grads = profile_weight_grads(model, sample, loss_fn, units, seed=seed, device="cpu")
     return memory_plan(model, workers, coverage, level, seed, profile=profile, optimizer=optimizer,
                        batch_size=batch_size, transitions=transitions,
-                       activation_checkpointing=activation_checkpointing, masking=masking, weight_grads=weight_grads)
+                       activation_checkpointing=activation_checkpointing, masking=masking, weight_grads=weight_grads,
+                       sharding=sharding)
 
 
 def backward_trainable_elements(plan: Plan, worker: int) -> int:

@@ -23,7 +23,7 @@ import math
 from subnetdp.optimizers import optimizer_kind
 from subnetdp.options import check_sharding
 from subnetdp.planning.data import Plan
-from subnetdp.planning.memory import BYTES_PER_ELEMENT
+from subnetdp.planning.memory import BYTES_PER_ELEMENT, plan_summary
 from subnetdp.planning.profile import ActivationProfile
 
 Holders = tuple[int, ...]
@@ -106,3 +106,12 @@ def predict_sharded_worker(plan: Plan, worker: int, optimizer: str, profile: Act
         out["peak_bytes"] = max(out["total_bytes"] + out["transient_bytes"],
                                 out["state_bytes"] + shard * kind.step_temporaries)
     return out
+
+
+def storage_summary(plan: Plan, optimizer: str, sharding: str) -> str:
+    """:func:`~subnetdp.planning.memory.plan_summary` with the state column of ``sharding``: each worker's whole
+    units (``"none"``) or its shards (``"holders"``); what ``subnetdp plan`` prints and a run's ``plan.txt`` holds."""
+    if sharding == "holders":
+        return plan.summary([predict_sharded_worker(plan, k, optimizer)["state_bytes"] for k in range(plan.workers)],
+                            f"{optimizer}, sharded over holders")
+    return plan_summary(plan, optimizer)
