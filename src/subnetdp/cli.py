@@ -165,8 +165,8 @@ def _plan_command(args: argparse.Namespace) -> int:
             ckpt = ", block checkpointing" if cfg.activation_checkpointing else ""
             shard = (", each unit's state sharded over its holders (FSDP2; the peak includes the gathered groups)"
                      if cfg.sharding == "holders" else "")
-            print(f"predicted memory per worker (batch {cfg.batch_size} per worker{tokens}, fp32, {optimizer}{ckpt}{shard}; "
-                  "--batch-size sets the batch):")
+            print(f"predicted memory per worker (batch {cfg.batch_size} per worker{tokens}, fp32, {optimizer}"
+                  f"{ckpt}{shard}; --batch-size sets the batch):")
             print("| worker | model state | activations | predicted peak |")
             print("|---|---|---|---|")
             for k in range(p.workers):

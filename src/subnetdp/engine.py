@@ -63,6 +63,15 @@ FIRST_BUCKET_ELEMENTS = 2**20 // 4  # DDP's first bucket: 1 MiB of fp32
 _ENGINE_OF = WeakIdKeyDictionary()  # parameter -> weakref to its engine, for clip_grad_norm_
 
 
+def into_destination(state: dict[str, torch.Tensor], destination: dict | None,
+                     prefix: str) -> dict[str, torch.Tensor]:
+    """``nn.Module.state_dict``'s ``destination``/``prefix`` contract for a state dict both engines build whole."""
+    if destination is None:
+        return state
+    destination.update({prefix + k: v for k, v in state.items()})
+    return destination
+
+
 def require_process_group() -> None:
     """Fail clearly when no process group exists: both storages (replicated and sharded) need one."""
     if not dist.is_initialized():
@@ -596,11 +605,7 @@ class SubnetDataParallel(nn.Module):
             raise TypeError("SubnetDataParallel.state_dict takes keyword arguments only (destination=, prefix=)")
         self.check_synced_holders("state_dict()")
         buffers = self.averaged_buffers()
-        state = model_state(self.module, self.plan, self._tensor_map(), buffers)
-        if destination is None:
-            return state
-        destination.update({prefix + k: v for k, v in state.items()})
-        return destination
+        return into_destination(model_state(self.module, self.plan, self._tensor_map(), buffers), destination, prefix)
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True,
                         assign: bool = False) -> nn.modules.module._IncompatibleKeys:

@@ -62,8 +62,8 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from subnetdp.assemble import assemble_state_dict
 from subnetdp.buckets import Holders, build_buckets, rebind
 from subnetdp.consistency import holder_slots
-from subnetdp.engine import (_ENGINE_OF, _watch_optimizers, agree_on_setup, check_initial_values, rank_device,
-                             require_process_group)
+from subnetdp.engine import (_ENGINE_OF, _watch_optimizers, agree_on_setup, check_initial_values, into_destination,
+                             rank_device, require_process_group)
 from subnetdp.init import ModelFactory, structure_of
 from subnetdp.masking import regime
 from subnetdp.options import SDPOptions, sdp_options
@@ -279,11 +279,8 @@ class HolderShardedSDP(nn.Module):
         if args:
             raise TypeError("SubnetDataParallel.state_dict takes keyword arguments only (destination=, prefix=)")
         buffers = self.averaged_buffers()
-        state = {n: buffers.get(n, t).detach() for n, t in self.module.state_dict().items()}
-        if destination is None:
-            return state
-        destination.update({prefix + k: v for k, v in state.items()})
-        return destination
+        return into_destination({n: buffers.get(n, t).detach() for n, t in self.module.state_dict().items()},
+                                destination, prefix)
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True,
                         assign: bool = False) -> nn.modules.module._IncompatibleKeys:

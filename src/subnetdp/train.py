@@ -31,7 +31,8 @@ from subnetdp.evaluation import evaluation_model
 from subnetdp.init import materialize
 from subnetdp.launch import LAUNCHED, launch_local
 from subnetdp.metrics import MetricsLog, format_bytes
-from subnetdp.planning import ActivationProfile, Plan, main_job_plan, predict_sharded_worker, predict_worker, storage_summary
+from subnetdp.planning import (ActivationProfile, Plan, main_job_plan, predict_sharded_worker, predict_worker,
+                               storage_summary)
 from subnetdp.report import summary_text
 from subnetdp.tasks import make_task
 

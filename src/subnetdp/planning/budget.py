@@ -132,6 +132,6 @@ def plan_for_budget(workload: WorkloadLike, workers: int, budget: str | int, *, 
     at_top = [c for c in fitting if c["coverage"] == top]
     # unsharded first (fewer bytes to collectives), then block level (the method's evidence)
     chosen = min(at_top, key=lambda c: (c["sharding"] != "none", c["level"] != "block"))
-    return BudgetChoice(plan=chosen["plan"], sharding=chosen["sharding"], budget=limit, peak=chosen["peak"], worker=chosen["worker"],
-                        optimizer=optimizer, batch_size=batch_size, profile=profile,
+    return BudgetChoice(plan=chosen["plan"], sharding=chosen["sharding"], budget=limit, peak=chosen["peak"],
+                        worker=chosen["worker"], optimizer=optimizer, batch_size=batch_size, profile=profile,
                         candidates=[{k: v for k, v in c.items() if k != "plan"} for c in candidates])

@@ -36,7 +36,8 @@ def main_job_plan(model: nn.Module | ModelFactory, workers: int, coverage: float
                   balance: str, transitions: str, optimizer: str, batch_size: int,
                   activation_checkpointing: bool = False, masking: str = "forward", sample: Any = None,
                   loss_fn: LossFn | None = None, profile: ActivationProfile | None = None,
-                  weight_grads: dict[str, int] | None = None, sharding: str = "none") -> tuple[Plan, ActivationProfile | None]:
+                  weight_grads: dict[str, int] | None = None,
+                  sharding: str = "none") -> tuple[Plan, ActivationProfile | None]:
     """The plan the main job makes, and the activation profile it was balanced on.
 
     ``balance="memory"`` (the default of ``train`` and ``plan``) is :func:`memory_balanced_plan` on
