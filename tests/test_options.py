@@ -52,16 +52,19 @@ def test_options_are_frozen_normalised_and_keywords_override_them():
 def test_the_digest_changes_with_every_field():
     base = SDPOptions()
     changed = dict(seed=1, sync="params", sync_every=2, neuron_scaling="none", checkpointing="blocks",
-                   masking="backward", init="per-module", bucket_elements=7, check_every=0, sharding="holders")
+                   masking="backward", init="per-module", bucket_elements=7, check_every=0, sharding="holders",
+                   param_dtype="bfloat16")
     assert set(changed) == {f.name for f in dataclasses.fields(SDPOptions)}
     digests = {base.digest()}
     for name, value in changed.items():
         if name == "masking":
             other = SDPOptions(masking=value)
+        elif name == "param_dtype":  # FSDP2's mixed precision: only with sharding over holders
+            other = SDPOptions(sharding="holders", param_dtype=value)
         else:
             other = dataclasses.replace(base, **{name: value})
         digests.add(other.digest())
-    assert len(digests) == len(changed) + 1
+    assert len(digests) == len(changed) + 1  # param_dtype's differs from sharding="holders"'s alone too
     assert SDPOptions(seed=1).digest() == SDPOptions(seed=1).digest()
 
 

@@ -413,3 +413,68 @@ def test_a_dcp_checkpoint_resumes_to_the_same_parameters_and_assembled_model(tmp
     assert straight.keys() == resumed.keys()
     for name, value in straight.items():
         torch.testing.assert_close(resumed[name], value, rtol=1e-6, atol=1e-7, msg=name)
+
+
+# ---- FSDP2's mixed precision --------------------------------------------------------------------------------
+
+def mixed_precision(rank: int, world: int) -> dict:
+    from subnetdp.measure.meters import counted_fsdp2_collectives
+
+    f = FACTORIES["vit"]
+    plan = sd.plan(f, world, 0.5, "block")
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        sdp = sd.SubnetDataParallel(f, plan, seed=4, sharding="holders", param_dtype=dtype)
+        o = OPTIMIZERS["sgd"](sdp.parameters())
+        seen = set()
+        hooks = [m.register_forward_pre_hook(lambda m, _a: seen.update(p.dtype for p in m.parameters(recurse=False)))
+                 for m in sdp.module.modules() if isinstance(m, torch.nn.Linear)]
+        with counted_fsdp2_collectives() as handed:
+            for step in range(3):
+                before = handed["bytes"]
+                o.zero_grad()
+                ce_loss(sdp, batches_for(step, world)[rank]).backward()
+                o.step()
+        for h in hooks:
+            h.remove()
+        out[dtype] = {"computed_in": sorted(str(d) for d in seen), "handed": handed["bytes"] - before,
+                      "predicted": sdp.predicted_bytes_per_sync(), "params": full_params(sdp),
+                      "stored": sorted({str(p.dtype) for p in sdp.parameters()}),
+                      "optimizer": sorted({str(t.dtype) for s in o.state.values() for t in s.values()
+                                           if torch.is_tensor(t)})}
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_bfloat16_parameters_are_gathered_and_computed_in_bf16_and_stored_in_fp32():
+    """``param_dtype="bfloat16"`` (FSDP2's MixedPrecisionPolicy), a ViT: linears run on bf16 parameters, the
+    shards, the gradients they are updated with and the optimizer state stay fp32, the all-gathers hand half
+    the bytes (counted = predicted), and the parameters after 3 steps stay within bf16 rounding of fp32's."""
+    ranks = values(run_ranks(mixed_precision, WORLD, timeout=240))
+    for r in ranks:
+        full, half = r["float32"], r["bfloat16"]
+        assert full["computed_in"] == ["torch.float32"] and half["computed_in"] == ["torch.bfloat16"]
+        assert half["stored"] == full["stored"] == ["torch.float32"]
+        assert half["optimizer"] == ["torch.float32"]
+        for run in (full, half):
+            assert run["handed"] == run["predicted"]
+        assert half["predicted"] < full["predicted"]
+        for name, value in full["params"].items():
+            torch.testing.assert_close(half["params"][name], value, rtol=0.05, atol=0.02, msg=name)
+
+
+def batch_norm_in_bf16(rank: int, world: int) -> None:
+    f = FACTORIES["resnet"]
+    sd.SubnetDataParallel(f, sd.plan(f, world, 0.5, "block"), sharding="holders", param_dtype="bfloat16")
+
+
+def test_bfloat16_parameters_refuse_batch_norm_on_every_rank():
+    errors = [r.get("error", "") for r in run_ranks(batch_norm_in_bf16, 2, timeout=60)]
+    assert all("BatchNorm" in e and "param_dtype='float32'" in e for e in errors), errors
+
+
+def test_bfloat16_parameters_need_sharding_over_holders():
+    with pytest.raises(ValueError, match="needs sharding='holders'"):
+        sd.SDPOptions(param_dtype="bfloat16")
+    with pytest.raises(ValueError, match="param_dtype='float16'"):
+        sd.SDPOptions(sharding="holders", param_dtype="float16")

@@ -23,6 +23,9 @@ SYNC_MODES = ("grads", "params")  # average gradients every step, or parameters 
 MASKINGS = ("forward", "backward")  # what a worker runs: its subnetwork, or the full forward (docs/masking.md)
 NEURON_SCALINGS = ("inverted", "none")
 SHARDINGS = ("none", "holders")  # how a held unit's state is stored: whole on every holder, or split over them (FSDP2)
+# the dtype sharded parameters are gathered and computed in (FSDP2's MixedPrecisionPolicy; shards, gradient
+# reduction and optimizer state stay float32)
+PARAM_DTYPES = ("float32", "bfloat16")
 DEFAULT_BUCKET_ELEMENTS = 25 * 2**20 // 4  # DDP's default 25 MiB of fp32
 DEFAULT_CHECK_EVERY = 100  # holder agreement checked every N training forwards (docs/ddp_habits.md: its cost)
 
@@ -86,7 +89,11 @@ class SDPOptions:
     - ``check_every``: the distributed engine checks holder agreement every N training forwards (0: never);
     - ``sharding``: ``"none"`` (every holder keeps a unit's whole state) or ``"holders"`` (each unit's
       parameters, gradients and optimizer state split over its holders by FSDP2; block level, forward
-      masking, gradient sync; :mod:`subnetdp.sharded`). The simulation computes the same math either way.
+      masking, gradient sync; :mod:`subnetdp.sharded`). The simulation computes the same math either way;
+    - ``param_dtype``: ``"float32"``, or ``"bfloat16"`` with ``sharding="holders"``: FSDP2's mixed precision
+      (``MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)``): parameters are
+      gathered and computed in bf16 (half the all-gather bytes), gradients reduced in fp32, the shards and
+      the optimizer state stay fp32. The replicated engine takes ``torch.autocast`` instead.
     """
 
     seed: int = 0
@@ -99,6 +106,7 @@ class SDPOptions:
     bucket_elements: int = DEFAULT_BUCKET_ELEMENTS
     check_every: int = DEFAULT_CHECK_EVERY
     sharding: str = "none"
+    param_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         try:
@@ -114,6 +122,11 @@ class SDPOptions:
         _whole("bucket_elements", self.bucket_elements, 1, "a positive whole number of elements")
         _whole("check_every", self.check_every, 0, "a whole number of steps, 0 (never) or more")
         check_sharding(self.sharding, self.masking, self.sync)
+        if self.param_dtype not in PARAM_DTYPES:
+            raise ValueError(f"param_dtype={self.param_dtype!r}: choose one of {PARAM_DTYPES}")
+        if self.param_dtype != "float32" and self.sharding != "holders":
+            raise ValueError(f"param_dtype={self.param_dtype!r} is FSDP2's mixed precision and needs sharding='holders'; "
+                             "with sharding='none' keep param_dtype='float32' and train under torch.autocast")
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -57,7 +57,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from subnetdp.assemble import assemble_state_dict
 from subnetdp.buckets import Holders, build_buckets, rebind
@@ -74,6 +74,17 @@ from subnetdp.sync import clip_gradients_, divide_by_holders_
 __all__ = ["HolderShardedSDP", "holder_meshes", "shard_over_holders"]
 
 
+def check_mixed_precision(module: nn.Module) -> None:
+    """Refuse FSDP2's bf16 parameters for a model with BatchNorm: FSDP2 casts its weight and bias to bf16
+    while its running statistics (buffers) stay fp32, and torch's ``batch_norm`` refuses that mix (measured
+    on the CPU; not measured on a GPU). Local: raised on every rank before any collective."""
+    norms = sorted({type(m).__name__ for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)})
+    if norms:
+        raise ValueError(f"param_dtype='bfloat16' with {', '.join(norms)} in the model: FSDP2 would cast its weight "
+                         "to bf16 while its running statistics stay fp32, which torch's batch_norm refuses; use "
+                         "param_dtype='float32' (with torch.autocast) for models with BatchNorm")
+
+
 def holder_meshes(plan: Plan, device_type: str) -> dict[Holders, DeviceMesh]:
     """A 1-D mesh per holder set this rank is in (the world's from the default group), each from one process
     group created once, in the plan's sorted order on every rank (every rank takes part in every ``new_group``)."""
@@ -88,16 +99,18 @@ def holder_meshes(plan: Plan, device_type: str) -> dict[Holders, DeviceMesh]:
     return meshes
 
 
-def shard_over_holders(module: nn.Module, plan: Plan,
-                       meshes: dict[Holders, DeviceMesh]) -> tuple[nn.Module, list[tuple[FSDPModule, int]]]:
+def shard_over_holders(module: nn.Module, plan: Plan, meshes: dict[Holders, DeviceMesh],
+                       mp_policy: MixedPrecisionPolicy | None = None) -> tuple[nn.Module, list[tuple[FSDPModule, int]]]:
     """``fully_shard`` this rank's subnetwork ``module`` in place, group by group as
     :func:`subnetdp.planning.shards.shard_groups` lists them: each held block over its holders' mesh (its
     shortcut, always kept, over the world's first), each kept block and then the root over the world.
 
     Returns the root and every FSDP2 module with its holder count, innermost first (the root last). Each
     sums its gradients and divides by its holder count, and prefetches nothing in backward (module docstring).
+    ``mp_policy`` (FSDP2's mixed precision) goes to every group.
     """
-    sharded = [(fully_shard(module.get_submodule(path), mesh=meshes[holders]), len(holders))
+    policy = {} if mp_policy is None else {"mp_policy": mp_policy}
+    sharded = [(fully_shard(module.get_submodule(path), mesh=meshes[holders], **policy), len(holders))
                for path, holders in shard_groups(plan, dist.get_rank())]  # the root ("") last
     for m, holder_count in sharded:
         m.set_force_sum_reduction_for_comms(True)
@@ -118,15 +131,18 @@ def fsdp_groups(sharded: list[tuple[FSDPModule, int]]) -> list[tuple[list[nn.Par
     return groups
 
 
-def handed_bytes(params: list[nn.Parameter], holder_count: int, gathers: int) -> int:
+def handed_bytes(params: list[nn.Parameter], holder_count: int, gathers: int,
+                 gather_element_size: int | None = None) -> int:
     """Bytes one rank hands to one FSDP2 group's collectives per step: ``gathers`` all-gathers of its padded
-    shard and one reduce-scatter of the padded gradient (FSDP2 pads dim 0 to a multiple of the mesh size);
-    nothing for a mesh of one, where FSDP2 copies instead."""
+    shard (in ``gather_element_size`` bytes per element under mixed precision) and one reduce-scatter of the
+    padded gradient (FSDP2 pads dim 0 to a multiple of the mesh size); nothing for a mesh of one, where
+    FSDP2 copies instead."""
     if holder_count == 1:
         return 0
-    padded = sum(math.ceil((p.shape[0] if p.dim() else 1) / holder_count) * holder_count * math.prod(p.shape[1:])
-                 * p.element_size() for p in params)
-    return gathers * padded // holder_count + padded
+    elements = sum(math.ceil((p.shape[0] if p.dim() else 1) / holder_count) * holder_count * math.prod(p.shape[1:])
+                   for p in params)
+    size = params[0].element_size() if params else 4
+    return gathers * elements * (gather_element_size or size) // holder_count + elements * size
 
 
 class HolderShardedSDP(nn.Module):
@@ -169,6 +185,8 @@ class HolderShardedSDP(nn.Module):
         self.regime = regime(options.masking)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         structure, source = structure_of(model, options.seed, options.init)
+        if options.param_dtype == "bfloat16":
+            check_mixed_precision(structure)  # the full model's: the same on every rank
         agree_on_setup(plan, structure, options)
         self.plan = plan
         self.device = rank_device(device)
@@ -178,7 +196,9 @@ class HolderShardedSDP(nn.Module):
         check_initial_values(holder_slots(structure, layout, plan, self.rank, "params"),
                              holder_slots(structure, layout, plan, self.rank, "buffers"), self.device)
         meshes = holder_meshes(plan, self.device.type)
-        self.module, sharded = shard_over_holders(layout.module, plan, meshes)
+        mp_policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                     if options.param_dtype == "bfloat16" else None)
+        self.module, sharded = shard_over_holders(layout.module, plan, meshes, mp_policy)
         self._fsdp_groups = fsdp_groups(sharded)
         del sharded
         # held weakly, as the replicated engine holds its groups (FSDP2 itself keeps its own references)
@@ -260,7 +280,9 @@ class HolderShardedSDP(nn.Module):
         keeps gathered from forward to backward), and its padded gradient reduce-scattered over its holders.
         Counted as the replicated engine counts (the buffer handed over); under :meth:`no_sync` no reduce-scatter."""
         last = len(self._fsdp_groups) - 1
-        return sum(handed_bytes(params, n, 1 if i == last else 2) for i, (params, n) in enumerate(self._fsdp_groups))
+        gathered = 2 if self.options.param_dtype == "bfloat16" else None  # bf16 all-gathers under mixed precision
+        return sum(handed_bytes(params, n, 1 if i == last else 2, gathered)
+                   for i, (params, n) in enumerate(self._fsdp_groups))
 
     # ---- checkpoints (torch.distributed.checkpoint) -------------------------------------------------
     @torch.no_grad()
