@@ -71,7 +71,7 @@ from subnetdp.planning import Plan
 from subnetdp.planning.shards import check_shardable, shard_groups
 from subnetdp.sync import clip_gradients_, divide_by_holders_
 
-__all__ = ["HolderShardedSDP", "holder_meshes", "shard_over_holders"]
+__all__ = ["HolderShardedSDP", "fsdp_traffic", "holder_meshes", "shard_over_holders"]
 
 
 def check_mixed_precision(module: nn.Module) -> None:
@@ -143,6 +143,22 @@ def handed_bytes(params: list[nn.Parameter], holder_count: int, gathers: int,
                    for p in params)
     size = params[0].element_size() if params else 4
     return gathers * elements * (gather_element_size or size) // holder_count + elements * size
+
+
+def fsdp_traffic(groups: list[tuple[list[nn.Parameter], int]],
+                 gather_element_size: int | None = None) -> tuple[int, float]:
+    """Bytes one rank hands to FSDP2's collectives per step, and the ring traffic, over FSDP2 groups (parameters,
+    holder count; the root last): each group's padded shard all-gathered in forward and again in backward (once
+    for the root, which FSDP2 keeps gathered from forward to backward) and its padded gradient reduce-scattered
+    (:func:`handed_bytes`); a ring moves ``(n - 1) / n`` of each gathered or scattered full buffer over ``n`` holders."""
+    handed, ring = 0, 0.0
+    for i, (params, n) in enumerate(groups):
+        gathers = 1 if i == len(groups) - 1 else 2
+        mine = handed_bytes(params, n, gathers, gather_element_size)
+        full_gradient = handed_bytes(params, n, 0)  # the reduce-scatter's input
+        handed += mine
+        ring += (n - 1) / n * (full_gradient + (mine - full_gradient) * n)  # gathered buffers: n shards each
+    return handed, ring
 
 
 class HolderShardedSDP(nn.Module):
@@ -279,10 +295,8 @@ class HolderShardedSDP(nn.Module):
         group's padded shard all-gathered in forward and again in backward (once for the root, which FSDP2
         keeps gathered from forward to backward), and its padded gradient reduce-scattered over its holders.
         Counted as the replicated engine counts (the buffer handed over); under :meth:`no_sync` no reduce-scatter."""
-        last = len(self._fsdp_groups) - 1
         gathered = 2 if self.options.param_dtype == "bfloat16" else None  # bf16 all-gathers under mixed precision
-        return sum(handed_bytes(params, n, 1 if i == last else 2, gathered)
-                   for i, (params, n) in enumerate(self._fsdp_groups))
+        return fsdp_traffic(self._fsdp_groups, gathered)[0]
 
     # ---- checkpoints (torch.distributed.checkpoint) -------------------------------------------------
     @torch.no_grad()

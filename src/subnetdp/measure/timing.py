@@ -44,7 +44,7 @@ from subnetdp.measure.tables import DEFAULT_TRANSITIONS, sdp_name
 from subnetdp.measure.workloads import workload_from_spec
 from subnetdp.optimizers import make_optimizer
 from subnetdp.planning import profile_workload, sdp_plan
-from subnetdp.sharded import fsdp_groups, handed_bytes
+from subnetdp.sharded import fsdp_groups, fsdp_traffic
 from subnetdp.supervise import PARENT_ENV, TORCHRUN, die_with_parent
 from subnetdp.sync import step_traffic
 
@@ -230,23 +230,13 @@ def _trim_heap() -> None:
 
 
 def fsdp2_traffic(model: nn.Module) -> tuple[int, float]:
-    """Derived bytes one rank hands to FSDP2's collectives per step, and the ring traffic, for a model that
-    FSDP2 sharded (the baseline over the world, or SDP's holder-sharded subnetwork over each unit's holders):
-    per FSDP2 group, its padded shard all-gathered in forward and again in backward (once for the root,
-    which stays gathered from forward to backward) and its padded gradient reduce-scattered
-    (:func:`subnetdp.sharded.handed_bytes`); a ring moves ``(n - 1) / n`` of the gathered or scattered
-    buffer, over a group of ``n`` holders."""
+    """Derived bytes one rank hands to FSDP2's collectives per step, and the ring traffic
+    (:func:`subnetdp.sharded.fsdp_traffic`), for a model that FSDP2 sharded (the baseline over the world, or
+    SDP's holder-sharded subnetwork over each unit's holders), its groups read from the FSDP2 modules found."""
     from torch.distributed.fsdp import FSDPModule
 
     modules = [m for m in model.modules() if isinstance(m, FSDPModule)][::-1]  # innermost first, the root last
-    groups = fsdp_groups([(m, _mesh_size(m)) for m in modules])
-    handed, ring = 0, 0.0
-    for i, (params, n) in enumerate(groups):
-        gathers = 1 if i == len(groups) - 1 else 2
-        handed += handed_bytes(params, n, gathers)
-        padded = handed_bytes(params, n, 0)  # the reduce-scatter's buffer: the padded full gradient
-        ring += (gathers + 1) * (n - 1) / n * padded
-    return handed, ring
+    return fsdp_traffic(fsdp_groups([(m, _mesh_size(m)) for m in modules]))
 
 
 def _mesh_size(module: nn.Module) -> int:
