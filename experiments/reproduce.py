@@ -25,6 +25,13 @@ DDP+checkpointing on it too). Scales::
     python experiments/reproduce.py --scale cpu --out runs/repro_cpu          # this 2-core CPU
     python experiments/reproduce.py --scale gpu --minutes 5 --out runs/gpu    # one GPU, time-boxed
     python experiments/reproduce.py --scale cpu --shrink --out /tmp/r         # same grid, seconds a run
+    python experiments/reproduce.py --scale cpu-converged --grids image --out runs/conv &  # one core each:
+    python experiments/reproduce.py --scale cpu-converged --grids lm --out runs/conv       # a shared --out
+
+``cpu-converged`` trains long enough for DDP's learning curve to flatten (the page says whether it did,
+by the scale's stated criterion) with 3 seeds; it takes hours of CPU and is meant to span sittings.
+Two invocations with disjoint ``--grids`` may share one ``--out`` (each writes only its grid's runs,
+memory files and results; the page is written from every result found).
 
 ``--minutes`` stops cleanly: a run still going at the deadline is interrupted (it saves a checkpoint,
 so the next invocation resumes it) and the page is written from what finished.
@@ -50,7 +57,8 @@ from typing import Any
 REGIMES = ("same-steps", "flop-matched")
 # bumped when the memory measurement changes: cached memory and results that carry an older one are
 # measured again and re-collected (finished runs are not trained again). 2: SDP rows without checkpointing.
-MEMORY_VERSION = 2
+# 3: SDP+ckpt rows measured too (the frontier places SDP's runs at them: same math, recomputed activations).
+MEMORY_VERSION = 3
 
 # Sizes per scale and grid. "flags" go to `subnetdp train`; "memory" describes the same step for
 # subnetdp.measure.bench.memory_part. Axes: workers K, coverages, levels, baselines, seeds.
@@ -73,6 +81,27 @@ SCALES: dict[str, dict[str, Any]] = {
                "memory": {"kind": "text", "model": "llama_char_small", "seq_len": 64, "batch": 8, "optimizer": "adamw"},
                "workers": [4], "coverages": [0.75, 0.5], "levels": ["block", "neuron"],
                "baselines": ["ddp"], "seeds": [0, 1]},
+    },
+    # cpu-converged (issue 22): long enough for DDP to converge at a small scale; "flat_within" is the
+    # convergence criterion the page checks on DDP's curve (mean over seeds): over the last quarter of its
+    # steps it moves by at most this much (accuracy points, nats). DDP is SDP at C=1 simulated (its math,
+    # one process: 4 gloo processes on 2 cores would be slower and time the same math). Measured here with
+    # 1 thread: ResNet-18 width 8 on 10,000 images, 39 steps (one epoch, full test set evaluated) took
+    # about 15 s for DDP and 12 s for neuron C=0.5; llama_char_small 8 x 64 tokens 0.60 s a step for DDP,
+    # 0.32 s for neuron C=0.5. The whole grid (54 runs) comes to about 5 hours of one core.
+    "cpu-converged": {
+        "device": "cpu", "ddp_launch": "simulate",
+        "image": {"flags": ["--model", "resnet18", "--dataset", "cifar10-jpeg", "--width", "8",
+                            "--train-subset", "10000", "--batch-size", "64", "--epochs", "24", "--threads", "1"],
+                  "memory": {"kind": "image", "model": "resnet18", "width": 8, "batch": 64, "optimizer": "sgd-momentum"},
+                  "workers": [4], "coverages": [0.5, 0.25], "levels": ["block", "neuron"],
+                  "baselines": ["ddp"], "seeds": [0, 1, 2], "flat_within": 1.0},
+        "lm": {"flags": ["--model", "llama_char_small", "--dataset", "tinyshakespeare", "--optimizer", "adamw",
+                         "--lr", "2e-3", "--weight-decay", "0.1", "--seq-len", "64", "--batch-size", "8",
+                         "--steps-per-epoch", "50", "--epochs", "16", "--threads", "1"],
+               "memory": {"kind": "text", "model": "llama_char_small", "seq_len": 64, "batch": 8, "optimizer": "adamw"},
+               "workers": [4], "coverages": [0.5, 0.25], "levels": ["block", "neuron"],
+               "baselines": ["ddp"], "seeds": [0, 1, 2], "flat_within": 0.03},
     },
     "gpu": {
         "device": "cuda", "ddp_launch": "simulate",
@@ -191,8 +220,9 @@ def train_argv(run: Run, settings: dict[str, Any], device: str, data_dir: str | 
     argv += ["--device", device, "--seed", str(run.seed), "--no-progress", "--out", str(out)]
     if run.strategy == "sdp":
         argv += ["--simulate", str(run.workers), "--coverage", f"{run.coverage:g}", "--level", str(run.level)]
-        if run.regime == "flop-matched":
-            argv.append("--flop-matched")
+        if run.regime == "flop-matched":  # evaluated at the same FLOPs as same steps: every 1/C epochs
+            every = int(argv[argv.index("--eval-every") + 1]) if "--eval-every" in argv else 1
+            argv = _override(argv, ["--eval-every", str(max(1, round(every / run.coverage)))]) + ["--flop-matched"]
     elif run.strategy == "ddp" and ddp_launch == "simulate":  # SDP at C=1 is DDP's math (DESIGN.md invariant 4)
         argv += ["--simulate", str(run.workers), "--coverage", "1"]
     else:
@@ -232,10 +262,11 @@ def measure_memory(out: Path, run: Run, runs: Sequence[Run], settings: dict[str,
     g = settings[run.grid]
     spec = dict(g["memory"])
     t0 = time.perf_counter()
-    # the SDP runs train without checkpointing on the main job's plan: measure only those SDP rows
-    # (memory_part's SDP+ckpt and old-default rows share their strategy, level and coverage)
+    # the SDP runs train without checkpointing on the main job's plan; SDP+ckpt (every held block
+    # checkpointed) is the same math, so the page places those runs at its memory too. The old-default
+    # rows, which share strategy, level and coverage, are not measured.
     part = memory_part(spec, run.workers, coverages, levels, repeats=2, device=torch.device(device),
-                       seed=run.seed, log=lambda *a: None, checkpointing=("none",), old_default=False)
+                       seed=run.seed, log=lambda *a: None, checkpointing=("none", "blocks"), old_default=False)
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.empty_cache()  # leave the device to the training runs
@@ -245,7 +276,8 @@ def measure_memory(out: Path, run: Run, runs: Sequence[Run], settings: dict[str,
             continue
         peaks = [w["measured"]["peak_allocated_bytes"]["median"] if cuda else w["measured"]["total_bytes"]
                  for w in row["workers"]]
-        key = row["strategy"] if row["strategy"] != "sdp" else f"sdp-{row['level']}-C{row['coverage']:g}"
+        key = row["strategy"] if row["strategy"] != "sdp" else memory_key_of("sdp", row["level"], row["coverage"],
+                                                                             row["checkpointing"])
         if key in table:
             raise RuntimeError(f"memory_part gave two rows for {key} ({row['name']!r} among them); "
                                "each configuration of the grid must have exactly one")
@@ -260,7 +292,14 @@ def measure_memory(out: Path, run: Run, runs: Sequence[Run], settings: dict[str,
 
 
 def memory_key(run: Run) -> str:
-    return run.strategy if run.strategy != "sdp" else f"sdp-{run.level}-C{run.coverage:g}"
+    return memory_key_of(run.strategy, run.level, run.coverage)
+
+
+def memory_key_of(strategy: str, level: str | None, coverage: float, checkpointed: bool = False) -> str:
+    """The key of one configuration's memory in OUT/memory/*.json (``sdp-ckpt-...``: SDP+ckpt)."""
+    if strategy != "sdp":
+        return strategy
+    return f"sdp{'-ckpt' if checkpointed else ''}-{level}-C{coverage:g}"
 
 
 def execute(run: Run, argv: list[str], run_dir: Path, log_path: Path, deadline: float | None) -> str:
@@ -438,14 +477,19 @@ def write_page(out: Path, settings: dict[str, Any], args: argparse.Namespace, ru
               + ("is SDP at C=1 simulated in one process (DDP's math, DESIGN.md invariant 4)"
                  if (args.ddp_launch or settings["ddp_launch"]) == "simulate" else
                  "and DDP+ckpt run as K real processes (gloo)")
-              + "; SDP runs are K workers simulated in one process.", ""]
+              + "; SDP runs are K workers simulated in one process. Rows marked \"same math\" place runs "
+              "trained without activation checkpointing at the checkpointed variant's measured memory "
+              "(DDP+ckpt; SDP+ckpt: every block a worker holds checkpointed): recomputing activations "
+              "changes no number, only memory and time.", ""]
     for grid, k in panels:
         metric = "test_acc" if grid == "image" else "val_loss"
         unit = "test accuracy %" if grid == "image" else "validation loss"
         base = by_config.get(f"{grid}-K{k}-ddp", [])
         base_mem = base[0]["memory"]["worst_worker_peak_bytes"] if base else None
-        lines += [f"## {grid}, K={k}: {unit}, mean +- std over seeds", "",
-                  "| configuration | same steps | FLOP-matched | steps (same / FLOP-matched) "
+        lines += [f"## {grid}, K={k}: {unit}, mean +- std over seeds", ""]
+        if base and "flat_within" in settings[grid]:
+            lines += [f"Convergence of DDP: {convergence(base, settings[grid]['flat_within'])}.", ""]
+        lines += ["| configuration | same steps | FLOP-matched | steps (same / FLOP-matched) "
                   "| worst-worker peak MiB | peak / DDP |",
                   "|---|---|---|---|---|---|"]
         rows = [c for c in by_config if c.startswith(f"{grid}-K{k}-") and not c.endswith("-flop-matched")]
@@ -470,24 +514,55 @@ def write_page(out: Path, settings: dict[str, Any], args: argparse.Namespace, ru
 
 
 def _add_checkpointing_points(out: Path, by_config: dict[str, list[dict[str, Any]]]) -> None:
-    """Where DDP+ckpt was not trained (it is DDP's math, only recomputing activations), place it on the
-    page at its own measured memory with the DDP runs' results, labelled so."""
-    for cfg, ddp in list(by_config.items()):
-        run = ddp[0]["run"]
-        ckpt_cfg = cfg[: -len("ddp")] + "ddp-ckpt"
-        if run["strategy"] != "ddp" or ckpt_cfg in by_config:
+    """Place configurations trained without activation checkpointing again at their checkpointed variant's
+    measured memory (DDP+ckpt, SDP+ckpt: the same math, only activations recomputed), with the same runs'
+    results, labelled so. Where the checkpointed variant was trained itself, its own runs stand."""
+    for cfg, rs in list(by_config.items()):
+        run = rs[0]["run"]
+        if run["strategy"] == "ddp":
+            ckpt_cfg, strategy, label = cfg[: -len("ddp")] + "ddp-ckpt", "ddp-ckpt", "DDP+ckpt (DDP's runs: same math)"
+        elif run["strategy"] == "sdp":
+            ckpt_cfg, strategy = cfg.replace("-sdp-", "-sdp-ckpt-"), "sdp-ckpt"
+            label = f"SDP+ckpt {run['level']} C={run['coverage']:g} (SDP's runs: same math)"
+        else:
             continue
-        memory = out / "memory" / f"{run['grid']}-K{run['workers']}-s{run['seed']}.json"
-        configs = json.loads(memory.read_text())["configs"] if memory.exists() else {}
-        if "ddp-ckpt" not in configs:
-            continue
-        by_config[ckpt_cfg] = [{**r, "run": {**r["run"], "strategy": "ddp-ckpt"}, "config": ckpt_cfg,
-                                "label": "DDP+ckpt (DDP's runs: same math)",
-                                "memory": {**r["memory"], **configs["ddp-ckpt"]}} for r in ddp]
+        key = memory_key_of("sdp", run["level"], run["coverage"], True) if strategy == "sdp-ckpt" else strategy
+        placed = []
+        for r in rs:  # each seed at its own seed's measured memory (plans are drawn with the seed)
+            memory = out / "memory" / f"{r['run']['grid']}-K{r['run']['workers']}-s{r['run']['seed']}.json"
+            configs = json.loads(memory.read_text())["configs"] if memory.exists() else {}
+            if key in configs:
+                placed.append({**r, "run": {**r["run"], "strategy": strategy}, "config": ckpt_cfg, "label": label,
+                               "placed": True, "memory": {**r["memory"], **configs[key]}})
+        if ckpt_cfg not in by_config and placed and len(placed) == len(rs):
+            by_config[ckpt_cfg] = placed
+
+
+def convergence(runs: list[dict[str, Any]], within: float) -> str:
+    """One sentence: does the mean curve of ``runs`` move by at most ``within`` (points or nats) over the
+    last quarter of its steps (every evaluation at or after 3/4 of the last step)?"""
+    metric = runs[0]["metric"]
+    scale, unit = (100.0, "points") if metric == "test_acc" else (1.0, "nats")
+    steps, values = _mean_curve(runs, metric)
+
+    def span(st: list[int], vals: list[float]) -> tuple[float, list[int]]:
+        tail = [(x, v * scale) for x, v in zip(st, vals) if x >= 0.75 * st[-1]]
+        return max(v for _, v in tail) - min(v for _, v in tail), [x for x, _ in tail]
+
+    moved, tail = span(steps, values)
+    if len(tail) < 3:
+        return (f"only {len(tail)} evaluation(s) in the last quarter of its steps (steps {tail[0]}-{tail[-1]}): "
+                "too few to judge; **not judged**")
+    per_seed = " / ".join(f"{span([p['step'] for p in r['curve']], [p[metric] for p in r['curve']])[0]:.3g}"
+                          for r in sorted(runs, key=lambda r: r["run"]["seed"]))
+    verdict = "**converged by this criterion**" if moved <= within else "**not converged by this criterion**"
+    return (f"over the last quarter of its steps (steps {tail[0]}-{tail[-1]}, {len(tail)} evaluations) the mean "
+            f"curve of {len(runs)} seed(s) moves by {moved:.3g} {unit} (max - min; per seed {per_seed}); criterion: "
+            f"at most {within:g} {unit}: {verdict}")
 
 
 def _order(run: dict[str, Any]) -> tuple:
-    return ({"ddp": 0, "ddp-ckpt": 1, "sdp": 2}[run["strategy"]], run["level"] or "", -run["coverage"])
+    return ({"ddp": 0, "ddp-ckpt": 1, "sdp": 2, "sdp-ckpt": 3}[run["strategy"]], run["level"] or "", -run["coverage"])
 
 
 def _device_name(device: str) -> str:
@@ -516,7 +591,7 @@ def _plot_curves(plt: Any, by_config: dict, panels: list, path: Path) -> None:
     for ax, (grid, k) in zip(axes[0], panels):
         metric = "test_acc" if grid == "image" else "val_loss"
         shown = [rs for _, rs in sorted(by_config.items(), key=lambda kv: _order(kv[1][0]["run"]))
-                 if rs[0]["run"]["grid"] == grid and rs[0]["run"]["workers"] == k]
+                 if rs[0]["run"]["grid"] == grid and rs[0]["run"]["workers"] == k and not rs[0].get("placed")]
         for i, rs in enumerate(shown):  # tab20: a colour per configuration (the default cycle repeats after 10)
             run = rs[0]["run"]
             steps, values = _mean_curve(rs, metric)
@@ -534,7 +609,8 @@ def _plot_curves(plt: Any, by_config: dict, panels: list, path: Path) -> None:
 
 
 def _plot_frontier(plt: Any, by_config: dict, panels: list, path: Path) -> None:
-    colors = {"ddp": "black", "ddp-ckpt": "grey", "block": "tab:blue", "neuron": "tab:orange"}
+    colors = {"ddp": "black", "ddp-ckpt": "grey", "block": "tab:blue", "neuron": "tab:orange",
+              "block-ckpt": "tab:cyan", "neuron-ckpt": "goldenrod"}
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(6 * max(len(panels), 1), 4.2), squeeze=False)
     for ax, (grid, k) in zip(axes[0], panels):
         metric = "test_acc" if grid == "image" else "val_loss"
@@ -546,9 +622,11 @@ def _plot_frontier(plt: Any, by_config: dict, panels: list, path: Path) -> None:
             m, s = mean_std([r["final"] * scale for r in rs])
             x = rs[0]["memory"]["worst_worker_peak_bytes"] / 2**20
             flop = run["regime"] == "flop-matched"
-            ax.errorbar(x, m, yerr=s or 0, fmt="^" if flop else "o", color=colors[run["level"] or run["strategy"]],
+            color = colors[f"{run['level']}-ckpt" if run["strategy"] == "sdp-ckpt" else run["level"] or run["strategy"]]
+            ax.errorbar(x, m, yerr=s or 0, fmt="^" if flop else "o", color=color,
                         mfc="none" if flop else None, capsize=3)
-            ax.annotate(rs[0]["label"].replace("SDP ", "") + (" FM" if flop else ""), (x, m), fontsize=6,
+            name = rs[0]["label"].replace("SDP ", "").replace(" (SDP's runs: same math)", "")
+            ax.annotate(name + (" FM" if flop else ""), (x, m), fontsize=6,
                         xytext=(3, 3), textcoords="offset points")
         ax.set(xlabel="worst-worker peak memory, measured (MiB)",
                ylabel="test accuracy %" if metric == "test_acc" else "validation loss",
