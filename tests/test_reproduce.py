@@ -112,3 +112,73 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path):
     assert status == "done"
     log = (out / "logs" / "x.log").read_text()
     assert "--resume" in log and "resumed from" in log
+
+
+def _result(grid: str, strategy: str, seed: int, curve: list[tuple[int, float]], level: str | None = None,
+            coverage: float = 1.0, regime: str = "same-steps", peak: int = 100) -> dict:
+    reproduce = _module()
+    run = reproduce.Run(grid, 4, strategy, level, coverage, regime, seed)
+    metric = "test_acc" if grid == "image" else "val_loss"
+    return {"run": reproduce.dataclasses.asdict(run), "name": run.name, "config": run.config, "label": run.label,
+            "metric": metric, "final": curve[-1][1], "steps": curve[-1][0],
+            "curve": [{"step": s, metric: v} for s, v in curve], "memory": {"worst_worker_peak_bytes": peak}}
+
+
+def test_convergence_judges_the_last_quarter_of_the_mean_curve():
+    reproduce = _module()
+    flat = [(s, 0.60 + 0.001 * (s >= 80)) for s in range(10, 110, 10)]  # last quarter: steps 80..100
+    rising = [(s, 0.30 + 0.004 * s) for s in range(10, 110, 10)]
+    runs = [_result("image", "ddp", 0, flat), _result("image", "ddp", 1, flat)]
+    line = reproduce.convergence(runs, 1.0)
+    assert "steps 80-100, 3 evaluations" in line and "moves by 0 points" in line and "**converged" in line
+    line = reproduce.convergence([_result("image", "ddp", 0, rising)], 1.0)
+    assert "moves by 8 points" in line and "**not converged by this criterion**" in line
+    # nats for the language model; fewer than 3 evaluations in the last quarter: not judged
+    lm = [_result("lm", "ddp", 0, [(100, 2.0), (150, 1.9), (175, 1.89), (200, 1.885)])]
+    assert "0.015 nats" in reproduce.convergence(lm, 0.03) and "**converged" in reproduce.convergence(lm, 0.03)
+    assert "**not converged" in reproduce.convergence(lm, 0.01)
+    assert "**not judged**" in reproduce.convergence([_result("lm", "ddp", 0, [(50, 2.0), (100, 1.9)])], 0.03)
+
+
+def test_flop_matched_runs_are_evaluated_at_the_same_flops():
+    reproduce = _module()
+    settings = reproduce.scale_settings("cpu-converged", False)
+    argv = ["--scale", "cpu-converged", "--grids", "image", "--baselines", "--seeds", "0", "--levels", "block",
+            "--out", "x"]
+    runs = reproduce.build_grid(settings, ["image"], reproduce.parse_args(argv))
+    every = {}
+    for run in runs:
+        a = reproduce.train_argv(run, settings, "cpu", None, "simulate", Path("x"))
+        assert a.count("--eval-every") <= 1 and a.count("--flop-matched") == (run.regime == "flop-matched")
+        every[(run.coverage, run.regime)] = a[a.index("--eval-every") + 1] if "--eval-every" in a else None
+    assert every == {(0.5, "same-steps"): None, (0.5, "flop-matched"): "2",
+                     (0.25, "same-steps"): None, (0.25, "flop-matched"): "4"}
+    # the converged scale: 3 seeds, K=4, C=0.5 and 0.25, both levels, DDP as its math in one process
+    g = settings["image"]
+    assert g["seeds"] == [0, 1, 2] and g["workers"] == [4] and sorted(g["coverages"]) == [0.25, 0.5]
+    assert "--test-subset" not in g["flags"] and settings["ddp_launch"] == "simulate"
+
+
+def test_sdp_runs_are_placed_at_each_seeds_sdp_ckpt_memory(tmp_path):
+    reproduce = _module()
+    (tmp_path / "memory").mkdir()
+    for seed, peak in ((0, 40), (1, 44)):
+        configs = {"ddp": {"worst_worker_peak_bytes": 100}, "ddp-ckpt": {"worst_worker_peak_bytes": 30},
+                   "sdp-block-C0.5": {"worst_worker_peak_bytes": 70},
+                   "sdp-ckpt-block-C0.5": {"worst_worker_peak_bytes": peak}}
+        (tmp_path / "memory" / f"image-K4-s{seed}.json").write_text(json.dumps({"configs": configs}))
+    curve = [(10, 0.5), (20, 0.6)]
+    by_config = {}
+    for seed in (0, 1):
+        for r in (_result("image", "ddp", seed, curve),
+                  _result("image", "sdp", seed, curve, "block", 0.5, peak=70),
+                  _result("image", "sdp", seed, curve, "block", 0.5, "flop-matched", peak=70)):
+            by_config.setdefault(r["config"], []).append(r)
+    reproduce._add_checkpointing_points(tmp_path, by_config)
+    placed = by_config["image-K4-sdp-ckpt-block-C0.5-same-steps"]
+    assert [r["memory"]["worst_worker_peak_bytes"] for r in placed] == [40, 44]
+    assert all(r["placed"] and r["run"]["strategy"] == "sdp-ckpt" and r["final"] == 0.6 for r in placed)
+    assert placed[0]["label"] == "SDP+ckpt block C=0.5 (SDP's runs: same math)"
+    assert "image-K4-sdp-ckpt-block-C0.5-flop-matched" in by_config
+    assert [r["memory"]["worst_worker_peak_bytes"] for r in by_config["image-K4-ddp-ckpt"]] == [30, 30]
+    assert by_config["image-K4-sdp-block-C0.5-same-steps"][0]["memory"]["worst_worker_peak_bytes"] == 70
