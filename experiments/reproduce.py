@@ -98,7 +98,7 @@ SCALES: dict[str, dict[str, Any]] = {
                   "baselines": ["ddp"], "seeds": [0, 1, 2], "flat_within": 1.0},
         "lm": {"flags": ["--model", "llama_char_small", "--dataset", "tinyshakespeare", "--optimizer", "adamw",
                          "--lr", "2e-3", "--weight-decay", "0.1", "--seq-len", "64", "--batch-size", "8",
-                         "--steps-per-epoch", "50", "--epochs", "16", "--threads", "1"],
+                         "--steps-per-epoch", "50", "--epochs", "20", "--threads", "1"],
                "memory": {"kind": "text", "model": "llama_char_small", "seq_len": 64, "batch": 8, "optimizer": "adamw"},
                "workers": [4], "coverages": [0.5, 0.25], "levels": ["block", "neuron"],
                "baselines": ["ddp"], "seeds": [0, 1, 2], "flat_within": 0.03},
