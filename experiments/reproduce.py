@@ -666,6 +666,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # a shell starts a background job (`... &` without job control) with SIGINT ignored, and the runs
+    # would inherit that: take Ctrl-C / `kill -INT` back, so an interrupt stops the grid cleanly
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if args.page_only:
         settings = scale_settings(args.scale, args.shrink)
         print(f"written: {write_page(Path(args.out), settings, args, build_grid(settings, args.grids, args))}")
