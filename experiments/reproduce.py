@@ -14,9 +14,11 @@ result whose memory was measured by an older version of this script is re-collec
 
 Memory: the worst worker's measured peak of one training step per configuration, measured in this
 process by ``subnetdp.measure.bench.memory_part`` (each worker's subnetwork at the run's model, batch and
-optimizer; DDP and DDP with activation checkpointing on the full model): the allocator peak on a
-GPU, and on a CPU the bytes of parameters, gradients, optimizer state and saved activations (a CPU
-has no per-worker allocator peak: ``--simulate`` runs all workers in one process). Steps are fp32.
+optimizer, with and without activation checkpointing of every block it holds; DDP and DDP with
+activation checkpointing on the full model): the allocator peak on a GPU, and on a CPU the bytes of
+parameters, gradients, optimizer state and saved activations (a CPU has no per-worker allocator peak:
+``--simulate`` runs all workers in one process). Steps are fp32. Checkpointing changes no number, so
+the page places the runs trained without it at the checkpointed variants' memory too, labelled so.
 
 Then ``OUT/results.md`` with mean +- std over seeds, ``OUT/curves.png`` (learning curves) and
 ``OUT/frontier.png`` (accuracy or validation loss against worst-worker peak memory, DDP and
