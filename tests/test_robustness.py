@@ -355,20 +355,32 @@ def _run_processes(launcher: int) -> list[int]:
     return found
 
 
+def _proc_file(pid: int, name: str) -> bytes:
+    """``/proc/PID/NAME``, or nothing if the process is gone (it can exit between listing and reading)."""
+    try:
+        return Path(f"/proc/{pid}/{name}").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return b""
+
+
 def _torchrun_started(launcher: int) -> bool:
     """Whether the launcher has started torchrun (not just a helper process of an import)."""
     from subnetdp.supervise import TORCHRUN
 
-    return any(TORCHRUN.encode() in Path(f"/proc/{p}/cmdline").read_bytes() for p in _run_processes(launcher)
-               if Path(f"/proc/{p}/cmdline").exists())
+    return any(TORCHRUN.encode() in _proc_file(p, "cmdline") for p in _run_processes(launcher))
 
 
 def _gone(pids: list[int], within: float) -> bool:
     deadline = time.monotonic() + within
     while any(Path(f"/proc/{p}").exists() for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
-    return not any(Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text().split()[2]
-                   for p in pids if Path(f"/proc/{p}").exists())
+    return not any(_running(p) for p in pids)
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (its state follows the command name's closing parenthesis)."""
+    stat = _proc_file(pid, "stat")
+    return bool(stat) and stat.rsplit(b")", 1)[1].split()[0] != b"Z"
 
 
 def _at_step(proc: subprocess.Popen, out: Path, step: int) -> list[int]:
