@@ -87,9 +87,11 @@ SCALES: dict[str, dict[str, Any]] = {
     # cpu-converged (issue 22): about 20 times the cpu scale's steps, aimed at convergence at a small scale;
     # "flat_within" is the convergence criterion the page checks on DDP's curve (mean over seeds): over the
     # last quarter of its steps it moves by at most this much (accuracy points, nats). Measured: not met at
-    # these lengths (2.3 points, 0.044 nats; docs/reproduction.md). DDP is SDP at C=1 simulated (its math,
-    # one process: 4 gloo processes on 2 cores would be slower and time the same math). Measured here with
-    # 1 thread: ResNet-18 width 8 on 10,000 images, 39 steps (one epoch, full test set evaluated) took
+    # these lengths (2.3 points, 0.044 nats; docs/reproduction.md). A cosine schedule's final decay moves
+    # the last quarter of any length, so the page also checks the budget: DDP trained for "longer" times
+    # the steps (seeds "longer_seeds"), and whether doubling the steps moves its final by at most as much.
+    # DDP is SDP at C=1 simulated (its math, one process: 4 gloo processes on 2 cores would be slower and
+    # time the same math). Measured here with 1 thread: ResNet-18 width 8 on 10,000 images, 39 steps (one epoch, full test set evaluated) took
     # about 15 s for DDP and 12 s for neuron C=0.5; llama_char_small 8 x 64 tokens 0.60 s a step for DDP,
     # 0.32 s for neuron C=0.5. The 28 runs made took 209 min of process time; the whole grid (54 runs)
     # needs about 6 more hours of one core (an estimate from those timings).
@@ -99,13 +101,13 @@ SCALES: dict[str, dict[str, Any]] = {
                             "--train-subset", "10000", "--batch-size", "64", "--epochs", "24", "--threads", "1"],
                   "memory": {"kind": "image", "model": "resnet18", "width": 8, "batch": 64, "optimizer": "sgd-momentum"},
                   "workers": [4], "coverages": [0.5, 0.25], "levels": ["block", "neuron"],
-                  "baselines": ["ddp"], "seeds": [0, 1, 2], "flat_within": 1.0},
+                  "baselines": ["ddp"], "seeds": [0, 1, 2], "flat_within": 1.0, "longer": [2, 4], "longer_seeds": [0]},
         "lm": {"flags": ["--model", "llama_char_small", "--dataset", "tinyshakespeare", "--optimizer", "adamw",
                          "--lr", "2e-3", "--weight-decay", "0.1", "--seq-len", "64", "--batch-size", "8",
                          "--steps-per-epoch", "50", "--epochs", "20", "--threads", "1"],
                "memory": {"kind": "text", "model": "llama_char_small", "seq_len": 64, "batch": 8, "optimizer": "adamw"},
                "workers": [4], "coverages": [0.5, 0.25], "levels": ["block", "neuron"],
-               "baselines": ["ddp"], "seeds": [0, 1, 2], "flat_within": 0.03},
+               "baselines": ["ddp"], "seeds": [0, 1, 2], "flat_within": 0.03, "longer": [2, 4], "longer_seeds": [0]},
     },
     "gpu": {
         "device": "cuda", "ddp_launch": "simulate",
@@ -144,12 +146,13 @@ class Run:
     coverage: float
     regime: str
     seed: int
+    longer: int = 1  # DDP trained for this many times the grid's steps (the budget check of convergence)
 
     @property
     def config(self) -> str:
         """The run without its seed: what mean +- std is taken over."""
         if self.strategy != "sdp":
-            return f"{self.grid}-K{self.workers}-{self.strategy}"
+            return f"{self.grid}-K{self.workers}-{self.strategy}" + (f"-x{self.longer}" if self.longer > 1 else "")
         return f"{self.grid}-K{self.workers}-sdp-{self.level}-C{self.coverage:g}-{self.regime}"
 
     @property
@@ -159,7 +162,8 @@ class Run:
     @property
     def label(self) -> str:
         if self.strategy != "sdp":
-            return {"ddp": "DDP", "ddp-ckpt": "DDP+ckpt"}[self.strategy]
+            return {"ddp": "DDP", "ddp-ckpt": "DDP+ckpt"}[self.strategy] + (
+                f", {self.longer}x steps" if self.longer > 1 else "")
         return f"SDP {self.level} C={self.coverage:g}"
 
 
@@ -191,7 +195,8 @@ def _override(flags: list[str], new: list[str]) -> list[str]:
 
 def build_grid(settings: dict[str, Any], grids: Sequence[str], only: argparse.Namespace) -> list[Run]:
     """Every run, in the order they execute: a configuration's seeds together (so every finished
-    configuration has its error bar when a time box cuts the grid), C=0.5 first, K=8 last."""
+    configuration has its error bar when a time box cuts the grid), DDP with more steps first (it judges
+    whether the grid's length converges), C=0.5 first, K=8 last."""
     runs: list[Run] = []
     priority = {0.5: 0, 0.75: 1, 0.875: 2, 0.25: 3}
     for grid in grids:
@@ -200,6 +205,10 @@ def build_grid(settings: dict[str, Any], grids: Sequence[str], only: argparse.Na
             seeds = only.seeds if only.seeds is not None else g["seeds"]
             baselines = only.baselines if only.baselines is not None else g["baselines"]
             configs: list[tuple[str, str | None, float, str]] = [(b, None, 1.0, "same-steps") for b in baselines]
+            longer = only.longer if only.longer is not None else g.get("longer", [])
+            if "ddp" in baselines:  # the budget check: DDP with more steps, on the seeds planned for it
+                runs += [Run(grid, k, "ddp", None, 1.0, "same-steps", seed, n) for n in sorted(longer)
+                         for seed in seeds if seed in g.get("longer_seeds", seeds)]
             coverages = sorted(only.coverages or g["coverages"], key=lambda c: (priority.get(c, 9), -c))
             for c in coverages:
                 if abs(c * k - round(c * k)) > 1e-9:
@@ -222,6 +231,10 @@ def train_argv(run: Run, settings: dict[str, Any], device: str, data_dir: str | 
         else:
             argv = _override(argv, ["--dataset", str(text_file(data_dir))])
     argv += ["--device", device, "--seed", str(run.seed), "--no-progress", "--out", str(out)]
+    if run.longer > 1:  # a full schedule over longer times the epochs, evaluated as often as the grid's runs
+        every = int(argv[argv.index("--eval-every") + 1]) if "--eval-every" in argv else 1
+        epochs = float(argv[argv.index("--epochs") + 1]) * run.longer
+        argv = _override(argv, ["--epochs", f"{epochs:g}", "--eval-every", str(every * run.longer)])
     if run.strategy == "sdp":
         argv += ["--simulate", str(run.workers), "--coverage", f"{run.coverage:g}", "--level", str(run.level)]
         if run.regime == "flop-matched":  # evaluated at the same FLOPs as same steps: every 1/C epochs
@@ -492,6 +505,10 @@ def write_page(out: Path, settings: dict[str, Any], args: argparse.Namespace, ru
         lines += [f"## {grid}, K={k}: {unit}, mean +- std over seeds", ""]
         if base and "flat_within" in settings[grid]:
             lines += [f"Convergence of DDP: {convergence(base, settings[grid]['flat_within'])}.", ""]
+            lengths = {1: base, **{r[0]["run"]["longer"]: r for c, r in by_config.items()
+                                   if c.startswith(f"{grid}-K{k}-ddp-x")}}
+            if len(lengths) > 1:
+                lines += [f"Budget of DDP: {budget_convergence(lengths, settings[grid]['flat_within'])}.", ""]
         lines += ["| configuration | same steps | FLOP-matched | steps (same / FLOP-matched) "
                   "| worst-worker peak MiB | peak / DDP |",
                   "|---|---|---|---|---|---|"]
@@ -522,6 +539,8 @@ def _add_checkpointing_points(out: Path, by_config: dict[str, list[dict[str, Any
     results, labelled so. Where the checkpointed variant was trained itself, its own runs stand."""
     for cfg, rs in list(by_config.items()):
         run = rs[0]["run"]
+        if run.get("longer", 1) > 1:
+            continue  # more steps than the grid's runs: the budget check, not a point to place
         if run["strategy"] == "ddp":
             ckpt_cfg, strategy, label = cfg[: -len("ddp")] + "ddp-ckpt", "ddp-ckpt", "DDP+ckpt (DDP's runs: same math)"
         elif run["strategy"] == "sdp":
@@ -564,8 +583,38 @@ def convergence(runs: list[dict[str, Any]], within: float) -> str:
             f"at most {within:g} {unit}: {verdict}")
 
 
+def budget_convergence(lengths: dict[int, list[dict[str, Any]]], within: float) -> str:
+    """One sentence: DDP trained for 1, 2, 4... times the grid's steps (``lengths``: factor -> runs);
+    does doubling the steps move the final result by at most ``within``? Each doubling is compared on the
+    seeds both lengths ran (paired), so the seeds' spread does not enter it."""
+    metric = next(iter(lengths.values()))[0]["metric"]
+    scale, unit = (100.0, "points") if metric == "test_acc" else (1.0, "nats")
+    factors = sorted(lengths)
+    parts, first = [], None
+    for a, b in zip(factors, factors[1:]):
+        if b != 2 * a:
+            continue
+        finals = [{r["run"]["seed"]: r["final"] * scale for r in lengths[f]} for f in (a, b)]
+        seeds = sorted(set(finals[0]) & set(finals[1]))
+        if not seeds:
+            continue
+        fa, fb = (statistics.fmean(f[s] for s in seeds) for f in finals)
+        steps = lengths[a][0]["steps"], lengths[b][0]["steps"]
+        parts.append(f"{steps[0]} -> {steps[1]} steps moves the final from {fa:.4g} to {fb:.4g} "
+                     f"({fb - fa:+.3g} {unit}, seed(s) {', '.join(map(str, seeds))})")
+        if first is None and abs(fb - fa) <= within:
+            first = steps[0]
+    if not parts:
+        return "no two lengths a doubling apart ran on a common seed: **not judged**"
+    verdict = (f"**converged by this criterion at {first} steps**" if first is not None else
+               "**not converged by this criterion at any length measured**")
+    return (f"doubling the steps (a full cosine schedule over each length) {'; '.join(parts)}; criterion: a "
+            f"doubling moves it by at most {within:g} {unit}: {verdict}")
+
+
 def _order(run: dict[str, Any]) -> tuple:
-    return ({"ddp": 0, "ddp-ckpt": 1, "sdp": 2, "sdp-ckpt": 3}[run["strategy"]], run["level"] or "", -run["coverage"])
+    return ({"ddp": 0, "ddp-ckpt": 1, "sdp": 2, "sdp-ckpt": 3}[run["strategy"]], run.get("longer", 1),
+            run["level"] or "", -run["coverage"])
 
 
 def _device_name(device: str) -> str:
@@ -625,15 +674,16 @@ def _plot_frontier(plt: Any, by_config: dict, panels: list, path: Path) -> None:
             m, s = mean_std([r["final"] * scale for r in rs])
             x = rs[0]["memory"]["worst_worker_peak_bytes"] / 2**20
             flop = run["regime"] == "flop-matched"
+            longer = run.get("longer", 1) > 1  # DDP with more steps: a square, at DDP's memory
             color = colors[f"{run['level']}-ckpt" if run["strategy"] == "sdp-ckpt" else run["level"] or run["strategy"]]
-            ax.errorbar(x, m, yerr=s or 0, fmt="^" if flop else "o", color=color,
-                        mfc="none" if flop else None, capsize=3)
+            ax.errorbar(x, m, yerr=s or 0, fmt="^" if flop else "s" if longer else "o", color=color,
+                        mfc="none" if flop or longer else None, capsize=3)
             name = rs[0]["label"].replace("SDP ", "").replace(" (SDP's runs: same math)", "")
             ax.annotate(name + (" FM" if flop else ""), (x, m), fontsize=6,
                         xytext=(3, 3), textcoords="offset points")
         ax.set(xlabel="worst-worker peak memory, measured (MiB)",
                ylabel="test accuracy %" if metric == "test_acc" else "validation loss",
-               title=f"{grid}, K={k}: o same steps, ^ FLOP-matched (FM)")
+               title=f"{grid}, K={k}: o same steps, ^ FLOP-matched (FM), [] DDP more steps")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -660,9 +710,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--levels", nargs="+", default=None, choices=["block", "neuron"])
     p.add_argument("--regimes", nargs="+", default=None, choices=list(REGIMES))
     p.add_argument("--baselines", nargs="*", default=None, choices=["ddp", "ddp-ckpt"])
+    p.add_argument("--longer", type=int, nargs="*", default=None,
+                   help="DDP also trained for these many times the steps, on the scale's longer_seeds (the budget "
+                        "check of convergence); default: the scale's; none with no value")
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--page-only", action="store_true", help="only rewrite results.md and the plots")
     args = p.parse_args(argv)
+    if args.longer and min(args.longer) < 2:
+        p.error(f"--longer {min(args.longer)}: each factor must be at least 2 (times the grid's steps)")
     args.argv = list(sys.argv[1:] if argv is None else argv)
     return args
 
