@@ -115,9 +115,9 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path):
 
 
 def _result(grid: str, strategy: str, seed: int, curve: list[tuple[int, float]], level: str | None = None,
-            coverage: float = 1.0, regime: str = "same-steps", peak: int = 100) -> dict:
+            coverage: float = 1.0, regime: str = "same-steps", peak: int = 100, longer: int = 1) -> dict:
     reproduce = _module()
-    run = reproduce.Run(grid, 4, strategy, level, coverage, regime, seed)
+    run = reproduce.Run(grid, 4, strategy, level, coverage, regime, seed, longer)
     metric = "test_acc" if grid == "image" else "val_loss"
     return {"run": reproduce.dataclasses.asdict(run), "name": run.name, "config": run.config, "label": run.label,
             "metric": metric, "final": curve[-1][1], "steps": curve[-1][0],
@@ -182,3 +182,73 @@ def test_sdp_runs_are_placed_at_each_seeds_sdp_ckpt_memory(tmp_path):
     assert "image-K4-sdp-ckpt-block-C0.5-flop-matched" in by_config
     assert [r["memory"]["worst_worker_peak_bytes"] for r in by_config["image-K4-ddp-ckpt"]] == [30, 30]
     assert by_config["image-K4-sdp-block-C0.5-same-steps"][0]["memory"]["worst_worker_peak_bytes"] == 70
+
+
+def test_budget_check_compares_each_doubling_on_the_seeds_both_ran():
+    reproduce = _module()
+    one = [_result("image", "ddp", s, [(100, v)]) for s, v in ((0, 0.60), (1, 0.70), (2, 0.65))]
+    two = [_result("image", "ddp", 0, [(200, 0.64)], longer=2)]
+    four = [_result("image", "ddp", 0, [(400, 0.645)], longer=4)]
+    line = reproduce.budget_convergence({1: one, 2: two, 4: four}, 1.0)
+    # paired on seed 0: 60 -> 64 (not the 3 seeds' mean of 65), then 64 -> 64.5
+    assert "100 -> 200 steps moves the final from 60 to 64 (+4 points, seed(s) 0)" in line, line
+    assert "200 -> 400 steps moves the final from 64 to 64.5 (+0.5 points, seed(s) 0)" in line, line
+    assert "**converged by this criterion at 200 steps**" in line
+    line = reproduce.budget_convergence({1: one, 2: two}, 1.0)
+    assert "**not converged by this criterion at any length measured**" in line
+    lm = {1: [_result("lm", "ddp", 0, [(10, 1.62)])], 2: [_result("lm", "ddp", 0, [(20, 1.60)], longer=2)]}
+    assert "(-0.02 nats, seed(s) 0)" in reproduce.budget_convergence(lm, 0.03)
+    assert "**not judged**" in reproduce.budget_convergence({1: one, 2: [_result("image", "ddp", 5, [(200, 0.6)],
+                                                                                  longer=2)]}, 1.0)
+
+
+def test_longer_ddp_runs_train_a_full_schedule_over_more_epochs():
+    reproduce = _module()
+    settings = reproduce.scale_settings("cpu-converged", False)
+    base = ["--scale", "cpu-converged", "--grids", "lm", "--levels", "block", "--coverages", "0.5", "--out", "x"]
+    runs = reproduce.build_grid(settings, ["lm"], reproduce.parse_args(base))
+    longer = [r for r in runs if r.longer > 1]
+    assert [(r.name, r.label) for r in longer] == [("lm-K4-ddp-x2-s0", "DDP, 2x steps"),
+                                                   ("lm-K4-ddp-x4-s0", "DDP, 4x steps")]
+    assert runs[:2] == longer  # first: they judge whether the grid's length converges
+    for run in longer:
+        a = reproduce.train_argv(run, settings, "cpu", None, "simulate", Path("x"))
+        assert a[a.index("--epochs") + 1] == str(20 * run.longer) and a.count("--epochs") == 1
+        assert a[a.index("--eval-every") + 1] == str(run.longer) and "--flop-matched" not in a
+        assert a[a.index("--coverage") + 1] == "1" and a[a.index("--steps-per-epoch") + 1] == "50"
+    # only on the scale's longer_seeds; none with a bare --longer, and none without the DDP baseline
+    assert not [r for r in reproduce.build_grid(settings, ["lm"], reproduce.parse_args([*base, "--seeds", "1"]))
+                if r.longer > 1]
+    assert not [r for r in reproduce.build_grid(settings, ["lm"], reproduce.parse_args([*base, "--longer"]))
+                if r.longer > 1]
+    assert not [r for r in reproduce.build_grid(settings, ["lm"], reproduce.parse_args([*base, "--baselines"]))
+                if r.longer > 1]
+    with pytest.raises(SystemExit):
+        reproduce.parse_args([*base, "--longer", "1"])
+    assert not [r for r in reproduce.build_grid(reproduce.scale_settings("cpu", False), ["lm"],
+                                                reproduce.parse_args(["--out", "x"])) if r.longer > 1]
+
+
+def test_page_reports_the_budget_check_and_plots_the_longer_runs(tmp_path):
+    reproduce = _module()
+    args = reproduce.parse_args(["--scale", "cpu-converged", "--grids", "image", "--levels", "block", "--coverages",
+                                 "0.5", "--regimes", "same-steps", "--seeds", "0", "--out", str(tmp_path)])
+    settings = reproduce.scale_settings("cpu-converged", False)
+    results = [_result("image", "ddp", 0, [(s, 0.5 + s / 1000) for s in range(10, 110, 10)]),
+               _result("image", "ddp", 0, [(s, 0.6 + s / 10000) for s in range(20, 220, 20)], longer=2),
+               _result("image", "ddp", 0, [(s, 0.62 + s / 100000) for s in range(40, 440, 40)], longer=4),
+               _result("image", "sdp", 0, [(s, 0.4 + s / 1000) for s in range(10, 110, 10)], "block", 0.5, peak=60)]
+    (tmp_path / "results").mkdir()
+    for r in results:
+        r.update(summary={"device": "cpu"}, process_wall_s=60.0)
+        r["memory"]["basis"] = "test"
+        (tmp_path / "results" / f"{r['name']}.json").write_text(json.dumps(r))
+    page = reproduce.write_page(tmp_path, settings, args, reproduce.build_grid(settings, ["image"], args)).read_text()
+    budget = next(line for line in page.splitlines() if line.startswith("Budget of DDP:"))
+    assert "100 -> 200 steps moves the final from 60 to 62 (+2 points" in budget
+    assert "200 -> 400 steps moves the final from 62 to 62.4 (+0.4 points" in budget
+    assert "**converged by this criterion at 200 steps**" in budget
+    row = next(line for line in page.splitlines() if line.startswith("| DDP, 4x steps |"))
+    assert "62.40 (n=1)" in row and "| 400 |" in row and "| 1.00 |" in row
+    assert "4 of 4 planned runs finished" in page
+    assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "frontier.png").stat().st_size > 0
