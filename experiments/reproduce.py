@@ -507,6 +507,9 @@ def write_page(out: Path, settings: dict[str, Any], args: argparse.Namespace, ru
             lines += [f"Convergence of DDP: {convergence(base, settings[grid]['flat_within'])}.", ""]
             lengths = {1: base, **{r[0]["run"]["longer"]: r for c, r in by_config.items()
                                    if c.startswith(f"{grid}-K{k}-ddp-x")}}
+            for n in sorted(lengths)[1:]:
+                lines += [f"Convergence of DDP, {n}x steps: {convergence(lengths[n], settings[grid]['flat_within'])}.",
+                          ""]
             if len(lengths) > 1:
                 lines += [f"Budget of DDP: {budget_convergence(lengths, settings[grid]['flat_within'])}.", ""]
         lines += ["| configuration | same steps | FLOP-matched | steps (same / FLOP-matched) "

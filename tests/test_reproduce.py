@@ -244,6 +244,8 @@ def test_page_reports_the_budget_check_and_plots_the_longer_runs(tmp_path):
         r["memory"]["basis"] = "test"
         (tmp_path / "results" / f"{r['name']}.json").write_text(json.dumps(r))
     page = reproduce.write_page(tmp_path, settings, args, reproduce.build_grid(settings, ["image"], args)).read_text()
+    four = next(line for line in page.splitlines() if line.startswith("Convergence of DDP, 4x steps:"))
+    assert "(steps 320-400, 3 evaluations)" in four and "moves by 0.08 points" in four and "**converged" in four
     budget = next(line for line in page.splitlines() if line.startswith("Budget of DDP:"))
     assert "100 -> 200 steps moves the final from 60 to 62 (+2 points" in budget
     assert "200 -> 400 steps moves the final from 62 to 62.4 (+0.4 points" in budget
