@@ -91,10 +91,10 @@ SCALES: dict[str, dict[str, Any]] = {
     # the last quarter of any length, so the page also checks the budget: DDP trained for "longer" times
     # the steps (seeds "longer_seeds"), and whether doubling the steps moves its final by at most as much.
     # DDP is SDP at C=1 simulated (its math, one process: 4 gloo processes on 2 cores would be slower and
-    # time the same math). Measured here with 1 thread: ResNet-18 width 8 on 10,000 images, 39 steps (one epoch, full test set evaluated) took
-    # about 15 s for DDP and 12 s for neuron C=0.5; llama_char_small 8 x 64 tokens 0.60 s a step for DDP,
-    # 0.32 s for neuron C=0.5. The 28 runs made took 209 min of process time; the whole grid (54 runs)
-    # needs about 6 more hours of one core (an estimate from those timings).
+    # time the same math). Measured here with 1 thread: ResNet-18 width 8 on 10,000 images, 39 steps (one
+    # epoch, full test set evaluated) took about 15 s for DDP and 12 s for neuron C=0.5; llama_char_small
+    # 8 x 64 tokens 0.60 s a step for DDP, 0.32 s for neuron C=0.5. The 28 runs made took 209 min of
+    # process time; the whole grid (54 runs) needs about 6 more hours of one core (an estimate from those).
     "cpu-converged": {
         "device": "cpu", "ddp_launch": "simulate",
         "image": {"flags": ["--model", "resnet18", "--dataset", "cifar10-jpeg", "--width", "8",
@@ -605,7 +605,9 @@ def budget_convergence(lengths: dict[int, list[dict[str, Any]]], within: float) 
         steps = lengths[a][0]["steps"], lengths[b][0]["steps"]
         parts.append(f"{steps[0]} -> {steps[1]} steps moves the final from {fa:.4g} to {fb:.4g} "
                      f"({fb - fa:+.3g} {unit}, seed(s) {', '.join(map(str, seeds))})")
-        if first is None and abs(fb - fa) <= within:
+        if abs(fb - fa) > within:
+            first = None  # converged only from a length on which every later doubling stays within
+        elif first is None:
             first = steps[0]
     if not parts:
         return "no two lengths a doubling apart ran on a common seed: **not judged**"

@@ -194,6 +194,10 @@ def test_budget_check_compares_each_doubling_on_the_seeds_both_ran():
     assert "100 -> 200 steps moves the final from 60 to 64 (+4 points, seed(s) 0)" in line, line
     assert "200 -> 400 steps moves the final from 64 to 64.5 (+0.5 points, seed(s) 0)" in line, line
     assert "**converged by this criterion at 200 steps**" in line
+    # a later doubling that moves it again undoes an earlier "converged"
+    eight = [_result("image", "ddp", 0, [(800, 0.67)], longer=8)]
+    line = reproduce.budget_convergence({1: one, 2: two, 4: four, 8: eight}, 1.0)
+    assert "**not converged by this criterion at any length measured**" in line
     line = reproduce.budget_convergence({1: one, 2: two}, 1.0)
     assert "**not converged by this criterion at any length measured**" in line
     lm = {1: [_result("lm", "ddp", 0, [(10, 1.62)])], 2: [_result("lm", "ddp", 0, [(20, 1.60)], longer=2)]}
