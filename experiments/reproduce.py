@@ -89,7 +89,8 @@ SCALES: dict[str, dict[str, Any]] = {
     # last quarter of its steps it moves by at most this much (accuracy points, nats). Measured: not met at
     # these lengths (2.3 points, 0.044 nats; docs/reproduction.md). A cosine schedule's final decay moves
     # the last quarter of any length, so the page also checks the budget: DDP trained for "longer" times
-    # the steps (seeds "longer_seeds"), and whether doubling the steps moves its final by at most as much.
+    # the steps ({factor: seeds}), and whether doubling the steps moves its final by at most as much. The
+    # text model's DDP at 2x has all 3 seeds: its FLOP-matched C=0.5 runs train as many steps (2,000).
     # DDP is SDP at C=1 simulated (its math, one process: 4 gloo processes on 2 cores would be slower and
     # time the same math). Measured here with 1 thread: ResNet-18 width 8 on 10,000 images, 39 steps (one
     # epoch, full test set evaluated) took about 15 s for DDP and 12 s for neuron C=0.5; llama_char_small
@@ -101,13 +102,13 @@ SCALES: dict[str, dict[str, Any]] = {
                             "--train-subset", "10000", "--batch-size", "64", "--epochs", "24", "--threads", "1"],
                   "memory": {"kind": "image", "model": "resnet18", "width": 8, "batch": 64, "optimizer": "sgd-momentum"},
                   "workers": [4], "coverages": [0.5, 0.25], "levels": ["block", "neuron"],
-                  "baselines": ["ddp"], "seeds": [0, 1, 2], "flat_within": 1.0, "longer": [2, 4], "longer_seeds": [0]},
+                  "baselines": ["ddp"], "seeds": [0, 1, 2], "flat_within": 1.0, "longer": {"2": [0], "4": [0]}},
         "lm": {"flags": ["--model", "llama_char_small", "--dataset", "tinyshakespeare", "--optimizer", "adamw",
                          "--lr", "2e-3", "--weight-decay", "0.1", "--seq-len", "64", "--batch-size", "8",
                          "--steps-per-epoch", "50", "--epochs", "20", "--threads", "1"],
                "memory": {"kind": "text", "model": "llama_char_small", "seq_len": 64, "batch": 8, "optimizer": "adamw"},
                "workers": [4], "coverages": [0.5, 0.25], "levels": ["block", "neuron"],
-               "baselines": ["ddp"], "seeds": [0, 1, 2], "flat_within": 0.03, "longer": [2, 4], "longer_seeds": [0]},
+               "baselines": ["ddp"], "seeds": [0, 1, 2], "flat_within": 0.03, "longer": {"2": [0, 1, 2], "4": [0]}},
     },
     "gpu": {
         "device": "cuda", "ddp_launch": "simulate",
@@ -205,10 +206,10 @@ def build_grid(settings: dict[str, Any], grids: Sequence[str], only: argparse.Na
             seeds = only.seeds if only.seeds is not None else g["seeds"]
             baselines = only.baselines if only.baselines is not None else g["baselines"]
             configs: list[tuple[str, str | None, float, str]] = [(b, None, 1.0, "same-steps") for b in baselines]
-            longer = only.longer if only.longer is not None else g.get("longer", [])
-            if "ddp" in baselines:  # the budget check: DDP with more steps, on the seeds planned for it
+            longer = {int(n): s for n, s in g.get("longer", {}).items()}  # factor -> the seeds planned for it
+            if "ddp" in baselines:  # the budget check: DDP with more steps
                 runs += [Run(grid, k, "ddp", None, 1.0, "same-steps", seed, n) for n in sorted(longer)
-                         for seed in seeds if seed in g.get("longer_seeds", seeds)]
+                         if only.longer is None or n in only.longer for seed in seeds if seed in longer[n]]
             coverages = sorted(only.coverages or g["coverages"], key=lambda c: (priority.get(c, 9), -c))
             for c in coverages:
                 if abs(c * k - round(c * k)) > 1e-9:
@@ -716,8 +717,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--regimes", nargs="+", default=None, choices=list(REGIMES))
     p.add_argument("--baselines", nargs="*", default=None, choices=["ddp", "ddp-ckpt"])
     p.add_argument("--longer", type=int, nargs="*", default=None,
-                   help="DDP also trained for these many times the steps, on the scale's longer_seeds (the budget "
-                        "check of convergence); default: the scale's; none with no value")
+                   help="DDP also trained for these of the scale's factors times the steps, on the seeds the scale "
+                        "plans for each (the budget check of convergence); default: all; none with no value")
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--page-only", action="store_true", help="only rewrite results.md and the plots")
     args = p.parse_args(argv)

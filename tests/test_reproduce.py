@@ -212,17 +212,21 @@ def test_longer_ddp_runs_train_a_full_schedule_over_more_epochs():
     base = ["--scale", "cpu-converged", "--grids", "lm", "--levels", "block", "--coverages", "0.5", "--out", "x"]
     runs = reproduce.build_grid(settings, ["lm"], reproduce.parse_args(base))
     longer = [r for r in runs if r.longer > 1]
-    assert [(r.name, r.label) for r in longer] == [("lm-K4-ddp-x2-s0", "DDP, 2x steps"),
-                                                   ("lm-K4-ddp-x4-s0", "DDP, 4x steps")]
-    assert runs[:2] == longer  # first: they judge whether the grid's length converges
+    assert [(r.name, r.label) for r in longer] == [(f"lm-K4-ddp-x2-s{s}", "DDP, 2x steps") for s in (0, 1, 2)] + [
+        ("lm-K4-ddp-x4-s0", "DDP, 4x steps")]
+    assert runs[:4] == longer  # first: they judge whether the grid's length converges
+    image = reproduce.build_grid(settings, ["image"], reproduce.parse_args(base))
+    assert [r.name for r in image if r.longer > 1] == ["image-K4-ddp-x2-s0", "image-K4-ddp-x4-s0"]
+    only = reproduce.build_grid(settings, ["lm"], reproduce.parse_args([*base, "--longer", "4"]))
+    assert [r.name for r in only if r.longer > 1] == ["lm-K4-ddp-x4-s0"]
     for run in longer:
         a = reproduce.train_argv(run, settings, "cpu", None, "simulate", Path("x"))
         assert a[a.index("--epochs") + 1] == str(20 * run.longer) and a.count("--epochs") == 1
         assert a[a.index("--eval-every") + 1] == str(run.longer) and "--flop-matched" not in a
         assert a[a.index("--coverage") + 1] == "1" and a[a.index("--steps-per-epoch") + 1] == "50"
-    # only on the scale's longer_seeds; none with a bare --longer, and none without the DDP baseline
-    assert not [r for r in reproduce.build_grid(settings, ["lm"], reproduce.parse_args([*base, "--seeds", "1"]))
-                if r.longer > 1]
+    # only on the seeds planned for each factor; none with a bare --longer, and none without the DDP baseline
+    assert [r.name for r in reproduce.build_grid(settings, ["lm"], reproduce.parse_args([*base, "--seeds", "1"]))
+            if r.longer > 1] == ["lm-K4-ddp-x2-s1"]
     assert not [r for r in reproduce.build_grid(settings, ["lm"], reproduce.parse_args([*base, "--longer"]))
                 if r.longer > 1]
     assert not [r for r in reproduce.build_grid(settings, ["lm"], reproduce.parse_args([*base, "--baselines"]))
