@@ -401,15 +401,15 @@ def _run_all(out: Path, runs: Sequence[Run], settings: dict[str, Any], device: s
              args: argparse.Namespace, deadline: float | None) -> None:
     for i, run in enumerate(runs):
         result_path = out / "results" / f"{run.name}.json"
-        previous = json.loads(result_path.read_text()) if result_path.exists() else None
+        run_dir = out / "runs" / run.name
+        argv = train_argv(run, settings, device, args.data_dir, ddp_launch, run_dir)
+        previous = _previous_result(result_path, argv, args.scale)
         if previous is not None and previous["memory"].get("version") == MEMORY_VERSION:
             continue
         if deadline is not None and deadline - time.time() < args.min_run_seconds:
             print(f"time box of {args.minutes:g} min reached: {len(runs) - i} runs left for the next invocation")
             break
         memory = measure_memory(out, run, runs, settings, device)
-        run_dir = out / "runs" / run.name
-        argv = train_argv(run, settings, device, args.data_dir, ddp_launch, run_dir)
         t0 = time.time()
         status = execute(run, argv, run_dir, out / "logs" / f"{run.name}.log", deadline)
         seconds = time.time() - t0
@@ -425,6 +425,45 @@ def _run_all(out: Path, runs: Sequence[Run], settings: dict[str, Any], device: s
                   f"(log: {out / 'logs' / f'{run.name}.log'})", flush=True)
             if status == "stopped":
                 break
+
+
+# flags that say where things are, not what is trained: a grid folder may move, data may be found elsewhere
+_LOCATION_FLAGS = frozenset({"--out", "--data-dir", "--dataset"})
+
+
+def _flag_values(argv: Sequence[str]) -> dict[str, str | None]:
+    """``--flag value`` pairs and bare ``--flag`` switches of a ``subnetdp train`` command line."""
+    out: dict[str, str | None] = {}
+    for i, a in enumerate(argv):
+        if a.startswith("--"):
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            out[a] = None if nxt is None or nxt.startswith("--") else nxt
+    return out
+
+
+def _previous_result(path: Path, argv: Sequence[str], scale: str) -> dict[str, Any] | None:
+    """The finished run's result JSON, or None. A result trained with other flags than the scale gives now
+    (a changed length, say) is refused rather than counted, so one page never mixes two settings."""
+    if not path.exists():
+        return None
+    try:
+        previous = json.loads(path.read_text())
+        old = _flag_values(previous["argv"])
+        previous["memory"]["version"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"{path}: not a result this runner wrote ({type(e).__name__}: {e}); move it away and run "
+                         "again to train that run anew") from None
+    new = _flag_values(argv)
+    differ = sorted(f for f in (old.keys() | new.keys()) - _LOCATION_FLAGS
+                    if (f in old, old.get(f)) != (f in new, new.get(f)))
+    if differ:
+        def value(flags: dict[str, str | None], f: str) -> str:
+            return "(absent)" if f not in flags else "(set)" if flags[f] is None else str(flags[f])
+
+        shown = ", ".join(f"{f} {value(old, f)} -> {value(new, f)}" for f in differ)
+        raise SystemExit(f"{path}: trained with other flags than --scale {scale} gives now ({shown}); resume it "
+                         "with the settings it was made with, or choose another --out")
+    return previous
 
 
 # ---- the results page -------------------------------------------------------------------------------

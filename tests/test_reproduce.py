@@ -262,3 +262,22 @@ def test_page_reports_the_budget_check_and_plots_the_longer_runs(tmp_path):
     assert "62.40 (n=1)" in row and "| 400 |" in row and "| 1.00 |" in row
     assert "4 of 4 planned runs finished" in page
     assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "frontier.png").stat().st_size > 0
+
+
+def test_a_result_trained_with_other_flags_is_refused_not_counted(tmp_path):
+    reproduce = _module()
+    argv = ["--model", "resnet18", "--epochs", "24", "--no-progress", "--out", "/old/place/runs/r", "--simulate", "4"]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"argv": argv, "memory": {"version": reproduce.MEMORY_VERSION}}))
+    moved = [*argv[:5], "--out", str(tmp_path / "runs" / "r"), "--simulate", "4", "--data-dir", "/data"]
+    assert reproduce._previous_result(path, moved, "cpu-converged")["argv"] == argv  # a moved folder is fine
+    assert reproduce._previous_result(tmp_path / "absent.json", argv, "cpu-converged") is None
+    longer = [*argv[:3], "48", *argv[4:], "--eval-every", "2"]
+    with pytest.raises(SystemExit, match=r"--epochs 24 -> 48, --eval-every \(absent\) -> 2\); resume it"):
+        reproduce._previous_result(path, longer, "cpu-converged")
+    with pytest.raises(SystemExit, match=r"--no-progress \(set\) -> \(absent\)"):
+        reproduce._previous_result(path, [a for a in argv if a != "--no-progress"], "cpu-converged")
+    for broken in ("{not json", json.dumps({"argv": argv}), json.dumps([1])):
+        path.write_text(broken)
+        with pytest.raises(SystemExit, match="not a result this runner wrote"):
+            reproduce._previous_result(path, argv, "cpu-converged")
