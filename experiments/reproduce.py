@@ -523,7 +523,9 @@ def write_page(out: Path, settings: dict[str, Any], args: argparse.Namespace, ru
              "", f"Command: `python experiments/reproduce.py {' '.join(args.argv)}`", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, {_device_name(machine)}; "
              f"torch {_torch_version()}, Python {platform.python_version()}. "
-             f"{len(done)} of {len(planned)} planned runs finished; their processes took {wall / 60:.1f} min in all.",
+             f"{len(done & planned)} of {len(planned)} planned runs finished"
+             + (f" ({len(done - planned)} more found in the folder)" if done - planned else "")
+             + f"; their processes took {wall / 60:.1f} min in all.",
              ""]
     for grid in sorted({p[0] for p in panels}):
         lines.append(f"- **{grid}**: {_describe(settings, grid, results)}.")
@@ -565,6 +567,7 @@ def write_page(out: Path, settings: dict[str, Any], args: argparse.Namespace, ru
                          f"{fmt([r['final'] for r in flop], metric) if '-sdp-' in cfg else 'n/a'} | {steps} | "
                          f"{mem / 2**20:.1f} | {f'{mem / base_mem:.2f}' if base_mem else 'n/a'} |")
         lines.append("")
+        lines += _against_longer_ddp(by_config, grid, k, metric)
     missing = sorted(planned - done)
     if missing:
         lines += [f"Not finished ({len(missing)}): " + ", ".join(missing), ""]
@@ -574,6 +577,26 @@ def write_page(out: Path, settings: dict[str, Any], args: argparse.Namespace, ru
     _plot_curves(plt, by_config, panels, out / "curves.png")
     _plot_frontier(plt, by_config, panels, out / "frontier.png")
     return page
+
+
+def _against_longer_ddp(by_config: dict[str, list[dict[str, Any]]], grid: str, k: int, metric: str) -> list[str]:
+    """A FLOP-matched run trains 1/C times DDP's steps; where DDP was also trained that long (the budget
+    check), the page sets them side by side: SDP against DDP at the same steps, at the longer length."""
+    ddp = {rs[0]["steps"]: rs for c, rs in by_config.items() if c.startswith(f"{grid}-K{k}-ddp-x")}
+    rows = []
+    for cfg, rs in sorted(by_config.items(), key=lambda kv: _order(kv[1][0]["run"])):
+        run = rs[0]["run"]
+        if (cfg.startswith(f"{grid}-K{k}-sdp-") and run["regime"] == "flop-matched" and not rs[0].get("placed")
+                and rs[0]["steps"] in ddp):
+            base = ddp[rs[0]["steps"]]
+            scale = 100.0 if metric == "test_acc" else 1.0
+            diff = (mean_std([r["final"] for r in rs])[0] - mean_std([r["final"] for r in base])[0]) * scale
+            rows.append(f"| {rs[0]['label']} | {rs[0]['steps']} | {fmt([r['final'] for r in rs], metric)} | "
+                        f"{fmt([r['final'] for r in base], metric)} | {diff:+.{2 if scale > 1 else 4}f} |")
+    if not rows:
+        return []
+    return ["FLOP-matched runs against DDP trained as many steps (a full schedule over the longer length):", "",
+            "| configuration | steps | SDP | DDP at those steps | SDP - DDP |", "|---|---|---|---|---|", *rows, ""]
 
 
 def _add_checkpointing_points(out: Path, by_config: dict[str, list[dict[str, Any]]]) -> None:

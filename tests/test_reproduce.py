@@ -241,11 +241,14 @@ def test_page_reports_the_budget_check_and_plots_the_longer_runs(tmp_path):
     reproduce = _module()
     args = reproduce.parse_args(["--scale", "cpu-converged", "--grids", "image", "--levels", "block", "--coverages",
                                  "0.5", "--regimes", "same-steps", "--seeds", "0", "--out", str(tmp_path)])
+    # planned: DDP at 1x, 2x, 4x and SDP block C=0.5 same steps, all seed 0; the FLOP-matched run is found too
     settings = reproduce.scale_settings("cpu-converged", False)
     results = [_result("image", "ddp", 0, [(s, 0.5 + s / 1000) for s in range(10, 110, 10)]),
                _result("image", "ddp", 0, [(s, 0.6 + s / 10000) for s in range(20, 220, 20)], longer=2),
                _result("image", "ddp", 0, [(s, 0.62 + s / 100000) for s in range(40, 440, 40)], longer=4),
-               _result("image", "sdp", 0, [(s, 0.4 + s / 1000) for s in range(10, 110, 10)], "block", 0.5, peak=60)]
+               _result("image", "sdp", 0, [(s, 0.4 + s / 1000) for s in range(10, 110, 10)], "block", 0.5, peak=60),
+               _result("image", "sdp", 0, [(s, 0.5 + s / 10000) for s in range(20, 220, 20)], "block", 0.5,
+                       "flop-matched", peak=60)]
     (tmp_path / "results").mkdir()
     for r in results:
         r.update(summary={"device": "cpu"}, process_wall_s=60.0)
@@ -260,7 +263,8 @@ def test_page_reports_the_budget_check_and_plots_the_longer_runs(tmp_path):
     assert "**converged by this criterion at 200 steps**" in budget
     row = next(line for line in page.splitlines() if line.startswith("| DDP, 4x steps |"))
     assert "62.40 (n=1)" in row and "| 400 |" in row and "| 1.00 |" in row
-    assert "4 of 4 planned runs finished" in page
+    assert "| SDP block C=0.5 | 200 | 52.00 (n=1) | 62.00 (n=1) | -10.00 |" in page  # FLOP-matched vs DDP 2x
+    assert "4 of 4 planned runs finished (1 more found in the folder)" in page
     assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "frontier.png").stat().st_size > 0
 
 
