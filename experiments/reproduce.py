@@ -449,7 +449,7 @@ def _previous_result(path: Path, argv: Sequence[str], scale: str) -> dict[str, A
     try:
         previous = json.loads(path.read_text())
         old = _flag_values(previous["argv"])
-        previous["memory"]["version"]
+        previous["memory"].get("version")  # absent in an older measurement: re-collected
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"{path}: not a result this runner wrote ({type(e).__name__}: {e}); move it away and run "
                          "again to train that run anew") from None

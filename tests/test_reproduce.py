@@ -281,7 +281,7 @@ def test_a_result_trained_with_other_flags_is_refused_not_counted(tmp_path):
         reproduce._previous_result(path, longer, "cpu-converged")
     with pytest.raises(SystemExit, match=r"--no-progress \(set\) -> \(absent\)"):
         reproduce._previous_result(path, [a for a in argv if a != "--no-progress"], "cpu-converged")
-    for broken in ("{not json", json.dumps({"argv": argv}), json.dumps([1])):
+    for broken in ("{not json", json.dumps({"argv": argv}), json.dumps([1]), json.dumps({"argv": 3, "memory": {}})):
         path.write_text(broken)
         with pytest.raises(SystemExit, match="not a result this runner wrote"):
             reproduce._previous_result(path, argv, "cpu-converged")
