@@ -92,9 +92,9 @@ SCALES: dict[str, dict[str, Any]] = {
     # last quarter of its steps it moves by at most this much (accuracy points, nats). A cosine schedule's
     # final decay moves the last quarter of any length, so the page also checks the budget: DDP trained for
     # "longer" times the steps ({factor: seeds}), and whether doubling the steps moves its final by at most
-    # as much. Measured (docs/reproduction.md): the text model is converged by both at 2x (2,000 steps:
-    # 0.028 nats over the last quarter, 2x -> 4x -0.027), not at 1x (0.044; 1x -> 2x -0.10); the image
-    # model at no length measured (2x -> 4x +2.1 points). The text model's DDP at 2x has all 3 seeds: its
+    # as much. Measured (docs/reproduction.md): the text model is converged by the budget at 2x (2,000
+    # steps: 2x -> 4x -0.027 nats; its last quarter moves 0.033 over 3 seeds, just over 0.03; flat at 4x),
+    # not at 1x (0.044; 1x -> 2x -0.086); the image model at no length measured (2x -> 4x +2.1 points). The text model's DDP at 2x has all 3 seeds: its
     # FLOP-matched C=0.5 runs train as many steps (2,000). DDP is SDP at C=1 simulated (its math, one
     # process: 4 gloo processes on 2 cores would be slower and time the same math). Measured with 1 thread
     # on 2 cores, both busy: image DDP 1,872 steps in 15 min, 3,744 in 24 min; text DDP 2,000 steps in
