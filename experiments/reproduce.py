@@ -94,9 +94,10 @@ SCALES: dict[str, dict[str, Any]] = {
     # "longer" times the steps ({factor: seeds}), and whether doubling the steps moves its final by at most
     # as much. Measured (docs/reproduction.md): the text model is converged by the budget at 2x (2,000
     # steps: 2x -> 4x -0.027 nats; its last quarter moves 0.033 over 3 seeds, just over 0.03; flat at 4x),
-    # not at 1x (0.044; 1x -> 2x -0.086); the image model at no length measured (2x -> 4x +2.1 points). The text model's DDP at 2x has all 3 seeds: its
-    # FLOP-matched C=0.5 runs train as many steps (2,000). DDP is SDP at C=1 simulated (its math, one
-    # process: 4 gloo processes on 2 cores would be slower and time the same math). Measured with 1 thread
+    # not at 1x (0.044; 1x -> 2x -0.086); the image model at no length measured (2x -> 4x +2.1 points).
+    # The text model's DDP at 2x has all 3 seeds: its FLOP-matched C=0.5 runs train as many steps (2,000).
+    # DDP is SDP at C=1 simulated (its math, one process: 4 gloo processes on 2 cores would be slower and
+    # time the same math). Measured with 1 thread
     # on 2 cores, both busy: image DDP 1,872 steps in 15 min, 3,744 in 24 min; text DDP 2,000 steps in
     # 18 min, 4,000 in 39 min, block C=0.5 2,000 steps in 10-11 min.
     "cpu-converged": {
@@ -235,14 +236,14 @@ def train_argv(run: Run, settings: dict[str, Any], device: str, data_dir: str | 
         else:
             argv = _override(argv, ["--dataset", str(text_file(data_dir))])
     argv += ["--device", device, "--seed", str(run.seed), "--no-progress", "--out", str(out)]
+    given = _flag_values(argv)
+    every = int(given.get("--eval-every") or 1)
     if run.longer > 1:  # a full schedule over longer times the epochs, evaluated as often as the grid's runs
-        every = int(argv[argv.index("--eval-every") + 1]) if "--eval-every" in argv else 1
-        epochs = float(argv[argv.index("--epochs") + 1]) * run.longer
+        epochs = float(given["--epochs"]) * run.longer
         argv = _override(argv, ["--epochs", f"{epochs:g}", "--eval-every", str(every * run.longer)])
     if run.strategy == "sdp":
         argv += ["--simulate", str(run.workers), "--coverage", f"{run.coverage:g}", "--level", str(run.level)]
         if run.regime == "flop-matched":  # evaluated at the same FLOPs as same steps: every 1/C epochs
-            every = int(argv[argv.index("--eval-every") + 1]) if "--eval-every" in argv else 1
             argv = _override(argv, ["--eval-every", str(max(1, round(every / run.coverage)))]) + ["--flop-matched"]
     elif run.strategy == "ddp" and ddp_launch == "simulate":  # SDP at C=1 is DDP's math (DESIGN.md invariant 4)
         argv += ["--simulate", str(run.workers), "--coverage", "1"]
@@ -490,7 +491,7 @@ def load_results(out: Path) -> list[dict[str, Any]]:
 
 def _describe(settings: dict[str, Any], grid: str, results: list[dict[str, Any]]) -> str:
     flags = settings[grid]["flags"]
-    f = {flags[i]: flags[i + 1] for i in range(0, len(flags) - 1, 2) if flags[i].startswith("--")}
+    f = _flag_values(flags)
     r = next((x for x in results if x["run"]["grid"] == grid and x["summary"].get("full_params")), None)
     params = f"{r['summary']['full_params']:,} parameters" if r and r["summary"].get("full_params") else ""
     if grid == "image":
@@ -550,8 +551,7 @@ def write_page(out: Path, settings: dict[str, Any], args: argparse.Namespace, ru
         lines += [f"## {grid}, K={k}: {unit}, mean +- std over seeds", ""]
         if base and "flat_within" in settings[grid]:
             lines += [f"Convergence of DDP: {convergence(base, settings[grid]['flat_within'])}.", ""]
-            lengths = {1: base, **{r[0]["run"]["longer"]: r for c, r in by_config.items()
-                                   if c.startswith(f"{grid}-K{k}-ddp-x")}}
+            lengths = {1: base, **_longer_ddp(by_config, grid, k)}
             for n in sorted(lengths)[1:]:
                 lines += [f"Convergence of DDP, {n}x steps: {convergence(lengths[n], settings[grid]['flat_within'])}.",
                           ""]
@@ -582,17 +582,22 @@ def write_page(out: Path, settings: dict[str, Any], args: argparse.Namespace, ru
     return page
 
 
+def _longer_ddp(by_config: dict[str, list[dict[str, Any]]], grid: str, k: int) -> dict[int, list[dict[str, Any]]]:
+    """DDP's runs with more steps than the grid's (the budget check), by factor."""
+    return {rs[0]["run"]["longer"]: rs for c, rs in by_config.items() if c.startswith(f"{grid}-K{k}-ddp-x")}
+
+
 def _against_longer_ddp(by_config: dict[str, list[dict[str, Any]]], grid: str, k: int, metric: str) -> list[str]:
     """A FLOP-matched run trains 1/C times DDP's steps; where DDP was also trained that long (the budget
     check), the page sets them side by side: SDP against DDP at the same steps, at the longer length."""
-    ddp = {rs[0]["steps"]: rs for c, rs in by_config.items() if c.startswith(f"{grid}-K{k}-ddp-x")}
+    ddp = {rs[0]["steps"]: rs for rs in _longer_ddp(by_config, grid, k).values()}
+    scale = 100.0 if metric == "test_acc" else 1.0
     rows = []
     for cfg, rs in sorted(by_config.items(), key=lambda kv: _order(kv[1][0]["run"])):
         run = rs[0]["run"]
         if (cfg.startswith(f"{grid}-K{k}-sdp-") and run["regime"] == "flop-matched" and not rs[0].get("placed")
                 and rs[0]["steps"] in ddp):
             base = ddp[rs[0]["steps"]]
-            scale = 100.0 if metric == "test_acc" else 1.0
             diff = (mean_std([r["final"] for r in rs])[0] - mean_std([r["final"] for r in base])[0]) * scale
             rows.append(f"| {rs[0]['label']} | {rs[0]['steps']} | {fmt([r['final'] for r in rs], metric)} | "
                         f"{fmt([r['final'] for r in base], metric)} | {diff:+.{2 if scale > 1 else 4}f} |")
