@@ -521,7 +521,8 @@ def write_page(out: Path, settings: dict[str, Any], args: argparse.Namespace, ru
     planned = {r.name for r in runs}
     done = {r["name"] for r in results}
     panels = sorted({(r["run"]["grid"], r["run"]["workers"]) for r in results}, key=lambda p: (p[1], p[0]))
-    wall = sum(r["process_wall_s"] for r in results)
+    # the main job's own wall time: a resumed run carries it over, where the runner's clock restarts
+    wall = sum(r["summary"]["wall_s"] for r in results)
     machine = results[0]["summary"]["device"] if results else "n/a"
     lines = [f"# Reproduction grid: {args.scale} scale{' (shrunk: a smoke test, not a result)' if args.shrink else ''}",
              "", f"Command: `python experiments/reproduce.py {' '.join(args.argv)}`", "",
@@ -529,7 +530,8 @@ def write_page(out: Path, settings: dict[str, Any], args: argparse.Namespace, ru
              f"torch {_torch_version()}, Python {platform.python_version()}. "
              f"{len(done & planned)} of {len(planned)} planned runs finished"
              + (f" ({len(done - planned)} more found in the folder)" if done - planned else "")
-             + f"; their processes took {wall / 60:.1f} min in all.",
+             + f"; their training took {wall / 60:.1f} min in all (the main job's wall time, every part "
+             "of a resumed run counted).",
              ""]
     for grid in sorted({p[0] for p in panels}):
         lines.append(f"- **{grid}**: {_describe(settings, grid, results)}.")

@@ -250,8 +250,8 @@ def test_page_reports_the_budget_check_and_plots_the_longer_runs(tmp_path):
                _result("image", "sdp", 0, [(s, 0.5 + s / 10000) for s in range(20, 220, 20)], "block", 0.5,
                        "flop-matched", peak=60)]
     (tmp_path / "results").mkdir()
-    for r in results:
-        r.update(summary={"device": "cpu"}, process_wall_s=60.0)
+    for r in results:  # the page totals the main job's wall time (resumed parts included), not the runner's clock
+        r.update(summary={"device": "cpu", "wall_s": 90.0}, process_wall_s=60.0)
         r["memory"]["basis"] = "test"
         (tmp_path / "results" / f"{r['name']}.json").write_text(json.dumps(r))
     page = reproduce.write_page(tmp_path, settings, args, reproduce.build_grid(settings, ["image"], args)).read_text()
@@ -264,7 +264,7 @@ def test_page_reports_the_budget_check_and_plots_the_longer_runs(tmp_path):
     row = next(line for line in page.splitlines() if line.startswith("| DDP, 4x steps |"))
     assert "62.40 (n=1)" in row and "| 400 |" in row and "| 1.00 |" in row
     assert "| SDP block C=0.5 | 200 | 52.00 (n=1) | 62.00 (n=1) | -10.00 |" in page  # FLOP-matched vs DDP 2x
-    assert "4 of 4 planned runs finished (1 more found in the folder)" in page
+    assert "4 of 4 planned runs finished (1 more found in the folder); their training took 7.5 min" in page
     assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "frontier.png").stat().st_size > 0
 
 
