@@ -17,6 +17,14 @@ each worker's own subnetwork (from the run's last checkpoint) is evaluated on th
 workers' training loss over the last tenth of the steps is read from ``metrics.jsonl``. Two step
 regimes: ``same`` (``--steps``) and ``flop`` (``--flop-matched``: 1/C times as many steps).
 
+``--evaluate RUN_DIR ...`` trains nothing: it evaluates finished run folders of ``subnetdp train`` (any
+level, e.g. the long reproduction tier's) the same way, the model as saved beside the workers'
+subnetworks, and at block level unscaled against scaled, and prints the table per (model, level, C,
+steps). Its figures for the long tier's language-model runs are in docs/reproduction.md::
+
+    python experiments/transformer_residual_scaling.py --evaluate runs/conv/runs/lm-K4-sdp-* \
+        --out docs/results/repro_cpu_converged/assembly.json
+
 Resumable: a run whose result file (``RUN_DIR/scaling.json``) exists is skipped; a run folder without
 one is trained again from the start. ``--out`` (JSON with every run and the per-cell summary) is
 rewritten after every run. The runs docs/evaluation.md reports (about an hour of one core)::
@@ -81,7 +89,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "draws its own; the main job's own, at --batch-size, is reported too)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--runs-dir", default="runs/transformer_scaling", help="one run folder per training")
-    p.add_argument("--out", default="docs/results/transformer_residual_scaling.json")
+    p.add_argument("--out", default=None,
+                   help="the results JSON (default for training: docs/results/transformer_residual_scaling.json; "
+                        "--evaluate needs it named)")
+    p.add_argument("--evaluate", nargs="+", type=Path, metavar="RUN_DIR", default=None,
+                   help="train nothing: evaluate these finished run folders (any level) and print their table")
     return p.parse_args(argv)
 
 
@@ -100,6 +112,19 @@ def train_argv(args: argparse.Namespace, family: str, coverage: float, regime: s
     return argv + (["--flop-matched"] if regime == "flop" else [])
 
 
+def run_config(run_dir: Path) -> Any:
+    """A run folder's ``TrainConfig``, read as data: the only ``module:callable`` model it may name is this
+    script's own GPT-2, so evaluating a folder never imports code the folder chose."""
+    from subnetdp.config import TrainConfig
+
+    values = json.loads((run_dir / "config.json").read_text())
+    model = values.get("model")
+    if isinstance(model, str) and ":" in model and model != MODEL_FLAGS["gpt2"]:
+        raise SystemExit(f"{run_dir / 'config.json'} names the model {model!r}: this script imports no code that a "
+                         f"run folder names; it evaluates the zoo's models and its own {MODEL_FLAGS['gpt2']}")
+    return TrainConfig(**values)
+
+
 @torch.no_grad()
 def evaluate_both(run_dir: Path, eval_batch_size: int) -> dict[str, Any]:
     """Validation loss of the run's assembled state as trained, unscaled and with branches scaled by r/K:
@@ -107,10 +132,9 @@ def evaluate_both(run_dir: Path, eval_batch_size: int) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     import subnetdp as sd
-    from subnetdp.config import TrainConfig
     from subnetdp.tasks import make_task
 
-    cfg = TrainConfig(**json.loads((run_dir / "config.json").read_text()))
+    cfg = run_config(run_dir)
     plan = sd.Plan.from_json((run_dir / "plan.json").read_text())
     task = make_task(cfg, torch.device("cpu"))
     big = make_task(dataclasses.replace(cfg, batch_size=eval_batch_size), torch.device("cpu"))
@@ -133,15 +157,78 @@ def subnetwork_val_loss(run_dir: Path, eval_batch_size: int) -> float:
     batches, averaged over workers: what the assembled model would match if assembly lost nothing."""
     import subnetdp as sd
     from subnetdp.checkpoint import load_checkpoint
-    from subnetdp.config import TrainConfig
     from subnetdp.tasks import make_task
 
-    cfg = TrainConfig(**json.loads((run_dir / "config.json").read_text()))
+    cfg = run_config(run_dir)
     plan = sd.Plan.from_json((run_dir / "plan.json").read_text())
     task = make_task(dataclasses.replace(cfg, batch_size=eval_batch_size), torch.device("cpu"))
     sim = sd.Simulation(task.model_factory(), plan, lambda ps: torch.optim.SGD(ps, lr=0.0), seed=cfg.seed)
     load_checkpoint(run_dir / "checkpoints", nn.ModuleList(sim.workers), None, plan, restore_rng=False)
     return statistics.fmean(task.evaluate(w, contextlib.nullcontext)["val_loss"] for w in sim.workers)
+
+
+@torch.no_grad()
+def saved_val_loss(run_dir: Path, eval_batch_size: int) -> float:
+    """Validation loss of the run's ``model.safetensors`` (the model the main job ships, evaluation rule applied)
+    on the paired evaluation's batches."""
+    from safetensors.torch import load_file
+
+    import subnetdp as sd
+    from subnetdp.tasks import make_task
+
+    cfg = run_config(run_dir)
+    task = make_task(dataclasses.replace(cfg, batch_size=eval_batch_size), torch.device("cpu"))
+    model = sd.materialize(task.model_factory(), seed=cfg.seed)
+    model.load_state_dict(load_file(run_dir / "model.safetensors"))
+    return task.evaluate(model, contextlib.nullcontext)["val_loss"]
+
+
+def evaluate_runs(run_dirs: list[Path], eval_batch_size: int) -> list[dict[str, Any]]:
+    """``--evaluate``: finished runs of any level, evaluated as the training grid's runs are, without training.
+    The model as saved against the workers' subnetworks says how much the assembly costs; at block level
+    the unscaled/scaled pair says what the evaluation rule does to it."""
+    results = []
+    for run_dir in run_dirs:
+        if not (run_dir / "summary.json").is_file():
+            print(f"{run_dir}: not a finished run (no summary.json): skipped", flush=True)
+            continue
+        cfg = run_config(run_dir)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        r = {"run": run_dir.name, "model": cfg.model, "level": cfg.level, "coverage": cfg.coverage, "seed": cfg.seed,
+             "steps": summary["steps"], "summary_val_loss": summary["final"]["val_loss"],
+             "summary_evaluation": summary["evaluation"], "val_loss_saved": saved_val_loss(run_dir, eval_batch_size),
+             "subnetwork_val_loss": subnetwork_val_loss(run_dir, eval_batch_size),
+             "train_loss_end": train_loss_end(run_dir)}
+        r["saved_minus_subnetworks"] = r["val_loss_saved"] - r["subnetwork_val_loss"]
+        if cfg.level == "block":
+            r.update(evaluate_both(run_dir, eval_batch_size))
+            r["scaled_minus_unscaled"] = r["val_loss_scaled"] - r["val_loss_unscaled"]
+        results.append(r)
+        print(f"{run_dir.name}: val loss as saved {r['val_loss_saved']:.4f}, workers' subnetworks "
+              f"{r['subnetwork_val_loss']:.4f}", flush=True)
+    return results
+
+
+def evaluated_table(results: list[dict[str, Any]]) -> str:
+    """``--evaluate``'s results per (model, level, C, steps): mean ± sample std over the runs found."""
+    cells: dict[tuple, list[dict[str, Any]]] = {}
+    for r in results:
+        cells.setdefault((r["model"], r["level"], r["coverage"], r["steps"]), []).append(r)
+
+    def ms(rs: list[dict[str, Any]], key: str) -> str:
+        if key not in rs[0]:
+            return "n/a"
+        d = mean_std([r[key] for r in rs])
+        return f"{d['mean']:.4f} ± {d['std']:.4f}"
+
+    lines = ["| model | level | C | steps | seeds | as saved | unscaled | scaled r/K | workers' subnetworks | "
+             "as saved − subnetworks | workers' train loss, last 10% |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (model, level, coverage, steps), rs in sorted(cells.items()):
+        lines.append(f"| {model} | {level} | {coverage:g} | {steps} | {', '.join(str(r['seed']) for r in rs)} | "
+                     f"{ms(rs, 'val_loss_saved')} | {ms(rs, 'val_loss_unscaled')} | {ms(rs, 'val_loss_scaled')} | "
+                     f"{ms(rs, 'subnetwork_val_loss')} | {ms(rs, 'saved_minus_subnetworks')} | "
+                     f"{ms(rs, 'train_loss_end')} |")
+    return "\n".join(lines)
 
 
 def train_loss_end(run_dir: Path) -> float:
@@ -219,7 +306,19 @@ def markdown_table(cells: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.evaluate and args.out is None:
+        raise SystemExit("--evaluate writes its results to the JSON that --out names: give --out PATH")
+    args.out = args.out or "docs/results/transformer_residual_scaling.json"
     out = Path(args.out)
+    if args.evaluate:
+        results = evaluate_runs(args.evaluate, args.eval_batch_size)
+        table = evaluated_table(results)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"settings": {**vars(args), "evaluate": [str(d) for d in args.evaluate]},
+                                   "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+                                   "runs": results}, indent=1) + "\n")
+        print(table)
+        return
     results = []
     for regime in args.regimes:  # every family's same-steps runs first: the shorter regime is complete soonest
         for family in args.families:
