@@ -134,7 +134,7 @@ def test_gpu_measure_smoke_on_cpu(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_measure.py"), "--device", "cpu", "--small", "--out",
            str(tmp_path)]
     env = {**os.environ, "SUBNETDP_SHARED_DATA": str(tmp_path / "data"), "SUBNETDP_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=100, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     data = json.loads((tmp_path / "gpu_measure.json").read_text())
     assert len(data["workloads"]) == 2 and not data["skipped"]
