@@ -221,11 +221,13 @@ def evaluated_table(results: list[dict[str, Any]]) -> str:
         d = mean_std([r[key] for r in rs])
         return f"{d['mean']:.4f} ± {d['std']:.4f}"
 
-    lines = ["| model | level | C | steps | seeds | as saved | unscaled | scaled r/K | workers' subnetworks | "
-             "as saved − subnetworks | workers' train loss, last 10% |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | level | C | steps | seeds | as saved | unscaled | scaled r/K | scaled − unscaled | "
+             "workers' subnetworks | as saved − subnetworks | workers' train loss, last 10% |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (model, level, coverage, steps), rs in sorted(cells.items()):
         lines.append(f"| {model} | {level} | {coverage:g} | {steps} | {', '.join(str(r['seed']) for r in rs)} | "
                      f"{ms(rs, 'val_loss_saved')} | {ms(rs, 'val_loss_unscaled')} | {ms(rs, 'val_loss_scaled')} | "
+                     f"{ms(rs, 'scaled_minus_unscaled')} | "
                      f"{ms(rs, 'subnetwork_val_loss')} | {ms(rs, 'saved_minus_subnetworks')} | "
                      f"{ms(rs, 'train_loss_end')} |")
     return "\n".join(lines)
@@ -314,7 +316,9 @@ def main(argv: list[str] | None = None) -> None:
         results = evaluate_runs(args.evaluate, args.eval_batch_size)
         table = evaluated_table(results)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"settings": {**vars(args), "evaluate": [str(d) for d in args.evaluate]},
+        settings = {"evaluate": [str(d) for d in args.evaluate], "eval_batch_size": args.eval_batch_size,
+                    "threads": args.threads, "out": args.out}  # the training grid's settings do not apply
+        out.write_text(json.dumps({"settings": settings,
                                    "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
                                    "runs": results}, indent=1) + "\n")
         print(table)

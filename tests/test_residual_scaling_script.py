@@ -41,7 +41,10 @@ def test_evaluate_mode_reports_assembly_and_both_rules_per_cell(tmp_path, capsys
     trs.main(["--evaluate", *map(str, runs), str(unfinished), "--out", str(tmp_path / "eval.json"), "--eval-batch-size", "2"])
     out = capsys.readouterr().out
     assert f"{unfinished}: not a finished run (no summary.json): skipped" in out
-    results = {r["run"]: r for r in json.loads((tmp_path / "eval.json").read_text())["runs"]}
+    written = json.loads((tmp_path / "eval.json").read_text())
+    assert written["settings"] == {"evaluate": [str(d) for d in [*runs, unfinished]], "eval_batch_size": 2, "threads": 1,
+                                   "out": str(tmp_path / "eval.json")}
+    results = {r["run"]: r for r in written["runs"]}
     assert sorted(results) == ["block-s0", "block-s1", "neuron"]
     for name in ("block-s0", "block-s1"):
         r = results[name]  # the LLaMA's default rule leaves it unscaled: the saved model is the unscaled one
@@ -53,7 +56,7 @@ def test_evaluate_mode_reports_assembly_and_both_rules_per_cell(tmp_path, capsys
     assert neuron["saved_minus_subnetworks"] == pytest.approx(neuron["val_loss_saved"] - neuron["subnetwork_val_loss"])
     rows = [line for line in out.splitlines() if line.startswith("| llama_tiny |")]
     assert len(rows) == 2 and rows[0].startswith("| llama_tiny | block | 0.5 | 2 | 0, 1 |")
-    assert rows[1].startswith("| llama_tiny | neuron | 0.5 | 2 | 0 |") and "| n/a | n/a |" in rows[1]
+    assert rows[1].startswith("| llama_tiny | neuron | 0.5 | 2 | 0 |") and "| n/a | n/a | n/a |" in rows[1]
 
 
 def test_evaluate_mode_imports_no_code_a_folder_names_and_needs_out(tmp_path):
