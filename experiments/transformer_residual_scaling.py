@@ -115,14 +115,28 @@ def train_argv(args: argparse.Namespace, family: str, coverage: float, regime: s
 def run_config(run_dir: Path) -> Any:
     """A run folder's ``TrainConfig``, read as data: the only ``module:callable`` model it may name is this
     script's own GPT-2, so evaluating a folder never imports code the folder chose."""
-    from subnetdp.config import TrainConfig
+    from subnetdp.config import ConfigError, from_values
 
-    values = json.loads((run_dir / "config.json").read_text())
+    values = read_json_object(run_dir / "config.json")
     model = values.get("model")
     if isinstance(model, str) and ":" in model and model != MODEL_FLAGS["gpt2"]:
         raise SystemExit(f"{run_dir / 'config.json'} names the model {model!r}: this script imports no code that a "
                          f"run folder names; it evaluates the zoo's models and its own {MODEL_FLAGS['gpt2']}")
-    return TrainConfig(**values)
+    try:
+        return from_values(values, str(run_dir / "config.json"))
+    except ConfigError as e:
+        raise SystemExit(str(e)) from None
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object from a run folder, or an error that names the file (a folder is data: no traceback)."""
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{path}: not a readable JSON file ({' '.join(str(e).split())})") from None
+    if not isinstance(values, dict):
+        raise SystemExit(f"{path}: expected a JSON object, found {type(values).__name__}")
+    return values
 
 
 @torch.no_grad()
@@ -193,10 +207,13 @@ def evaluate_runs(run_dirs: list[Path], eval_batch_size: int) -> list[dict[str, 
             print(f"{run_dir}: not a finished run (no summary.json): skipped", flush=True)
             continue
         cfg = run_config(run_dir)
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = read_json_object(run_dir / "summary.json")
+        try:
+            steps, val_loss, rule = summary["steps"], summary["final"]["val_loss"], summary["evaluation"]
+        except (KeyError, TypeError) as e:
+            raise SystemExit(f"{run_dir / 'summary.json'}: not a summary of a finished text run (no {e})") from None
         r = {"run": run_dir.name, "model": cfg.model, "level": cfg.level, "coverage": cfg.coverage, "seed": cfg.seed,
-             "steps": summary["steps"], "summary_val_loss": summary["final"]["val_loss"],
-             "summary_evaluation": summary["evaluation"], "val_loss_saved": saved_val_loss(run_dir, eval_batch_size),
+             "steps": steps, "summary_val_loss": val_loss, "summary_evaluation": rule, "val_loss_saved": saved_val_loss(run_dir, eval_batch_size),
              "subnetwork_val_loss": subnetwork_val_loss(run_dir, eval_batch_size),
              "train_loss_end": train_loss_end(run_dir)}
         r["saved_minus_subnetworks"] = r["val_loss_saved"] - r["subnetwork_val_loss"]

@@ -59,7 +59,7 @@ def test_evaluate_mode_reports_assembly_and_both_rules_per_cell(tmp_path, capsys
     assert rows[1].startswith("| llama_tiny | neuron | 0.5 | 2 | 0 |") and "| n/a | n/a | n/a |" in rows[1]
 
 
-def test_evaluate_mode_imports_no_code_a_folder_names_and_needs_out(tmp_path):
+def test_evaluate_mode_imports_no_code_a_folder_names_reads_it_as_data_and_needs_out(tmp_path):
     trs = _module()
     run = _train(tmp_path / "run", "block", 0)
     with pytest.raises(SystemExit, match="--out PATH"):
@@ -67,5 +67,14 @@ def test_evaluate_mode_imports_no_code_a_folder_names_and_needs_out(tmp_path):
     config = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps({**config, "model": "os:system"}))
     with pytest.raises(SystemExit, match="names the model 'os:system': this script imports no code"):
+        trs.main(["--evaluate", str(run), "--out", str(tmp_path / "eval.json")])
+    for text, message in [("{", "config.json: not a readable JSON file"), ("[1]", "expected a JSON object, found list"),
+                          (json.dumps({**config, "coverage": "half"}), "--coverage 'half': expected float")]:
+        (run / "config.json").write_text(text)
+        with pytest.raises(SystemExit, match=message):
+            trs.main(["--evaluate", str(run), "--out", str(tmp_path / "eval.json")])
+    (run / "config.json").write_text(json.dumps(config))
+    (run / "summary.json").write_text(json.dumps({"steps": 2}))
+    with pytest.raises(SystemExit, match="summary.json: not a summary of a finished text run"):
         trs.main(["--evaluate", str(run), "--out", str(tmp_path / "eval.json")])
     assert not (tmp_path / "eval.json").exists()
