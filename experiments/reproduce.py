@@ -94,7 +94,9 @@ SCALES: dict[str, dict[str, Any]] = {
     # "longer" times the steps ({factor: seeds}), and whether doubling the steps moves its final by at most
     # as much. Measured (docs/reproduction.md): the text model is converged by the budget at 2x (2,000
     # steps: 2x -> 4x -0.027 nats; its last quarter moves 0.033 over 3 seeds, just over 0.03; flat at 4x),
-    # not at 1x (0.044; 1x -> 2x -0.086); the image model at no length measured (2x -> 4x +2.1 points).
+    # not at 1x (0.044; 1x -> 2x -0.086); the image model at no length measured (2x -> 4x +2.1 points), so
+    # its DDP is also trained 8x (seed 0: does 4x converge?), and 2x and 4x on 3 seeds (the FLOP-matched C=0.5
+    # and C=0.25 runs train 2x and 4x the steps: beside DDP at their own length, with error bars on both).
     # The text model's DDP at 2x has all 3 seeds: its FLOP-matched C=0.5 runs train as many steps (2,000).
     # DDP is SDP at C=1 simulated (its math, one process: 4 gloo processes on 2 cores would be slower and
     # time the same math). Measured with 1 thread
@@ -106,7 +108,8 @@ SCALES: dict[str, dict[str, Any]] = {
                             "--train-subset", "10000", "--batch-size", "64", "--epochs", "24", "--threads", "1"],
                   "memory": {"kind": "image", "model": "resnet18", "width": 8, "batch": 64, "optimizer": "sgd-momentum"},
                   "workers": [4], "coverages": [0.5, 0.25], "levels": ["block", "neuron"],
-                  "baselines": ["ddp"], "seeds": [0, 1, 2], "flat_within": 1.0, "longer": {"2": [0], "4": [0]}},
+                  "baselines": ["ddp"], "seeds": [0, 1, 2], "flat_within": 1.0,
+                  "longer": {"2": [0, 1, 2], "4": [0, 1, 2], "8": [0]}},
         "lm": {"flags": ["--model", "llama_char_small", "--dataset", "tinyshakespeare", "--optimizer", "adamw",
                          "--lr", "2e-3", "--weight-decay", "0.1", "--seq-len", "64", "--batch-size", "8",
                          "--steps-per-epoch", "50", "--epochs", "20", "--threads", "1"],
