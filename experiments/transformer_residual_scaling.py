@@ -20,7 +20,9 @@ regimes: ``same`` (``--steps``) and ``flop`` (``--flop-matched``: 1/C times as m
 ``--evaluate RUN_DIR ...`` trains nothing: it evaluates finished run folders of ``subnetdp train`` (any
 level, e.g. the long reproduction tier's) the same way, the model as saved beside the workers'
 subnetworks, and at block level unscaled against scaled, and prints the table per (model, level, C,
-steps). Its figures for the long tier's language-model runs are in docs/reproduction.md::
+steps). A folder is read as data: a ``module:callable`` model it names is imported only when ``--model``
+names it too (this script's own GPT-2 included), as ``subnetdp evaluate`` asks. Its figures for the long
+tier's language-model runs are in docs/reproduction.md::
 
     python experiments/transformer_residual_scaling.py --evaluate runs/conv/runs/lm-K4-sdp-* \
         --out docs/results/repro_cpu_converged/assembly.json
@@ -94,6 +96,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "--evaluate needs it named)")
     p.add_argument("--evaluate", nargs="+", type=Path, metavar="RUN_DIR", default=None,
                    help="train nothing: evaluate these finished run folders (any level) and print their table")
+    p.add_argument("--model", default=None, metavar="MODULE:CALLABLE",
+                   help="with --evaluate: the one 'module:callable' model the run folders may name, imported because "
+                        f"you name it here (e.g. {MODEL_FLAGS['gpt2']}); zoo models need no flag")
     return p.parse_args(argv)
 
 
@@ -112,16 +117,19 @@ def train_argv(args: argparse.Namespace, family: str, coverage: float, regime: s
     return argv + (["--flop-matched"] if regime == "flop" else [])
 
 
-def run_config(run_dir: Path) -> Any:
-    """A run folder's ``TrainConfig``, read as data: the only ``module:callable`` model it may name is this
-    script's own GPT-2, so evaluating a folder never imports code the folder chose."""
+def run_config(run_dir: Path, trusted: str | None) -> Any:
+    """A run folder's ``TrainConfig``, read as data: the only ``module:callable`` model it may name is
+    ``trusted``, the one the caller chose (training: the family's own; ``--evaluate``: ``--model``), so
+    evaluating a folder never imports code the folder chose."""
     from subnetdp.config import ConfigError, from_values
 
     values = read_json_object(run_dir / "config.json")
     model = values.get("model")
-    if isinstance(model, str) and ":" in model and model != MODEL_FLAGS["gpt2"]:
+    if isinstance(model, str) and ":" in model and model != trusted:
+        fix = (f"if you trust it, name it: --model {model}" if trusted is None else
+               f"this grid trains {trusted}; give its run folders their own --runs-dir")
         raise SystemExit(f"{run_dir / 'config.json'} names the model {model!r}: this script imports no code that a "
-                         f"run folder names; it evaluates the zoo's models and its own {MODEL_FLAGS['gpt2']}")
+                         f"run folder names; {fix}")
     try:
         return from_values(values, str(run_dir / "config.json"))
     except ConfigError as e:
@@ -140,7 +148,7 @@ def read_json_object(path: Path) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def evaluate_both(run_dir: Path, eval_batch_size: int) -> dict[str, Any]:
+def evaluate_both(run_dir: Path, eval_batch_size: int, trusted: str | None) -> dict[str, Any]:
     """Validation loss of the run's assembled state as trained, unscaled and with branches scaled by r/K:
     on the main job's validation batches and on ``eval_batch_size`` sequences per batch (more held-out text)."""
     from safetensors.torch import load_file
@@ -148,7 +156,7 @@ def evaluate_both(run_dir: Path, eval_batch_size: int) -> dict[str, Any]:
     import subnetdp as sd
     from subnetdp.tasks import make_task
 
-    cfg = run_config(run_dir)
+    cfg = run_config(run_dir, trusted)
     plan = sd.Plan.from_json((run_dir / "plan.json").read_text())
     task = make_task(cfg, torch.device("cpu"))
     big = make_task(dataclasses.replace(cfg, batch_size=eval_batch_size), torch.device("cpu"))
@@ -166,14 +174,14 @@ def evaluate_both(run_dir: Path, eval_batch_size: int) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def subnetwork_val_loss(run_dir: Path, eval_batch_size: int) -> float:
+def subnetwork_val_loss(run_dir: Path, eval_batch_size: int, trusted: str | None) -> float:
     """Each worker's own subnetwork, from the run's last checkpoint, on the paired evaluation's validation
     batches, averaged over workers: what the assembled model would match if assembly lost nothing."""
     import subnetdp as sd
     from subnetdp.checkpoint import load_checkpoint
     from subnetdp.tasks import make_task
 
-    cfg = run_config(run_dir)
+    cfg = run_config(run_dir, trusted)
     plan = sd.Plan.from_json((run_dir / "plan.json").read_text())
     task = make_task(dataclasses.replace(cfg, batch_size=eval_batch_size), torch.device("cpu"))
     sim = sd.Simulation(task.model_factory(), plan, lambda ps: torch.optim.SGD(ps, lr=0.0), seed=cfg.seed)
@@ -182,7 +190,7 @@ def subnetwork_val_loss(run_dir: Path, eval_batch_size: int) -> float:
 
 
 @torch.no_grad()
-def saved_val_loss(run_dir: Path, eval_batch_size: int) -> float:
+def saved_val_loss(run_dir: Path, eval_batch_size: int, trusted: str | None) -> float:
     """Validation loss of the run's ``model.safetensors`` (the model the main job ships, evaluation rule applied)
     on the paired evaluation's batches."""
     from safetensors.torch import load_file
@@ -190,14 +198,14 @@ def saved_val_loss(run_dir: Path, eval_batch_size: int) -> float:
     import subnetdp as sd
     from subnetdp.tasks import make_task
 
-    cfg = run_config(run_dir)
+    cfg = run_config(run_dir, trusted)
     task = make_task(dataclasses.replace(cfg, batch_size=eval_batch_size), torch.device("cpu"))
     model = sd.materialize(task.model_factory(), seed=cfg.seed)
     model.load_state_dict(load_file(run_dir / "model.safetensors"))
     return task.evaluate(model, contextlib.nullcontext)["val_loss"]
 
 
-def evaluate_runs(run_dirs: list[Path], eval_batch_size: int) -> list[dict[str, Any]]:
+def evaluate_runs(run_dirs: list[Path], eval_batch_size: int, trusted: str | None) -> list[dict[str, Any]]:
     """``--evaluate``: finished runs of any level, evaluated as the training grid's runs are, without training.
     The model as saved against the workers' subnetworks says how much the assembly costs; at block level
     the unscaled/scaled pair says what the evaluation rule does to it."""
@@ -206,19 +214,19 @@ def evaluate_runs(run_dirs: list[Path], eval_batch_size: int) -> list[dict[str, 
         if not (run_dir / "summary.json").is_file():
             print(f"{run_dir}: not a finished run (no summary.json): skipped", flush=True)
             continue
-        cfg = run_config(run_dir)
+        cfg = run_config(run_dir, trusted)
         summary = read_json_object(run_dir / "summary.json")
         try:
             steps, val_loss, rule = summary["steps"], summary["final"]["val_loss"], summary["evaluation"]
         except (KeyError, TypeError) as e:
             raise SystemExit(f"{run_dir / 'summary.json'}: not a summary of a finished text run (no {e})") from None
         r = {"run": run_dir.name, "model": cfg.model, "level": cfg.level, "coverage": cfg.coverage, "seed": cfg.seed,
-             "steps": steps, "summary_val_loss": val_loss, "summary_evaluation": rule, "val_loss_saved": saved_val_loss(run_dir, eval_batch_size),
-             "subnetwork_val_loss": subnetwork_val_loss(run_dir, eval_batch_size),
+             "steps": steps, "summary_val_loss": val_loss, "summary_evaluation": rule, "val_loss_saved": saved_val_loss(run_dir, eval_batch_size, trusted),
+             "subnetwork_val_loss": subnetwork_val_loss(run_dir, eval_batch_size, trusted),
              "train_loss_end": train_loss_end(run_dir)}
         r["saved_minus_subnetworks"] = r["val_loss_saved"] - r["subnetwork_val_loss"]
         if cfg.level == "block":
-            r.update(evaluate_both(run_dir, eval_batch_size))
+            r.update(evaluate_both(run_dir, eval_batch_size, trusted))
             r["scaled_minus_unscaled"] = r["val_loss_scaled"] - r["val_loss_unscaled"]
         results.append(r)
         print(f"{run_dir.name}: val loss as saved {r['val_loss_saved']:.4f}, workers' subnetworks "
@@ -266,7 +274,7 @@ def one_run(args: argparse.Namespace, family: str, coverage: float, regime: str,
         result = json.loads(result_file.read_text())
         if "subnetwork_val_loss" not in result:  # results written before these were recorded
             result.update(train_loss_end=train_loss_end(run_dir),
-                          subnetwork_val_loss=subnetwork_val_loss(run_dir, args.eval_batch_size))
+                          subnetwork_val_loss=subnetwork_val_loss(run_dir, args.eval_batch_size, MODEL_FLAGS[family]))
             result_file.write_text(json.dumps(result, indent=1) + "\n")
         return result
     argv = train_argv(args, family, coverage, regime, seed, run_dir)
@@ -279,9 +287,9 @@ def one_run(args: argparse.Namespace, family: str, coverage: float, regime: str,
     result = {"family": family, "coverage": coverage, "regime": regime, "seed": seed,
               "command": "subnetdp train " + " ".join(argv), "steps": summary["steps"], "wall_s": wall,
               "train_loss_last_epoch": summary["epochs"][-1]["train_loss"], "train_loss_end": train_loss_end(run_dir),
-              "subnetwork_val_loss": subnetwork_val_loss(run_dir, args.eval_batch_size),
+              "subnetwork_val_loss": subnetwork_val_loss(run_dir, args.eval_batch_size, MODEL_FLAGS[family]),
               "summary_val_loss": summary["final"]["val_loss"], "summary_evaluation": summary["evaluation"],
-              **evaluate_both(run_dir, args.eval_batch_size)}
+              **evaluate_both(run_dir, args.eval_batch_size, MODEL_FLAGS[family])}
     result["scaled_minus_unscaled"] = result["val_loss_scaled"] - result["val_loss_unscaled"]
     result_file.write_text(json.dumps(result, indent=1) + "\n")
     return result
@@ -325,15 +333,17 @@ def markdown_table(cells: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.model is not None and not args.evaluate:
+        raise SystemExit(f"--model {args.model}: only --evaluate takes it (training runs the --families' own models)")
     if args.evaluate and args.out is None:
         raise SystemExit("--evaluate writes its results to the JSON that --out names: give --out PATH")
     args.out = args.out or "docs/results/transformer_residual_scaling.json"
     out = Path(args.out)
     if args.evaluate:
-        results = evaluate_runs(args.evaluate, args.eval_batch_size)
+        results = evaluate_runs(args.evaluate, args.eval_batch_size, args.model)
         table = evaluated_table(results)
         out.parent.mkdir(parents=True, exist_ok=True)
-        settings = {"evaluate": [str(d) for d in args.evaluate], "eval_batch_size": args.eval_batch_size,
+        settings = {"evaluate": [str(d) for d in args.evaluate], "model": args.model, "eval_batch_size": args.eval_batch_size,
                     "threads": args.threads, "out": args.out}  # the training grid's settings do not apply
         out.write_text(json.dumps({"settings": settings,
                                    "machine": platform.processor() or platform.machine(), "torch": torch.__version__,

@@ -42,7 +42,7 @@ def test_evaluate_mode_reports_assembly_and_both_rules_per_cell(tmp_path, capsys
     out = capsys.readouterr().out
     assert f"{unfinished}: not a finished run (no summary.json): skipped" in out
     written = json.loads((tmp_path / "eval.json").read_text())
-    assert written["settings"] == {"evaluate": [str(d) for d in [*runs, unfinished]], "eval_batch_size": 2, "threads": 1,
+    assert written["settings"] == {"evaluate": [str(d) for d in [*runs, unfinished]], "model": None, "eval_batch_size": 2, "threads": 1,
                                    "out": str(tmp_path / "eval.json")}
     results = {r["run"]: r for r in written["runs"]}
     assert sorted(results) == ["block-s0", "block-s1", "neuron"]
@@ -67,7 +67,15 @@ def test_evaluate_mode_imports_no_code_a_folder_names_reads_it_as_data_and_needs
     config = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps({**config, "model": "os:system"}))
     with pytest.raises(SystemExit, match="names the model 'os:system': this script imports no code"):
+        trs.main(["--evaluate", str(run), "--out", str(tmp_path / "eval.json"), "--model", trs.MODEL_FLAGS["gpt2"]])
+    # even the script's own model is imported only when the user names it; then the folder's config is read
+    own = trs.MODEL_FLAGS["gpt2"]
+    (run / "config.json").write_text(json.dumps({**config, "model": own}))
+    with pytest.raises(SystemExit, match=f"names the model '{own}'.*if you trust it, name it: --model {own}"):
         trs.main(["--evaluate", str(run), "--out", str(tmp_path / "eval.json")])
+    assert trs.run_config(run, own).model == own
+    with pytest.raises(SystemExit, match="only --evaluate takes it"):
+        trs.main(["--model", own, "--out", str(tmp_path / "eval.json")])
     for text, message in [("{", "config.json: not a readable JSON file"), ("[1]", "expected a JSON object, found list"),
                           (json.dumps({**config, "coverage": "half"}), "--coverage 'half': expected float")]:
         (run / "config.json").write_text(text)
