@@ -261,9 +261,25 @@ def evaluated_table(results: list[dict[str, Any]]) -> str:
 def train_loss_end(run_dir: Path) -> float:
     """Mean training loss (the subnetworks', on their training batches) over the last tenth of the logged steps:
     what the workers reached, to set beside the assembled model's validation loss."""
-    steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"kind": "step"' in x]
-    tail = steps[-max(1, len(steps) // 10):]
-    return statistics.fmean(r["loss"] for r in tail)
+    path = run_dir / "metrics.jsonl"
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{path}: not a readable log ({' '.join(str(e).split())})") from None
+    losses = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise SystemExit(f"{path}, line {number}: not a JSON record") from None
+        if isinstance(record, dict) and record.get("kind") == "step":
+            loss = record.get("loss")
+            if isinstance(loss, bool) or not isinstance(loss, (int, float)):
+                raise SystemExit(f"{path}, line {number}: a step record without a numeric loss")
+            losses.append(float(loss))
+    if not losses:
+        raise SystemExit(f"{path}: no step records (not a finished run's log)")
+    return statistics.fmean(losses[-max(1, len(losses) // 10):])
 
 
 def one_run(args: argparse.Namespace, family: str, coverage: float, regime: str, seed: int) -> dict[str, Any]:
@@ -271,7 +287,7 @@ def one_run(args: argparse.Namespace, family: str, coverage: float, regime: str,
     run_dir = Path(args.runs_dir) / run_name(family, coverage, regime, seed)
     result_file = run_dir / "scaling.json"
     if result_file.exists():
-        result = json.loads(result_file.read_text())
+        result = read_json_object(result_file)
         if "subnetwork_val_loss" not in result:  # results written before these were recorded
             result.update(train_loss_end=train_loss_end(run_dir),
                           subnetwork_val_loss=subnetwork_val_loss(run_dir, args.eval_batch_size, MODEL_FLAGS[family]))
@@ -283,7 +299,7 @@ def one_run(args: argparse.Namespace, family: str, coverage: float, regime: str,
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "subnetdp", "train", *argv], check=True, env=env)
     wall = time.perf_counter() - start
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = read_json_object(run_dir / "summary.json")
     result = {"family": family, "coverage": coverage, "regime": regime, "seed": seed,
               "command": "subnetdp train " + " ".join(argv), "steps": summary["steps"], "wall_s": wall,
               "train_loss_last_epoch": summary["epochs"][-1]["train_loss"], "train_loss_end": train_loss_end(run_dir),

@@ -82,7 +82,15 @@ def test_evaluate_mode_imports_no_code_a_folder_names_reads_it_as_data_and_needs
         with pytest.raises(SystemExit, match=message):
             trs.main(["--evaluate", str(run), "--out", str(tmp_path / "eval.json")])
     (run / "config.json").write_text(json.dumps(config))
+    summary = (run / "summary.json").read_text()
     (run / "summary.json").write_text(json.dumps({"steps": 2}))
     with pytest.raises(SystemExit, match="summary.json: not a summary of a finished text run"):
         trs.main(["--evaluate", str(run), "--out", str(tmp_path / "eval.json")])
+    (run / "summary.json").write_text(summary)
+    for text, message in [("{\n", "metrics.jsonl, line 1: not a JSON record"),
+                          ('{"kind": "step", "loss": "x"}\n', "line 1: a step record without a numeric loss"),
+                          ('{"kind": "epoch"}\n', "metrics.jsonl: no step records")]:
+        (run / "metrics.jsonl").write_text(text)
+        with pytest.raises(SystemExit, match=message):
+            trs.main(["--evaluate", str(run), "--out", str(tmp_path / "eval.json")])
     assert not (tmp_path / "eval.json").exists()
