@@ -189,6 +189,18 @@ def test_run_folder_refusals_leave_every_file_byte_identical(tmp_path):
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr
         assert _snapshot(out) == before, flags
+    # a damaged metrics log (a resume trims it and appends to it): refused with the line named, nothing written
+    log = out / "metrics.jsonl"
+    intact = log.read_text()
+    for damaged, message in [("[1]\n" + intact, "metrics.jsonl, line 1: expected a JSON object, found list"),
+                             ('{"kind": "step", "step": "x"}\n' + intact, "a record with step 'x', not a number"),
+                             ("{bad\n" + intact, "metrics.jsonl, line 1: not a JSON record")]:
+        log.write_text(damaged)
+        damaged_state = _snapshot(out)
+        proc = _simulated(out, "--resume")
+        assert proc.returncode != 0 and message in proc.stderr and "nothing was changed" in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr and _snapshot(out) == damaged_state
+    log.write_text(intact)
     # `latest` names a folder that is gone and no other checkpoint is intact: refuse, do not start over
     for d in (out / "checkpoints").glob("step-*"):
         (d / "manifest.json").unlink()
@@ -260,6 +272,26 @@ def test_fault_helpers_find_a_rank_below_the_launcher_and_read_the_logged_step(t
     rows = [{"kind": "step", "step": 1}, {"kind": "step", "step": 2}, {"kind": "epoch", "step": 9}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"kind": "st')
     assert steps_logged(tmp_path) == 2  # the last step row; a torn last line is ignored
+
+
+def test_a_damaged_metrics_log_is_an_error_naming_its_line_and_a_torn_last_line_is_dropped(tmp_path):
+    from subnetdp.metrics import read_jsonl, records_up_to
+
+    log = tmp_path / "metrics.jsonl"
+    rows = "".join(json.dumps({"kind": "step", "step": s}) + "\n" for s in (1, 2, 3))
+    log.write_text(rows + '{"kind": "st')
+    assert [r["step"] for r in read_jsonl(log)] == [1, 2, 3]
+    assert [r["step"] for r in records_up_to(log, 2)] == [1, 2]
+    for damaged, message in [("\n{oops\n" + rows, r"metrics.jsonl, line 2: not a JSON record"),
+                             (rows + "[1, 2]\n", r"metrics.jsonl, line 4: expected a JSON object, found list"),
+                             (rows + '{"kind": "epoch", "step": null}\n', r"a record with step None, not a number"),
+                             (rows + '{"step": true}\n', r"a record with step True, not a number")]:
+        log.write_text(damaged)
+        with pytest.raises(ValueError, match=message):
+            records_up_to(log, 10)
+    log.write_bytes(b"\xff\xfe\n")
+    with pytest.raises(ValueError, match="not a readable JSON-lines log"):
+        read_jsonl(log)
 
 
 def _start_workers(out: Path, *flags: str) -> subprocess.Popen:

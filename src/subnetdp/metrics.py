@@ -37,19 +37,47 @@ def pyplot() -> ModuleType:
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines log, oldest first (none when the file is absent).
+
+    A torn last line (a crash mid-append: the log is append-only) is dropped. Any other line that is not a
+    JSON object is a ``ValueError`` naming the file and line: a run folder is data, and a damaged log is
+    reported, never silently thinned.
+    """
     p = Path(path)
     if not p.exists():
         return []
-    lines = [line for line in p.read_text().splitlines() if line.strip()]
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p}: not a readable JSON-lines log ({e}); repair it or move it away") from None
+    lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
     records = []
-    for i, line in enumerate(lines):
+    for i, (number, line) in enumerate(lines):
         try:
-            records.append(json.loads(line))
-        except ValueError:
-            if i == len(lines) - 1:  # a line torn by a crash mid-append: the log is append-only
+            record = json.loads(line)
+        except ValueError as e:
+            if i == len(lines) - 1:
                 break
-            raise
+            raise ValueError(f"{p}, line {number}: not a JSON record ({e}); repair the line or move the file "
+                             "away") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{p}, line {number}: expected a JSON object, found {type(record).__name__}; repair "
+                             "the line or move the file away")
+        records.append(record)
     return records
+
+
+def records_up_to(path: str | Path, step: float) -> list[dict[str, Any]]:
+    """The log's records at or before ``step`` (what a resumed run keeps); a record whose step is not a
+    number is a ``ValueError`` naming the file, so a damaged log stops a resume before anything is written."""
+    kept = []
+    for record in read_jsonl(path):
+        at = record.get("step", 0)
+        if isinstance(at, bool) or not isinstance(at, (int, float)):
+            raise ValueError(f"{path}: a record with step {at!r}, not a number; repair it or move the file away")
+        if at <= step:
+            kept.append(record)
+    return kept
 
 
 class MetricsLog:
@@ -65,7 +93,7 @@ class MetricsLog:
         self._tb = None
         if not enabled:
             return
-        kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_from_step] if resume_from_step else []
+        kept = records_up_to(self.path, resume_from_step) if resume_from_step else []
         atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = open(self.path, "a", buffering=1)
         try:

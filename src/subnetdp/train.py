@@ -30,7 +30,7 @@ from subnetdp.config import TrainConfig, from_values, validate, world_size_of
 from subnetdp.evaluation import evaluation_model
 from subnetdp.init import materialize
 from subnetdp.launch import LAUNCHED, launch_local
-from subnetdp.metrics import MetricsLog, format_bytes
+from subnetdp.metrics import MetricsLog, format_bytes, records_up_to
 from subnetdp.planning import (ActivationProfile, Plan, main_job_plan, predict_sharded_worker, predict_worker,
                                storage_summary)
 from subnetdp.report import summary_text
@@ -275,6 +275,10 @@ class Run:
         choice: list[str | None] = [None, None]  # step directory, problem
         if self.lead and self.cfg.resume:
             found, skipped = find_resumable(self.ckpt_dir)
+            try:  # the log a resume trims and appends to: a damaged one stops every rank, nothing written
+                records_up_to(self.out / "metrics.jsonl", math.inf)
+            except ValueError as e:
+                choice[1] = f"--resume: {e}; nothing was changed"
             if found is not None:
                 choice[0] = found.name
                 if skipped:
