@@ -241,7 +241,8 @@ def test_longer_ddp_runs_train_a_full_schedule_over_more_epochs():
 def test_page_reports_the_budget_check_and_plots_the_longer_runs(tmp_path):
     reproduce = _module()
     args = reproduce.parse_args(["--scale", "cpu-converged", "--grids", "image", "--levels", "block", "--coverages",
-                                 "0.5", "--regimes", "same-steps", "--seeds", "0", "--out", str(tmp_path)])
+                                 "0.5", "--regimes", "same-steps", "--seeds", "0", "--longer", "2", "4",
+                                 "--out", str(tmp_path)])
     # planned: DDP at 1x, 2x, 4x and SDP block C=0.5 same steps, all seed 0; the FLOP-matched run is found too
     settings = reproduce.scale_settings("cpu-converged", False)
     results = [_result("image", "ddp", 0, [(s, 0.5 + s / 1000) for s in range(10, 110, 10)]),
