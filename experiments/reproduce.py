@@ -33,8 +33,8 @@ DDP+checkpointing on it too). Scales::
 ``cpu-converged`` trains about 20 times longer, with 3 seeds, and the page says whether DDP converged
 by the scale's stated criteria: its learning curve flat over the last quarter, and its final result
 moved by at most as much when DDP trains twice as long (DDP is also trained for 2x and 4x the steps,
-and the FLOP-matched runs are set beside DDP at their own step count). It takes hours of CPU and is
-meant to span sittings. A result trained with other flags than the scale gives now is refused.
+the image model's also 8x, and the FLOP-matched runs are set beside DDP at their own step count). It
+takes hours of CPU and is meant to span sittings. A result trained with other flags than the scale gives now is refused.
 Two invocations with disjoint ``--grids`` may share one ``--out`` (each writes only its grid's runs,
 memory files and results; the page is written from every result found).
 
@@ -94,14 +94,16 @@ SCALES: dict[str, dict[str, Any]] = {
     # "longer" times the steps ({factor: seeds}), and whether doubling the steps moves its final by at most
     # as much. Measured (docs/reproduction.md): the text model is converged by the budget at 2x (2,000
     # steps: 2x -> 4x -0.027 nats; its last quarter moves 0.033 over 3 seeds, just over 0.03; flat at 4x),
-    # not at 1x (0.044; 1x -> 2x -0.086); the image model at no length measured (2x -> 4x +2.1 points), so
-    # its DDP is also trained 8x (seed 0: does 4x converge?), and 2x and 4x on 3 seeds (the FLOP-matched C=0.5
-    # and C=0.25 runs train 2x and 4x the steps: beside DDP at their own length, with error bars on both).
+    # not at 1x (0.044; 1x -> 2x -0.086); the image model at 4x (3,744 steps: 4x -> 8x +0.62 points, seed 0;
+    # 2x -> 4x +1.83 over 3 seeds), though by the flat criterion at no length (1-2 points between evaluations).
+    # Image DDP at 2x and 4x has 3 seeds: the FLOP-matched C=0.5 and C=0.25 runs train 2x and 4x the steps,
+    # and are set beside DDP at their own length with error bars on both.
     # The text model's DDP at 2x has all 3 seeds: its FLOP-matched C=0.5 runs train as many steps (2,000).
     # DDP is SDP at C=1 simulated (its math, one process: 4 gloo processes on 2 cores would be slower and
     # time the same math). Measured with 1 thread
     # on 2 cores, both busy: image DDP 1,872 steps in 15 min, 3,744 in 24 min; text DDP 2,000 steps in
-    # 18 min, 4,000 in 39 min, block C=0.5 2,000 steps in 10-11 min.
+    # 18 min, 4,000 in 39 min, block C=0.5 2,000 steps in 10-11 min; image DDP 7,488 steps in 107 min with
+    # 5 processes (and at times the test suite) on the 2 cores.
     "cpu-converged": {
         "device": "cpu", "ddp_launch": "simulate",
         "image": {"flags": ["--model", "resnet18", "--dataset", "cifar10-jpeg", "--width", "8",
