@@ -200,6 +200,11 @@ def test_run_folder_refusals_leave_every_file_byte_identical(tmp_path):
         proc = _simulated(out, "--resume")
         assert proc.returncode != 0 and message in proc.stderr and "nothing was changed" in proc.stderr, proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr and _snapshot(out) == damaged_state
+    log.unlink()
+    log.mkdir()  # a folder in the log's place: refused on every rank too, not a traceback on the lead
+    proc = _simulated(out, "--resume")
+    assert proc.returncode != 0 and "Is a directory" in proc.stderr and "Traceback" not in proc.stderr
+    log.rmdir()
     log.write_text(intact)
     # `latest` names a folder that is gone and no other checkpoint is intact: refuse, do not start over
     for d in (out / "checkpoints").glob("step-*"):

@@ -277,7 +277,7 @@ class Run:
             found, skipped = find_resumable(self.ckpt_dir)
             try:  # the log a resume trims and appends to: a damaged one stops every rank, nothing written
                 records_up_to(self.out / "metrics.jsonl", math.inf)
-            except ValueError as e:
+            except (ValueError, OSError) as e:  # OSError: a folder or unreadable file in its place
                 choice[1] = f"--resume: {e}; nothing was changed"
             if found is not None:
                 choice[0] = found.name
