@@ -148,7 +148,7 @@ def read_json_object(path: Path) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def evaluate_both(run_dir: Path, eval_batch_size: int, trusted: str | None) -> dict[str, Any]:
+def evaluate_both(run_dir: Path, cfg: Any, eval_batch_size: int) -> dict[str, Any]:
     """Validation loss of the run's assembled state as trained, unscaled and with branches scaled by r/K:
     on the main job's validation batches and on ``eval_batch_size`` sequences per batch (more held-out text)."""
     from safetensors.torch import load_file
@@ -156,7 +156,6 @@ def evaluate_both(run_dir: Path, eval_batch_size: int, trusted: str | None) -> d
     import subnetdp as sd
     from subnetdp.tasks import make_task
 
-    cfg = run_config(run_dir, trusted)
     plan = sd.Plan.from_json((run_dir / "plan.json").read_text())
     task = make_task(cfg, torch.device("cpu"))
     big = make_task(dataclasses.replace(cfg, batch_size=eval_batch_size), torch.device("cpu"))
@@ -174,14 +173,13 @@ def evaluate_both(run_dir: Path, eval_batch_size: int, trusted: str | None) -> d
 
 
 @torch.no_grad()
-def subnetwork_val_loss(run_dir: Path, eval_batch_size: int, trusted: str | None) -> float:
+def subnetwork_val_loss(run_dir: Path, cfg: Any, eval_batch_size: int) -> float:
     """Each worker's own subnetwork, from the run's last checkpoint, on the paired evaluation's validation
     batches, averaged over workers: what the assembled model would match if assembly lost nothing."""
     import subnetdp as sd
     from subnetdp.checkpoint import load_checkpoint
     from subnetdp.tasks import make_task
 
-    cfg = run_config(run_dir, trusted)
     plan = sd.Plan.from_json((run_dir / "plan.json").read_text())
     task = make_task(dataclasses.replace(cfg, batch_size=eval_batch_size), torch.device("cpu"))
     sim = sd.Simulation(task.model_factory(), plan, lambda ps: torch.optim.SGD(ps, lr=0.0), seed=cfg.seed)
@@ -190,7 +188,7 @@ def subnetwork_val_loss(run_dir: Path, eval_batch_size: int, trusted: str | None
 
 
 @torch.no_grad()
-def saved_val_loss(run_dir: Path, eval_batch_size: int, trusted: str | None) -> float:
+def saved_val_loss(run_dir: Path, cfg: Any, eval_batch_size: int) -> float:
     """Validation loss of the run's ``model.safetensors`` (the model the main job ships, evaluation rule applied)
     on the paired evaluation's batches."""
     from safetensors.torch import load_file
@@ -198,7 +196,6 @@ def saved_val_loss(run_dir: Path, eval_batch_size: int, trusted: str | None) -> 
     import subnetdp as sd
     from subnetdp.tasks import make_task
 
-    cfg = run_config(run_dir, trusted)
     task = make_task(dataclasses.replace(cfg, batch_size=eval_batch_size), torch.device("cpu"))
     model = sd.materialize(task.model_factory(), seed=cfg.seed)
     model.load_state_dict(load_file(run_dir / "model.safetensors"))
@@ -221,12 +218,13 @@ def evaluate_runs(run_dirs: list[Path], eval_batch_size: int, trusted: str | Non
         except (KeyError, TypeError) as e:
             raise SystemExit(f"{run_dir / 'summary.json'}: not a summary of a finished text run (no {e})") from None
         r = {"run": run_dir.name, "model": cfg.model, "level": cfg.level, "coverage": cfg.coverage, "seed": cfg.seed,
-             "steps": steps, "summary_val_loss": val_loss, "summary_evaluation": rule, "val_loss_saved": saved_val_loss(run_dir, eval_batch_size, trusted),
-             "subnetwork_val_loss": subnetwork_val_loss(run_dir, eval_batch_size, trusted),
+             "steps": steps, "summary_val_loss": val_loss, "summary_evaluation": rule,
+             "val_loss_saved": saved_val_loss(run_dir, cfg, eval_batch_size),
+             "subnetwork_val_loss": subnetwork_val_loss(run_dir, cfg, eval_batch_size),
              "train_loss_end": train_loss_end(run_dir)}
         r["saved_minus_subnetworks"] = r["val_loss_saved"] - r["subnetwork_val_loss"]
         if cfg.level == "block":
-            r.update(evaluate_both(run_dir, eval_batch_size, trusted))
+            r.update(evaluate_both(run_dir, cfg, eval_batch_size))
             r["scaled_minus_unscaled"] = r["val_loss_scaled"] - r["val_loss_unscaled"]
         results.append(r)
         print(f"{run_dir.name}: val loss as saved {r['val_loss_saved']:.4f}, workers' subnetworks "
@@ -289,8 +287,9 @@ def one_run(args: argparse.Namespace, family: str, coverage: float, regime: str,
     if result_file.exists():
         result = read_json_object(result_file)
         if "subnetwork_val_loss" not in result:  # results written before these were recorded
+            cfg = run_config(run_dir, MODEL_FLAGS[family])
             result.update(train_loss_end=train_loss_end(run_dir),
-                          subnetwork_val_loss=subnetwork_val_loss(run_dir, args.eval_batch_size, MODEL_FLAGS[family]))
+                          subnetwork_val_loss=subnetwork_val_loss(run_dir, cfg, args.eval_batch_size))
             result_file.write_text(json.dumps(result, indent=1) + "\n")
         return result
     argv = train_argv(args, family, coverage, regime, seed, run_dir)
@@ -300,12 +299,13 @@ def one_run(args: argparse.Namespace, family: str, coverage: float, regime: str,
     subprocess.run([sys.executable, "-m", "subnetdp", "train", *argv], check=True, env=env)
     wall = time.perf_counter() - start
     summary = read_json_object(run_dir / "summary.json")
+    cfg = run_config(run_dir, MODEL_FLAGS[family])
     result = {"family": family, "coverage": coverage, "regime": regime, "seed": seed,
               "command": "subnetdp train " + " ".join(argv), "steps": summary["steps"], "wall_s": wall,
               "train_loss_last_epoch": summary["epochs"][-1]["train_loss"], "train_loss_end": train_loss_end(run_dir),
-              "subnetwork_val_loss": subnetwork_val_loss(run_dir, args.eval_batch_size, MODEL_FLAGS[family]),
+              "subnetwork_val_loss": subnetwork_val_loss(run_dir, cfg, args.eval_batch_size),
               "summary_val_loss": summary["final"]["val_loss"], "summary_evaluation": summary["evaluation"],
-              **evaluate_both(run_dir, args.eval_batch_size, MODEL_FLAGS[family])}
+              **evaluate_both(run_dir, cfg, args.eval_batch_size)}
     result["scaled_minus_unscaled"] = result["val_loss_scaled"] - result["val_loss_unscaled"]
     result_file.write_text(json.dumps(result, indent=1) + "\n")
     return result
