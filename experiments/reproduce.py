@@ -98,6 +98,9 @@ SCALES: dict[str, dict[str, Any]] = {
     # 2x -> 4x +1.83 over 3 seeds), though by the flat criterion at no length (1-2 points between evaluations).
     # Image DDP at 2x and 4x has 3 seeds: the FLOP-matched C=0.5 and C=0.25 runs train 2x and 4x the steps,
     # and are set beside DDP at their own length with error bars on both.
+    # "sdp_longer" ({factor: coverages}): SDP at those coverages, same steps, also trained "factor" times the
+    # steps on the grid's seeds and both levels: C=0.5 beside DDP at the image model's converged length (3,744
+    # steps; its FLOP-matched C=0.25 runs already train that long).
     # The text model's DDP at 2x has all 3 seeds: its FLOP-matched C=0.5 runs train as many steps (2,000).
     # DDP is SDP at C=1 simulated (its math, one process: 4 gloo processes on 2 cores would be slower and
     # time the same math). Measured with 1 thread
@@ -111,7 +114,7 @@ SCALES: dict[str, dict[str, Any]] = {
                   "memory": {"kind": "image", "model": "resnet18", "width": 8, "batch": 64, "optimizer": "sgd-momentum"},
                   "workers": [4], "coverages": [0.5, 0.25], "levels": ["block", "neuron"],
                   "baselines": ["ddp"], "seeds": [0, 1, 2], "flat_within": 1.0,
-                  "longer": {"2": [0, 1, 2], "4": [0, 1, 2], "8": [0]}},
+                  "longer": {"2": [0, 1, 2], "4": [0, 1, 2], "8": [0]}, "sdp_longer": {"4": [0.5]}},
         "lm": {"flags": ["--model", "llama_char_small", "--dataset", "tinyshakespeare", "--optimizer", "adamw",
                          "--lr", "2e-3", "--weight-decay", "0.1", "--seq-len", "64", "--batch-size", "8",
                          "--steps-per-epoch", "50", "--epochs", "20", "--threads", "1"],
@@ -156,14 +159,15 @@ class Run:
     coverage: float
     regime: str
     seed: int
-    longer: int = 1  # DDP trained for this many times the grid's steps (the budget check of convergence)
+    longer: int = 1  # trained for this many times the grid's steps (DDP: the budget check of convergence)
 
     @property
     def config(self) -> str:
         """The run without its seed: what mean +- std is taken over."""
+        times = f"-x{self.longer}" if self.longer > 1 else ""
         if self.strategy != "sdp":
-            return f"{self.grid}-K{self.workers}-{self.strategy}" + (f"-x{self.longer}" if self.longer > 1 else "")
-        return f"{self.grid}-K{self.workers}-sdp-{self.level}-C{self.coverage:g}-{self.regime}"
+            return f"{self.grid}-K{self.workers}-{self.strategy}{times}"
+        return f"{self.grid}-K{self.workers}-sdp-{self.level}-C{self.coverage:g}-{self.regime}{times}"
 
     @property
     def name(self) -> str:
@@ -171,10 +175,10 @@ class Run:
 
     @property
     def label(self) -> str:
+        times = f", {self.longer}x steps" if self.longer > 1 else ""
         if self.strategy != "sdp":
-            return {"ddp": "DDP", "ddp-ckpt": "DDP+ckpt"}[self.strategy] + (
-                f", {self.longer}x steps" if self.longer > 1 else "")
-        return f"SDP {self.level} C={self.coverage:g}"
+            return {"ddp": "DDP", "ddp-ckpt": "DDP+ckpt"}[self.strategy] + times
+        return f"SDP {self.level} C={self.coverage:g}{times}"
 
 
 def scale_settings(scale: str, shrink: bool) -> dict[str, Any]:
@@ -227,6 +231,12 @@ def build_grid(settings: dict[str, Any], grids: Sequence[str], only: argparse.Na
                 for level in only.levels or g["levels"]:
                     configs += [("sdp", level, c, regime) for regime in only.regimes or REGIMES]
             runs += [Run(grid, k, s, lv, c, rg, seed) for s, lv, c, rg in configs for seed in seeds]
+            if "same-steps" in (only.regimes or REGIMES):  # SDP trained longer: last, the costliest runs
+                runs += [Run(grid, k, "sdp", level, c, "same-steps", seed, int(n))
+                         for n, cs in sorted(g.get("sdp_longer", {}).items(), key=lambda kv: int(kv[0]))
+                         if only.longer is None or int(n) in only.longer
+                         for c in sorted(cs, key=lambda c: (priority.get(c, 9), -c)) if c in coverages
+                         for level in only.levels or g["levels"] for seed in seeds]
     return sorted(runs, key=lambda r: (r.workers > 4, ["image", "lm"].index(r.grid)))  # stable: keeps the order
 
 
@@ -574,7 +584,7 @@ def write_page(out: Path, settings: dict[str, Any], args: argparse.Namespace, ru
             mem = same[0]["memory"]["worst_worker_peak_bytes"]
             steps = f"{same[0]['steps']}" + (f" / {flop[0]['steps']}" if flop else "")
             lines.append(f"| {same[0]['label']} | {fmt([r['final'] for r in same], metric)} | "
-                         f"{fmt([r['final'] for r in flop], metric) if '-sdp-' in cfg else 'n/a'} | {steps} | "
+                         f"{fmt([r['final'] for r in flop], metric) if flop else 'n/a'} | {steps} | "
                          f"{mem / 2**20:.1f} | {f'{mem / base_mem:.2f}' if base_mem else 'n/a'} |")
         lines.append("")
         lines += _against_longer_ddp(by_config, grid, k, metric)
@@ -595,22 +605,25 @@ def _longer_ddp(by_config: dict[str, list[dict[str, Any]]], grid: str, k: int) -
 
 
 def _against_longer_ddp(by_config: dict[str, list[dict[str, Any]]], grid: str, k: int, metric: str) -> list[str]:
-    """A FLOP-matched run trains 1/C times DDP's steps; where DDP was also trained that long (the budget
-    check), the page sets them side by side: SDP against DDP at the same steps, at the longer length."""
+    """A FLOP-matched run trains 1/C times DDP's steps, an SDP run of ``sdp_longer`` its factor times; where
+    DDP was also trained that long (the budget check), the page sets them side by side: SDP against DDP at
+    the same steps, at the longer length."""
     ddp = {rs[0]["steps"]: rs for rs in _longer_ddp(by_config, grid, k).values()}
     scale = 100.0 if metric == "test_acc" else 1.0
     rows = []
     for cfg, rs in sorted(by_config.items(), key=lambda kv: _order(kv[1][0]["run"])):
         run = rs[0]["run"]
-        if (cfg.startswith(f"{grid}-K{k}-sdp-") and run["regime"] == "flop-matched" and not rs[0].get("placed")
-                and rs[0]["steps"] in ddp):
+        longer = run["regime"] == "flop-matched" or run.get("longer", 1) > 1
+        if cfg.startswith(f"{grid}-K{k}-sdp-") and longer and not rs[0].get("placed") and rs[0]["steps"] in ddp:
             base = ddp[rs[0]["steps"]]
             diff = (mean_std([r["final"] for r in rs])[0] - mean_std([r["final"] for r in base])[0]) * scale
-            rows.append(f"| {rs[0]['label']} | {rs[0]['steps']} | {fmt([r['final'] for r in rs], metric)} | "
+            rows.append(f"| {rs[0]['label']}{' FLOP-matched' if run['regime'] == 'flop-matched' else ''} | "
+                        f"{rs[0]['steps']} | {fmt([r['final'] for r in rs], metric)} | "
                         f"{fmt([r['final'] for r in base], metric)} | {diff:+.{2 if scale > 1 else 4}f} |")
     if not rows:
         return []
-    return ["FLOP-matched runs against DDP trained as many steps (a full schedule over the longer length):", "",
+    return ["SDP runs with more steps than the grid's (FLOP-matched, or same steps trained longer) against DDP "
+            "trained as many steps (a full schedule over the longer length):", "",
             "| configuration | steps | SDP | DDP at those steps | SDP - DDP |", "|---|---|---|---|---|", *rows, ""]
 
 
@@ -757,7 +770,7 @@ def _plot_frontier(plt: Any, by_config: dict, panels: list, path: Path) -> None:
             m, s = mean_std([r["final"] * scale for r in rs])
             x = rs[0]["memory"]["worst_worker_peak_bytes"] / 2**20
             flop = run["regime"] == "flop-matched"
-            longer = run.get("longer", 1) > 1  # DDP with more steps: a square, at DDP's memory
+            longer = run.get("longer", 1) > 1  # more steps than the grid's: a square, at the run's memory
             color = colors[f"{run['level']}-ckpt" if run["strategy"] == "sdp-ckpt" else run["level"] or run["strategy"]]
             ax.errorbar(x, m, yerr=s or 0, fmt="^" if flop else "s" if longer else "o", color=color,
                         mfc="none" if flop or longer else None, capsize=3)
@@ -766,7 +779,7 @@ def _plot_frontier(plt: Any, by_config: dict, panels: list, path: Path) -> None:
                         xytext=(3, 3), textcoords="offset points")
         ax.set(xlabel="worst-worker peak memory, measured (MiB)",
                ylabel="test accuracy %" if metric == "test_acc" else "validation loss",
-               title=f"{grid}, K={k}: o same steps, ^ FLOP-matched (FM), [] DDP more steps")
+               title=f"{grid}, K={k}: o same steps, ^ FLOP-matched (FM), [] more steps")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -794,8 +807,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--regimes", nargs="+", default=None, choices=list(REGIMES))
     p.add_argument("--baselines", nargs="*", default=None, choices=["ddp", "ddp-ckpt"])
     p.add_argument("--longer", type=int, nargs="*", default=None,
-                   help="DDP also trained for these of the scale's factors times the steps, on the seeds the scale "
-                        "plans for each (the budget check of convergence); default: all; none with no value")
+                   help="DDP (and SDP where the scale plans it) also trained for these of the scale's factors "
+                        "times the steps, on the seeds the scale plans for each (for DDP: the budget check of "
+                        "convergence); default: all; none with no value")
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--page-only", action="store_true", help="only rewrite results.md and the plots")
     args = p.parse_args(argv)

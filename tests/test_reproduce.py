@@ -150,9 +150,9 @@ def test_flop_matched_runs_are_evaluated_at_the_same_flops():
     for run in runs:
         a = reproduce.train_argv(run, settings, "cpu", None, "simulate", Path("x"))
         assert a.count("--eval-every") <= 1 and a.count("--flop-matched") == (run.regime == "flop-matched")
-        every[(run.coverage, run.regime)] = a[a.index("--eval-every") + 1] if "--eval-every" in a else None
-    assert every == {(0.5, "same-steps"): None, (0.5, "flop-matched"): "2",
-                     (0.25, "same-steps"): None, (0.25, "flop-matched"): "4"}
+        every[(run.coverage, run.regime, run.longer)] = a[a.index("--eval-every") + 1] if "--eval-every" in a else None
+    assert every == {(0.5, "same-steps", 1): None, (0.5, "flop-matched", 1): "2",
+                     (0.25, "same-steps", 1): None, (0.25, "flop-matched", 1): "4", (0.5, "same-steps", 4): "4"}
     # the converged scale: 3 seeds, K=4, C=0.5 and 0.25, both levels, DDP as its math in one process
     g = settings["image"]
     assert g["seeds"] == [0, 1, 2] and g["workers"] == [4] and sorted(g["coverages"]) == [0.25, 0.5]
@@ -217,7 +217,16 @@ def test_longer_ddp_runs_train_a_full_schedule_over_more_epochs():
     assert runs[:4] == longer  # first: they judge whether the grid's length converges
     image = reproduce.build_grid(settings, ["image"], reproduce.parse_args(base))
     assert [r.name for r in image if r.longer > 1] == [f"image-K4-ddp-x{n}-s{s}" for n in (2, 4) for s in (0, 1, 2)] + [
-        "image-K4-ddp-x8-s0"]
+        "image-K4-ddp-x8-s0"] + [f"image-K4-sdp-block-C0.5-same-steps-x4-s{s}" for s in (0, 1, 2)]
+    # SDP C=0.5 at the image model's converged length: same steps as DDP 4x, last (the costliest runs)
+    sdp4 = [r for r in image if r.strategy == "sdp" and r.longer > 1]
+    assert image[-3:] == sdp4 and sdp4[0].label == "SDP block C=0.5, 4x steps"
+    a = reproduce.train_argv(sdp4[0], settings, "cpu", None, "simulate", Path("x"))
+    assert a[a.index("--epochs") + 1] == "96" and a[a.index("--eval-every") + 1] == "4" and "--flop-matched" not in a
+    assert a[a.index("--coverage") + 1] == "0.5" and a[a.index("--level") + 1] == "block"
+    for flags in (["--longer", "2"], ["--longer"], ["--regimes", "flop-matched"], ["--coverages", "0.25"]):
+        assert not [r for r in reproduce.build_grid(settings, ["image"], reproduce.parse_args([*base, *flags]))
+                    if r.strategy == "sdp" and r.longer > 1], flags
     only = reproduce.build_grid(settings, ["lm"], reproduce.parse_args([*base, "--longer", "4"]))
     assert [r.name for r in only if r.longer > 1] == ["lm-K4-ddp-x4-s0"]
     for run in longer:
@@ -243,14 +252,17 @@ def test_page_reports_the_budget_check_and_plots_the_longer_runs(tmp_path):
     args = reproduce.parse_args(["--scale", "cpu-converged", "--grids", "image", "--levels", "block", "--coverages",
                                  "0.5", "--regimes", "same-steps", "--seeds", "0", "--longer", "2", "4",
                                  "--out", str(tmp_path)])
-    # planned: DDP at 1x, 2x, 4x and SDP block C=0.5 same steps, all seed 0; the FLOP-matched run is found too
+    # planned: DDP at 1x, 2x, 4x and SDP block C=0.5 same steps at 1x and 4x, all seed 0; the FLOP-matched run
+    # is found too
     settings = reproduce.scale_settings("cpu-converged", False)
     results = [_result("image", "ddp", 0, [(s, 0.5 + s / 1000) for s in range(10, 110, 10)]),
                _result("image", "ddp", 0, [(s, 0.6 + s / 10000) for s in range(20, 220, 20)], longer=2),
                _result("image", "ddp", 0, [(s, 0.62 + s / 100000) for s in range(40, 440, 40)], longer=4),
                _result("image", "sdp", 0, [(s, 0.4 + s / 1000) for s in range(10, 110, 10)], "block", 0.5, peak=60),
                _result("image", "sdp", 0, [(s, 0.5 + s / 10000) for s in range(20, 220, 20)], "block", 0.5,
-                       "flop-matched", peak=60)]
+                       "flop-matched", peak=60),
+               _result("image", "sdp", 0, [(s, 0.55 + s / 10000) for s in range(40, 440, 40)], "block", 0.5,
+                       peak=60, longer=4)]
     (tmp_path / "results").mkdir()
     for r in results:  # the page totals the main job's wall time (resumed parts included), not the runner's clock
         r.update(summary={"device": "cpu", "wall_s": 90.0}, process_wall_s=60.0)
@@ -265,8 +277,12 @@ def test_page_reports_the_budget_check_and_plots_the_longer_runs(tmp_path):
     assert "**converged by this criterion at 200 steps**" in budget
     row = next(line for line in page.splitlines() if line.startswith("| DDP, 4x steps |"))
     assert "62.40 (n=1)" in row and "| 400 |" in row and "| 1.00 |" in row
-    assert "| SDP block C=0.5 | 200 | 52.00 (n=1) | 62.00 (n=1) | -10.00 |" in page  # FLOP-matched vs DDP 2x
-    assert "4 of 4 planned runs finished (1 more found in the folder); their training took 7.5 min" in page
+    # FLOP-matched against DDP 2x, and SDP same steps trained 4x against DDP 4x
+    assert "| SDP block C=0.5 FLOP-matched | 200 | 52.00 (n=1) | 62.00 (n=1) | -10.00 |" in page
+    assert "| SDP block C=0.5, 4x steps | 400 | 59.00 (n=1) | 62.40 (n=1) | -3.40 |" in page
+    row = next(line for line in page.splitlines() if line.startswith("| SDP block C=0.5, 4x steps |"))
+    assert "| 59.00 (n=1) | n/a | 400 |" in row and "| 0.60 |" in row  # its own row: memory beside DDP's
+    assert "5 of 5 planned runs finished (1 more found in the folder); their training took 9.0 min" in page
     assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "frontier.png").stat().st_size > 0
 
 
