@@ -33,7 +33,10 @@ DDP+checkpointing on it too). Scales::
 ``cpu-converged`` trains about 20 times longer, with 3 seeds, and the page says whether DDP converged
 by the scale's stated criteria: its learning curve flat over the last quarter, and its final result
 moved by at most as much when DDP trains twice as long (DDP is also trained for 2x and 4x the steps,
-the image model's also 8x, and the FLOP-matched runs are set beside DDP at their own step count). It
+the image model's also 8x; SDP C=0.5 on the image model also 4x, and the FLOP-matched runs are set
+beside DDP at their own step count). From the length at which DDP converged by the budget on, the page
+tables every configuration against DDP at its own steps and plots that frontier
+(``OUT/frontier_converged.png``, SDP+ckpt and DDP+ckpt included). It
 takes hours of CPU and is meant to span sittings. A result trained with other flags than the scale gives now is refused.
 Two invocations with disjoint ``--grids`` may share one ``--out`` (each writes only its grid's runs,
 memory files and results; the page is written from every result found).
@@ -101,7 +104,8 @@ SCALES: dict[str, dict[str, Any]] = {
     # "sdp_longer" ({factor: coverages}): SDP at those coverages, same steps, also trained "factor" times the
     # steps on the grid's seeds and both levels: C=0.5 beside DDP at the image model's converged length (3,744
     # steps; its FLOP-matched C=0.25 runs already train that long).
-    # The text model's DDP at 2x has all 3 seeds: its FLOP-matched C=0.5 runs train as many steps (2,000).
+    # The text model's DDP at 2x and 4x has all 3 seeds: its FLOP-matched C=0.5 and C=0.25 runs train as
+    # many steps (2,000 and 4,000).
     # DDP is SDP at C=1 simulated (its math, one process: 4 gloo processes on 2 cores would be slower and
     # time the same math). Measured with 1 thread
     # on 2 cores, both busy: image DDP 1,872 steps in 15 min, 3,744 in 24 min; text DDP 2,000 steps in
@@ -120,7 +124,7 @@ SCALES: dict[str, dict[str, Any]] = {
                          "--steps-per-epoch", "50", "--epochs", "20", "--threads", "1"],
                "memory": {"kind": "text", "model": "llama_char_small", "seq_len": 64, "batch": 8, "optimizer": "adamw"},
                "workers": [4], "coverages": [0.5, 0.25], "levels": ["block", "neuron"],
-               "baselines": ["ddp"], "seeds": [0, 1, 2], "flat_within": 0.03, "longer": {"2": [0, 1, 2], "4": [0]}},
+               "baselines": ["ddp"], "seeds": [0, 1, 2], "flat_within": 0.03, "longer": {"2": [0, 1, 2], "4": [0, 1, 2]}},
     },
     "gpu": {
         "device": "cuda", "ddp_launch": "simulate",
@@ -560,6 +564,7 @@ def write_page(out: Path, settings: dict[str, Any], args: argparse.Namespace, ru
               "trained without activation checkpointing at the checkpointed variant's measured memory "
               "(DDP+ckpt; SDP+ckpt: every block a worker holds checkpointed): recomputing activations "
               "changes no number, only memory and time.", ""]
+    converged: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for grid, k in panels:
         metric = "test_acc" if grid == "image" else "val_loss"
         unit = "test accuracy %" if grid == "image" else "validation loss"
@@ -588,14 +593,23 @@ def write_page(out: Path, settings: dict[str, Any], args: argparse.Namespace, ru
                          f"{mem / 2**20:.1f} | {f'{mem / base_mem:.2f}' if base_mem else 'n/a'} |")
         lines.append("")
         lines += _against_longer_ddp(by_config, grid, k, metric)
+        if "flat_within" in settings[grid]:
+            first, points = converged_points(out, by_config, grid, k, settings[grid]["flat_within"])
+            if points:
+                lines += _converged_table(first, points, metric)
+                converged[(grid, k)] = points
     missing = sorted(planned - done)
     if missing:
         lines += [f"Not finished ({len(missing)}): " + ", ".join(missing), ""]
     lines += ["![learning curves](curves.png)", "", "![memory-accuracy frontier](frontier.png)", ""]
+    if converged:
+        lines += ["![memory-accuracy frontier at convergence](frontier_converged.png)", ""]
     page = out / "results.md"
     page.write_text("\n".join(lines))
     _plot_curves(plt, by_config, panels, out / "curves.png")
     _plot_frontier(plt, by_config, panels, out / "frontier.png")
+    if converged:
+        _plot_converged_frontier(plt, converged, out / "frontier_converged.png")
     return page
 
 
@@ -625,6 +639,55 @@ def _against_longer_ddp(by_config: dict[str, list[dict[str, Any]]], grid: str, k
     return ["SDP runs with more steps than the grid's (FLOP-matched, or same steps trained longer) against DDP "
             "trained as many steps (a full schedule over the longer length):", "",
             "| configuration | steps | SDP | DDP at those steps | SDP - DDP |", "|---|---|---|---|---|", *rows, ""]
+
+
+def converged_points(out: Path, by_config: dict[str, list[dict[str, Any]]], grid: str, k: int,
+                     within: float) -> tuple[int | None, list[dict[str, Any]]]:
+    """The frontier at convergence: the converged length by the budget (None: not converged), and every
+    configuration trained at least that long for which DDP ran as many steps (DDP's longer runs, the
+    FLOP-matched runs, SDP trained longer), each with its checkpointed variant's measured memory (the same
+    math: DDP+ckpt, SDP+ckpt with every held block checkpointed), sorted by steps."""
+    base = by_config.get(f"{grid}-K{k}-ddp", [])
+    longer = _longer_ddp(by_config, grid, k)
+    if not base or not longer:
+        return None, []
+    first = _doublings({1: base, **longer}, within)[1]
+    if first is None:
+        return None, []
+    ddp_steps = {rs[0]["steps"] for rs in longer.values()}
+    points = []
+    for cfg, rs in sorted(by_config.items(), key=lambda kv: (kv[1][0]["steps"], _order(kv[1][0]["run"]))):
+        run = rs[0]["run"]
+        if (not cfg.startswith(f"{grid}-K{k}-") or rs[0].get("placed") or run["strategy"] not in ("ddp", "sdp")
+                or rs[0]["steps"] < first or rs[0]["steps"] not in ddp_steps):
+            continue
+        key = "ddp-ckpt" if run["strategy"] == "ddp" else memory_key_of("sdp", run["level"], run["coverage"], True)
+        memory = out / "memory" / f"{grid}-K{k}-s{rs[0]['run']['seed']}.json"
+        configs = json.loads(memory.read_text())["configs"] if memory.exists() else {}
+        points.append({"label": rs[0]["label"] + (" FLOP-matched" if run["regime"] == "flop-matched" else ""),
+                       "strategy": run["strategy"], "level": run["level"], "steps": rs[0]["steps"],
+                       "finals": [r["final"] for r in rs], "seeds": sorted(r["run"]["seed"] for r in rs),
+                       "peak_bytes": rs[0]["memory"]["worst_worker_peak_bytes"],
+                       "ckpt_peak_bytes": configs.get(key, {}).get("worst_worker_peak_bytes")})
+    return first, points
+
+
+def _converged_table(first: int, points: list[dict[str, Any]], metric: str) -> list[str]:
+    """The page's table of :func:`converged_points`: each against DDP at its own steps."""
+    scale = 100.0 if metric == "test_acc" else 1.0
+    ddp = {p["steps"]: mean_std(p["finals"])[0] for p in points if p["strategy"] == "ddp"}
+    ddp_mem = {p["steps"]: p["peak_bytes"] for p in points if p["strategy"] == "ddp"}
+    rows = []
+    for p in points:
+        diff = (mean_std(p["finals"])[0] - ddp[p["steps"]]) * scale
+        ckpt = f"{p['ckpt_peak_bytes'] / ddp_mem[p['steps']]:.2f}" if p["ckpt_peak_bytes"] else "n/a"
+        rows.append(f"| {p['label']} | {p['steps']} | {fmt(p['finals'], metric)} | "
+                    f"{'' if p['strategy'] == 'ddp' else f'{diff:+.{2 if scale > 1 else 4}f}'} | "
+                    f"{p['peak_bytes'] / ddp_mem[p['steps']]:.2f} | {ckpt} |")
+    return [f"At convergence (DDP converged by the budget at {first} steps; every configuration trained at least "
+            "that long, against DDP at its own steps; plot: frontier_converged.png):", "",
+            "| configuration | steps | result | minus DDP's | worst-worker memory / DDP | with checkpointing / DDP |",
+            "|---|---|---|---|---|---|", *rows, ""]
 
 
 def _add_checkpointing_points(out: Path, by_config: dict[str, list[dict[str, Any]]]) -> None:
@@ -681,6 +744,19 @@ def budget_convergence(lengths: dict[int, list[dict[str, Any]]], within: float) 
     """One sentence: DDP trained for 1, 2, 4... times the grid's steps (``lengths``: factor -> runs);
     does doubling the steps move the final result by at most ``within``? Each doubling is compared on the
     seeds both lengths ran (paired), so the seeds' spread does not enter it."""
+    unit = "points" if next(iter(lengths.values()))[0]["metric"] == "test_acc" else "nats"
+    parts, first = _doublings(lengths, within)
+    if not parts:
+        return "no two lengths a doubling apart ran on a common seed: **not judged**"
+    verdict = (f"**converged by this criterion at {first} steps**" if first is not None else
+               "**not converged by this criterion at any length measured**")
+    return (f"doubling the steps (a full cosine schedule over each length) {'; '.join(parts)}; criterion: a "
+            f"doubling moves it by at most {within:g} {unit}: {verdict}")
+
+
+def _doublings(lengths: dict[int, list[dict[str, Any]]], within: float) -> tuple[list[str], int | None]:
+    """Each doubling's sentence, and the steps from which every later doubling moves by at most ``within``
+    (the converged length by the budget; None if there is none)."""
     metric = next(iter(lengths.values()))[0]["metric"]
     scale, unit = (100.0, "points") if metric == "test_acc" else (1.0, "nats")
     factors = sorted(lengths)
@@ -700,12 +776,7 @@ def budget_convergence(lengths: dict[int, list[dict[str, Any]]], within: float) 
             first = None  # converged only from a length on which every later doubling stays within
         elif first is None:
             first = steps[0]
-    if not parts:
-        return "no two lengths a doubling apart ran on a common seed: **not judged**"
-    verdict = (f"**converged by this criterion at {first} steps**" if first is not None else
-               "**not converged by this criterion at any length measured**")
-    return (f"doubling the steps (a full cosine schedule over each length) {'; '.join(parts)}; criterion: a "
-            f"doubling moves it by at most {within:g} {unit}: {verdict}")
+    return parts, first
 
 
 def _order(run: dict[str, Any]) -> tuple:
@@ -780,6 +851,34 @@ def _plot_frontier(plt: Any, by_config: dict, panels: list, path: Path) -> None:
         ax.set(xlabel="worst-worker peak memory, measured (MiB)",
                ylabel="test accuracy %" if metric == "test_acc" else "validation loss",
                title=f"{grid}, K={k}: o same steps, ^ FLOP-matched (FM), [] more steps")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_converged_frontier(plt: Any, converged: dict[tuple[str, int], list[dict[str, Any]]], path: Path) -> None:
+    """Each configuration at convergence twice: filled at its own memory, hollow at its checkpointed
+    variant's (the same runs: recomputing activations changes no number)."""
+    colors = {"ddp": "black", "block": "tab:blue", "neuron": "tab:orange"}
+    fig, axes = plt.subplots(1, len(converged), figsize=(6 * len(converged), 4.2), squeeze=False)
+    for ax, ((grid, k), points) in zip(axes[0], sorted(converged.items())):
+        scale = 100.0 if grid == "image" else 1.0
+        for p in points:
+            m, s = mean_std([f * scale for f in p["finals"]])
+            color = colors[p["level"] or p["strategy"]]
+            marker = "^" if "FLOP-matched" in p["label"] else "s" if p["strategy"] == "ddp" else "o"
+            name = p["label"].replace("SDP ", "").replace(" FLOP-matched", " FM") + f", {p['steps']}"
+            for peak, hollow in ((p["peak_bytes"], False), (p["ckpt_peak_bytes"], True)):
+                if peak is None:
+                    continue
+                ax.errorbar(peak / 2**20, m, yerr=s or 0, fmt=marker, color=color, mfc="none" if hollow else None,
+                            capsize=3)
+                ax.annotate(name + (" +ckpt" if hollow else ""), (peak / 2**20, m), fontsize=6,
+                            xytext=(3, 3), textcoords="offset points")
+        ax.set(xlabel="worst-worker peak memory, measured (MiB)",
+               ylabel="test accuracy %" if grid == "image" else "validation loss",
+               title=f"{grid}, K={k}, at convergence: filled as trained, hollow +ckpt (same runs)")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -212,9 +212,9 @@ def test_longer_ddp_runs_train_a_full_schedule_over_more_epochs():
     base = ["--scale", "cpu-converged", "--grids", "lm", "--levels", "block", "--coverages", "0.5", "--out", "x"]
     runs = reproduce.build_grid(settings, ["lm"], reproduce.parse_args(base))
     longer = [r for r in runs if r.longer > 1]
-    assert [(r.name, r.label) for r in longer] == [(f"lm-K4-ddp-x2-s{s}", "DDP, 2x steps") for s in (0, 1, 2)] + [
-        ("lm-K4-ddp-x4-s0", "DDP, 4x steps")]
-    assert runs[:4] == longer  # first: they judge whether the grid's length converges
+    assert [(r.name, r.label) for r in longer] == [(f"lm-K4-ddp-x{n}-s{s}", f"DDP, {n}x steps") for n in (2, 4)
+                                                   for s in (0, 1, 2)]
+    assert runs[:6] == longer  # first: they judge whether the grid's length converges
     image = reproduce.build_grid(settings, ["image"], reproduce.parse_args(base))
     assert [r.name for r in image if r.longer > 1] == [f"image-K4-ddp-x{n}-s{s}" for n in (2, 4) for s in (0, 1, 2)] + [
         "image-K4-ddp-x8-s0"] + [f"image-K4-sdp-block-C0.5-same-steps-x4-s{s}" for s in (0, 1, 2)]
@@ -228,7 +228,7 @@ def test_longer_ddp_runs_train_a_full_schedule_over_more_epochs():
         assert not [r for r in reproduce.build_grid(settings, ["image"], reproduce.parse_args([*base, *flags]))
                     if r.strategy == "sdp" and r.longer > 1], flags
     only = reproduce.build_grid(settings, ["lm"], reproduce.parse_args([*base, "--longer", "4"]))
-    assert [r.name for r in only if r.longer > 1] == ["lm-K4-ddp-x4-s0"]
+    assert [r.name for r in only if r.longer > 1] == [f"lm-K4-ddp-x4-s{s}" for s in (0, 1, 2)]
     for run in longer:
         a = reproduce.train_argv(run, settings, "cpu", None, "simulate", Path("x"))
         assert a[a.index("--epochs") + 1] == str(20 * run.longer) and a.count("--epochs") == 1
@@ -236,7 +236,7 @@ def test_longer_ddp_runs_train_a_full_schedule_over_more_epochs():
         assert a[a.index("--coverage") + 1] == "1" and a[a.index("--steps-per-epoch") + 1] == "50"
     # only on the seeds planned for each factor; none with a bare --longer, and none without the DDP baseline
     assert [r.name for r in reproduce.build_grid(settings, ["lm"], reproduce.parse_args([*base, "--seeds", "1"]))
-            if r.longer > 1] == ["lm-K4-ddp-x2-s1"]
+            if r.longer > 1] == ["lm-K4-ddp-x2-s1", "lm-K4-ddp-x4-s1"]
     assert not [r for r in reproduce.build_grid(settings, ["lm"], reproduce.parse_args([*base, "--longer"]))
                 if r.longer > 1]
     assert not [r for r in reproduce.build_grid(settings, ["lm"], reproduce.parse_args([*base, "--baselines"]))
@@ -264,6 +264,9 @@ def test_page_reports_the_budget_check_and_plots_the_longer_runs(tmp_path):
                _result("image", "sdp", 0, [(s, 0.55 + s / 10000) for s in range(40, 440, 40)], "block", 0.5,
                        peak=60, longer=4)]
     (tmp_path / "results").mkdir()
+    (tmp_path / "memory").mkdir()  # the checkpointed variants' measured memory (seed 0)
+    (tmp_path / "memory" / "image-K4-s0.json").write_text(json.dumps({"configs": {
+        "ddp-ckpt": {"worst_worker_peak_bytes": 40}, "sdp-ckpt-block-C0.5": {"worst_worker_peak_bytes": 25}}}))
     for r in results:  # the page totals the main job's wall time (resumed parts included), not the runner's clock
         r.update(summary={"device": "cpu", "wall_s": 90.0}, process_wall_s=60.0)
         r["memory"]["basis"] = "test"
@@ -283,6 +286,20 @@ def test_page_reports_the_budget_check_and_plots_the_longer_runs(tmp_path):
     row = next(line for line in page.splitlines() if line.startswith("| SDP block C=0.5, 4x steps |"))
     assert "| 59.00 (n=1) | n/a | 400 |" in row and "| 0.60 |" in row  # its own row: memory beside DDP's
     assert "5 of 5 planned runs finished (1 more found in the folder); their training took 9.0 min" in page
+    # at convergence (by the budget at 200 steps): every configuration trained at least that long against DDP
+    # at its own steps, at its own and its checkpointed variant's memory; the 100-step runs are left out
+    table = page[page.index("At convergence (DDP converged by the budget at 200 steps"):].split("\n\n")[1]
+    assert table.splitlines()[2:] == [
+        "| DDP, 2x steps | 200 | 62.00 (n=1) |  | 1.00 | 0.40 |",
+        "| SDP block C=0.5 FLOP-matched | 200 | 52.00 (n=1) | -10.00 | 0.60 | 0.25 |",
+        "| DDP, 4x steps | 400 | 62.40 (n=1) |  | 1.00 | 0.40 |",
+        "| SDP block C=0.5, 4x steps | 400 | 59.00 (n=1) | -3.40 | 0.60 | 0.25 |"]
+    assert (tmp_path / "frontier_converged.png").stat().st_size > 0 and "frontier_converged.png)" in page
+    by_config = {}
+    for r in results:
+        by_config.setdefault(r["config"], []).append(r)
+    assert reproduce.converged_points(tmp_path, by_config, "image", 4, 0.1) == (None, [])  # no doubling within
+    assert reproduce.converged_points(tmp_path, by_config, "lm", 4, 1.0) == (None, [])  # no runs
     assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "frontier.png").stat().st_size > 0
 
 
