@@ -211,10 +211,12 @@ def test_longer_ddp_runs_train_a_full_schedule_over_more_epochs():
     settings = reproduce.scale_settings("cpu-converged", False)
     base = ["--scale", "cpu-converged", "--grids", "lm", "--levels", "block", "--coverages", "0.5", "--out", "x"]
     runs = reproduce.build_grid(settings, ["lm"], reproduce.parse_args(base))
-    longer = [r for r in runs if r.longer > 1]
+    longer = [r for r in runs if r.longer > 1 and r.strategy == "ddp"]
     assert [(r.name, r.label) for r in longer] == [(f"lm-K4-ddp-x{n}-s{s}", f"DDP, {n}x steps") for n in (2, 4)
-                                                   for s in (0, 1, 2)]
-    assert runs[:6] == longer  # first: they judge whether the grid's length converges
+                                                   for s in (0, 1, 2)] + [("lm-K4-ddp-x8-s0", "DDP, 8x steps")]
+    assert runs[:7] == longer  # first: they judge whether the grid's length converges
+    assert [r.name for r in runs if r.longer > 1 and r.strategy == "sdp"] == [
+        f"lm-K4-sdp-block-C0.5-same-steps-x4-s{s}" for s in (0, 1, 2)]
     image = reproduce.build_grid(settings, ["image"], reproduce.parse_args(base))
     assert [r.name for r in image if r.longer > 1] == [f"image-K4-ddp-x{n}-s{s}" for n in (2, 4) for s in (0, 1, 2)] + [
         "image-K4-ddp-x8-s0"] + [f"image-K4-sdp-block-C0.5-same-steps-x4-s{s}" for s in (0, 1, 2)]
@@ -228,7 +230,8 @@ def test_longer_ddp_runs_train_a_full_schedule_over_more_epochs():
         assert not [r for r in reproduce.build_grid(settings, ["image"], reproduce.parse_args([*base, *flags]))
                     if r.strategy == "sdp" and r.longer > 1], flags
     only = reproduce.build_grid(settings, ["lm"], reproduce.parse_args([*base, "--longer", "4"]))
-    assert [r.name for r in only if r.longer > 1] == [f"lm-K4-ddp-x4-s{s}" for s in (0, 1, 2)]
+    assert [r.name for r in only if r.longer > 1] == [f"lm-K4-ddp-x4-s{s}" for s in (0, 1, 2)] + [
+        f"lm-K4-sdp-block-C0.5-same-steps-x4-s{s}" for s in (0, 1, 2)]
     for run in longer:
         a = reproduce.train_argv(run, settings, "cpu", None, "simulate", Path("x"))
         assert a[a.index("--epochs") + 1] == str(20 * run.longer) and a.count("--epochs") == 1
@@ -236,11 +239,11 @@ def test_longer_ddp_runs_train_a_full_schedule_over_more_epochs():
         assert a[a.index("--coverage") + 1] == "1" and a[a.index("--steps-per-epoch") + 1] == "50"
     # only on the seeds planned for each factor; none with a bare --longer, and none without the DDP baseline
     assert [r.name for r in reproduce.build_grid(settings, ["lm"], reproduce.parse_args([*base, "--seeds", "1"]))
-            if r.longer > 1] == ["lm-K4-ddp-x2-s1", "lm-K4-ddp-x4-s1"]
+            if r.longer > 1] == ["lm-K4-ddp-x2-s1", "lm-K4-ddp-x4-s1", "lm-K4-sdp-block-C0.5-same-steps-x4-s1"]
     assert not [r for r in reproduce.build_grid(settings, ["lm"], reproduce.parse_args([*base, "--longer"]))
                 if r.longer > 1]
     assert not [r for r in reproduce.build_grid(settings, ["lm"], reproduce.parse_args([*base, "--baselines"]))
-                if r.longer > 1]
+                if r.longer > 1 and r.strategy == "ddp"]
     with pytest.raises(SystemExit):
         reproduce.parse_args([*base, "--longer", "1"])
     assert not [r for r in reproduce.build_grid(reproduce.scale_settings("cpu", False), ["lm"],
