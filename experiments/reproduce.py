@@ -880,7 +880,7 @@ def _plot_converged_frontier(plt: Any, converged: dict[tuple[str, int], list[dic
                             xytext=(3, 3), textcoords="offset points")
         ax.set(xlabel="worst-worker peak memory, measured (MiB)",
                ylabel="test accuracy %" if grid == "image" else "validation loss",
-               title=f"{grid}, K={k}, at convergence: filled as trained, hollow +ckpt (same runs)")
+               title=f"{grid}, K={k}, at convergence\nfilled: as trained; hollow: +ckpt (the same runs)")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
