@@ -33,7 +33,7 @@ DDP+checkpointing on it too). Scales::
 ``cpu-converged`` trains about 20 times longer, with 3 seeds, and the page says whether DDP converged
 by the scale's stated criteria: its learning curve flat over the last quarter, and its final result
 moved by at most as much when DDP trains twice as long (DDP is also trained for 2x and 4x the steps,
-the image model's also 8x; SDP C=0.5 on the image model also 4x, and the FLOP-matched runs are set
+the image model's and the text model's also 8x; SDP C=0.5 also 4x, and the FLOP-matched runs are set
 beside DDP at their own step count). From the length at which DDP converged by the budget on, the page
 tables every configuration against DDP at its own steps and plots that frontier
 (``OUT/frontier_converged.png``, SDP+ckpt and DDP+ckpt included). It
@@ -95,9 +95,9 @@ SCALES: dict[str, dict[str, Any]] = {
     # last quarter of its steps it moves by at most this much (accuracy points, nats). A cosine schedule's
     # final decay moves the last quarter of any length, so the page also checks the budget: DDP trained for
     # "longer" times the steps ({factor: seeds}), and whether doubling the steps moves its final by at most
-    # as much. Measured (docs/reproduction.md): the text model is converged by the budget at 2x (2,000
-    # steps: 2x -> 4x -0.027 nats; its last quarter moves 0.033 over 3 seeds, just over 0.03; flat at 4x),
-    # not at 1x (0.044; 1x -> 2x -0.086); the image model at 4x (3,744 steps: 4x -> 8x +0.62 points, seed 0;
+    # as much. Measured (docs/reproduction.md): the text model is flat at 4x (4,000 steps: 0.017 nats over
+    # its last quarter, 3 seeds), not converged at 2x (2x -> 4x -0.037 nats, 3 seeds) or 1x (1x -> 2x
+    # -0.086); the image model at 4x (3,744 steps: 4x -> 8x +0.62 points, seed 0;
     # 2x -> 4x +1.83 over 3 seeds), though by the flat criterion at no length (1-2 points between evaluations).
     # Image DDP at 2x and 4x has 3 seeds: the FLOP-matched C=0.5 and C=0.25 runs train 2x and 4x the steps,
     # and are set beside DDP at their own length with error bars on both.
@@ -664,11 +664,10 @@ def converged_points(out: Path, by_config: dict[str, list[dict[str, Any]]], grid
                 or rs[0]["steps"] < first or rs[0]["steps"] not in ddp_steps):
             continue
         key = "ddp-ckpt" if run["strategy"] == "ddp" else memory_key_of("sdp", run["level"], run["coverage"], True)
-        memory = out / "memory" / f"{grid}-K{k}-s{rs[0]['run']['seed']}.json"
-        configs = json.loads(memory.read_text())["configs"] if memory.exists() else {}
+        configs = _measured_memory(out, run)
         points.append({"label": rs[0]["label"] + (" FLOP-matched" if run["regime"] == "flop-matched" else ""),
-                       "strategy": run["strategy"], "level": run["level"], "steps": rs[0]["steps"],
-                       "finals": [r["final"] for r in rs], "seeds": sorted(r["run"]["seed"] for r in rs),
+                       "strategy": run["strategy"], "level": run["level"], "regime": run["regime"],
+                       "steps": rs[0]["steps"], "finals": [r["final"] for r in rs],
                        "peak_bytes": rs[0]["memory"]["worst_worker_peak_bytes"],
                        "ckpt_peak_bytes": configs.get(key, {}).get("worst_worker_peak_bytes")})
     return first, points
@@ -692,6 +691,12 @@ def _converged_table(first: int, points: list[dict[str, Any]], metric: str) -> l
             "|---|---|---|---|---|---|", *rows, ""]
 
 
+def _measured_memory(out: Path, run: dict[str, Any]) -> dict[str, Any]:
+    """The memory configurations measured for ``run``'s grid, K and seed (empty if none were)."""
+    path = out / "memory" / f"{run['grid']}-K{run['workers']}-s{run['seed']}.json"
+    return json.loads(path.read_text())["configs"] if path.exists() else {}
+
+
 def _add_checkpointing_points(out: Path, by_config: dict[str, list[dict[str, Any]]]) -> None:
     """Place configurations trained without activation checkpointing again at their checkpointed variant's
     measured memory (DDP+ckpt, SDP+ckpt: the same math, only activations recomputed), with the same runs'
@@ -710,8 +715,7 @@ def _add_checkpointing_points(out: Path, by_config: dict[str, list[dict[str, Any
         key = memory_key_of("sdp", run["level"], run["coverage"], True) if strategy == "sdp-ckpt" else strategy
         placed = []
         for r in rs:  # each seed at its own seed's measured memory (plans are drawn with the seed)
-            memory = out / "memory" / f"{r['run']['grid']}-K{r['run']['workers']}-s{r['run']['seed']}.json"
-            configs = json.loads(memory.read_text())["configs"] if memory.exists() else {}
+            configs = _measured_memory(out, r["run"])
             if key in configs:
                 placed.append({**r, "run": {**r["run"], "strategy": strategy}, "config": ckpt_cfg, "label": label,
                                "placed": True, "memory": {**r["memory"], **configs[key]}})
@@ -869,7 +873,7 @@ def _plot_converged_frontier(plt: Any, converged: dict[tuple[str, int], list[dic
         for p in points:
             m, s = mean_std([f * scale for f in p["finals"]])
             color = colors[p["level"] or p["strategy"]]
-            marker = "^" if "FLOP-matched" in p["label"] else "s" if p["strategy"] == "ddp" else "o"
+            marker = "^" if p["regime"] == "flop-matched" else "s" if p["strategy"] == "ddp" else "o"
             name = p["label"].replace("SDP ", "").replace(" FLOP-matched", " FM") + f", {p['steps']}"
             for peak, hollow in ((p["peak_bytes"], False), (p["ckpt_peak_bytes"], True)):
                 if peak is None:
